@@ -1,0 +1,441 @@
+"""Training- and evaluation-data references, decoded once into a uint8 tensor.
+
+A *reference* is what a user can point at: an ImageFolder directory, a CIFAR-10
+python-batches directory, an ``.npz`` with ``x`` (uint8 NHWC) and ``y``, or a
+``.tar``/``.tar.gz``/``.zip`` archive holding any of these. Append ``#split`` to pick a
+sub-folder (``cifar10-jpg.tar.gz#train``).
+
+Why uint8 and decoded once: the bounds pass, the λ sweep and the evaluation all walk the
+same images several times, and attacks must stamp triggers on exactly the pixels the model
+sees at train and test time. Holding ``(N, 3, H, W)`` uint8 keeps 50,000 CIFAR images in
+150 MB, lets triggers work on integer pixels, and leaves normalisation to the moment a
+batch is moved to the device.
+
+Archives are read member by member into memory and never extracted to disk, so a hostile
+archive cannot write anywhere; members with absolute or ``..`` paths, links, and archives
+over the size or file-count caps are refused outright rather than skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import tarfile
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+
+from clipguard.errors import DataError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
+CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_TEST_BATCH = "test_batch"
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps that keep a hostile or mistaken reference from exhausting the machine."""
+
+    max_files: int = 300_000
+    max_total_bytes: int = 4 << 30
+    max_member_bytes: int = 256 << 20
+    max_image_pixels: int = 4096 * 4096
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """Decoded images and labels; ``images`` is uint8 ``(N, 3, H, W)`` on the CPU."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+    source: str = ""
+    sha256: str = ""
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
+            raise DataError(f"images must be uint8 (N, 3, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
+            raise DataError("labels must be int64 with one label per image")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.images.shape[2]), int(self.images.shape[3])
+
+    def subset(self, indices: torch.Tensor | Sequence[int]) -> ImageData:
+        """A view on some samples; the hash records which ones so reports stay traceable."""
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        digest = hashlib.sha256(self.sha256.encode() + idx.numpy().tobytes()).hexdigest()
+        return ImageData(self.images[idx], self.labels[idx], self.classes, f"{self.source}[subset {len(idx)}]", digest)
+
+    def replace(self, images: torch.Tensor, labels: torch.Tensor, source: str) -> ImageData:
+        """New data with the same class names (e.g. after poisoning)."""
+        digest = hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
+        return ImageData(images.contiguous(), labels.contiguous(), self.classes, source, digest)
+
+
+def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 ``(N, 3, H, W)`` (any device) to the float input a model was trained on."""
+    m = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
+    return (batch.float().div_(255.0) - m) / s
+
+
+def iter_batches(
+    data: ImageData,
+    batch_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device | str = "cpu",
+    indices: torch.Tensor | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalised ``(inputs, labels)`` batches in order; normalisation happens on ``device``."""
+    order = torch.arange(len(data)) if indices is None else indices
+    non_blocking = torch.device(device).type == "cuda"
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        x = data.images[idx].to(device, non_blocking=non_blocking)
+        y = data.labels[idx].to(device, non_blocking=non_blocking)
+        yield normalize(x, mean, std), y
+
+
+# --------------------------------------------------------------------------- references
+
+
+def split_reference(ref: str | os.PathLike) -> tuple[Path, str | None]:
+    """``"data.tar.gz#train"`` -> (path, "train"); a plain path has no split."""
+    text = os.fspath(ref)
+    if "#" in text:
+        path, split = text.rsplit("#", 1)
+        return Path(path).expanduser(), (split.strip("/") or None)
+    return Path(text).expanduser(), None
+
+
+def load_data(
+    ref: str | os.PathLike,
+    *,
+    split: str | None = None,
+    image_size: tuple[int, int] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    limits: Limits = Limits(),
+) -> ImageData:
+    """Decode a data reference into :class:`ImageData`, using a tensor cache when given one.
+
+    The cache key is the content hash of the reference (file bytes for archives and
+    ``.npz``; relative paths, sizes and mtimes for directories) plus split and image size,
+    so a changed dataset is never served stale.
+    """
+    path, ref_split = split_reference(ref)
+    split = split or ref_split
+    if not path.exists():
+        raise DataError(f"data reference not found: {path}")
+    digest = _reference_digest(path, split, image_size)
+    cache_file = Path(cache_dir) / f"{digest}.pt" if cache_dir is not None else None
+    if cache_file is not None and cache_file.exists():
+        try:
+            blob = torch.load(cache_file, weights_only=True)
+            return ImageData(blob["images"], blob["labels"], tuple(json.loads(blob["classes"])), str(path), digest)
+        except Exception:  # a torn cache entry is rebuilt, never trusted
+            cache_file.unlink(missing_ok=True)
+    tree = _open_tree(path, limits)
+    images, labels, classes = _decode_tree(tree, split, image_size, limits, label=str(path))
+    data = ImageData(images, labels, tuple(classes), str(path) + (f"#{split}" if split else ""), digest)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        torch.save({"images": images, "labels": labels, "classes": json.dumps(list(classes))}, tmp)
+        os.replace(tmp, cache_file)
+    return data
+
+
+def _reference_digest(path: Path, split: str | None, image_size: tuple[int, int] | None) -> str:
+    h = hashlib.sha256()
+    if path.is_dir():
+        for p in sorted(path.rglob("*")):
+            if p.is_file():
+                st = p.stat()
+                h.update(f"{p.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    else:
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    h.update(f"split={split};size={image_size}".encode())
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- a tree of files
+
+
+class _Tree:
+    """Relative POSIX path -> bytes loader, over a directory or an archive's members."""
+
+    def __init__(self, files: dict[str, object], reader) -> None:
+        self.files = files
+        self._reader = reader
+
+    def read(self, name: str) -> bytes:
+        return self._reader(self.files[name])
+
+    def names(self) -> list[str]:
+        return sorted(self.files)
+
+
+def _safe_member_name(name: str, archive: Path) -> str:
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if pure.is_absolute() or ".." in pure.parts or (pure.parts and ":" in pure.parts[0]):
+        raise DataError(f"{archive.name}: refusing archive member with an unsafe path: {name!r}")
+    return str(pure).lstrip("./") if str(pure) != "." else ""
+
+
+def _open_tree(path: Path, limits: Limits) -> _Tree:
+    name = path.name.lower()
+    if path.is_dir():
+        root = path.resolve()
+        files: dict[str, object] = {}
+        for p in path.rglob("*"):
+            if p.is_symlink():
+                if not p.resolve().is_relative_to(root):
+                    raise DataError(f"refusing symlink that leaves the data folder: {p}")
+            if p.is_file():
+                files[p.relative_to(path).as_posix()] = p
+                if len(files) > limits.max_files:
+                    raise DataError(f"{path}: more than {limits.max_files} files")
+        return _Tree(files, lambda p: Path(p).read_bytes())
+    if name.endswith((".tar", ".tar.gz", ".tgz")):
+        return _tar_tree(path, limits)
+    if name.endswith(".zip"):
+        return _zip_tree(path, limits)
+    if name.endswith(".npz"):
+        return _Tree({path.name: path}, lambda p: Path(p).read_bytes())
+    raise DataError(
+        f"unsupported data reference {path}: expected a folder, .npz, .tar, .tar.gz or .zip"
+    )
+
+
+def _tar_tree(path: Path, limits: Limits) -> _Tree:
+    blobs: dict[str, object] = {}
+    total = 0
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                if member.isdir():
+                    continue
+                if member.issym() or member.islnk():
+                    raise DataError(f"{path.name}: refusing link member {member.name!r}")
+                if not member.isfile():
+                    raise DataError(f"{path.name}: refusing special member {member.name!r}")
+                rel = _safe_member_name(member.name, path)
+                if member.size > limits.max_member_bytes:
+                    raise DataError(f"{path.name}: member {rel!r} is larger than {limits.max_member_bytes} bytes")
+                total += member.size
+                if total > limits.max_total_bytes:
+                    raise DataError(f"{path.name}: unpacks to more than {limits.max_total_bytes} bytes")
+                if len(blobs) >= limits.max_files:
+                    raise DataError(f"{path.name}: holds more than {limits.max_files} files")
+                f = tar.extractfile(member)
+                blobs[rel] = f.read() if f is not None else b""
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise DataError(f"{path.name}: unreadable tar archive ({exc})") from exc
+    return _Tree(blobs, lambda b: b)
+
+
+def _zip_tree(path: Path, limits: Limits) -> _Tree:
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DataError(f"{path.name}: unreadable zip archive ({exc})") from exc
+    infos = [i for i in zf.infolist() if not i.is_dir()]
+    if len(infos) > limits.max_files:
+        raise DataError(f"{path.name}: holds more than {limits.max_files} files")
+    total = 0
+    names: dict[str, object] = {}
+    for info in infos:
+        rel = _safe_member_name(info.filename, path)
+        if (info.external_attr >> 16) & 0o170000 == 0o120000:
+            raise DataError(f"{path.name}: refusing symlink member {info.filename!r}")
+        if info.file_size > limits.max_member_bytes:
+            raise DataError(f"{path.name}: member {rel!r} is larger than {limits.max_member_bytes} bytes")
+        total += info.file_size
+        if total > limits.max_total_bytes:
+            raise DataError(f"{path.name}: unpacks to more than {limits.max_total_bytes} bytes")
+        names[rel] = info
+
+    def read(info: zipfile.ZipInfo) -> bytes:
+        # Read at most the declared size + 1 so a lying header (zip bomb) is caught, not inflated.
+        with zf.open(info) as f:
+            data = f.read(info.file_size + 1)
+        if len(data) > info.file_size:
+            raise DataError(f"{path.name}: member {info.filename!r} inflates past its declared size")
+        return data
+
+    return _Tree(names, read)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _decode_tree(
+    tree: _Tree, split: str | None, image_size: tuple[int, int] | None, limits: Limits, label: str
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    names = tree.names()
+    if split:
+        prefix = split.rstrip("/") + "/"
+        names = [n for n in names if n.startswith(prefix)]
+        if not names:
+            raise DataError(f"{label}: no split {split!r} in it")
+        tree = _Tree({n[len(prefix):]: tree.files[n] for n in names}, tree._reader)
+        names = tree.names()
+    # Strip a single common top-level folder (archives often wrap their content in one).
+    while names and all("/" in n for n in names) and len({n.split("/", 1)[0] for n in names}) == 1:
+        top = names[0].split("/", 1)[0] + "/"
+        tree = _Tree({n[len(top):]: tree.files[n] for n in names}, tree._reader)
+        names = tree.names()
+    if not names:
+        raise DataError(f"{label}: no files found")
+
+    npz = [n for n in names if n.endswith(".npz") and "/" not in n]
+    if len(names) == 1 and npz:
+        return _decode_npz(tree.read(npz[0]), f"{label}:{npz[0]}" if npz[0] not in label else label)
+    base = {n for n in names if "/" not in n}
+    if CIFAR_TEST_BATCH in base or any(b in base for b in CIFAR_TRAIN_BATCHES):
+        return _decode_cifar_batches(tree, base, split, label)
+    return _decode_image_folder(tree, names, image_size, limits, label)
+
+
+def _decode_npz(blob: bytes, label: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    try:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+            if "x" not in z or "y" not in z:
+                raise DataError(f"{label}: an .npz needs arrays 'x' (uint8 NHWC) and 'y'; found {sorted(z.files)}")
+            x, y = z["x"], z["y"]
+            classes = [str(c) for c in z["classes"]] if "classes" in z else None
+    except DataError:
+        raise
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{label}: unreadable .npz ({exc})") from exc
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise DataError(f"{label}: 'x' must be uint8 (N, H, W, 3), got {x.dtype} {x.shape}")
+    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{label}: 'y' must be integer labels, one per image")
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    n_classes = int(y.max()) + 1 if len(y) else 0
+    if y.min(initial=0) < 0:
+        raise DataError(f"{label}: negative labels")
+    classes = classes or [str(i) for i in range(n_classes)]
+    images = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    return images, torch.from_numpy(y.astype(np.int64)), classes
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """The CIFAR python batches are pickles; only numpy array reconstruction is allowed."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle protocol
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")
+
+
+def _decode_cifar_batches(
+    tree: _Tree, base: set[str], split: str | None, label: str
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    wanted = [CIFAR_TEST_BATCH] if split == "test" else [b for b in CIFAR_TRAIN_BATCHES if b in base]
+    if not wanted or not all(w in base for w in wanted):
+        raise DataError(f"{label}: CIFAR batches for split {split or 'train'} not found")
+    xs, ys = [], []
+    for name in wanted:
+        try:
+            d = _NumpyOnlyUnpickler(io.BytesIO(tree.read(name)), encoding="bytes").load()
+            x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            y = np.asarray(d.get(b"labels", d.get(b"fine_labels")), dtype=np.int64)
+        except Exception as exc:
+            raise DataError(f"{label}: unreadable CIFAR batch {name} ({exc})") from exc
+        xs.append(x)
+        ys.append(y)
+    classes = list(CIFAR10_CLASSES)
+    if "batches.meta" in base:
+        try:
+            meta = _NumpyOnlyUnpickler(io.BytesIO(tree.read("batches.meta")), encoding="bytes").load()
+            classes = [c.decode() for c in meta[b"label_names"]]
+        except Exception:  # labels stay usable with the standard names
+            pass
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), classes
+
+
+def _decode_image_folder(
+    tree: _Tree, names: list[str], image_size: tuple[int, int] | None, limits: Limits, label: str
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    from PIL import Image
+
+    files = [n for n in names if n.lower().endswith(IMAGE_SUFFIXES) and n.count("/") == 1]
+    if not files:
+        tops = sorted({n.split("/", 1)[0] for n in names if "/" in n})
+        if tops and all(n.count("/") >= 2 for n in names if "/" in n):
+            raise DataError(f"{label} holds splits {', '.join(tops)}; name one as PATH#{tops[0]}")
+        raise DataError(f"{label}: no images found in class folders (expected <class>/<image>.jpg)")
+    classes = sorted({n.split("/", 1)[0] for n in files})
+    index = {c: i for i, c in enumerate(classes)}
+    out: np.ndarray | None = None
+    labels = np.empty(len(files), dtype=np.int64)
+    size: tuple[int, int] | None = image_size
+    for i, name in enumerate(files):
+        try:
+            with Image.open(io.BytesIO(tree.read(name))) as im:
+                w, h = im.size
+                if w * h > limits.max_image_pixels:
+                    raise DataError(f"{label}: {name} declares {w}x{h} pixels, over the {limits.max_image_pixels} cap")
+                im = im.convert("RGB")
+                if size is None:
+                    size = (h, w)
+                if (h, w) != size:
+                    if image_size is None:
+                        raise DataError(
+                            f"{label}: {name} is {h}x{w} but earlier images are {size[0]}x{size[1]}; "
+                            "pass an image size to resize"
+                        )
+                    im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f"{label}: cannot decode image {name} ({exc})") from exc
+        if out is None:
+            out = np.empty((len(files), size[0], size[1], 3), dtype=np.uint8)
+        out[i] = arr
+        labels[i] = index[name.split("/", 1)[0]]
+    assert out is not None
+    images = torch.from_numpy(np.ascontiguousarray(out.transpose(0, 3, 1, 2)))
+    return images, torch.from_numpy(labels), classes

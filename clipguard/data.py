@@ -28,6 +28,7 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -117,6 +118,11 @@ def iter_batches(
 # --------------------------------------------------------------------------- references
 
 
+def default_cache_dir() -> Path:
+    """``$CLIPGUARD_CACHE`` or ``~/.cache/clipguard``: decoded datasets, keyed by content hash."""
+    return Path(os.environ.get("CLIPGUARD_CACHE", Path.home() / ".cache" / "clipguard")) / "data"
+
+
 def split_reference(ref: str | os.PathLike) -> tuple[Path, str | None]:
     """``"data.tar.gz#train"`` -> (path, "train"); a plain path has no split."""
     text = os.fspath(ref)
@@ -130,6 +136,7 @@ def load_data(
     ref: str | os.PathLike,
     *,
     split: str | None = None,
+    default_split: str | None = None,
     image_size: tuple[int, int] | None = None,
     cache_dir: str | os.PathLike | None = None,
     limits: Limits = Limits(),
@@ -138,13 +145,15 @@ def load_data(
 
     The cache key is the content hash of the reference (file bytes for archives and
     ``.npz``; relative paths, sizes and mtimes for directories) plus split and image size,
-    so a changed dataset is never served stale.
+    so a changed dataset is never served stale. ``default_split`` is used when the
+    reference holds splits (``train/``, ``test/``) and none was named: training data
+    defaults to ``train``, evaluation data to ``test``.
     """
     path, ref_split = split_reference(ref)
     split = split or ref_split
     if not path.exists():
         raise DataError(f"data reference not found: {path}")
-    digest = _reference_digest(path, split, image_size)
+    digest = _reference_digest(path, split or default_split, image_size)
     cache_file = Path(cache_dir) / f"{digest}.pt" if cache_dir is not None else None
     if cache_file is not None and cache_file.exists():
         try:
@@ -153,6 +162,8 @@ def load_data(
         except Exception:  # a torn cache entry is rebuilt, never trusted
             cache_file.unlink(missing_ok=True)
     tree = _open_tree(path, limits)
+    if split is None and default_split is not None and _holds_split(tree, default_split):
+        split = default_split
     images, labels, classes = _decode_tree(tree, split, image_size, limits, label=str(path))
     data = ImageData(images, labels, tuple(classes), str(path) + (f"#{split}" if split else ""), digest)
     if cache_file is not None:
@@ -298,6 +309,13 @@ def _zip_tree(path: Path, limits: Limits) -> _Tree:
 # --------------------------------------------------------------------------- decoding
 
 
+def _holds_split(tree: _Tree, split: str) -> bool:
+    """True when ``split/`` is a top-level folder of splits rather than a class folder."""
+    names = tree.names()
+    prefix = split + "/"
+    return any(n.startswith(prefix) for n in names) and all(n.count("/") >= 2 for n in names if "/" in n)
+
+
 def _decode_tree(
     tree: _Tree, split: str | None, image_size: tuple[int, int] | None, limits: Limits, label: str
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -354,7 +372,7 @@ def _decode_npz(blob: bytes, label: str) -> tuple[torch.Tensor, torch.Tensor, li
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """The CIFAR python batches are pickles; only numpy array reconstruction is allowed."""
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[set[tuple[str, str]]] = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
@@ -363,7 +381,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "scalar"),
     }
 
-    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle protocol
+    def find_class(self, module: str, name: str):
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")

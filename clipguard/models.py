@@ -214,7 +214,7 @@ TORCHVISION_PREFIX = "torchvision:"
 
 def available_architectures() -> list[str]:
     """Registry names; any torchvision classifier is also accepted as ``torchvision:<name>``."""
-    return sorted(_BUILDERS) + [TORCHVISION_PREFIX + "<name>"]
+    return [*sorted(_BUILDERS), TORCHVISION_PREFIX + "<name>"]
 
 
 def _torchvision_names() -> list[str]:

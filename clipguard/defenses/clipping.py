@@ -1,0 +1,264 @@
+"""Activation clipping: per-node statistics from the training data and ``min(a, c)`` bounds.
+
+The premise (Xu, Gu, Sakurai): a backdoor trigger drives a few nodes far above the range
+they take on ordinary inputs. With the training data alone we measure that range per node
+and cap every activation at ``c = μ + λσ``. Poisoned samples are a small share of the
+training data, so they barely move μ and σ.
+
+How sites are found: the model is traced with ``torch.fx`` and every *call* of an
+activation function becomes a site. Tracing rather than module hooks matters because one
+module can be called several times per forward (torchvision's ``BasicBlock`` calls its
+single ``nn.ReLU`` twice) and each call sees a different distribution. The same traced
+graph, with a :class:`Clip` module spliced in after each site, is the purified model, so
+the statistics and the clipping are guaranteed to address the same tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from clipguard.errors import Cancelled, ClipguardError
+
+ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Softplus,
+)
+ACTIVATION_FUNCTIONS: frozenset = frozenset({
+    F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.celu, F.selu, F.gelu, F.silu, F.mish, F.hardswish,
+    F.softplus, torch.nn.functional.relu_, torch.relu_,
+})
+GRANULARITIES = ("channel", "element")
+SITES_CONTAINER = "clipguard_sites"
+
+
+class Tap(nn.Module):
+    """Identity marker at a site; the statistics pass hooks it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class Clip(nn.Module):
+    """``min(x, upper)`` with a per-node upper bound broadcast over the batch."""
+
+    def __init__(self, upper: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("upper", upper.detach().clone().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(x, self.upper.to(x.dtype))
+
+
+# --------------------------------------------------------------------------- tracing
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Symbolically trace a model; a model that cannot be traced gets a clear error."""
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as exc:  # FX raises many types for data-dependent control flow
+        raise ClipguardError(
+            f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}); "
+            "models with data-dependent control flow are not supported"
+        ) from exc
+
+
+def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), ACTIVATION_MODULES)
+    if node.op == "call_function":
+        return node.target in ACTIVATION_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in ("relu", "relu_")
+    return False
+
+
+def _site_names(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> list[str]:
+    """Readable, stable names: the module path, with ``#k`` when a module is called k times."""
+    calls: dict[str, int] = {}
+    for node in nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    seen: dict[str, int] = {}
+    names = []
+    for node in nodes:
+        if node.op == "call_module":
+            target = str(node.target)
+            k = seen.get(target, 0)
+            seen[target] = k + 1
+            names.append(f"{target}#{k}" if calls[target] > 1 else target)
+        else:
+            names.append(node.name)
+    return names
+
+
+def instrument(model: nn.Module, make: Callable[[str, int], nn.Module]) -> tuple[fx.GraphModule, list[str]]:
+    """Trace ``model`` and splice ``make(site_name, index)`` after every activation call.
+
+    Returns the new graph module and the site names in execution order. The original
+    model is not modified (tracing copies the parameters by reference only).
+    """
+    gm = trace(model)
+    nodes = [n for n in gm.graph.nodes if _is_activation(gm, n)]
+    if not nodes:
+        raise ClipguardError(f"{type(model).__name__} has no activation functions to clip")
+    names = _site_names(gm, nodes)
+    container = nn.Module()
+    gm.add_module(SITES_CONTAINER, container)
+    for i, (node, name) in enumerate(zip(nodes, names, strict=True)):
+        site = make(name, i)
+        site.site_name = name
+        container.add_module(f"s{i}", site)
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(f"{SITES_CONTAINER}.s{i}", (node,))
+        node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, names
+
+
+def site_modules(gm: fx.GraphModule) -> list[nn.Module]:
+    """The spliced site modules in execution order."""
+    container = gm.get_submodule(SITES_CONTAINER)
+    return [container.get_submodule(f"s{i}") for i in range(len(list(container.children())))]
+
+
+def clipped_site_names(gm: fx.GraphModule) -> list[str]:
+    """Site names of an instrumented graph, in execution order."""
+    return [str(m.site_name) for m in site_modules(gm)]
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def reduce_dims(x: torch.Tensor, granularity: str) -> tuple[int, ...]:
+    """Dimensions pooled into one node: batch (and space, for ``channel``) of an activation."""
+    if granularity == "element" or x.dim() <= 2:
+        return (0,)
+    if granularity == "channel":
+        return (0, *range(2, x.dim()))
+    raise ClipguardError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+
+
+class RunningMoments:
+    """Streaming per-node mean and variance, merged across batches with Chan et al.'s rule.
+
+    Each batch's mean and centred sum of squares are computed in one fused kernel in the
+    activation's dtype, then merged into float64 accumulators. This keeps the pass as fast
+    as a plain forward while staying accurate over millions of values per channel, where
+    naive sum-of-squares in float32 loses most of its digits.
+    """
+
+    def __init__(self, granularity: str = "channel") -> None:
+        if granularity not in GRANULARITIES:
+            raise ClipguardError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+        self.granularity = granularity
+        self.count = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+        self.max: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        dims = reduce_dims(x, self.granularity)
+        n_b = math.prod(x.shape[d] for d in dims)
+        var_b, mean_b = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+        mean_b, m2_b = mean_b[0].double(), var_b[0].double() * n_b
+        max_b = x.amax(dim=dims, keepdim=True)[0].double()
+        if self.mean is None or self.m2 is None or self.max is None:
+            self.count, self.mean, self.m2, self.max = n_b, mean_b, m2_b, max_b
+            return
+        if mean_b.shape != self.mean.shape:
+            raise ClipguardError(
+                f"activation shape changed between batches ({tuple(self.mean.shape)} -> {tuple(mean_b.shape)}); "
+                "element granularity needs images of one size"
+            )
+        total = self.count + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / total)
+        self.m2 = self.m2 + m2_b + delta.square() * (self.count * n_b / total)
+        self.max = torch.maximum(self.max, max_b)
+        self.count = total
+
+    def var(self, correction: int = 1) -> torch.Tensor:
+        if self.m2 is None or self.count <= correction:
+            raise ClipguardError("no activations were recorded (empty data?)")
+        return self.m2 / (self.count - correction)
+
+    def std(self, correction: int = 1) -> torch.Tensor:
+        return self.var(correction).sqrt()
+
+
+@dataclass
+class SiteStats:
+    """Per-site statistics of the training activations, in execution order."""
+
+    names: list[str]
+    moments: list[RunningMoments]
+    samples: int
+    granularity: str
+
+    def bounds(self, lam: float) -> dict[str, torch.Tensor]:
+        """``μ + λσ`` per node, float32, shaped to broadcast against one sample."""
+        if not math.isfinite(lam):
+            raise ClipguardError(f"λ must be a finite number, got {lam}")
+        return {n: (m.mean + lam * m.std()).float().cpu() for n, m in zip(self.names, self.moments, strict=True)}
+
+
+def compute_statistics(
+    model: nn.Module,
+    batches: Callable[[], object],
+    *,
+    granularity: str = "channel",
+    total: int | None = None,
+    progress: Callable[[float], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> SiteStats:
+    """One streaming pass: forward every batch once and fold each site's output into its moments.
+
+    ``batches()`` yields input tensors (already normalised, on the model's device) or
+    ``(inputs, labels)`` pairs; ``total`` is the number of samples, for progress.
+    """
+    moments: list[RunningMoments] = []
+    gm, names = instrument(model, lambda name, i: Tap())
+    taps = site_modules(gm)
+    for tap in taps:
+        mom = RunningMoments(granularity)
+        moments.append(mom)
+        tap.register_forward_hook(lambda _m, _inp, out, mom=mom: mom.update(out))
+    gm.eval()
+    seen = 0
+    with torch.inference_mode():
+        for batch in batches():  # type: ignore[attr-defined]
+            if should_cancel is not None and should_cancel():
+                raise Cancelled("cancelled during the bounds pass")
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            gm(x)
+            seen += int(x.shape[0])
+            if progress is not None and total:
+                progress(min(1.0, seen / total))
+    if seen == 0:
+        raise ClipguardError("the training data is empty")
+    return SiteStats(names, moments, seen, granularity)
+
+
+def clipped_model(model: nn.Module, bounds: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """The purified network: the traced model with ``Clip`` after every site that has a bound."""
+
+    def make(name: str, _i: int) -> nn.Module:
+        return Clip(bounds[name]) if name in bounds else Tap()
+
+    gm, names = instrument(model, make)
+    unknown = set(bounds) - set(names)
+    if unknown:
+        raise ClipguardError(f"bounds name sites this model does not have: {sorted(unknown)[:3]}")
+    gm.eval()
+    return gm

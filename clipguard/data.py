@@ -320,16 +320,25 @@ def _decode_tree(
     tree: _Tree, split: str | None, image_size: tuple[int, int] | None, limits: Limits, label: str
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     names = tree.names()
-    if split:
+    top_files = {n for n in names if "/" not in n}
+    is_cifar = CIFAR_TEST_BATCH in top_files or any(b in top_files for b in CIFAR_TRAIN_BATCHES)
+    if split and not is_cifar:  # CIFAR batches pick their split by file name, below
         prefix = split.rstrip("/") + "/"
         names = [n for n in names if n.startswith(prefix)]
         if not names:
             raise DataError(f"{label}: no split {split!r} in it")
         tree = _Tree({n[len(prefix):]: tree.files[n] for n in names}, tree._reader)
         names = tree.names()
-    # Strip a single common top-level folder (archives often wrap their content in one).
+    # Strip a single common top-level folder that wraps the content (``cifar-10-batches-py/``,
+    # ``mydata/<class>/...``), but not a lone class folder of a one-class ImageFolder.
     while names and all("/" in n for n in names) and len({n.split("/", 1)[0] for n in names}) == 1:
         top = names[0].split("/", 1)[0] + "/"
+        inner = [n[len(top):] for n in names]
+        wraps = all("/" in n for n in inner) or any(
+            n in (CIFAR_TEST_BATCH, *CIFAR_TRAIN_BATCHES) or n.endswith(".npz") for n in inner
+        )
+        if not wraps:
+            break
         tree = _Tree({n[len(top):]: tree.files[n] for n in names}, tree._reader)
         names = tree.names()
     if not names:

@@ -118,6 +118,16 @@ def iter_batches(
 # --------------------------------------------------------------------------- references
 
 
+def save_npz(data: ImageData, path: str | os.PathLike) -> Path:
+    """Write ``data`` as an ``.npz`` reference (``x`` uint8 NHWC, ``y``, ``classes``), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, x=data.images.permute(0, 2, 3, 1).numpy(), y=data.labels.numpy(), classes=np.array(data.classes))
+    os.replace(tmp, path)
+    return path
+
+
 def default_cache_dir() -> Path:
     """``$CLIPGUARD_CACHE`` or ``~/.cache/clipguard``: decoded datasets, keyed by content hash."""
     return Path(os.environ.get("CLIPGUARD_CACHE", Path.home() / ".cache" / "clipguard")) / "data"

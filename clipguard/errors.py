@@ -29,5 +29,5 @@ class ExportError(ClipguardError):
     """The purified model could not be exported or failed its equivalence check."""
 
 
-class Cancelled(ClipguardError):  # noqa: N818 - reads as a state, like asyncio.CancelledError
+class Cancelled(ClipguardError):
     """The caller asked for the run to stop; nothing was published."""

@@ -10,10 +10,39 @@ cancellation never leaves a half-written output behind.
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
+
+import torch
+from torch import nn
+
+from clipguard import __version__
+from clipguard.attacks import build_attack
+from clipguard.bounds import save_bounds
+from clipguard.checkpoint import load_weights
+from clipguard.data import ImageData, default_cache_dir, file_sha256, iter_batches, load_data, normalize
+from clipguard.defenses.clipping import (
+    GRANULARITIES,
+    clipped_model,
+    clipped_site_names,
+    compute_statistics,
+    site_modules,
+)
+from clipguard.devices import describe, resolve_device
+from clipguard.errors import Cancelled, ClipguardError
+from clipguard.export import export_program, export_torchscript
+from clipguard.lambda_selection import select_lambda
+from clipguard.metrics import der, evaluate
+from clipguard.models import ModelSpec, resolve_spec
 
 Progress = Callable[[str, float], None]
 """``progress(stage, fraction)`` with fraction in [0, 1] for the current stage."""
@@ -48,3 +77,205 @@ class PurifyOptions:
 class PurifyResult:
     out: Path
     report: dict
+
+
+DEFAULT_LAM = 4.0
+"""The paper recipe's λ; docs/benchmarks.md shows the sweeps it comes from."""
+
+REPORT_SCHEMA = "clipguard.report/1"
+CLIP_FRACTION_SAMPLES = 2048
+EXPORT_CHECK_BATCH = 16
+
+
+def purify(
+    options: PurifyOptions,
+    progress: Progress | None = None,
+    should_cancel: ShouldCancel | None = None,
+) -> PurifyResult:
+    """Run the whole purification and publish its artifacts atomically into ``options.out``."""
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    say = progress or (lambda stage, fraction: None)
+    out = Path(options.out)
+    if not options.overwrite and out.exists() and (out.is_file() or any(out.iterdir())):
+        raise ClipguardError(f"output folder {out} already exists and is not empty; pass --overwrite to replace it")
+    if options.method not in METHODS:
+        raise ClipguardError(f"unknown method {options.method!r}; choose one of {', '.join(METHODS)}")
+    if options.granularity not in GRANULARITIES:
+        raise ClipguardError(f"granularity must be one of {', '.join(GRANULARITIES)}")
+    lam = DEFAULT_LAM if options.lam is None else options.lam
+    if lam != "auto" and not (isinstance(lam, (int, float)) and math.isfinite(lam)):
+        raise ClipguardError(f"--lam must be a number or 'auto', got {lam!r}")
+
+    spec = resolve_spec(options.arch, options.num_classes, options.mean, options.std)
+    device = resolve_device(options.device)
+    t = time.perf_counter()
+    say("load", 0.0)
+    model = spec.build()
+    load_weights(model, options.weights)
+    model = model.to(device).eval()
+    cache_dir = options.cache_dir or default_cache_dir()
+    data = load_data(options.data, default_split="train", cache_dir=cache_dir)
+    _check_labels(data, spec, "training data")
+    eval_data = None
+    if options.eval_data:
+        eval_data = load_data(options.eval_data, default_split="test", cache_dir=cache_dir)
+        _check_labels(eval_data, spec, "evaluation data")
+    attack = build_attack(options.attack, image_size=data.image_size) if options.attack else None
+    timings["load_s"] = time.perf_counter() - t
+    say("load", 1.0)
+
+    t = time.perf_counter()
+    stats = compute_statistics(
+        model,
+        lambda: iter_batches(data, options.batch_size, spec.mean, spec.std, device),
+        granularity=options.granularity,
+        total=len(data),
+        progress=lambda f: say("bounds", f),
+        should_cancel=should_cancel,
+    )
+    timings["bounds_s"] = time.perf_counter() - t
+
+    selection = None
+    if lam == "auto":
+        t = time.perf_counter()
+        lam, selection = select_lambda(model, stats, data, spec, device=device, batch_size=options.batch_size,
+                                       progress=lambda f: say("select_lambda", f), should_cancel=should_cancel)
+        timings["select_lambda_s"] = time.perf_counter() - t
+    lam = float(lam)
+    bounds = stats.bounds(lam)
+    clipped = clipped_model(model, bounds).to(device)
+
+    t = time.perf_counter()
+    fractions = clip_fractions(clipped, data, spec, device=device, max_samples=CLIP_FRACTION_SAMPLES,
+                               batch_size=options.batch_size)
+    timings["clip_fraction_s"] = time.perf_counter() - t
+    if should_cancel is not None and should_cancel():
+        raise Cancelled("cancelled before export")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        t = time.perf_counter()
+        say("export", 0.0)
+        cpu_model = clipped.to("cpu").eval()
+        example = normalize(data.images[:EXPORT_CHECK_BATCH], spec.mean, spec.std)
+        export_checks = {"torchscript": export_torchscript(
+            cpu_model, example, staging / "purified.pt",
+            metadata={**spec.to_dict(), "lam": lam, "method": options.method, "granularity": options.granularity,
+                      "clipguard_version": __version__})}
+        export_checks["torch_export"] = export_program(cpu_model, example, staging / "purified.pt2")
+        timings["export_s"] = time.perf_counter() - t
+        say("export", 1.0)
+
+        model_sha = file_sha256(options.weights)
+        save_bounds(staging / "bounds.safetensors", bounds, stats, {
+            "lam": lam, "granularity": options.granularity, "method": options.method, "samples": stats.samples,
+            "arch": spec.arch, "model_sha256": model_sha, "data_sha256": data.sha256,
+        })
+        evaluation = None
+        if eval_data is not None:
+            t = time.perf_counter()
+            say("evaluate", 0.0)
+            before = evaluate(model, eval_data, spec.mean, spec.std, attack=attack, device=device,
+                              batch_size=options.batch_size)
+            after = evaluate(clipped.to(device), eval_data, spec.mean, spec.std, attack=attack, device=device,
+                             batch_size=options.batch_size)
+            evaluation = {"data": {"ref": str(options.eval_data), "sha256": eval_data.sha256,
+                                   "samples": len(eval_data)},
+                          "attack": attack.to_dict() if attack is not None else None,
+                          "before": before, "after": after,
+                          "der": der(before, after) if attack is not None else None}
+            timings["evaluate_s"] = time.perf_counter() - t
+            say("evaluate", 1.0)
+        timings["total_s"] = time.perf_counter() - started
+        report = {
+            "schema": REPORT_SCHEMA,
+            "clipguard_version": __version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "inputs": {
+                "model": {**spec.to_dict(), "weights": Path(options.weights).name, "sha256": model_sha},
+                "data": {"ref": str(options.data), "sha256": data.sha256, "samples": len(data),
+                         "classes": list(data.classes), "image_size": list(data.image_size)},
+            },
+            "method": options.method,
+            "lam": lam,
+            "lam_selection": selection,
+            "granularity": options.granularity,
+            "sites": [{"name": n, "shape": list(bounds[n].shape), "clip_fraction": fractions[n]}
+                      for n in stats.names],
+            "export": export_checks,
+            "evaluation": evaluation,
+            "device": describe(device),
+            "torch_version": torch.__version__,
+            "timings": timings,
+            "artifacts": [*sorted(p.name for p in staging.iterdir()), "report.json"],
+        }
+        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if should_cancel is not None and should_cancel():
+            raise Cancelled("cancelled before publishing")
+        _publish(staging, out, overwrite=options.overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    say("done", 1.0)
+    return PurifyResult(out=out, report=report)
+
+
+METHODS = ("paper",)
+
+
+def _check_labels(data: ImageData, spec: ModelSpec, what: str) -> None:
+    top = int(data.labels.max()) if len(data) else -1
+    if top >= spec.num_classes:
+        raise ClipguardError(
+            f"{what} has labels up to {top} ({len(data.classes)} classes) but the model has "
+            f"{spec.num_classes} outputs; pass --num-classes"
+        )
+
+
+def clip_fractions(
+    clipped: nn.Module,
+    data: ImageData,
+    spec: ModelSpec,
+    *,
+    device: torch.device | str,
+    max_samples: int,
+    batch_size: int,
+) -> dict[str, float]:
+    """Per site, the share of activations the bound actually cuts, on a training subsample."""
+    counts: dict[str, list[float]] = {}
+    hooks = []
+    names = clipped_site_names(clipped)
+    for name, module in zip(names, site_modules(clipped), strict=True):
+        counts[name] = [0.0, 0.0]
+
+        def hook(mod: nn.Module, inp: tuple, _out: torch.Tensor, c: list = counts[name]) -> None:
+            if hasattr(mod, "upper"):
+                x = inp[0]
+                c[0] += float((x > mod.upper).sum())
+                c[1] += x.numel()
+
+        hooks.append(module.register_forward_hook(hook))
+    idx = torch.arange(min(max_samples, len(data)))
+    try:
+        with torch.inference_mode():
+            for x, _ in iter_batches(data, batch_size, spec.mean, spec.std, device, indices=idx):
+                clipped(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: (c[0] / c[1] if c[1] else 0.0) for n, c in counts.items()}
+
+
+def _publish(staging: Path, out: Path, *, overwrite: bool) -> None:
+    """Move the finished folder into place; an old output is replaced only after success."""
+    if out.exists():
+        if not overwrite and (out.is_file() or any(out.iterdir())):
+            raise ClipguardError(f"output folder {out} appeared while running; not overwriting it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)

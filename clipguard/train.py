@@ -152,17 +152,19 @@ def train_victim(
     device: str = "auto",
     limit: int | None = None,
     cache_dir: Path | None = None,
+    save_data: Path | None = None,
     progress: Callable[[str, float], None] | None = None,
 ) -> dict:
     """``clipguard train``: poison (optionally), train, and write weights plus provenance.
 
     Writes ``out`` (safetensors weights), ``<out>.attack.json`` (the exact trigger, so ASR
     is later measured with the same one) and ``<out>.json`` (poisoned indices, recipe,
-    final training accuracy).
+    final training accuracy). ``save_data`` also writes the (poisoned) training set the
+    model saw as an ``.npz``: the data a defender would hold, ready for ``clipguard purify``.
     """
     from clipguard.attacks import build_attack, save_attack
     from clipguard.checkpoint import save_weights
-    from clipguard.data import default_cache_dir, load_data
+    from clipguard.data import default_cache_dir, load_data, save_npz
     from clipguard.models import resolve_spec
 
     if not 0.0 <= poison_rate < 1.0:
@@ -202,6 +204,8 @@ def train_victim(
     if trigger is not None:
         save_attack(trigger, attack_path(out))
         info["attack_file"] = attack_path(out).name
+    if save_data is not None:
+        info["data_file"] = str(save_npz(dataset, save_data))
     tmp = out.with_name(out.name + ".json.tmp")
     tmp.write_text(json.dumps(info, indent=2) + "\n")
     os.replace(tmp, out.with_name(out.name + ".json"))

@@ -39,7 +39,6 @@ def test_running_moments_match_torch_on_concatenated_activations(dtype, granular
     torch.testing.assert_close(mom.var(), want_var.double(), rtol=tol, atol=tol)
     torch.testing.assert_close(mom.var(correction=0), x.var(dim=dims, keepdim=True, correction=0)[0].double(),
                                rtol=tol, atol=tol)
-    torch.testing.assert_close(mom.max, x.amax(dim=dims, keepdim=True)[0].double())
     assert mom.count == x.numel() // mom.mean.numel()
 
 

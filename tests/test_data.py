@@ -92,7 +92,7 @@ def test_npz_and_cache(tmp_path):
 
 def test_npz_with_objects_is_refused_without_unpickling(tmp_path):
     np.savez(tmp_path / "bad.npz", x=np.array([{"a": 1}], dtype=object), y=np.zeros(1, dtype=np.int64))
-    with pytest.raises(DataError, match="unreadable .npz"):
+    with pytest.raises(DataError, match=r"unreadable \.npz"):
         load_data(tmp_path / "bad.npz")
     np.savez(tmp_path / "float.npz", x=np.zeros((2, 4, 4, 3), dtype=np.float32), y=np.zeros(2, dtype=np.int64))
     with pytest.raises(DataError, match="uint8"):
@@ -182,7 +182,7 @@ def test_truncated_jpeg_names_the_file(tmp_path):
 def test_decompression_bomb_header_is_refused(tmp_path):
     (tmp_path / "cat").mkdir()
     Image.new("L", (3000, 3000)).save(tmp_path / "cat" / "huge.png")
-    with pytest.raises(DataError, match="over the .* cap"):
+    with pytest.raises(DataError, match=r"over the .* cap"):
         load_data(tmp_path, limits=Limits(max_image_pixels=1000 * 1000))
 
 
@@ -190,7 +190,7 @@ def test_mixed_sizes_need_an_image_size(tmp_path):
     (tmp_path / "cat").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "cat" / "a.png")
     Image.new("RGB", (16, 16)).save(tmp_path / "cat" / "b.png")
-    with pytest.raises(DataError, match="b.png is 16x16"):
+    with pytest.raises(DataError, match=r"b\.png is 16x16"):
         load_data(tmp_path)
     assert load_data(tmp_path, image_size=(8, 8)).images.shape == (2, 3, 8, 8)
 

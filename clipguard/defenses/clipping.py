@@ -118,6 +118,10 @@ def instrument(model: nn.Module, make: Callable[[str, int], nn.Module]) -> tuple
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(f"{SITES_CONTAINER}.s{i}", (node,))
         node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+    for node in gm.graph.nodes:
+        # FX renders annotations as aliases (``_torch_Tensor_``) that TorchScript cannot
+        # resolve; without them every value is a Tensor to the scripter, which is right here.
+        node.type = None
     gm.graph.lint()
     gm.recompile()
     return gm, names
@@ -162,7 +166,6 @@ class RunningMoments:
         self.count = 0
         self.mean: torch.Tensor | None = None
         self.m2: torch.Tensor | None = None
-        self.max: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach()
@@ -172,9 +175,8 @@ class RunningMoments:
         n_b = math.prod(x.shape[d] for d in dims)
         var_b, mean_b = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
         mean_b, m2_b = mean_b[0].double(), var_b[0].double() * n_b
-        max_b = x.amax(dim=dims, keepdim=True)[0].double()
-        if self.mean is None or self.m2 is None or self.max is None:
-            self.count, self.mean, self.m2, self.max = n_b, mean_b, m2_b, max_b
+        if self.mean is None or self.m2 is None:
+            self.count, self.mean, self.m2 = n_b, mean_b, m2_b
             return
         if mean_b.shape != self.mean.shape:
             raise ClipguardError(
@@ -185,7 +187,6 @@ class RunningMoments:
         delta = mean_b - self.mean
         self.mean = self.mean + delta * (n_b / total)
         self.m2 = self.m2 + m2_b + delta.square() * (self.count * n_b / total)
-        self.max = torch.maximum(self.max, max_b)
         self.count = total
 
     def var(self, correction: int = 1) -> torch.Tensor:

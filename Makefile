@@ -1,0 +1,35 @@
+# Two entry points, both starting from nothing: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+CIFAR10 ?= ../shared/datasets/cifar10-jpg.tar.gz
+DEMO ?= runs/demo
+
+.PHONY: setup demo test lint bench-quick clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned to the release this machine carries on disk (any torch>=2.10 works).
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+# Train a small backdoored CNN on real CIFAR-10, then purify it and print ACC/ASR before and after.
+demo: setup
+	mkdir -p $(DEMO)
+	$(BIN)/clipguard train --arch small_cnn --data '$(CIFAR10)#train' --limit 10000 --epochs 8 --no-augment \
+		--attack badnets:pattern=checkerboard --poison-rate 0.03 --lr 0.05 --batch-size 128 \
+		--out $(DEMO)/victim.safetensors --save-data $(DEMO)/poisoned-train.npz --quiet > $(DEMO).train.json
+	$(BIN)/clipguard purify --arch small_cnn --weights $(DEMO)/victim.safetensors \
+		--data $(DEMO)/poisoned-train.npz --eval-data '$(CIFAR10)#test' \
+		--attack $(DEMO)/victim.safetensors.attack.json --lam auto --out $(DEMO)/purified --overwrite
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,221 @@
+"""``clipguard`` command line: the engine with no server.
+
+Every command maps onto one engine function (``purify``, ``train``, ``evaluate``) so the
+CLI, the Celery task and the benchmarks cannot drift apart. User errors print one line on
+stderr and exit 1; nothing half-written is left behind (the engine publishes atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from clipguard import __version__
+from clipguard.errors import ClipguardError
+
+
+def _lam(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or 'auto', got {text!r}") from None
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    from clipguard.models import parse_floats
+
+    try:
+        return parse_floats(text)
+    except ClipguardError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_model_options(p: argparse.ArgumentParser, weights_required: bool = True) -> None:
+    """The options that say which network a weights file fills (shared with ``remote purify``)."""
+    p.add_argument("--arch", required=True, help="registry name (resnet18, preact_resnet18, vgg16_bn, small_cnn) "
+                   "or torchvision:<name>")
+    p.add_argument("--num-classes", type=int, default=None, help="number of outputs (default 10)")
+    p.add_argument("--mean", type=_floats, default=None, help="input normalisation mean, e.g. 0.49,0.48,0.45")
+    p.add_argument("--std", type=_floats, default=None, help="input normalisation std, e.g. 0.25,0.24,0.26")
+    p.add_argument("--weights", type=Path, required=weights_required,
+                   help="suspect checkpoint: .safetensors or torch.save(state_dict)")
+
+
+class _Bars:
+    """One tqdm bar per engine stage, on stderr, silent when stderr is not a terminal."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.stage: str | None = None
+        self.bar = None
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=100, desc=stage, unit="%", leave=False, file=sys.stderr,
+                            bar_format="{desc:>14}: {percentage:3.0f}%|{bar}| {elapsed}")
+        if self.bar is not None:
+            self.bar.n = round(100 * fraction)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def cmd_purify(args: argparse.Namespace) -> int:
+    from clipguard.purify import PurifyOptions, purify
+
+    bars = _Bars(args.quiet)
+    try:
+        result = purify(
+            PurifyOptions(
+                arch=args.arch, weights=args.weights, data=args.data, out=args.out, num_classes=args.num_classes,
+                mean=args.mean, std=args.std, lam=args.lam, granularity=args.granularity, method=args.method,
+                device=args.device, batch_size=args.batch_size, eval_data=args.eval_data, attack=args.attack,
+                cache_dir=args.cache_dir, overwrite=args.overwrite,
+            ),
+            progress=bars,
+        )
+    finally:
+        bars.close()
+    print(summary(result.report, result.out))
+    return 0
+
+
+def summary(report: dict, out: Path) -> str:
+    """The few lines a user wants after a run; the rest is in report.json."""
+    lines = [f"purified {report['inputs']['model']['arch']} with λ={report['lam']:g} "
+             f"({report['method']}, {report['granularity']}) on {report['inputs']['data']['samples']} samples "
+             f"in {report['timings']['total_s']:.1f}s on {report['device']}"]
+    ev = report.get("evaluation")
+    if ev:
+        b, a = ev["before"], ev["after"]
+        line = f"ACC {100 * b['acc']:.1f}% -> {100 * a['acc']:.1f}%"
+        if "asr" in b:
+            line += f"   ASR {100 * b['asr']:.1f}% -> {100 * a['asr']:.1f}%   DER {ev['der']:.3f}"
+        lines.append(line)
+    lines.append(f"wrote {', '.join(report['artifacts'])} to {out}")
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from clipguard.train import train_victim
+
+    bars = _Bars(args.quiet)
+    try:
+        info = train_victim(
+            arch=args.arch, data=args.data, out=args.out, num_classes=args.num_classes, attack=args.attack,
+            poison_rate=args.poison_rate, target=args.target, epochs=args.epochs, batch_size=args.batch_size,
+            lr=args.lr, augment=not args.no_augment, seed=args.seed, device=args.device, limit=args.limit,
+            cache_dir=args.cache_dir, save_data=args.save_data, progress=bars,
+        )
+    finally:
+        bars.close()
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from clipguard.metrics import evaluate_model
+
+    result = evaluate_model(
+        data=args.data, arch=args.arch, weights=args.weights, model=args.model, num_classes=args.num_classes,
+        mean=args.mean, std=args.std, attack=args.attack, device=args.device, cache_dir=args.cache_dir,
+    )
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipguard", description="Purify backdoored image classifiers.")
+    parser.add_argument("--version", action="version", version=f"clipguard {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("purify", help="compute activation bounds and write a clipped TorchScript model")
+    add_model_options(p)
+    p.add_argument("--data", required=True, help="training data: folder, .npz, .tar(.gz) or .zip (PATH#split)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
+    p.add_argument("--lam", type=_lam, default=None, help="λ in μ+λσ, or 'auto' to choose it from the data")
+    p.add_argument("--granularity", choices=("channel", "element"), default="channel")
+    p.add_argument("--method", default="paper", help="purification method (paper)")
+    p.add_argument("--eval-data", default=None, help="test data to report ACC (and ASR with --attack) before/after")
+    p.add_argument("--attack", default=None, help="trigger to measure ASR with: a name (badnets, blend, wanet) "
+                   "with options, or the .attack.json written by 'clipguard train'")
+    _add_run_options(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_purify)
+
+    p = sub.add_parser("train", help="train a (backdoored) victim model on a data reference")
+    p.add_argument("--arch", required=True)
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--data", required=True, help="training data reference")
+    p.add_argument("--out", type=Path, required=True, help="weights file to write (.safetensors)")
+    p.add_argument("--attack", default=None, help="poison the data with this attack (badnets, blend, wanet, ...)")
+    p.add_argument("--poison-rate", type=float, default=0.01)
+    p.add_argument("--target", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--no-augment", action="store_true", help="train without random crop and flip")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="train on a random subset of this many samples")
+    p.add_argument("--save-data", type=Path, default=None,
+                   help="also write the (poisoned) training set as .npz, the data a defender holds")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="ACC, ASR, RA of a checkpoint or an exported model")
+    p.add_argument("--data", required=True, help="test data reference")
+    p.add_argument("--arch", default=None)
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--mean", type=_floats, default=None)
+    p.add_argument("--std", type=_floats, default=None)
+    p.add_argument("--weights", type=Path, default=None, help="checkpoint (needs --arch)")
+    p.add_argument("--model", type=Path, default=None, help="a purified.pt / purified.pt2 written by clipguard")
+    p.add_argument("--attack", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.set_defaults(func=cmd_evaluate)
+
+    try:  # the service commands need the web stack; the engine CLI works without it
+        from app.commands import register
+    except ImportError:
+        pass
+    else:
+        register(sub)
+    return parser
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--cache-dir", type=Path, default=None, help="where decoded datasets are cached")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ClipguardError as exc:
+        print(f"clipguard: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("clipguard: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Exports are drop-in replacements: same input, same logits as the eager clipped model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clipguard.defenses.clipping import clipped_model, compute_statistics
+from clipguard.errors import ExportError
+from clipguard.export import export_program, export_torchscript, load_exported
+from clipguard.models import resolve_spec
+
+
+@pytest.fixture(scope="module")
+def clipped():
+    torch.manual_seed(0)
+    model = resolve_spec("small_cnn").build().eval()
+    x = torch.randn(16, 3, 32, 32)
+    stats = compute_statistics(model, lambda: [x])
+    return model, clipped_model(model, stats.bounds(0.5)), x
+
+
+def test_torchscript_export_matches_eager_and_carries_metadata(clipped, tmp_path):
+    model, gm, x = clipped
+    check = export_torchscript(gm, x[:8], tmp_path / "p.pt", metadata={"arch": "small_cnn", "mean": [0.1, 0.2, 0.3]})
+    assert check["ok"] and check["max_abs_diff"] <= 1e-5 and check["method"] == "script"
+    loaded, meta = load_exported(tmp_path / "p.pt")
+    assert meta["mean"] == [0.1, 0.2, 0.3]
+    with torch.inference_mode():
+        # Another batch size than the one checked, and the clipping really changes the output.
+        torch.testing.assert_close(loaded(x), gm(x), rtol=0, atol=1e-5)
+        assert (gm(x) - model(x)).abs().max() > 1e-3
+
+
+def test_torch_export_program_matches_eager(clipped, tmp_path):
+    _, gm, x = clipped
+    check = export_program(gm, x[:4], tmp_path / "p.pt2")
+    assert check["ok"], check
+    loaded, _ = load_exported(tmp_path / "p.pt2")
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), gm(x), rtol=0, atol=1e-5)  # dynamic batch dimension
+
+
+def test_a_diverging_export_is_an_error_and_leaves_no_file(clipped, tmp_path):
+    _, gm, x = clipped
+
+    class Flaky(torch.nn.Module):
+        """Scripts to different code than it runs eagerly, like a model with a Python-only branch."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = gm
+
+        @torch.jit.unused
+        def eager_shift(self) -> float:
+            return 1.0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if torch.jit.is_scripting():
+                return self.inner(x)
+            return self.inner(x) + self.eager_shift()
+
+    with pytest.raises(ExportError, match="differs"):
+        export_torchscript(Flaky(), x[:4], tmp_path / "bad.pt")
+    assert not (tmp_path / "bad.pt").exists()

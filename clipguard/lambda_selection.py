@@ -1,16 +1,21 @@
 """``--lam auto``: choose λ from the training data alone, and keep the evidence.
 
 Smaller λ clips harder: it removes more of a backdoor and more of the clean signal. Without
-clean data we cannot measure clean accuracy, but we can measure how much the clipped model
-*disagrees* with the suspect model on the training data, grouped by the class the suspect
-model predicts.
+clean data we cannot measure clean accuracy, but we can measure how much accuracy on the
+training data itself the clipping costs, class by class (classes by their training label).
 
-Why per class: clipping that breaks the backdoor flips the poisoned training samples away
-from the target class, so the disagreement concentrates in *one* predicted class (all-to-one
-attacks) or spreads thinly (all-to-all). Clipping that destroys clean features instead flips
-samples in every class. So the rule takes the smallest λ on the grid at which the classes
-other than the single most-affected one keep agreeing with the suspect model to within
-``tolerance``: a backdoor is allowed to break, clean behaviour is not.
+Why per class, and why drop the worst class: clipping that breaks an all-to-one backdoor
+flips the poisoned training samples, which all carry the target label, so their loss
+lands in *one* class; an all-to-all backdoor spreads its poisoned share thinly over every
+class. Clipping that destroys clean features costs accuracy in every class. So the rule
+takes the smallest λ on the grid at which the mean accuracy drop over all classes but the
+most-affected one stays within ``tolerance``: a backdoor is allowed to break, clean
+behaviour is not.
+
+Why the mean and a loose-looking tolerance: victims fit their training data better than
+unseen data, and clipping costs more accuracy on memorised training samples than on test
+images (measured: 4.8 points on training data vs 1.1 on the test set for the same λ), so
+the training-data drop is a conservative proxy; see docs/benchmarks.md for the sweeps.
 """
 
 from __future__ import annotations
@@ -31,11 +36,11 @@ DEFAULT_TOLERANCE = 0.02
 DEFAULT_SAMPLES = 5000
 
 
-def agreement_by_class(ref: torch.Tensor, pred: torch.Tensor, num_classes: int) -> list[float]:
-    """Per predicted class (of the suspect model): share of samples the clipped model agrees on."""
+def accuracy_by_class(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
+    """Per training label: share of samples predicted as their label (1.0 for an absent class)."""
     out = []
     for c in range(num_classes):
-        mask = ref == c
+        mask = labels == c
         out.append(float((pred[mask] == c).float().mean()) if mask.any() else 1.0)
     return out
 
@@ -58,7 +63,9 @@ def select_lambda(
     """The chosen λ and a JSON-able record of the sweep that chose it."""
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(data), generator=gen)[: min(max_samples, len(data))]
+    labels = data.labels[idx]
     ref = predict(model, data, spec.mean, spec.std, device=device, batch_size=batch_size, indices=idx)
+    base = accuracy_by_class(ref, labels, spec.num_classes)
     rows = []
     chosen = None
     for i, lam in enumerate(sorted(grid)):
@@ -66,22 +73,23 @@ def select_lambda(
             raise Cancelled("cancelled during the λ sweep")
         clipped = clipped_model(model, stats.bounds(lam)).to(device)
         pred = predict(clipped, data, spec.mean, spec.std, device=device, batch_size=batch_size, indices=idx)
-        per_class = agreement_by_class(ref, pred, spec.num_classes)
-        worst = min(range(len(per_class)), key=per_class.__getitem__)
-        others = [a for c, a in enumerate(per_class) if c != worst]
-        criterion = min(others) if others else 1.0
-        ok = criterion >= 1.0 - tolerance
-        rows.append({"lam": lam, "agreement": float((pred == ref).float().mean()), "per_class": per_class,
-                     "most_affected_class": worst, "others_min_agreement": criterion, "accepted": ok})
+        drops = [b - a for a, b in zip(accuracy_by_class(pred, labels, spec.num_classes), base, strict=True)]
+        worst = max(range(len(drops)), key=drops.__getitem__)
+        others = [d for c, d in enumerate(drops) if c != worst]
+        criterion = sum(others) / len(others) if others else 0.0
+        ok = criterion <= tolerance
+        rows.append({"lam": lam, "train_acc": float((pred == labels).float().mean()),
+                     "agreement": float((pred == ref).float().mean()), "drop_by_class": drops,
+                     "most_affected_class": worst, "mean_drop_others": criterion, "accepted": ok})
         if progress is not None:
             progress((i + 1) / len(grid))
-        if ok and chosen is None:
+        if ok:
             chosen = lam
             break
     if chosen is None:
         chosen = max(grid)
-    evidence = {"rule": "smallest λ whose per-class agreement with the suspect model, excluding the most "
-                        f"affected class, stays >= {1 - tolerance:.3f}",
-                "tolerance": tolerance, "samples": len(idx), "grid": sorted(grid), "sweep": rows,
-                "chosen": chosen}
+    evidence = {"rule": "smallest λ whose mean per-class training-accuracy drop, excluding the most affected "
+                        f"class, is at most {tolerance:.3f}",
+                "tolerance": tolerance, "samples": len(idx), "train_acc_before": float((ref == labels).float().mean()),
+                "grid": sorted(grid), "sweep": rows, "chosen": chosen}
     return chosen, evidence

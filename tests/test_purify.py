@@ -1,0 +1,138 @@
+"""End to end on real CIFAR-10: a backdoored CNN trained here is purified by the CLI.
+
+The victim is what a user would bring: a small CNN trained by ``clipguard train`` on 10,000
+real CIFAR-10 training images, 3% of them stamped with a 3x3 checkerboard patch and
+relabelled to class 0. The defender holds that poisoned training set and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from clipguard.cli import main
+from clipguard.data import load_data, save_npz
+from clipguard.export import load_exported
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def victim(tmp_path_factory, cifar_archive, data_cache, cifar_test):
+    root = tmp_path_factory.mktemp("victim")
+    rc = main([
+        "train", "--arch", "small_cnn", "--data", f"{cifar_archive}#train", "--limit", "10000", "--epochs", "8",
+        "--no-augment", "--lr", "0.05", "--batch-size", "128", "--attack", "badnets:pattern=checkerboard",
+        "--poison-rate", "0.03", "--out", str(root / "victim.safetensors"), "--save-data",
+        str(root / "poisoned.npz"), "--cache-dir", str(data_cache), "--quiet", "--device", "cpu",
+    ])
+    assert rc == 0
+    test_subset = cifar_test.subset(torch.arange(0, 10_000, 4))  # 2,500 images, 250 per class
+    save_npz(test_subset, root / "test.npz")
+    return root
+
+
+def _purify(victim, out, *extra):
+    return main([
+        "purify", "--arch", "small_cnn", "--weights", str(victim / "victim.safetensors"),
+        "--data", str(victim / "poisoned.npz"), "--eval-data", str(victim / "test.npz"),
+        "--attack", str(victim / "victim.safetensors.attack.json"), "--out", str(out), "--quiet",
+        "--device", "cpu", *extra,
+    ])
+
+
+def test_training_recorded_the_poisoning(victim):
+    info = json.loads((victim / "victim.safetensors.json").read_text())
+    assert info["poisoning"]["mode"] == "static"
+    assert len(info["poisoning"]["indices"]) == 300  # 3% of 10,000
+    data = load_data(victim / "poisoned.npz")
+    idx = torch.tensor(info["poisoning"]["indices"])
+    assert (data.labels[idx] == 0).all()
+
+
+def test_purify_removes_the_backdoor_and_keeps_accuracy(victim, tmp_path, capsys):
+    out = tmp_path / "purified"
+    assert _purify(victim, out) == 0
+    report = json.loads((out / "report.json").read_text())
+    before, after = report["evaluation"]["before"], report["evaluation"]["after"]
+    assert before["asr"] > 0.80, before  # the backdoor was really learned
+    assert after["asr"] < 0.20, after
+    assert before["acc"] - after["acc"] <= 0.05, (before["acc"], after["acc"])
+    assert report["evaluation"]["der"] > 0.85
+    printed = capsys.readouterr().out
+    assert "ASR" in printed and "purified small_cnn" in printed
+
+    # The TorchScript artifact is a drop-in model and scores the same as the report says.
+    model, meta = load_exported(out / "purified.pt")
+    assert meta["arch"] == "small_cnn" and meta["lam"] == report["lam"]
+    assert report["export"]["torchscript"]["ok"] and report["export"]["torchscript"]["max_abs_diff"] <= 1e-5
+    rc = main(["evaluate", "--model", str(out / "purified.pt"), "--data", str(victim / "test.npz"),
+               "--attack", str(victim / "victim.safetensors.attack.json"), "--device", "cpu"])
+    assert rc == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["acc"] == pytest.approx(after["acc"], abs=1e-9)
+    assert scored["asr"] == pytest.approx(after["asr"], abs=1e-9)
+
+    # Bounds file: one bound per site, provenance in the metadata.
+    with safe_open(str(out / "bounds.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+    sites = json.loads(meta["sites"])
+    assert len(sites) == 4 and all(f"bound/{s}" in keys for s in sites)
+    assert float(meta["lam"]) == report["lam"] and meta["granularity"] == "channel"
+    assert meta["model_sha256"] == report["inputs"]["model"]["sha256"]
+    fractions = [s["clip_fraction"] for s in report["sites"]]
+    assert all(0.0 < f < 0.2 for f in fractions), fractions
+
+
+def test_auto_lambda_chooses_from_training_data_and_removes_the_backdoor(victim, tmp_path):
+    out = tmp_path / "auto"
+    assert _purify(victim, out, "--lam", "auto") == 0
+    report = json.loads((out / "report.json").read_text())
+    sel = report["lam_selection"]
+    assert sel["chosen"] == report["lam"] and sel["sweep"][-1]["accepted"]
+    assert all(not row["accepted"] for row in sel["sweep"][:-1])
+    after, before = report["evaluation"]["after"], report["evaluation"]["before"]
+    assert after["asr"] < 0.20 and before["acc"] - after["acc"] <= 0.05
+
+
+def test_bad_input_fails_with_one_line_and_leaves_nothing(victim, tmp_path, capsys):
+    out = tmp_path / "never"
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    rc = main(["purify", "--arch", "small_cnn", "--weights", str(bad), "--data", str(victim / "poisoned.npz"),
+               "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err.startswith("clipguard: error:") and "\n" not in err
+    assert not out.exists() and list(tmp_path.iterdir()) == [bad]
+
+    rc = main(["purify", "--arch", "resnet18", "--weights", str(victim / "victim.safetensors"),
+               "--data", str(victim / "poisoned.npz"), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "\n" not in err and "expects" in err
+    assert not out.exists()
+
+
+def test_an_existing_output_is_kept_unless_overwrite(victim, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert _purify(victim, out, "--lam", "6") == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert _purify(victim, out, "--lam", "6", "--overwrite") == 0
+    assert not (out / "keep.txt").exists() and (out / "purified.pt").exists()
+    # No staging folders are left beside the output.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def test_element_granularity_bounds_have_the_activation_shape(victim, tmp_path):
+    out = tmp_path / "el"
+    assert _purify(victim, out, "--granularity", "element") == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["sites"][0]["shape"] == [32, 32, 32]
+    assert np.isfinite(report["evaluation"]["after"]["acc"])

@@ -85,7 +85,7 @@ def main() -> None:
                  "before": {k: before[k] for k in ("acc", "asr", "asr_all", "ra")}, "sweep": {}, "auto": {}}
         for granularity in ("channel", "element"):
             t = time.perf_counter()
-            stats = compute_statistics(model, lambda: iter_batches(train_data, 512, spec.mean, spec.std, device),
+            stats = compute_statistics(model, lambda d=train_data: iter_batches(d, 512, spec.mean, spec.std, device),
                                        granularity=granularity)
             bounds_s = time.perf_counter() - t
             sweep = []

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from clipguard.defenses.clipping import SiteStats
@@ -46,7 +46,7 @@ def load_bounds(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
         with safe_open(str(p), framework="pt") as f:
             meta = dict(f.metadata() or {})
         tensors = load_file(str(p))
-    except (SafetensorsError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         raise ClipguardError(f"{p.name}: not a readable bounds file ({exc})") from exc
     if meta.get("format") != FORMAT:
         raise ClipguardError(f"{p.name}: not a clipguard bounds file (format {meta.get('format')!r})")

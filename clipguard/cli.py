@@ -50,7 +50,7 @@ class _Bars:
     """One tqdm bar per engine stage, on stderr, silent when stderr is not a terminal."""
 
     def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
+        self.quiet = quiet or not sys.stderr.isatty()
         self.stage: str | None = None
         self.bar = None
 

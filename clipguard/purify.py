@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,9 +41,10 @@ from clipguard.defenses.clipping import (
 from clipguard.devices import describe, resolve_device
 from clipguard.errors import Cancelled, ClipguardError
 from clipguard.export import export_program, export_torchscript
-from clipguard.lambda_selection import select_lambda
+from clipguard.lambda_selection import DEFAULT_GRID, select_lambda
 from clipguard.metrics import der, evaluate
 from clipguard.models import ModelSpec, resolve_spec
+from clipguard.reports import write_html
 
 Progress = Callable[[str, float], None]
 """``progress(stage, fraction)`` with fraction in [0, 1] for the current stage."""
@@ -147,7 +149,7 @@ def purify(
     clipped = clipped_model(model, bounds).to(device)
 
     t = time.perf_counter()
-    fractions = clip_fractions(clipped, data, spec, device=device, max_samples=CLIP_FRACTION_SAMPLES,
+    fractions, act_values = clip_fractions(clipped, data, spec, device=device, max_samples=CLIP_FRACTION_SAMPLES,
                                batch_size=options.batch_size)
     timings["clip_fraction_s"] = time.perf_counter() - t
     if should_cancel is not None and should_cancel():
@@ -185,7 +187,9 @@ def purify(
                                    "samples": len(eval_data)},
                           "attack": attack.to_dict() if attack is not None else None,
                           "before": before, "after": after,
-                          "der": der(before, after) if attack is not None else None}
+                          "der": der(before, after) if attack is not None else None,
+                          "sweep": _sweep(model, stats, eval_data, spec, attack, device, options.batch_size,
+                                          lambda f: say("evaluate", f))}
             timings["evaluate_s"] = time.perf_counter() - t
             say("evaluate", 1.0)
         timings["total_s"] = time.perf_counter() - started
@@ -211,6 +215,11 @@ def purify(
             "timings": timings,
             "artifacts": [*sorted(p.name for p in staging.iterdir()), "report.json"],
         }
+        report["artifacts"] = sorted([*report["artifacts"], "report.html"])
+        top = sorted(fractions, key=fractions.__getitem__, reverse=True)[:HISTOGRAM_SITES]
+        write_html(report, staging / "report.html",
+                   activations={n: {"values": act_values[n], "bound": bounds[n].flatten().numpy()}
+                                for n in top if n in act_values})
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         if should_cancel is not None and should_cancel():
             raise Cancelled("cancelled before publishing")
@@ -223,6 +232,26 @@ def purify(
 
 
 METHODS = ("paper",)
+HISTOGRAM_SITES = 4
+SWEEP_SAMPLES = 2000
+
+
+def _sweep(model: nn.Module, stats: object, data: ImageData, spec: ModelSpec, attack: object | None,
+           device: torch.device, batch_size: int, progress: Callable[[float], None]) -> list[dict]:
+    """ACC (and ASR) for every λ of the grid: the report's sweep curve.
+
+    Scored on an evenly spaced subset of at most ``SWEEP_SAMPLES`` evaluation images, so the
+    curve costs a fraction of the run; the before/after numbers use the whole set.
+    """
+    if len(data) > SWEEP_SAMPLES:
+        data = data.subset(torch.linspace(0, len(data) - 1, SWEEP_SAMPLES).long())
+    rows = []
+    for i, lam in enumerate(DEFAULT_GRID):
+        clipped = clipped_model(model, stats.bounds(lam)).to(device)  # type: ignore[attr-defined]
+        r = evaluate(clipped, data, spec.mean, spec.std, attack=attack, device=device, batch_size=batch_size)
+        rows.append({"lam": lam, "samples": len(data), **{k: r[k] for k in ("acc", "asr", "asr_all", "ra") if k in r}})
+        progress((i + 1) / len(DEFAULT_GRID))
+    return rows
 
 
 def _check_labels(data: ImageData, spec: ModelSpec, what: str) -> None:
@@ -242,19 +271,27 @@ def clip_fractions(
     device: torch.device | str,
     max_samples: int,
     batch_size: int,
-) -> dict[str, float]:
-    """Per site, the share of activations the bound actually cuts, on a training subsample."""
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Per site, the share of activations the bound cuts on a training subsample, and a
+    sample of the activation values themselves (for the report's histograms)."""
     counts: dict[str, list[float]] = {}
+    samples: dict[str, list[torch.Tensor]] = {}
     hooks = []
     names = clipped_site_names(clipped)
+    gen = torch.Generator().manual_seed(0)
     for name, module in zip(names, site_modules(clipped), strict=True):
         counts[name] = [0.0, 0.0]
+        samples[name] = []
 
-        def hook(mod: nn.Module, inp: tuple, _out: torch.Tensor, c: list = counts[name]) -> None:
+        def hook(mod: nn.Module, inp: tuple, _out: torch.Tensor, c: list = counts[name],
+                 keep: list = samples[name]) -> None:
             if hasattr(mod, "upper"):
                 x = inp[0]
                 c[0] += float((x > mod.upper).sum())
                 c[1] += x.numel()
+                flat = x.detach().flatten()
+                pick = torch.randint(0, flat.numel(), (min(4096, flat.numel()),), generator=gen)
+                keep.append(flat[pick.to(flat.device)].float().cpu())
 
         hooks.append(module.register_forward_hook(hook))
     idx = torch.arange(min(max_samples, len(data)))
@@ -265,7 +302,9 @@ def clip_fractions(
     finally:
         for h in hooks:
             h.remove()
-    return {n: (c[0] / c[1] if c[1] else 0.0) for n, c in counts.items()}
+    fractions = {n: (c[0] / c[1] if c[1] else 0.0) for n, c in counts.items()}
+    values = {n: torch.cat(v).numpy() for n, v in samples.items() if v}
+    return fractions, values
 
 
 def _publish(staging: Path, out: Path, *, overwrite: bool) -> None:

@@ -1,0 +1,78 @@
+"""The FastAPI application: routers, problem+json errors, metrics, and the stuck-job sweeper."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import anyio.to_thread
+from fastapi import FastAPI
+from sqlalchemy import select
+
+from app import metrics, problems, store
+from app.db import Model, make_sessionmaker
+from app.routes import datasets, health, jobs, models
+from app.settings import Settings, get_settings
+from worker.celery_app import make_celery
+
+log = logging.getLogger("clipguard.api")
+MULTIPART_OVERHEAD = 1024 * 1024
+"""Room above the upload cap for multipart boundaries and form fields."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.ensure_dirs()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.sessions = make_sessionmaker(settings.database_url)
+        app.state.celery = make_celery(settings)
+        _resume_quarantine(app)
+        sweeper = asyncio.create_task(_sweep_forever(app))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+
+    app = FastAPI(title="clipguard", version="1", lifespan=lifespan,
+                  description="Upload suspect image classifiers, purify them, download the results.")
+    problems.install(app)
+    app.add_middleware(problems.BodyLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    app.add_middleware(metrics.Observe)
+    for router in (models.router, datasets.router, jobs.router, health.router):
+        app.include_router(router)
+    return app
+
+
+def _resume_quarantine(app: FastAPI) -> None:
+    """Models left ``validating`` by a restart are checked again (the check is deterministic)."""
+    settings: Settings = app.state.settings
+    with app.state.sessions() as s:
+        pending = s.scalars(select(Model).where(Model.status == "validating")).all()
+    for model in pending:
+        upload = settings.blobs_dir / f"{model.upload_sha256}.upload"
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(None, models.run_quarantine, app.state.sessions, settings, model.id, upload)
+
+
+async def _sweep_forever(app: FastAPI) -> None:
+    """Requeue or fail jobs whose worker died, and enqueue jobs the API failed to publish."""
+    settings: Settings = app.state.settings
+    while True:
+        try:
+            ids = await anyio.to_thread.run_sync(lambda: store.sweep(
+                app.state.sessions, stale_after=timedelta(seconds=settings.stale_after_s),
+                max_attempts=settings.max_attempts))
+            for job_id in ids:
+                log.warning("re-enqueueing stuck job %s", job_id)
+                await anyio.to_thread.run_sync(jobs.enqueue, app.state.celery, app.state.sessions, job_id)
+        except Exception:
+            log.exception("sweep failed; trying again later")
+        await asyncio.sleep(settings.sweep_every_s)

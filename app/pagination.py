@@ -1,0 +1,43 @@
+"""Keyset pagination with opaque ``page_token`` cursors (AIP-158), newest first.
+
+The cursor is the (created_at, id) of the last item returned, so pages stay stable while
+new rows arrive, unlike offsets.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Select, and_, or_
+from sqlalchemy.orm import Session
+
+from app.problems import ProblemError
+
+MAX_PAGE_SIZE = 200
+
+
+def _encode(created_at: datetime, row_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([created_at.isoformat(), row_id]).encode()).decode()
+
+
+def _decode(token: str) -> tuple[datetime, str]:
+    try:
+        created, row_id = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return datetime.fromisoformat(created), str(row_id)
+    except (ValueError, TypeError) as exc:
+        raise ProblemError(400, "page_token is not one this server issued", kind="bad-page-token") from exc
+
+
+def paginate(session: Session, query: Select, table: Any, page_size: int, page_token: str | None) -> dict:
+    if not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise ProblemError(422, f"page_size must be between 1 and {MAX_PAGE_SIZE}", kind="validation")
+    if page_token:
+        created, row_id = _decode(page_token)
+        query = query.where(or_(table.created_at < created, and_(table.created_at == created, table.id < row_id)))
+    rows = session.scalars(query.order_by(table.created_at.desc(), table.id.desc()).limit(page_size + 1)).all()
+    more = len(rows) > page_size
+    rows = rows[:page_size]
+    return {"items": rows, "next_page_token": _encode(rows[-1].created_at, rows[-1].id) if more else None}

@@ -1,0 +1,85 @@
+"""Quarantine: turn an untrusted upload into canonical safetensors in a short-lived subprocess.
+
+The parent (the API) never parses the upload. It starts ``python -m app.quarantine`` with a
+scrubbed environment (no credentials, no GPU, ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1``); the
+child lowers its own resource limits (address space, CPU time, file size, open files, no
+core dumps) *before* importing torch or opening the upload, then calls the engine's
+``canonicalize``, which loads weights only and checks keys, shapes and finiteness against
+the architecture. This is the only module of ``app`` that imports torch, and only in the child.
+The limits are set by the child rather than through ``preexec_fn`` because the parent is a
+multi-threaded server, where ``preexec_fn`` is unsafe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    sha256: str | None = None
+    reason: str | None = None
+
+
+def quarantine(upload: Path, *, arch: str, num_classes: int, mean: list[float] | None, std: list[float] | None,
+               blobs: Path, tmp: Path, timeout_s: int, memory_bytes: int) -> Verdict:
+    """Check ``upload`` and, if it passes, store its canonical form as ``blobs/<sha256>.safetensors``."""
+    staged = tmp / f"{uuid.uuid4().hex}.safetensors"
+    request = {"upload": str(upload), "arch": arch, "num_classes": num_classes, "mean": mean, "std": std,
+               "out": str(staged), "cpu_s": timeout_s, "memory_bytes": memory_bytes,
+               "file_bytes": 4 * upload.stat().st_size + 2**20}
+    env = {k: os.environ[k] for k in ENV_KEEP if k in os.environ}
+    env.update(CUDA_VISIBLE_DEVICES="", TORCH_FORCE_WEIGHTS_ONLY_LOAD="1", OMP_NUM_THREADS="1", HOME=str(tmp))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "app.quarantine", json.dumps(request)], env=env, cwd=tmp,
+                              capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        staged.unlink(missing_ok=True)
+        return Verdict(False, reason=f"checking the checkpoint took longer than {timeout_s} s")
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        staged.unlink(missing_ok=True)
+        why = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
+        return Verdict(False, reason=f"the checkpoint could not be checked within the resource limits ({why})")
+    answer = json.loads(lines[-1])
+    if not answer["ok"]:
+        return Verdict(False, reason=answer["reason"])
+    os.replace(staged, blobs / f"{answer['sha256']}.safetensors")
+    return Verdict(True, sha256=answer["sha256"])
+
+
+def _limit_self(cpu_s: int, memory_bytes: int, file_bytes: int) -> None:
+    import resource
+
+    for which, value in ((resource.RLIMIT_AS, memory_bytes), (resource.RLIMIT_CPU, cpu_s),
+                         (resource.RLIMIT_FSIZE, file_bytes), (resource.RLIMIT_NOFILE, 256),
+                         (resource.RLIMIT_CORE, 0)):
+        hard = resource.getrlimit(which)[1]
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(which, (value, value))  # hard limit too, so the child cannot raise it back
+
+
+def _child(request: dict) -> dict:
+    _limit_self(request["cpu_s"], request["memory_bytes"], request["file_bytes"])
+    from clipguard.checkpoint import canonicalize
+    from clipguard.errors import ClipguardError
+    from clipguard.models import resolve_spec
+
+    try:
+        spec = resolve_spec(request["arch"], request["num_classes"], request["mean"], request["std"])
+        return {"ok": True, "sha256": canonicalize(request["upload"], spec, request["out"])}
+    except ClipguardError as exc:
+        return {"ok": False, "reason": str(exc)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(_child(json.loads(sys.argv[1]))))

@@ -1,0 +1,82 @@
+"""``/v1/datasets``: training or test data for jobs, as an upload, a server path, or a registered name."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Response, UploadFile
+
+from app.db import Dataset
+from app.deps import SessionDep, SessionsDep, SettingsDep, TenantDep
+from app.problems import ProblemError
+from app.schemas import DatasetOut
+from app.settings import Settings
+from app.storage import dataset_suffix, store_stream
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+CHUNK = 1024 * 1024
+
+
+def resolve_server_path(text: str, settings: Settings) -> str:
+    """A data reference for a path under a configured data root; anything else is refused.
+
+    Symlinks and ``..`` are resolved first, so a link inside a root that points outside it
+    is refused too. The ``#split`` suffix is kept for the engine.
+    """
+    path_text, sep, split = text.partition("#")
+    refused = ProblemError(403, "path is not under a configured data root", kind="path-refused")
+    try:
+        path = Path(path_text).resolve(strict=True)
+    except (OSError, RuntimeError) as exc:
+        raise refused from exc
+    if not any(path.is_relative_to(root.resolve()) for root in settings.data_roots):
+        raise refused
+    return f"{path}{sep}{split}"
+
+
+async def _chunks(file: UploadFile) -> AsyncIterator[bytes]:
+    while chunk := await file.read(CHUNK):
+        yield chunk
+
+
+@router.post("", status_code=201, response_model=DatasetOut,
+             responses={403: {"description": "path outside the data roots"}, 413: {"description": "over the limit"}})
+async def create_dataset(
+    response: Response, tenant: TenantDep, sessions: SessionsDep, settings: SettingsDep,
+    file: Annotated[UploadFile | None, File(description="`.npz`, `.tar`, `.tar.gz` or `.zip` archive")] = None,
+    path: Annotated[str | None, Form(description="server path under a data root, optionally `#split`")] = None,
+    registered: Annotated[str | None, Form(description="a dataset name the operator registered")] = None,
+    split: Annotated[str | None, Form(pattern=r"^[A-Za-z0-9_-]{1,50}$", description="split inside an archive")] = None,
+    name: Annotated[str | None, Form(max_length=200)] = None,
+) -> Dataset:
+    """Give exactly one of ``file``, ``path`` or ``registered``."""
+    if sum(x is not None for x in (file, path, registered)) != 1:
+        raise ProblemError(422, "give exactly one of file, path or registered", kind="validation")
+    if file is not None:
+        suffix = dataset_suffix(file.filename or "")
+        if suffix is None:
+            raise ProblemError(422, "dataset uploads must be .npz, .tar, .tar.gz, .tgz or .zip", kind="validation")
+        blob = await store_stream(_chunks(file), blobs=settings.blobs_dir, tmp=settings.tmp_dir,
+                                  limit=settings.max_upload_bytes, suffix=suffix)
+        dataset = Dataset(tenant=tenant, kind="upload", name=name or file.filename, sha256=blob.sha256,
+                          size=blob.size, ref=str(blob.path) + (f"#{split}" if split else ""))
+    elif path is not None:
+        dataset = Dataset(tenant=tenant, kind="path", name=name or path, ref=resolve_server_path(path, settings))
+    else:
+        if registered not in settings.datasets:
+            raise ProblemError(404, f"no registered dataset {registered!r}", kind="not-found")
+        dataset = Dataset(tenant=tenant, kind="registered", name=registered, ref=settings.datasets[registered])
+    with sessions.begin() as s:
+        s.add(dataset)
+    response.headers["Location"] = f"/v1/datasets/{dataset.id}"
+    return dataset
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut)
+def get_dataset(dataset_id: str, tenant: TenantDep, session: SessionDep) -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None or dataset.tenant != tenant:
+        raise ProblemError(404, f"no dataset {dataset_id}", kind="not-found")
+    return dataset

@@ -1,0 +1,164 @@
+"""``/v1/jobs``: start a purification, poll it, cancel it, download its artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Annotated
+
+from celery import Celery
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.responses import FileResponse
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app import store
+from app.db import Artifact, Dataset, Job, Model, new_id
+from app.deps import CeleryDep, SessionDep, SessionsDep, TenantDep
+from app.metrics import JOBS_CREATED
+from app.pagination import paginate
+from app.problems import ProblemError
+from app.schemas import ArtifactOut, JobCreate, JobOut, JobState, Page
+from worker.celery_app import GPU_QUEUE, PURIFY_TASK
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+log = logging.getLogger("clipguard.api")
+RETRY_AFTER_S = "2"
+
+
+def job_out(session: Session, job: Job) -> JobOut:
+    artifacts = session.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name)).all()
+    return JobOut(
+        id=job.id, state=job.state, stage=job.stage, percent=job.percent, error=job.error, attempts=job.attempts,
+        cancel_requested=job.cancel_requested, model_id=job.model_id, train_data_id=job.train_data_id,
+        test_data_id=job.test_data_id, params=job.params, created_at=job.created_at, started_at=job.started_at,
+        finished_at=job.finished_at, summary=job.summary,
+        artifacts=[ArtifactOut(name=a.name, url=f"/v1/jobs/{job.id}/artifacts/{a.name}", sha256=a.sha256,
+                               size=a.size, media_type=a.media_type) for a in artifacts])
+
+
+def _owned_job(session: Session, tenant: str, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.tenant != tenant:
+        raise ProblemError(404, f"no job {job_id}", kind="not-found")
+    return job
+
+
+def enqueue(celery: Celery, sessions: sessionmaker, job_id: str) -> None:
+    """Hand a committed job to the broker; if that fails the sweeper enqueues it later."""
+    task_id = new_id()
+    try:
+        celery.send_task(PURIFY_TASK, args=[job_id], task_id=task_id, queue=GPU_QUEUE)
+    except Exception:
+        log.exception("could not enqueue job %s; the sweeper will retry", job_id)
+        return
+    store.mark_enqueued(sessions, job_id, task_id)
+
+
+def _check_inputs(s: Session, tenant: str, body: JobCreate) -> None:
+    model = s.get(Model, body.model_id)
+    if model is None or model.tenant != tenant:
+        raise ProblemError(404, f"no model {body.model_id}", kind="not-found")
+    if model.status == "rejected":
+        raise ProblemError(422, f"model {model.id} was rejected: {model.reject_reason}", kind="model-rejected")
+    if model.status != "ready":
+        raise ProblemError(409, f"model {model.id} is {model.status}; wait until it is ready", kind="model-not-ready",
+                           headers={"Retry-After": RETRY_AFTER_S})
+    for data_id in (body.train_data_id, body.eval.test_data_id if body.eval else None):
+        if data_id is None:
+            continue
+        dataset = s.get(Dataset, data_id)
+        if dataset is None or dataset.tenant != tenant:
+            raise ProblemError(404, f"no dataset {data_id}", kind="not-found")
+
+
+def _replay(s: Session, tenant: str, key: str, fingerprint: str) -> Job | None:
+    job = s.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
+    if job is not None and job.request_hash != fingerprint:
+        raise ProblemError(422, "Idempotency-Key was already used with a different request body",
+                           kind="idempotency-key-reused")
+    return job
+
+
+@router.post("", status_code=202, response_model=JobOut,
+             responses={409: {"description": "model not ready yet"}, 422: {"description": "bad request or reused key"}})
+def create_job(body: JobCreate, response: Response, tenant: TenantDep, sessions: SessionsDep, celery: CeleryDep,
+               idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
+    """Queue a purification. Retrying with the same ``Idempotency-Key`` and body returns the same job."""
+    fingerprint = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    with sessions() as s:
+        job = _replay(s, tenant, idempotency_key, fingerprint) if idempotency_key else None
+        if job is None:
+            _check_inputs(s, tenant, body)
+            job = Job(tenant=tenant, state="queued", model_id=body.model_id, train_data_id=body.train_data_id,
+                      test_data_id=body.eval.test_data_id if body.eval else None,
+                      params={"lam": body.lam, "granularity": body.granularity,
+                              "attack": body.eval.attack if body.eval else None},
+                      idempotency_key=idempotency_key, request_hash=fingerprint)
+            s.add(job)
+            try:
+                s.commit()
+            except IntegrityError:  # a concurrent retry with the same key won the insert
+                s.rollback()
+                job = _replay(s, tenant, idempotency_key or "", fingerprint)
+                if job is None:
+                    raise
+            else:
+                JOBS_CREATED.inc()
+                enqueue(celery, sessions, job.id)
+        response.headers["Location"] = f"/v1/jobs/{job.id}"
+        response.headers["Retry-After"] = RETRY_AFTER_S
+        return job_out(s, job)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, tenant: TenantDep, session: SessionDep, response: Response) -> JobOut:
+    job = _owned_job(session, tenant, job_id)
+    if job.state in ("queued", "running"):
+        response.headers["Retry-After"] = RETRY_AFTER_S
+    return job_out(session, job)
+
+
+@router.get("", response_model=Page[JobOut])
+def list_jobs(tenant: TenantDep, session: SessionDep, state: JobState | None = None, model_id: str | None = None,
+              page_size: int = 50, page_token: str | None = None) -> dict:
+    query = select(Job).where(Job.tenant == tenant)
+    if state:
+        query = query.where(Job.state == state)
+    if model_id:
+        query = query.where(Job.model_id == model_id)
+    page = paginate(session, query, Job, page_size, page_token)
+    page["items"] = [job_out(session, j) for j in page["items"]]
+    return page
+
+
+@router.post("/{job_id}:cancel", status_code=202, response_model=JobOut,
+             responses={409: {"description": "the job already finished"}})
+def cancel_job(job_id: str, tenant: TenantDep, sessions: SessionsDep, celery: CeleryDep) -> JobOut:
+    """Cancel a queued job at once; a running one stops at its next batch (best effort, like AIP-151)."""
+    with sessions() as s:
+        job = _owned_job(s, tenant, job_id)
+        was_queued = job.state == "queued"
+        if not store.request_cancel(s, job):
+            raise ProblemError(409, f"job {job_id} already {job.state}", kind="job-finished")
+        s.commit()
+        if was_queued and job.celery_task_id:
+            # Skips the message if a worker has not taken it yet; the claim would skip it anyway.
+            celery.control.revoke(job.celery_task_id)
+        return job_out(s, job)
+
+
+@router.get("/{job_id}/artifacts/{name}", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}, 304: {"description": "ETag matched"}})
+def get_artifact(job_id: str, name: str, request: Request, tenant: TenantDep, session: SessionDep) -> Response:
+    """Download an artifact; ``ETag`` is its sha256, ``Range`` and ``If-None-Match`` are honoured."""
+    _owned_job(session, tenant, job_id)
+    artifact = session.get(Artifact, (job_id, name))
+    if artifact is None:
+        raise ProblemError(404, f"job {job_id} has no artifact {name!r}", kind="not-found")
+    etag = f'"{artifact.sha256}"'
+    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+        return Response(status_code=304, headers={"ETag": etag})
+    return FileResponse(artifact.path, media_type=artifact.media_type, filename=artifact.name, headers={"ETag": etag})

@@ -1,0 +1,71 @@
+"""Service configuration, read once from ``CLIPGUARD_*`` environment variables.
+
+Defaults give the embedded single-machine setup (SQLite job store, SQLite-backed Celery
+transport, files under ``~/.clipguard``); pointing ``CLIPGUARD_DATABASE_URL`` at PostgreSQL
+and ``CLIPGUARD_BROKER_URL`` at Redis gives the production topology with the same code.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CLIPGUARD_", extra="ignore")
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".clipguard")
+    database_url: str = ""
+    """Empty means ``sqlite:///<home>/clipguard.sqlite``."""
+    broker_url: str = ""
+    """Empty means kombu's SQLAlchemy transport on ``<home>/broker.sqlite`` (no Redis needed)."""
+    max_upload_bytes: int = 2 * 1024**3
+    data_roots: list[Path] = []
+    """Server folders a dataset may be referenced from by path; everything else is refused."""
+    datasets: dict[str, str] = {}
+    """Operator-registered dataset names -> data references, e.g. ``{"cifar10-train": "/d/c.tar.gz#train"}``."""
+    job_time_limit_s: int = 4 * 3600
+    max_attempts: int = 3
+    heartbeat_s: float = 10.0
+    stale_after_s: float = 120.0
+    """A running job whose heartbeat is older than this is redelivered (or failed after max_attempts)."""
+    sweep_every_s: float = 30.0
+    quarantine_timeout_s: int = 300
+    quarantine_memory_bytes: int = 8 * 1024**3
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        self.home = self.home.expanduser()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.home / 'clipguard.sqlite'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{self.home / 'broker.sqlite'}"
+        return self
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.home / "blobs"
+
+    @property
+    def tmp_dir(self) -> Path:
+        """Staging for uploads; on the same filesystem as the blob store so ``os.replace`` is atomic."""
+        return self.home / "tmp"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.home / "jobs"
+
+    def ensure_dirs(self) -> None:
+        for d in (self.home, self.blobs_dir, self.tmp_dir, self.jobs_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    settings = Settings()
+    settings.ensure_dirs()
+    return settings

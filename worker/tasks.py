@@ -1,0 +1,183 @@
+"""The purify task: claim the job row, run the engine's ``purify``, publish the artifacts.
+
+torch and the engine are imported inside the task, never at module import, so the prefork
+parent never touches CUDA before it forks. Only the job id travels in the message; every
+input is read from the job store, and everything the API shows is written back there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import threading
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import sessionmaker
+
+from app import store
+from app.db import Artifact, Dataset, Job, Model, make_sessionmaker
+from app.settings import Settings, get_settings
+from worker.celery_app import PURIFY_TASK, celery_app
+
+log = logging.getLogger("clipguard.worker")
+
+MEDIA_TYPES = {
+    "purified.pt": "application/octet-stream",
+    "purified.pt2": "application/octet-stream",
+    "bounds.safetensors": "application/octet-stream",
+    "report.json": "application/json",
+    "report.html": "text/html; charset=utf-8",
+}
+# Where each engine stage sits in the overall percentage shown to clients.
+STAGE_SPAN = {"starting": (0, 0), "load": (0, 5), "bounds": (5, 50), "select_lambda": (50, 70),
+              "export": (70, 80), "evaluate": (80, 99), "done": (99, 99)}
+PROGRESS_EVERY_S = 1.0
+"""At most one progress write (and one cancel check) per second, whatever the batch rate."""
+
+
+@lru_cache
+def _sessions(url: str) -> sessionmaker:
+    return make_sessionmaker(url)
+
+
+@celery_app.task(name=PURIFY_TASK, bind=True, autoretry_for=(OperationalError,), retry_backoff=True,
+                 retry_backoff_max=600, retry_jitter=True, max_retries=5)
+def purify_task(self: Any, job_id: str) -> None:
+    """Run one attempt of a purify job. Safe to deliver twice: the claim decides who runs."""
+    settings = get_settings()
+    sessions = _sessions(settings.database_url)
+    claim = store.claim(sessions, job_id, settings.max_attempts)
+    if claim is None:
+        return
+    try:
+        run_attempt(sessions, settings, claim)
+    except OperationalError:
+        # The job store blinked: give the job back and let Celery retry with backoff.
+        store.release(sessions, claim)
+        raise
+
+
+class _Reporter:
+    """Throttled progress writes and cancel checks, plus a heartbeat thread for quiet stages.
+
+    The heartbeat is what the sweeper watches: a job whose heartbeat stops is one whose
+    worker died, even if the broker never redelivers its message.
+    """
+
+    def __init__(self, sessions: sessionmaker, claim: store.Claim, heartbeat_s: float) -> None:
+        self.sessions, self.claim = sessions, claim
+        self._last_write = 0.0
+        self._last_stage: str | None = None
+        self._last_check = 0.0
+        self._cancel = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(heartbeat_s,), daemon=True)
+        self._thread.start()
+
+    def _beat(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                store.report_progress(self.sessions, self.claim)
+            except OperationalError:
+                log.warning("heartbeat for job %s failed; will retry", self.claim.job_id)
+
+    def progress(self, stage: str, fraction: float) -> None:
+        now = time.monotonic()
+        if stage == self._last_stage and now - self._last_write < PROGRESS_EVERY_S:
+            return
+        lo, hi = STAGE_SPAN.get(stage, (0, 99))
+        percent = round(lo + (hi - lo) * min(max(fraction, 0.0), 1.0), 1)
+        self._last_stage, self._last_write = stage, now
+        store.report_progress(self.sessions, self.claim, stage, percent)
+
+    def should_cancel(self) -> bool:
+        now = time.monotonic()
+        if not self._cancel and now - self._last_check >= PROGRESS_EVERY_S:
+            self._last_check = now
+            self._cancel = store.cancel_requested(self.sessions, self.claim)
+        return self._cancel
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_attempt(sessions: sessionmaker, settings: Settings, claim: store.Claim) -> None:
+    """Run the engine for a claimed job and record how it ended."""
+    from clipguard.errors import Cancelled, ClipguardError
+    from clipguard.purify import purify
+
+    job_dir = settings.jobs_dir / claim.job_id
+    out = job_dir / f"attempt-{claim.attempt}"
+    reporter = _Reporter(sessions, claim, settings.heartbeat_s)
+    try:
+        options = _options(sessions, settings, claim.job_id, out)
+        result = purify(options, progress=reporter.progress, should_cancel=reporter.should_cancel)
+    except Cancelled:
+        store.finish(sessions, claim, "cancelled")
+        return
+    except ClipguardError as exc:
+        store.finish(sessions, claim, "failed", str(exc))
+        return
+    except SoftTimeLimitExceeded:
+        store.finish(sessions, claim, "failed", f"time limit exceeded ({settings.job_time_limit_s} s)")
+        return
+    except OperationalError:
+        raise
+    except Exception as exc:
+        log.exception("job %s failed", claim.job_id)
+        store.finish(sessions, claim, "failed", f"internal error ({type(exc).__name__}); see the worker log")
+        return
+    finally:
+        reporter.stop()
+    artifacts = [_artifact(claim.job_id, p) for p in sorted(result.out.iterdir()) if p.name in MEDIA_TYPES]
+    if store.succeed(sessions, claim, artifacts, _summary(result.report)):
+        for old in job_dir.glob("attempt-*"):
+            if old != out:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _options(sessions: sessionmaker, settings: Settings, job_id: str, out: Path) -> Any:
+    """The engine options for a job, built only from the job store and the canonical weights."""
+    from clipguard.purify import PurifyOptions
+
+    with sessions() as s:
+        job = s.get_one(Job, job_id)
+        model = s.get_one(Model, job.model_id)
+        train = s.get_one(Dataset, job.train_data_id)
+        test = s.get(Dataset, job.test_data_id) if job.test_data_id else None
+    attack = job.params.get("attack")
+    if isinstance(attack, dict):
+        # A trigger saved by `clipguard train`: the engine reads it from a file we write ourselves.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        path = out.parent / "attack.json"
+        path.write_text(json.dumps(attack))
+        attack = str(path)
+    return PurifyOptions(
+        arch=model.arch, weights=settings.blobs_dir / f"{model.canonical_sha256}.safetensors", data=train.ref,
+        out=out, num_classes=model.num_classes,
+        mean=tuple(model.mean) if model.mean else None, std=tuple(model.std) if model.std else None,
+        lam=job.params.get("lam"), granularity=job.params.get("granularity", "channel"), device=settings.device,
+        eval_data=test.ref if test else None, attack=attack, cache_dir=settings.home / "cache", overwrite=True,
+    )
+
+
+def _artifact(job_id: str, path: Path) -> Artifact:
+    with path.open("rb") as f:
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
+    return Artifact(job_id=job_id, name=path.name, path=str(path), sha256=sha, size=path.stat().st_size,
+                    media_type=MEDIA_TYPES[path.name])
+
+
+def _summary(report: dict) -> dict:
+    """What a client wants at a glance: the λ used and ACC/ASR before and after."""
+    evaluation = report.get("evaluation") or {}
+    return {"lam": report.get("lam"), "before": evaluation.get("before"), "after": evaluation.get("after"),
+            "der": evaluation.get("der")}

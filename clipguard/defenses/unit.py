@@ -130,5 +130,7 @@ def unit(
             "base_val_acc": base_val, "init_val_acc": start_val, "best_val_acc": best_val, "best_step": best_step,
             "init_total_bound": init_total, "best_total_bound": best_total, "final_cost": cost,
             "history": history[:: max(1, len(history) // 50)],
-            "init_bounds": {n: b.cpu() for n, b in init.items()}, "sites": list(init)}
+            "sites": list(init), "train_indices": order[n_val:].tolist(),
+            # tensors, for tests and reports; JSON writers drop them
+            "init_bounds": {n: b.cpu() for n, b in init.items()}}
     return DefenseResult(purified, seconds, info)

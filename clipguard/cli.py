@@ -84,7 +84,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
                 arch=args.arch, weights=args.weights, data=args.data, out=args.out, num_classes=args.num_classes,
                 mean=args.mean, std=args.std, lam=args.lam, granularity=args.granularity, method=args.method,
                 device=args.device, batch_size=args.batch_size, eval_data=args.eval_data, attack=args.attack,
-                cache_dir=args.cache_dir, overwrite=args.overwrite,
+                cache_dir=args.cache_dir, overwrite=args.overwrite, sweep=not args.no_sweep,
             ),
             progress=bars,
         )
@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", default=None, help="trigger to measure ASR with: a name (badnets, blend, wanet) "
                    "with options, or the .attack.json written by 'clipguard train'")
     _add_run_options(p)
+    p.add_argument("--no-sweep", action="store_true",
+                   help="skip the ACC/ASR-vs-λ curve on the evaluation data (saves 22 evaluations)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_purify)
 

@@ -72,6 +72,7 @@ class PurifyOptions:
     attack: str | None = None
     cache_dir: Path | None = None
     overwrite: bool = False
+    sweep: bool = True
     extra: dict = field(default_factory=dict)
 
 
@@ -189,7 +190,7 @@ def purify(
                           "before": before, "after": after,
                           "der": der(before, after) if attack is not None else None,
                           "sweep": _sweep(model, stats, eval_data, spec, attack, device, options.batch_size,
-                                          lambda f: say("evaluate", f))}
+                                          lambda f: say("evaluate", f)) if options.sweep else None}
             timings["evaluate_s"] = time.perf_counter() - t
             say("evaluate", 1.0)
         timings["total_s"] = time.perf_counter() - started

@@ -1,0 +1,284 @@
+"""Table 1: clipguard against NAD, MM-BD, CLP, EP and UNIT on the same victims.
+
+For each attack (BadNets, Blend, WaNet; all-to-one, target 0) a victim is trained once with
+``clipguard.train.train_victim`` (the function behind ``clipguard train``); then every
+defense runs on that same victim and is scored on the same held-out test images:
+
+* no defense;
+* NAD (5% clean training data), MM-BD mitigation (50 clean test images per class; those
+  images are then excluded from every evaluation), CLP (no data), EP (one batch of the
+  poisoned training data), UNIT (5% clean training data, class-balanced);
+* clipguard: ``μ + λσ`` per channel on the poisoned training data at the paper's λ = 4, and
+  with ``--lam auto`` (``clipguard.lambda_selection.select_lambda``).
+
+MM-BD's data-free *detection* verdict is run on the victim too and recorded beside the rows.
+Each row records ACC, ASR (target class excluded, BackdoorBench), ASR_all (included), RA,
+DER and the defense's wall time; the markdown adds clipguard's speed-up over NAD and MM-BD
+measured in the same run, and the target paper's numbers where field-survey.md quotes them.
+
+    python bench/table1.py --profile cpu     # small_cnn, real CIFAR-10 subset, < 45 min on 2 cores
+    python bench/table1.py --profile gpu     # resnet18, full CIFAR-10, 1% poison (a GPU)
+    python bench/table1.py --smoke           # a couple of minutes: proves the plumbing
+
+Writes ``<out>/table1.json`` (and ``<out>/table1-<attack>.json`` as each attack finishes)
+and ``<out>/table1.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from clipguard.attacks import load_attack  # noqa: E402
+from clipguard.checkpoint import load_weights  # noqa: E402
+from clipguard.data import ImageData, default_cache_dir, iter_batches, load_data  # noqa: E402
+from clipguard.defenses.clipping import clipped_model, compute_statistics  # noqa: E402
+from clipguard.defenses.clp import clp  # noqa: E402
+from clipguard.defenses.common import DefenseResult, Timer, balanced_subset  # noqa: E402
+from clipguard.defenses.ep import ep  # noqa: E402
+from clipguard.defenses.mmbd import mmbd_detect, mmbd_mitigate  # noqa: E402
+from clipguard.defenses.nad import nad  # noqa: E402
+from clipguard.defenses.unit import unit  # noqa: E402
+from clipguard.devices import describe, resolve_device  # noqa: E402
+from clipguard.lambda_selection import select_lambda  # noqa: E402
+from clipguard.metrics import der, evaluate  # noqa: E402
+from clipguard.models import resolve_spec  # noqa: E402
+from clipguard.train import attack_path, train_victim  # noqa: E402
+
+CIFAR10 = ROOT.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+PAPER_LAM = 4.0
+CLEAN_FRACTION = 0.05
+MMBM_PER_CLASS = 50
+
+PROFILES: dict[str, dict] = {
+    # victim: arch, training samples (None = all), epochs, poison rate, augmentation, lr, batch, test stride
+    # defenses: per-defense keyword overrides (empty = the published defaults)
+    "smoke": dict(arch="small_cnn", limit=2000, epochs=2, rate=0.05, augment=False, lr=0.05, batch=128, stride=25,
+                  attacks=["badnets:pattern=checkerboard"],
+                  nad=dict(teacher_epochs=1, epochs=1), mmbd_detect=dict(images_per_class=4, steps=10),
+                  mmbd_mitigate=dict(epochs=3), unit=dict(steps=10), select_samples=500),
+    # small_cnn on 10k images learns 1% triggers unreliably in 8 epochs; 3% as bench/lambda_sweep.py's cpu profile
+    "cpu": dict(arch="small_cnn", limit=10000, epochs=8, rate=0.03, augment=False, lr=0.05, batch=128, stride=4,
+                attacks=["badnets:pattern=checkerboard", "blend", "wanet"],
+                nad={}, mmbd_detect={}, mmbd_mitigate={}, unit={}, select_samples=5000),
+    "gpu": dict(arch="resnet18", limit=None, epochs=30, rate=0.01, augment=True, lr=0.1, batch=512, stride=1,
+                attacks=["badnets", "blend", "wanet"],
+                nad={}, mmbd_detect={}, mmbd_mitigate={}, unit={}, select_samples=5000),
+}
+
+PAPER = {
+    # The target paper's Table 1 (ResNet-18, CIFAR-10, 1%) as quoted in shared/docs/field-survey.md §2.6 and §5;
+    # the PDF was not read there, so these are unverified; None = not quoted. (ACC, ASR) in %.
+    "badnets": {"clipguard": (None, 1.1), "nad": (None, 2.2), "mmbd": (89.1, 1.1)},
+    "blend": {"clipguard": (None, 9.8), "nad": (87.6, 10.3), "mmbd": (83.8, 11.7)},
+    "wanet": {"clipguard": (None, 9.8), "nad": (None, 9.9), "mmbd": (89.77, 10.1)},
+}
+ROW_ORDER = ("none", "nad", "mmbd", "clp", "ep", "unit", "clipguard", "clipguard_auto")
+ROW_NAMES = {"none": "no defense", "nad": "NAD", "mmbd": "MM-BD (MM-BM)", "clp": "CLP", "ep": "EP", "unit": "UNIT",
+             "clipguard": f"clipguard λ={PAPER_LAM:g}", "clipguard_auto": "clipguard λ=auto"}
+DATA_NEEDS = {"none": "-", "nad": "5% clean", "mmbd": "50/class clean", "clp": "none", "ep": "train (poisoned)",
+              "unit": "5% clean", "clipguard": "train (poisoned)", "clipguard_auto": "train (poisoned)"}
+
+
+def clean_training_data(train: ImageData, info: dict) -> ImageData:
+    """The defender's clean labelled data: training images that were not poisoned."""
+    poisoned = set((info.get("poisoning") or {}).get("indices") or [])
+    keep = torch.tensor([i for i in range(len(train)) if i not in poisoned], dtype=torch.int64)
+    return train.subset(keep)
+
+
+def clipguard_defense(model: torch.nn.Module, spec: object, train: ImageData, *, lam: float | str,
+                      device: torch.device, select_samples: int) -> DefenseResult:
+    """clipguard's building blocks (statistics, optional λ selection, clipping), timed like the baselines."""
+    with Timer(device) as timer:
+        net = model.to(device).eval()
+        stats = compute_statistics(net, lambda: iter_batches(train, 512, spec.mean, spec.std, device),  # type: ignore[attr-defined]
+                                   granularity="channel")
+        evidence = None
+        if lam == "auto":
+            lam, evidence = select_lambda(net, stats, train, spec, device=device,  # type: ignore[arg-type]
+                                          max_samples=select_samples)
+        purified = clipped_model(net, stats.bounds(float(lam))).cpu().eval()
+        seconds = timer.elapsed()
+    info = {"defense": "clipguard", "lam": float(lam), "granularity": "channel", "samples": stats.samples}
+    if evidence is not None:
+        info["lam_selection"] = {k: v for k, v in evidence.items() if k != "sweep"}
+    return DefenseResult(purified, seconds, info)
+
+
+def jsonable(obj: object) -> object:
+    """Drop tensors and other non-JSON values from a defense's info."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items() if not isinstance(v, torch.Tensor) and k != "init_bounds"}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def run_attack(attack: str, prof: dict, args: argparse.Namespace, device: torch.device,
+               test_eval: ImageData, mmbm_clean: ImageData) -> dict:
+    spec = resolve_spec(prof["arch"])
+    tag = attack.split(":")[0]
+    weights = args.out / f"{tag}.safetensors"
+    t = time.perf_counter()
+    info = train_victim(arch=prof["arch"], data=f"{args.data}#train", out=weights, attack=attack,
+                        poison_rate=args.rate if args.rate is not None else prof["rate"], target=0,
+                        epochs=prof["epochs"], batch_size=prof["batch"], lr=prof["lr"], augment=prof["augment"],
+                        seed=args.seed, device=str(device), limit=prof["limit"],
+                        save_data=args.out / f"{tag}-train.npz")
+    train_s = time.perf_counter() - t
+    full_info = json.loads(weights.with_name(weights.name + ".json").read_text())
+    victim = spec.build()
+    load_weights(victim, weights)
+    victim = victim.eval()
+    trigger = load_attack(attack_path(weights))
+    train = load_data(args.out / f"{tag}-train.npz")
+    clean = clean_training_data(train, full_info)
+    clean5 = clean.subset(torch.randperm(len(clean), generator=torch.Generator().manual_seed(args.seed))
+                          [: max(10, round(CLEAN_FRACTION * len(train)))])
+    unit_clean = balanced_subset(clean, max(2, round(CLEAN_FRACTION * len(train) / spec.num_classes)), args.seed)
+
+    def score(model: torch.nn.Module) -> dict:
+        r = evaluate(model.to(device), test_eval, spec.mean, spec.std, attack=trigger, device=device)
+        return {k: r[k] for k in ("acc", "asr", "asr_all", "ra")}
+
+    before = score(victim)
+    rows: dict[str, dict] = {"none": {**before, "der": None, "seconds": 0.0}}
+    print(f"[{tag}] victim trained in {train_s:.0f}s: " + json.dumps(before), flush=True)
+    detection = jsonable(mmbd_detect(victim, spec, num_classes=spec.num_classes, device=device, seed=args.seed,
+                                     **prof["mmbd_detect"]))
+    print(f"[{tag}] MM-BD detection: flagged={detection['flagged']} target={detection['target']} "  # type: ignore[index]
+          f"p={detection['p_value']:.3g} ({detection['seconds']:.1f}s)", flush=True)  # type: ignore[index]
+    defenses = {
+        "nad": lambda: nad(victim, spec, clean5, device=device, seed=args.seed, **prof["nad"]),
+        "mmbd": lambda: mmbd_mitigate(victim, spec, mmbm_clean, device=device, seed=args.seed, **prof["mmbd_mitigate"]),
+        "clp": lambda: clp(victim, spec),
+        "ep": lambda: ep(victim, spec, train, device=device, seed=args.seed),
+        "unit": lambda: unit(victim, spec, unit_clean, device=device, seed=args.seed, **prof["unit"]),
+        "clipguard": lambda: clipguard_defense(victim, spec, train, lam=PAPER_LAM, device=device,
+                                               select_samples=prof["select_samples"]),
+        "clipguard_auto": lambda: clipguard_defense(victim, spec, train, lam="auto", device=device,
+                                                    select_samples=prof["select_samples"]),
+    }
+    infos = {}
+    for name, run in defenses.items():
+        if args.only and name not in args.only:
+            continue
+        result = run()
+        after = score(result.model)
+        rows[name] = {**after, "der": der(before, after), "seconds": result.seconds}
+        infos[name] = jsonable({k: v for k, v in result.info.items() if k not in ("history", "layers")})
+        print(f"[{tag}] {name}: " + json.dumps(rows[name]), flush=True)
+        victim = victim.cpu()
+    entry = {"attack": trigger.to_dict(), "tag": tag, "poisoning": info.get("poisoning"), "train_s": train_s,
+             "final_train_acc": info.get("final_train_acc"),
+             "clean_sizes": {"nad": len(clean5), "unit": len(unit_clean), "mmbd": len(mmbm_clean)},
+             "rows": rows, "detection": detection, "infos": infos}
+    (args.out / f"table1-{tag}.json").write_text(json.dumps(entry, indent=2) + "\n")
+    return entry
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    ap.add_argument("--smoke", action="store_true", help="same as --profile smoke")
+    ap.add_argument("--attacks", nargs="*", default=None, help="attack specs (default: the profile's)")
+    ap.add_argument("--only", nargs="*", default=None, help=f"defenses to run, of {', '.join(ROW_ORDER[1:])}")
+    ap.add_argument("--rate", type=float, default=None, help="poison rate (default: the profile's)")
+    ap.add_argument("--data", default=str(CIFAR10))
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch; 1 avoids OpenMP stalls on an oversubscribed shared machine")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.smoke:
+        args.profile = "smoke"
+    prof = PROFILES[args.profile]
+    args.out = args.out or ROOT / "runs" / f"table1-{args.profile}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    started = time.perf_counter()
+    test = load_data(f"{args.data}#test", cache_dir=default_cache_dir())
+    mmbm_clean = balanced_subset(test, MMBM_PER_CLASS, args.seed)
+    reserved = set(balanced_indices(test, MMBM_PER_CLASS, args.seed))
+    rest = torch.tensor([i for i in range(len(test)) if i not in reserved], dtype=torch.int64)
+    test_eval = test.subset(rest[:: prof["stride"]])
+    entries = [run_attack(a, prof, args, device, test_eval, mmbm_clean) for a in (args.attacks or prof["attacks"])]
+    result = {"profile": args.profile, "config": {k: v for k, v in prof.items()}, "rate": args.rate or prof["rate"],
+              "seed": args.seed, "device": describe(device), "torch": torch.__version__,
+              "machine": f"{platform.machine()} {platform.processor() or ''} ".strip(),
+              "date": datetime.now(UTC).isoformat(timespec="seconds"), "test_samples": len(test_eval),
+              "command": " ".join(["python", *sys.argv]), "wall_s": time.perf_counter() - started,
+              "entries": entries}
+    (args.out / "table1.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(result)
+    (args.out / "table1.md").write_text(md + "\n")
+    print(md)
+
+
+def balanced_indices(data: ImageData, per_class: int, seed: int) -> list[int]:
+    """The indices ``balanced_subset`` picks (same generator use), so they can be excluded."""
+    gen = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in torch.unique(data.labels).tolist():
+        idx = torch.nonzero(data.labels == c).flatten()
+        picks.append(idx[torch.randperm(len(idx), generator=gen)[:per_class]])
+    return torch.cat(picks).tolist()
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Table 1 ({result['profile']} profile) on {result['device']}, {result['date']}; "
+             f"{result['test_samples']} test images (50/class held out for MM-BM); poison rate {result['rate']:g}, "
+             f"target 0, seed {result['seed']}.", "", f"Command: `{result['command']}`", ""]
+    for e in result["entries"]:
+        rows, paper = e["rows"], PAPER.get(e["tag"], {})
+        det = e["detection"]
+        lines.append(f"### {e['tag']} ({(e.get('poisoning') or {}).get('mode', '?')} poisoning)")
+        lines.append("")
+        lines.append(f"MM-BD detection (data-free): flagged={det['flagged']}, target={det['target']}, "
+                     f"p={det['p_value']:.3g}, {det['seconds']:.1f}s")
+        lines.append("")
+        lines.append("| defense | data | ACC | ASR | ASR_all | RA | DER | time (s) | paper ACC/ASR |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        for name in ROW_ORDER:
+            if name not in rows:
+                continue
+            r = rows[name]
+            key = {"clipguard": "clipguard", "nad": "nad", "mmbd": "mmbd"}.get(name)
+            p = paper.get(key) if key else None
+            ptxt = "-" if p is None else f"{p[0] if p[0] is not None else '-'}/{p[1]}"
+            lines.append(f"| {ROW_NAMES[name]} | {DATA_NEEDS[name]} | {_pct(r['acc'])} | {_pct(r['asr'])} | "
+                         f"{_pct(r['asr_all'])} | {_pct(r['ra'])} | {_pct(r['der'])} | {r['seconds']:.2f} | {ptxt} |")
+        cg = rows.get("clipguard", {}).get("seconds")
+        ratios = []
+        for name in ("nad", "mmbd"):
+            if cg and name in rows:
+                ratios.append(f"{ROW_NAMES[name]} / clipguard time = {rows[name]['seconds'] / cg:.1f}x")
+        if ratios:
+            lines.append("")
+            lines.append("Speed: " + "; ".join(ratios) + " (goal ≥ 20x).")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -26,6 +26,15 @@ from clipguard.models import SmallCNN, resolve_spec
 CLASSES = tuple(str(i) for i in range(10))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: one thread avoids OpenMP stalls on a shared, oversubscribed CI box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def random_data(n: int, size: int = 32, seed: int = 0) -> ImageData:
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)

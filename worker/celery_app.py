@@ -27,7 +27,9 @@ def make_celery(settings: Settings) -> Celery:
     hard = settings.job_time_limit_s
     # Redis redelivers an unacked message after visibility_timeout: it must outlast the hard
     # limit or a healthy long job would run twice (Celery docs, redis.rst "Caveats").
-    visibility = {"visibility_timeout": hard + 3600}
+    redis = settings.broker_url.startswith(("redis", "rediss", "sentinel"))
+    # (only Redis-like transports take the option; the SQLAlchemy one passes it to create_engine)
+    transport = {"visibility_timeout": hard + 3600} if redis else {}
     app = Celery("clipguard", broker=settings.broker_url, include=["worker.tasks"])
     app.conf.update(
         task_serializer="json",
@@ -40,8 +42,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_max_tasks_per_child=1,
         task_time_limit=hard,
         task_soft_time_limit=max(hard - 300, int(hard * 0.9)),
-        broker_transport_options=visibility,
-        visibility_timeout=hard + 3600,
+        broker_transport_options=transport,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         task_queues=[Queue(GPU_QUEUE)],
         task_default_queue=GPU_QUEUE,

@@ -1,0 +1,145 @@
+"""``clipguard serve``, ``clipguard keys`` and ``clipguard remote``: the service side of the CLI.
+
+``clipguard/cli.py`` calls :func:`register` when the web stack is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+ENV_API_KEY = "CLIPGUARD_API_KEY"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="run the REST API and a worker on this machine")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--no-worker", action="store_true",
+                   help="API only (production: run `celery -A worker.celery_app:celery_app worker -Q gpu` apart)")
+    p.set_defaults(func=cmd_serve)
+
+    p = subparsers.add_parser("keys", help="manage API keys")
+    keys = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    k = keys.add_parser("create", help="create an API key and print it (only the key) on stdout")
+    k.add_argument("--tenant", required=True, help="tenant the key belongs to; tenants never see each other")
+    k.set_defaults(func=cmd_keys_create)
+
+    p = subparsers.add_parser("remote", help="run a command on a clipguard server")
+    remote = p.add_subparsers(dest="remote_command", required=True, metavar="ACTION")
+    r = remote.add_parser("purify", help="upload, purify on the server, download the artifacts into --out")
+    r.add_argument("--server", required=True, help="e.g. http://127.0.0.1:8000")
+    r.add_argument("--api-key", default=os.environ.get(ENV_API_KEY), help=f"default: ${ENV_API_KEY}")
+    r.add_argument("--arch", required=True)
+    r.add_argument("--num-classes", type=int, default=10)
+    r.add_argument("--mean", type=_floats, default=None)
+    r.add_argument("--std", type=_floats, default=None)
+    r.add_argument("--weights", type=Path, required=True, help=".safetensors or zip-format torch.save(state_dict)")
+    r.add_argument("--data", required=True, help="local archive FILE[#split] to upload, @registered or server:PATH")
+    r.add_argument("--eval-data", default=None, help="test data, same forms as --data")
+    r.add_argument("--attack", default=None, help="attack spec, or a local .attack.json from `clipguard train`")
+    r.add_argument("--lam", default=None, help="λ in μ+λσ, or 'auto'")
+    r.add_argument("--granularity", choices=("channel", "element"), default="channel")
+    r.add_argument("--out", type=Path, required=True, help="folder for purified.pt, bounds.safetensors, report.*")
+    r.add_argument("--poll", type=float, default=1.0, help="seconds between status polls")
+    r.set_defaults(func=cmd_remote_purify)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected 3 numbers, got {len(values)}")
+    return values
+
+
+def _fail(message: str) -> int:
+    print(f"clipguard: error: {message}", file=sys.stderr)
+    return 1
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """API in this process, plus (by default) one Celery worker process consuming the ``gpu`` queue."""
+    import uvicorn
+
+    from app.main import create_app
+    from app.settings import get_settings
+
+    settings = get_settings()
+    worker = None
+    if not args.no_worker:
+        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
+                                   "-Q", "gpu", "-c", "1", "-P", "prefork", "--loglevel", "INFO",
+                                   "-n", f"embedded-{os.getpid()}@%h"])
+    print(f"clipguard: serving on http://{args.host}:{args.port} (home {settings.home})", file=sys.stderr)
+    try:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    finally:
+        if worker is not None:
+            worker.terminate()
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from app.auth import create_key
+    from app.db import make_sessionmaker
+    from app.settings import get_settings
+
+    if not args.tenant.strip():
+        return _fail("--tenant must not be empty")
+    print(create_key(make_sessionmaker(get_settings().database_url), args.tenant))
+    return 0
+
+
+def cmd_remote_purify(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from app.client import ApiError, ClipguardClient
+
+    if not args.api_key:
+        return _fail(f"--api-key (or ${ENV_API_KEY}) is required")
+    lam: float | str | None = args.lam
+    if lam is not None and lam != "auto":
+        try:
+            lam = float(lam)
+        except ValueError:
+            return _fail(f"--lam must be a number or 'auto', got {args.lam!r}")
+    attack: str | dict | None = args.attack
+    if attack and Path(attack).is_file():
+        attack = json.loads(Path(attack).read_text())
+    try:
+        with ClipguardClient(args.server, args.api_key) as client:
+            model = client.upload_model(args.weights, arch=args.arch, num_classes=args.num_classes,
+                                        mean=args.mean, std=args.std)
+            train = client.add_dataset(args.data)
+            test = client.add_dataset(args.eval_data) if args.eval_data else None
+            model = client.wait_model(model["id"])
+            job = client.create_job(model_id=model["id"], train_data_id=train["id"], lam=lam,
+                                    granularity=args.granularity, test_data_id=test["id"] if test else None,
+                                    attack=attack, idempotency_key=str(uuid.uuid4()))
+            with tqdm(total=100, unit="%", desc="queued", file=sys.stderr) as bar:
+                def update(j: dict) -> None:
+                    bar.set_description(j["stage"] or j["state"])
+                    bar.update((j["percent"] or 0) - bar.n)
+
+                job = client.wait_job(job["id"], poll_s=args.poll, on_update=update)
+            if job["state"] != "succeeded":
+                return _fail(f"job {job['id']} {job['state']}" + (f": {job['error']}" if job["error"] else ""))
+            for path in client.download_artifacts(job, args.out):
+                print(path)
+    except ApiError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"{getattr(exc, 'filename', '') or ''}: {exc.strerror or exc}")
+    return 0

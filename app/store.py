@@ -38,24 +38,24 @@ def claim(sessions: sessionmaker, job_id: str, max_attempts: int) -> Claim | Non
         job = s.get(Job, job_id)
         if job is None or job.state in TERMINAL:
             return None
-        now = utcnow()
-        same = and_(Job.id == job_id, Job.attempts == job.attempts, Job.state.in_(("queued", "running")))
+        now, seen = utcnow(), job.attempts  # the ORM update below refreshes `job`, so keep what was read
+        same = and_(Job.id == job_id, Job.attempts == seen, Job.state.in_(("queued", "running")))
         if job.cancel_requested:
             s.execute(update(Job).where(same).values(state="cancelled", finished_at=now, stage=None))
             s.commit()
             return None
-        if job.attempts >= max_attempts:
+        if seen >= max_attempts:
             s.execute(update(Job).where(same).values(
                 state="failed", finished_at=now,
-                error=f"gave up after {job.attempts} attempts: the worker running this job was lost each time"))
+                error=f"gave up after {seen} attempts: the worker running this job was lost each time"))
             s.commit()
             return None
         token = new_id()
         won = s.execute(update(Job).where(same).values(
-            attempts=job.attempts + 1, claim=token, state="running", stage="starting", percent=0.0,
+            attempts=seen + 1, claim=token, state="running", stage="starting", percent=0.0,
             started_at=job.started_at or now, heartbeat_at=now)).rowcount == 1
         s.commit()
-        return Claim(job_id, token, job.attempts + 1) if won else None
+        return Claim(job_id, token, seen + 1) if won else None
 
 
 def _owned(c: Claim) -> object:

@@ -1,0 +1,167 @@
+"""Real parts for the service tests: Redis db 11 on 127.0.0.1:6379, a throw-away PostgreSQL
+database on 127.0.0.1:5432, SQLite files under tmp, and, where a test is about them, a real
+uvicorn server and a real Celery worker started as subprocesses on free loopback ports.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import redis
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import save_file
+
+from app.auth import create_key
+from app.db import make_sessionmaker
+from app.main import create_app
+from app.settings import Settings
+from clipguard.data import load_data, save_npz
+from clipguard.models import resolve_spec
+
+REDIS_DB = 11
+REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+CIFAR10 = Path(os.environ.get("CLIPGUARD_CIFAR10",
+                              Path(__file__).resolve().parents[3] / "shared" / "datasets" / "cifar10-jpg.tar.gz"))
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379",
+                        "--save", "", "--appendonly", "no"], check=True)
+        for _ in range(50):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.1)
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()  # only our db number
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    name = f"clipguard_test_{os.getpid()}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def small_npz(tmp_path_factory) -> Path:
+    """256 real CIFAR-10 test images as .npz (decoded once per session)."""
+    root = tmp_path_factory.mktemp("cifar")
+    data = load_data(f"{CIFAR10}#test", cache_dir=root / "cache")
+    return save_npz(data.subset(torch.arange(256)), root / "small.npz")
+
+
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "small_cnn.safetensors"
+    save_file(resolve_spec("small_cnn").build().state_dict(), str(path))
+    return path
+
+
+@pytest.fixture
+def settings(tmp_path, redis_url) -> Settings:
+    root = tmp_path / "data-root"
+    root.mkdir()
+    return Settings(home=tmp_path / "home", broker_url=redis_url, max_upload_bytes=4 * 1024 * 1024,
+                    data_roots=[root], datasets={"tiny": str(root / "tiny.npz")})
+
+
+@pytest.fixture
+def client(settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def make_key(settings: Settings, tenant: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {create_key(make_sessionmaker(settings.database_url), tenant)}"}
+
+
+@pytest.fixture
+def auth(settings) -> dict[str, str]:
+    return make_key(settings, "acme")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class LiveService:
+    """A uvicorn API process and a Celery worker process sharing one home, database and broker."""
+
+    def __init__(self, home: Path, database_url: str, broker_url: str) -> None:
+        self.env = {**os.environ, "CLIPGUARD_HOME": str(home), "CLIPGUARD_DATABASE_URL": database_url,
+                    "CLIPGUARD_BROKER_URL": broker_url, "CLIPGUARD_DEVICE": "cpu", "OMP_NUM_THREADS": "2"}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.logs = home / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.procs: list[subprocess.Popen] = []
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log = (self.logs / f"{name}.log").open("wb")
+        self.procs.append(subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT))
+
+    def start(self) -> None:
+        self._spawn("api", [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app",
+                            "--host", "127.0.0.1", "--port", str(self.port)])
+        self._spawn("worker", [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
+                               "-Q", "gpu", "-c", "1", "-P", "prefork", "--loglevel", "INFO", "-n", "test@%h"])
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, 60, "the API to be ready")
+
+    def key(self, tenant: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "clipguard.cli", "keys", "create", "--tenant", tenant],
+                             env=self.env, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -94,13 +94,21 @@ def client(settings) -> Iterator[TestClient]:
         yield c
 
 
-def make_key(settings: Settings, tenant: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {create_key(make_sessionmaker(settings.database_url), tenant)}"}
+@pytest.fixture
+def key_for(settings) -> Callable[[str], dict[str, str]]:
+    """Headers with a new API key for a tenant of the in-process app."""
+    sessions = make_sessionmaker(settings.database_url)
+    return lambda tenant: {"Authorization": f"Bearer {create_key(sessions, tenant)}"}
 
 
 @pytest.fixture
-def auth(settings) -> dict[str, str]:
-    return make_key(settings, "acme")
+def auth(key_for) -> dict[str, str]:
+    return key_for("acme")
+
+
+@pytest.fixture
+def wait() -> Callable[[Callable[[], bool], float, str], None]:
+    return wait_until
 
 
 def free_port() -> int:

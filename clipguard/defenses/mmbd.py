@@ -30,8 +30,12 @@ Differences from the release, on purpose:
   smallest null value sits at a small positive offset.
 * Bounds are placed with clipguard's own site machinery (``instrument``/``Clip``). For
   ``resnet18`` the default sites are the release's three (stem ReLU, ``layer1`` output,
-  ``layer2`` output); for other architectures every activation site is clipped (as MMAC,
-  the authors' follow-up, does for all ReLUs).
+  ``layer2`` output); for other architectures the first half of the activation sites.
+* ``c0 = 0.5`` is the release's value for its ResNet-18, but the balance between the
+  logit MSE and ``c·‖Z‖`` depends on the model's logit scale and channel counts. On a weak
+  ``small_cnn`` (57% accuracy) ``c0 = 0.5`` drove every bound to ~0.25 and the model to
+  chance (measured); ``c0 = 0.05`` gave 55% / 7.6% ASR. ``bench/table1.py``'s CPU profiles
+  pass ``c0=0.05``; the GPU profile keeps the release's 0.5.
 """
 
 from __future__ import annotations
@@ -213,10 +217,16 @@ def mmbd_detect(
 
 
 def default_sites(spec: ModelSpec, names: Sequence[str]) -> list[str]:
-    """The release's three ResNet-18 sites when the model has them, otherwise every site."""
+    """The release's three ResNet-18 sites when the model has them, otherwise the first half of the sites.
+
+    The release clips only early activations (stem, stages 1–2 of 4), where a trigger's
+    features are still local; clipping the last stage, which feeds the classifier directly,
+    lets the ‖Z‖ penalty switch off the network's output. "First half" carries that choice
+    to other architectures (``small_cnn``: its first two conv blocks).
+    """
     if spec.arch == "resnet18" and all(s in names for s in RESNET18_SITES):
         return list(RESNET18_SITES)
-    return list(names)
+    return list(names[: max(1, (len(names) + 1) // 2)])
 
 
 def mmbd_mitigate(

@@ -244,3 +244,16 @@ def test_defense_end_to_end(name: str) -> None:
     assert logits.shape == (5, 10) and bool(torch.isfinite(logits).all())
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), f"{name} modified the victim's {k}"
+
+
+def test_mmbm_default_sites() -> None:
+    from clipguard.defenses.common import site_shapes
+    from clipguard.defenses.mmbd import RESNET18_SITES, default_sites
+
+    resnet = resolve_spec("resnet18")
+    shapes = site_shapes(resnet.build().eval(), torch.randn(1, 3, 32, 32))
+    assert default_sites(resnet, list(shapes)) == list(RESNET18_SITES)
+    assert [shapes[s][0] for s in RESNET18_SITES] == [64, 64, 128]
+    small = resolve_spec("small_cnn")
+    names = list(site_shapes(small.build().eval(), torch.randn(1, 3, 32, 32)))
+    assert default_sites(small, names) == names[:2]

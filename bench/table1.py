@@ -133,27 +133,29 @@ def jsonable(obj: object) -> object:
 
 
 def run_attack(attack: str, prof: dict, args: argparse.Namespace, device: torch.device,
-               test_eval: ImageData, mmbm_clean: ImageData) -> dict:
+               test_eval: ImageData, mmbm_clean: ImageData, seed: int) -> dict:
+    """Train one victim with ``seed`` and run every defense on it."""
     spec = resolve_spec(prof["arch"])
     tag = attack.split(":")[0]
-    weights = args.out / f"{tag}.safetensors"
+    stem = f"{tag}-s{seed}"
+    weights = args.out / f"{stem}.safetensors"
     t = time.perf_counter()
     info = train_victim(arch=prof["arch"], data=f"{args.data}#train", out=weights, attack=attack,
                         poison_rate=args.rate if args.rate is not None else prof["rate"], target=0,
                         epochs=prof["epochs"], batch_size=prof["batch"], lr=prof["lr"], augment=prof["augment"],
-                        seed=args.seed, device=str(device), limit=prof["limit"],
-                        save_data=args.out / f"{tag}-train.npz")
+                        seed=seed, device=str(device), limit=prof["limit"],
+                        save_data=args.out / f"{stem}-train.npz")
     train_s = time.perf_counter() - t
     full_info = json.loads(weights.with_name(weights.name + ".json").read_text())
     victim = spec.build()
     load_weights(victim, weights)
     victim = victim.eval()
     trigger = load_attack(attack_path(weights))
-    train = load_data(args.out / f"{tag}-train.npz")
+    train = load_data(args.out / f"{stem}-train.npz")
     clean = clean_training_data(train, full_info)
-    clean5 = clean.subset(torch.randperm(len(clean), generator=torch.Generator().manual_seed(args.seed))
+    clean5 = clean.subset(torch.randperm(len(clean), generator=torch.Generator().manual_seed(seed))
                           [: max(10, round(CLEAN_FRACTION * len(train)))])
-    unit_clean = balanced_subset(clean, max(2, round(CLEAN_FRACTION * len(train) / spec.num_classes)), args.seed)
+    unit_clean = balanced_subset(clean, max(2, round(CLEAN_FRACTION * len(train) / spec.num_classes)), seed)
 
     def score(model: torch.nn.Module) -> dict:
         r = evaluate(model.to(device), test_eval, spec.mean, spec.std, attack=trigger, device=device)
@@ -162,16 +164,16 @@ def run_attack(attack: str, prof: dict, args: argparse.Namespace, device: torch.
     before = score(victim)
     rows: dict[str, dict] = {"none": {**before, "der": None, "seconds": 0.0}}
     print(f"[{tag}] victim trained in {train_s:.0f}s: " + json.dumps(before), flush=True)
-    detection = jsonable(mmbd_detect(victim, spec, num_classes=spec.num_classes, device=device, seed=args.seed,
+    detection = jsonable(mmbd_detect(victim, spec, num_classes=spec.num_classes, device=device, seed=seed,
                                      **prof["mmbd_detect"]))
     print(f"[{tag}] MM-BD detection: flagged={detection['flagged']} target={detection['target']} "  # type: ignore[index]
           f"p={detection['p_value']:.3g} ({detection['seconds']:.1f}s)", flush=True)  # type: ignore[index]
     defenses = {
-        "nad": lambda: nad(victim, spec, clean5, device=device, seed=args.seed, **prof["nad"]),
-        "mmbd": lambda: mmbd_mitigate(victim, spec, mmbm_clean, device=device, seed=args.seed, **prof["mmbd_mitigate"]),
+        "nad": lambda: nad(victim, spec, clean5, device=device, seed=seed, **prof["nad"]),
+        "mmbd": lambda: mmbd_mitigate(victim, spec, mmbm_clean, device=device, seed=seed, **prof["mmbd_mitigate"]),
         "clp": lambda: clp(victim, spec),
-        "ep": lambda: ep(victim, spec, train, device=device, seed=args.seed),
-        "unit": lambda: unit(victim, spec, unit_clean, device=device, seed=args.seed, **prof["unit"]),
+        "ep": lambda: ep(victim, spec, train, device=device, seed=seed),
+        "unit": lambda: unit(victim, spec, unit_clean, device=device, seed=seed, **prof["unit"]),
         "clipguard": lambda: clipguard_defense(victim, spec, train, lam=PAPER_LAM, device=device,
                                                select_samples=prof["select_samples"]),
         "clipguard_auto": lambda: clipguard_defense(victim, spec, train, lam="auto", device=device,
@@ -187,11 +189,12 @@ def run_attack(attack: str, prof: dict, args: argparse.Namespace, device: torch.
         infos[name] = jsonable({k: v for k, v in result.info.items() if k not in ("history", "layers")})
         print(f"[{tag}] {name}: " + json.dumps(rows[name]), flush=True)
         victim = victim.cpu()
-    entry = {"attack": trigger.to_dict(), "tag": tag, "poisoning": info.get("poisoning"), "train_s": train_s,
+    entry = {"attack": trigger.to_dict(), "tag": tag, "seed": seed, "poisoning": info.get("poisoning"),
+             "train_s": train_s,
              "final_train_acc": info.get("final_train_acc"),
              "clean_sizes": {"nad": len(clean5), "unit": len(unit_clean), "mmbd": len(mmbm_clean)},
              "rows": rows, "detection": detection, "infos": infos}
-    (args.out / f"table1-{tag}.json").write_text(json.dumps(entry, indent=2) + "\n")
+    (args.out / f"table1-{stem}.json").write_text(json.dumps(entry, indent=2) + "\n")
     return entry
 
 
@@ -205,7 +208,8 @@ def main() -> None:
     ap.add_argument("--data", default=str(CIFAR10))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="one victim per attack and seed (the issue asks for 2-3 where time allows)")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for torch; 1 avoids OpenMP stalls on an oversubscribed shared machine")
     args = ap.parse_args()
@@ -219,13 +223,14 @@ def main() -> None:
     device = resolve_device(args.device)
     started = time.perf_counter()
     test = load_data(f"{args.data}#test", cache_dir=default_cache_dir())
-    mmbm_clean = balanced_subset(test, MMBM_PER_CLASS, args.seed)
-    reserved = set(balanced_indices(test, MMBM_PER_CLASS, args.seed))
+    mmbm_clean = balanced_subset(test, MMBM_PER_CLASS, 0)  # one held-out split for every seed
+    reserved = set(balanced_indices(test, MMBM_PER_CLASS, 0))
     rest = torch.tensor([i for i in range(len(test)) if i not in reserved], dtype=torch.int64)
     test_eval = test.subset(rest[:: prof["stride"]])
-    entries = [run_attack(a, prof, args, device, test_eval, mmbm_clean) for a in (args.attacks or prof["attacks"])]
+    entries = [run_attack(a, prof, args, device, test_eval, mmbm_clean, seed)
+               for seed in args.seeds for a in (args.attacks or prof["attacks"])]
     result = {"profile": args.profile, "config": {k: v for k, v in prof.items()}, "rate": args.rate or prof["rate"],
-              "seed": args.seed, "device": describe(device), "torch": torch.__version__,
+              "seeds": args.seeds, "device": describe(device), "torch": torch.__version__,
               "machine": f"{platform.machine()} {platform.processor() or ''} ".strip(),
               "date": datetime.now(UTC).isoformat(timespec="seconds"), "test_samples": len(test_eval),
               "command": " ".join(["python", *sys.argv]), "wall_s": time.perf_counter() - started,
@@ -246,44 +251,60 @@ def balanced_indices(data: ImageData, per_class: int, seed: int) -> list[int]:
     return torch.cat(picks).tolist()
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
+def _cell(values: list[float | None], scale: float = 100.0, digits: int = 1) -> str:
+    """One value, or mean±std over seeds; ``-`` when absent."""
+    vals = [scale * v for v in values if v is not None]
+    if not vals:
+        return "-"
+    mean = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return f"{mean:.{digits}f}"
+    std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+    return f"{mean:.{digits}f}±{std:.{digits}f}"
 
 
 def markdown(result: dict) -> str:
+    """Per attack, one table; with several seeds each cell is mean±std over the seeds."""
     lines = [f"Table 1 ({result['profile']} profile) on {result['device']}, {result['date']}; "
              f"{result['test_samples']} test images (50/class held out for MM-BM); poison rate {result['rate']:g}, "
-             f"target 0, seed {result['seed']}.", "", f"Command: `{result['command']}`", ""]
+             f"target 0, seeds {result['seeds']}.", "", f"Command: `{result['command']}`", ""]
+    tags: dict[str, list[dict]] = {}
     for e in result["entries"]:
-        rows, paper = e["rows"], PAPER.get(e["tag"], {})
-        det = e["detection"]
-        lines.append(f"### {e['tag']} ({(e.get('poisoning') or {}).get('mode', '?')} poisoning)")
+        tags.setdefault(e["tag"], []).append(e)
+    for tag, entries in tags.items():
+        paper = PAPER.get(tag, {})
+        mode = (entries[0].get("poisoning") or {}).get("mode", "?")
+        lines.append(f"### {tag} ({mode} poisoning, {len(entries)} seed{'s' if len(entries) > 1 else ''})")
         lines.append("")
-        lines.append(f"MM-BD detection (data-free): flagged={det['flagged']}, target={det['target']}, "
-                     f"p={det['p_value']:.3g}, {det['seconds']:.1f}s")
+        for e in entries:
+            det = e["detection"]
+            lines.append(f"- seed {e['seed']}: MM-BD detection (data-free) flagged={det['flagged']}, "
+                         f"target={det['target']}, p={det['p_value']:.3g}, {det['seconds']:.1f}s")
         lines.append("")
         lines.append("| defense | data | ACC | ASR | ASR_all | RA | DER | time (s) | paper ACC/ASR |")
         lines.append("|---|---|---|---|---|---|---|---|---|")
         for name in ROW_ORDER:
-            if name not in rows:
+            rows = [e["rows"][name] for e in entries if name in e["rows"]]
+            if not rows:
                 continue
-            r = rows[name]
             key = {"clipguard": "clipguard", "nad": "nad", "mmbd": "mmbd"}.get(name)
             p = paper.get(key) if key else None
             ptxt = "-" if p is None else f"{p[0] if p[0] is not None else '-'}/{p[1]}"
-            lines.append(f"| {ROW_NAMES[name]} | {DATA_NEEDS[name]} | {_pct(r['acc'])} | {_pct(r['asr'])} | "
-                         f"{_pct(r['asr_all'])} | {_pct(r['ra'])} | {_pct(r['der'])} | {r['seconds']:.2f} | {ptxt} |")
-        cg = rows.get("clipguard", {}).get("seconds")
+            cells = " | ".join(_cell([r[k] for r in rows]) for k in ("acc", "asr", "asr_all", "ra", "der"))
+            lines.append(f"| {ROW_NAMES[name]} | {DATA_NEEDS[name]} | {cells} | "
+                         f"{_cell([r['seconds'] for r in rows], 1.0, 2)} | {ptxt} |")
         ratios = []
         for name in ("nad", "mmbd"):
-            if cg and name in rows:
-                ratios.append(f"{ROW_NAMES[name]} / clipguard time = {rows[name]['seconds'] / cg:.1f}x")
+            pairs = [(e["rows"][name]["seconds"], e["rows"]["clipguard"]["seconds"]) for e in entries
+                     if name in e["rows"] and "clipguard" in e["rows"] and e["rows"]["clipguard"]["seconds"] > 0]
+            if pairs:
+                ratios.append(f"{ROW_NAMES[name]} / clipguard λ={PAPER_LAM:g} time = "
+                              f"{_cell([a / b for a, b in pairs], 1.0)}x")
         if ratios:
             lines.append("")
-            lines.append("Speed: " + "; ".join(ratios) + " (goal ≥ 20x).")
+            lines.append("Speed (same run): " + "; ".join(ratios) + " (goal ≥ 20x).")
         lines.append("")
     return "\n".join(lines)
-
 
 if __name__ == "__main__":
     main()

@@ -85,6 +85,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
                 mean=args.mean, std=args.std, lam=args.lam, granularity=args.granularity, method=args.method,
                 device=args.device, batch_size=args.batch_size, eval_data=args.eval_data, attack=args.attack,
                 cache_dir=args.cache_dir, overwrite=args.overwrite, sweep=not args.no_sweep,
+                detect=args.detect,
             ),
             progress=bars,
         )
@@ -106,6 +107,11 @@ def summary(report: dict, out: Path) -> str:
         if "asr" in b:
             line += f"   ASR {100 * b['asr']:.1f}% -> {100 * a['asr']:.1f}%   DER {ev['der']:.3f}"
         lines.append(line)
+    det = report.get("detection")
+    if det:
+        verdict = "backdoor suspected" if det.get("flagged") else "no backdoor detected"
+        lines.append(f"MM-BD: {verdict} (p={det.get('p_value', float('nan')):.3g}, most suspicious class "
+                     f"{det.get('target')})")
     lines.append(f"wrote {', '.join(report['artifacts'])} to {out}")
     return "\n".join(lines)
 
@@ -156,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.add_argument("--no-sweep", action="store_true",
                    help="skip the ACC/ASR-vs-λ curve on the evaluation data (saves 22 evaluations)")
+    p.add_argument("--detect", action="store_true",
+                   help="also ask MM-BD (data-free) whether the model is backdoored and towards which class")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_purify)
 

@@ -73,6 +73,7 @@ class PurifyOptions:
     cache_dir: Path | None = None
     overwrite: bool = False
     sweep: bool = True
+    detect: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -138,6 +139,17 @@ def purify(
         should_cancel=should_cancel,
     )
     timings["bounds_s"] = time.perf_counter() - t
+
+    detection = None
+    if options.detect:  # MM-BD's data-free verdict: "is this model backdoored, and towards which class?"
+        from clipguard.defenses.mmbd import mmbd_detect
+
+        t = time.perf_counter()
+        say("detect", 0.0)
+        detection = {"method": "MM-BD (Wang et al., IEEE S&P 2024)",
+                     **mmbd_detect(model, spec, num_classes=spec.num_classes, device=device)}
+        timings["detect_s"] = time.perf_counter() - t
+        say("detect", 1.0)
 
     selection = None
     if lam == "auto":
@@ -211,6 +223,7 @@ def purify(
                       for n in stats.names],
             "export": export_checks,
             "evaluation": evaluation,
+            "detection": detection,
             "device": describe(device),
             "torch_version": torch.__version__,
             "timings": timings,

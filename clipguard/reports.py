@@ -639,6 +639,26 @@ def _per_class(report: Mapping[str, Any]) -> str:
             f"<th>after</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div></section>")
 
 
+def _detection(report: Mapping[str, Any]) -> str:
+    """MM-BD's data-free verdict, when the run asked for it (``--detect``)."""
+    det = _dict(report.get("detection"))
+    if not det:
+        return ""
+    flagged = bool(det.get("flagged"))
+    verdict = ('<span class="fail">backdoor suspected</span>' if flagged
+               else '<span class="ok">no backdoor detected</span>')
+    p = _num(det.get("p_value"))
+    stats = det.get("statistics") or []
+    cells = "".join(f"<td class=\"num\">{_esc(f'{float(v):.2f}')}</td>" for v in stats)
+    heads = "".join(f"<th class=\"num\">{i}</th>" for i in range(len(stats)))
+    return (f"<section><h2>Is this model backdoored?</h2><p>{_esc(det.get('method') or 'MM-BD')}: {verdict} "
+            f"(p = {'—' if p is None else f'{p:.3g}'}; most suspicious class {_esc(det.get('target'))}). "
+            "The statistic per class is the largest logit margin that gradient ascent on inputs reaches; "
+            "a backdoor target stands out from a Gamma fit to the others.</p>"
+            + (f"<table><thead><tr><th>class</th>{heads}</tr></thead><tbody><tr><td>max margin</td>{cells}</tr>"
+               "</tbody></table>" if stats else "") + "</section>")
+
+
 def _export(report: Mapping[str, Any]) -> str:
     checks = _dict(report.get("export"))
     if not checks:
@@ -710,6 +730,7 @@ def render_html(report: dict, activations: dict[str, dict] | None = None) -> str
         _sites(report),
         _histograms(report, activations),
         _per_class(report),
+        _detection(report),
         _export(report),
         _timings(report),
         _footer(report),

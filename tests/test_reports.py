@@ -216,3 +216,14 @@ def test_write_html_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(OSError):
         write_html(copy.deepcopy(report), target)
     assert os.listdir(tmp_path) == ["report.html"] and target.read_text(encoding="utf-8") == before
+
+
+def test_detection_verdict_is_shown_and_escaped():
+    from clipguard.reports import render_html
+
+    page = render_html({"detection": {"method": "MM-BD", "flagged": True, "p_value": 0.012,
+                                      "target": "<b>0</b>", "statistics": [9.5, 2.0, 2.5]}})
+    assert "backdoor suspected" in page and "p = 0.012" in page
+    assert "<b>0</b>" not in page and "&lt;b&gt;0&lt;/b&gt;" in page
+    assert "9.50" in page
+    assert "Is this model backdoored?" not in render_html({"detection": None})

@@ -61,14 +61,17 @@ class ClipguardClient:
             return self._call("PUT", f"/v1/models/{model['id']}/content", content=f,
                               headers={"Content-Type": "application/octet-stream"}).json()
 
-    def wait_model(self, model_id: str, *, poll_s: float = 0.5) -> dict:
+    def wait_model(self, model_id: str, *, poll_s: float = 0.5, timeout_s: float = 600.0) -> dict:
         """Block until quarantine decides; a rejection raises with its reason."""
+        deadline = time.monotonic() + timeout_s
         while True:
             model = self._call("GET", f"/v1/models/{model_id}").json()
             if model["status"] == "ready":
                 return model
             if model["status"] == "rejected":
                 raise ApiError(f"model rejected: {model['reject_reason']}")
+            if time.monotonic() > deadline:
+                raise ApiError(f"model {model_id} still {model['status']} after {timeout_s} s")
             time.sleep(poll_s)
 
     # ---------------------------------------------------------------- datasets
@@ -107,13 +110,18 @@ class ClipguardClient:
     def cancel_job(self, job_id: str) -> dict:
         return self._call("POST", f"/v1/jobs/{job_id}:cancel").json()
 
-    def wait_job(self, job_id: str, *, poll_s: float = 1.0, on_update: Callable[[dict], None] | None = None) -> dict:
+    def wait_job(self, job_id: str, *, poll_s: float = 1.0, timeout_s: float | None = None,
+                 on_update: Callable[[dict], None] | None = None) -> dict:
+        """Poll until the job finishes (or ``timeout_s`` passes: ApiError, the job keeps running)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             job = self.get_job(job_id)
             if on_update:
                 on_update(job)
             if job["state"] in TERMINAL:
                 return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise ApiError(f"job {job_id} still {job['state']} after {timeout_s} s")
             time.sleep(poll_s)
 
     def download_artifacts(self, job: dict, out: Path) -> list[Path]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import threading
 import time
@@ -62,6 +63,9 @@ def purify_task(self: Any, job_id: str) -> None:
         # The job store blinked: give the job back and let Celery retry with backoff.
         store.release(sessions, claim)
         raise
+    except Exception as exc:  # never leave the row "running" behind a bug: fail it with a reason
+        log.exception("job %s failed", claim.job_id)
+        store.finish(sessions, claim, "failed", f"internal error ({type(exc).__name__}); see the worker log")
 
 
 class _Reporter:
@@ -129,12 +133,6 @@ def run_attempt(sessions: sessionmaker, settings: Settings, claim: store.Claim) 
     except SoftTimeLimitExceeded:
         store.finish(sessions, claim, "failed", f"time limit exceeded ({settings.job_time_limit_s} s)")
         return
-    except OperationalError:
-        raise
-    except Exception as exc:
-        log.exception("job %s failed", claim.job_id)
-        store.finish(sessions, claim, "failed", f"internal error ({type(exc).__name__}); see the worker log")
-        return
     finally:
         reporter.stop()
     artifacts = [_artifact(claim.job_id, p) for p in sorted(result.out.iterdir()) if p.name in MEDIA_TYPES]
@@ -177,7 +175,21 @@ def _artifact(job_id: str, path: Path) -> Artifact:
 
 
 def _summary(report: dict) -> dict:
-    """What a client wants at a glance: the λ used and ACC/ASR before and after."""
+    """What a client wants at a glance: the λ used and ACC/ASR before and after.
+
+    Non-finite numbers (a class absent from the test data has NaN accuracy) become null:
+    JSON has no NaN and PostgreSQL's json type refuses it.
+    """
     evaluation = report.get("evaluation") or {}
-    return {"lam": report.get("lam"), "before": evaluation.get("before"), "after": evaluation.get("after"),
-            "der": evaluation.get("der")}
+    return _finite({"lam": report.get("lam"), "before": evaluation.get("before"), "after": evaluation.get("after"),
+                    "der": evaluation.get("der")})
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

@@ -173,3 +173,15 @@ class LiveService:
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, pg_url, redis_url) -> Iterator[LiveService]:
+    """The production topology on loopback: PostgreSQL job store, Redis broker, separate processes."""
+    redis.Redis.from_url(redis_url).flushdb()  # no messages left over from in-process tests
+    service = LiveService(tmp_path_factory.mktemp("live-home"), pg_url, redis_url)
+    try:
+        service.start()
+        yield service
+    finally:
+        service.stop()

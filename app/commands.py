@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -79,6 +80,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                    "-Q", "gpu", "-c", "1", "-P", "prefork", "--loglevel", "INFO",
                                    "-n", f"embedded-{os.getpid()}@%h"])
     print(f"clipguard: serving on http://{args.host}:{args.port} (home {settings.home})", file=sys.stderr)
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default action the
+    # process would die before stopping the worker, so turn it into SystemExit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
     finally:

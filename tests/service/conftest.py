@@ -65,11 +65,20 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def small_npz(tmp_path_factory) -> Path:
-    """256 real CIFAR-10 test images as .npz (decoded once per session)."""
+def cifar10() -> Path:
+    assert CIFAR10.is_file(), f"CIFAR-10 archive not found at {CIFAR10}; set CLIPGUARD_CIFAR10"
+    return CIFAR10
+
+
+@pytest.fixture(scope="session")
+def small_npz(tmp_path_factory, cifar10) -> Path:
+    """256 real CIFAR-10 test images from all ten classes as .npz (decoded once per session).
+
+    The archive is sorted by class, hence the stride: the first 256 would all be airplanes.
+    """
     root = tmp_path_factory.mktemp("cifar")
-    data = load_data(f"{CIFAR10}#test", cache_dir=root / "cache")
-    return save_npz(data.subset(torch.arange(256)), root / "small.npz")
+    data = load_data(f"{cifar10}#test", cache_dir=root / "cache")
+    return save_npz(data.subset(torch.arange(0, len(data), len(data) // 256)[:256]), root / "small.npz")
 
 
 @pytest.fixture(scope="session")

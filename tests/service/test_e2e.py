@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import httpx
+import pytest
 import torch
 
 from app.client import ClipguardClient
 from clipguard.data import load_data
+from clipguard.train import train_victim
 
 
 def test_purify_over_http_with_a_real_worker(live, model_file, small_npz, tmp_path):
@@ -56,3 +59,30 @@ def test_purify_over_http_with_a_real_worker(live, model_file, small_npz, tmp_pa
 
     # The job store, not Celery, answers: the job row is in PostgreSQL and /metrics counts it.
     assert 'clipguard_jobs{state="succeeded"} 1.0' in httpx.get(f"{live.url}/metrics").text
+
+
+@pytest.fixture(scope="module")
+def victim(tmp_path_factory, cifar10) -> Path:
+    """A small CNN with a real BadNets backdoor: 2,000 CIFAR-10 training images, 10% poisoned."""
+    root = tmp_path_factory.mktemp("victim")
+    train_victim(arch="small_cnn", data=f"{cifar10}#train", out=root / "victim.safetensors", limit=2000, epochs=5,
+                 augment=False, lr=0.05, batch_size=128, attack="badnets:pattern=checkerboard", poison_rate=0.1,
+                 device="cpu", cache_dir=root / "cache", save_data=root / "poisoned.npz")
+    return root
+
+
+@pytest.mark.slow
+def test_the_backdoor_is_removed_over_http(live, victim, small_npz, tmp_path):
+    attack = json.loads((victim / "victim.safetensors.attack.json").read_text())
+    with ClipguardClient(live.url, live.key("acme")) as client:
+        model = client.wait_model(client.upload_model(victim / "victim.safetensors", arch="small_cnn")["id"])
+        train = client.add_dataset(str(victim / "poisoned.npz"))
+        test = client.add_dataset(str(small_npz))
+        job = client.create_job(model_id=model["id"], train_data_id=train["id"], lam=3.0,
+                                test_data_id=test["id"], attack=attack)
+        job = client.wait_job(job["id"], poll_s=0.5, timeout_s=240)
+        assert job["state"] == "succeeded", (job, live.log("worker")[-3000:])
+    before, after = job["summary"]["before"], job["summary"]["after"]
+    assert before["asr"] > 0.8, before  # the victim really is backdoored
+    assert after["asr"] < before["asr"] - 0.5, (before, after)
+    assert after["acc"] > before["acc"] - 0.15, (before, after)

@@ -48,9 +48,9 @@ def _sessions(url: str) -> sessionmaker:
     return make_sessionmaker(url)
 
 
-@celery_app.task(name=PURIFY_TASK, bind=True, autoretry_for=(OperationalError,), retry_backoff=True,
-                 retry_backoff_max=600, retry_jitter=True, max_retries=5)
-def purify_task(self: Any, job_id: str) -> None:
+@celery_app.task(name=PURIFY_TASK, autoretry_for=(OperationalError,), retry_backoff=True, retry_backoff_max=600,
+                 retry_jitter=True, max_retries=5)
+def purify_task(job_id: str) -> None:
     """Run one attempt of a purify job. Safe to deliver twice: the claim decides who runs."""
     settings = get_settings()
     sessions = _sessions(settings.database_url)

@@ -145,8 +145,12 @@ def cancel_job(job_id: str, tenant: TenantDep, sessions: SessionsDep, celery: Ce
             raise ProblemError(409, f"job {job_id} already {job.state}", kind="job-finished")
         s.commit()
         if was_queued and job.celery_task_id:
-            # Skips the message if a worker has not taken it yet; the claim would skip it anyway.
-            celery.control.revoke(job.celery_task_id)
+            # Skips the message if a worker has not taken it yet. Only an optimisation: the job row
+            # already says cancelled and the claim skips it, so a broker without broadcast is fine.
+            try:
+                celery.control.revoke(job.celery_task_id)
+            except Exception:
+                log.warning("revoke of job %s failed; the worker will skip it at claim time", job_id, exc_info=True)
         return job_out(s, job)
 
 

@@ -156,8 +156,14 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def make_sessionmaker(url: str, *, create: bool = True) -> sessionmaker:
-    engine = make_engine(url)
-    if create:
-        Base.metadata.create_all(engine)
-    return sessionmaker(engine, expire_on_commit=False)
+def make_sessionmaker(url: str, *, migrate: bool = True) -> sessionmaker:
+    """Sessions on ``url``; with ``migrate`` the schema is first brought to the latest Alembic revision.
+
+    Workers pass ``migrate=False``: only the API and the admin commands change the schema, so
+    processes starting together never race each other through a migration.
+    """
+    if migrate:
+        from app.migrate import upgrade
+
+        upgrade(url)
+    return sessionmaker(make_engine(url), expire_on_commit=False)

@@ -45,7 +45,7 @@ PROGRESS_EVERY_S = 1.0
 
 @lru_cache
 def _sessions(url: str) -> sessionmaker:
-    return make_sessionmaker(url)
+    return make_sessionmaker(url, migrate=False)
 
 
 @celery_app.task(name=PURIFY_TASK, autoretry_for=(OperationalError,), retry_backoff=True, retry_backoff_max=600,

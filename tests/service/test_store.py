@@ -112,3 +112,12 @@ def test_cancel_stops_a_queued_job_at_once_and_a_running_one_at_its_next_check(s
     assert store.cancel_requested(sessions, claim)
     assert store.finish(sessions, claim, "cancelled")
     assert get(sessions, running).state == "cancelled"
+
+
+def test_the_migrations_build_exactly_the_models_schema(sessions):
+    from alembic import command
+
+    from app.migrate import alembic_config
+
+    url = sessions.kw["bind"].url.render_as_string(hide_password=False)
+    command.check(alembic_config(url))  # raises when autogenerate would find a difference

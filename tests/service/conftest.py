@@ -138,9 +138,12 @@ def wait_until(check, timeout: float, what: str) -> None:
 class LiveService:
     """A uvicorn API process and a Celery worker process sharing one home, database and broker."""
 
+    MAX_UPLOAD = 64 * 1024 * 1024
+
     def __init__(self, home: Path, database_url: str, broker_url: str) -> None:
         self.env = {**os.environ, "CLIPGUARD_HOME": str(home), "CLIPGUARD_DATABASE_URL": database_url,
-                    "CLIPGUARD_BROKER_URL": broker_url, "CLIPGUARD_DEVICE": "cpu", "OMP_NUM_THREADS": "2"}
+                    "CLIPGUARD_BROKER_URL": broker_url, "CLIPGUARD_DEVICE": "cpu", "OMP_NUM_THREADS": "2",
+                    "CLIPGUARD_MAX_UPLOAD_BYTES": str(self.MAX_UPLOAD)}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.logs = home / "logs"
@@ -179,6 +182,11 @@ class LiveService:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+    def peak_rss_kib(self) -> int:
+        """The API process's high-water mark of resident memory (VmHWM)."""
+        status = Path(f"/proc/{self.procs[0].pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")

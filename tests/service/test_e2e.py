@@ -86,3 +86,18 @@ def test_the_backdoor_is_removed_over_http(live, victim, small_npz, tmp_path):
     assert before["asr"] > 0.8, before  # the victim really is backdoored
     assert after["asr"] < before["asr"] - 0.5, (before, after)
     assert after["acc"] > before["acc"] - 0.15, (before, after)
+
+
+def test_oversized_streamed_upload_gets_413_with_flat_memory(live):
+    auth = {"Authorization": f"Bearer {live.key('acme')}"}
+    model = httpx.post(f"{live.url}/v1/models", headers=auth, data={"arch": "small_cnn"}).json()
+    chunk = b"\0" * (1024 * 1024)
+    before = live.peak_rss_kib()
+    r = httpx.put(f"{live.url}/v1/models/{model['id']}/content", headers=auth,  # chunked: no Content-Length
+                  content=(chunk for _ in range(2 * live.MAX_UPLOAD // len(chunk))), timeout=60)
+    assert r.status_code == 413 and r.headers["content-type"] == "application/problem+json"
+    r = httpx.put(f"{live.url}/v1/models/{model['id']}/content", headers=auth,  # just under the cap: stored
+                  content=(chunk for _ in range(live.MAX_UPLOAD // len(chunk) - 1)), timeout=60)
+    assert r.status_code == 202 and r.json()["size"] == live.MAX_UPLOAD - len(chunk)
+    grown_mib = (live.peak_rss_kib() - before) / 1024
+    assert grown_mib < 16, f"API resident memory grew by {grown_mib:.0f} MiB for a 64 MiB upload"

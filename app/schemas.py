@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ModelStatus = Literal["awaiting_upload", "validating", "ready", "rejected"]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-ARTIFACT_NAMES = ("purified.pt", "purified.pt2", "bounds.safetensors", "report.json", "report.html")
 
 # An attack given by name and options (``badnets:pattern=checkerboard``), never a file path:
 # the engine would read a path on the server.

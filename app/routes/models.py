@@ -68,7 +68,7 @@ async def _file_chunks(file: UploadFile) -> AsyncIterator[bytes]:
 @router.post("", status_code=201, response_model=ModelOut,
              responses={413: {"description": "upload over the size limit"}, 422: {"description": "bad fields"}})
 async def create_model(
-    request: Request, response: Response, background: BackgroundTasks, tenant: TenantDep,
+    response: Response, background: BackgroundTasks, tenant: TenantDep,
     sessions: SessionsDep, settings: SettingsDep,
     arch: Annotated[str, Form(description="architecture from the registry, e.g. `small_cnn`, `resnet18`")],
     num_classes: Annotated[int, Form(ge=2, le=100_000)] = 10,

@@ -55,8 +55,10 @@ def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
     return float((pred == labels).float().mean()) if len(labels) else float("nan")
 
 
-def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
-    return [accuracy(pred[labels == c], labels[labels == c]) for c in range(num_classes)]
+def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float | None]:
+    """Accuracy per true class; ``None`` for a class absent from the data (JSON has no NaN)."""
+    return [accuracy(pred[labels == c], labels[labels == c]) if bool((labels == c).any()) else None
+            for c in range(num_classes)]
 
 
 def evaluate(

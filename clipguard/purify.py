@@ -234,7 +234,7 @@ def purify(
         write_html(report, staging / "report.html",
                    activations={n: {"values": act_values[n], "bound": bounds[n].flatten().numpy()}
                                 for n in top if n in act_values})
-        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (staging / "report.json").write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
         if should_cancel is not None and should_cancel():
             raise Cancelled("cancelled before publishing")
         _publish(staging, out, overwrite=options.overwrite)
@@ -266,6 +266,17 @@ def _sweep(model: nn.Module, stats: object, data: ImageData, spec: ModelSpec, at
         rows.append({"lam": lam, "samples": len(data), **{k: r[k] for k in ("acc", "asr", "asr_all", "ra") if k in r}})
         progress((i + 1) / len(DEFAULT_GRID))
     return rows
+
+
+def json_safe(value: object) -> object:
+    """NaN and infinities become ``null``: strict JSON parsers (and PostgreSQL) reject the bare tokens."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def _check_labels(data: ImageData, spec: ModelSpec, what: str) -> None:

@@ -68,3 +68,16 @@ def test_der_follows_backdoorbench():
     assert der(before, {"acc": 0.88, "asr": 0.05}) == pytest.approx((0.90 - 0.02 + 1) / 2)
     assert der(before, {"acc": 0.91, "asr": 0.99}) == pytest.approx(0.5)  # no gain counts as 0, not negative
     assert der(before, before) == 0.5
+
+
+def test_absent_classes_have_no_accuracy_and_reports_stay_strict_json():
+    import json
+
+    from clipguard.purify import json_safe
+
+    data = _data()
+    only_three = data.subset(torch.nonzero(data.labels < 3).flatten())
+    r = evaluate(ReadsTheLabelPixel(), only_three, *IDENTITY)
+    assert r["per_class_acc"][:3] == [1.0, 1.0, 1.0] and r["per_class_acc"][3:] == [None] * 7
+    assert json.loads(json.dumps(json_safe({"a": float("nan"), "b": [1.0, float("inf")]}), allow_nan=False)) == {
+        "a": None, "b": [1.0, None]}

@@ -34,6 +34,15 @@ def too_large(limit: int) -> ProblemError:
     return ProblemError(413, f"upload exceeds the limit of {limit} bytes", kind="upload-too-large")
 
 
+UPLOAD_CHUNK = 1024 * 1024
+
+
+async def upload_chunks(file: object) -> AsyncIterator[bytes]:
+    """A multipart ``UploadFile`` as 1 MiB chunks, so ``store_stream`` treats both upload paths alike."""
+    while chunk := await file.read(UPLOAD_CHUNK):  # type: ignore[attr-defined]
+        yield chunk
+
+
 async def store_stream(chunks: AsyncIterator[bytes], *, blobs: Path, tmp: Path, limit: int, suffix: str) -> Blob:
     """Write the stream into the store; raises 413 as soon as it passes ``limit`` bytes."""
     part = tmp / f"{uuid.uuid4().hex}.part"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated
 
@@ -13,10 +12,9 @@ from app.deps import SessionDep, SessionsDep, SettingsDep, TenantDep
 from app.problems import ProblemError
 from app.schemas import DatasetOut
 from app.settings import Settings
-from app.storage import dataset_suffix, store_stream
+from app.storage import dataset_suffix, store_stream, upload_chunks
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
-CHUNK = 1024 * 1024
 
 
 def resolve_server_path(text: str, settings: Settings) -> str:
@@ -36,10 +34,6 @@ def resolve_server_path(text: str, settings: Settings) -> str:
     return f"{path}{sep}{split}"
 
 
-async def _chunks(file: UploadFile) -> AsyncIterator[bytes]:
-    while chunk := await file.read(CHUNK):
-        yield chunk
-
 
 @router.post("", status_code=201, response_model=DatasetOut,
              responses={403: {"description": "path outside the data roots"}, 413: {"description": "over the limit"}})
@@ -58,7 +52,7 @@ async def create_dataset(
         suffix = dataset_suffix(file.filename or "")
         if suffix is None:
             raise ProblemError(422, "dataset uploads must be .npz, .tar, .tar.gz, .tgz or .zip", kind="validation")
-        blob = await store_stream(_chunks(file), blobs=settings.blobs_dir, tmp=settings.tmp_dir,
+        blob = await store_stream(upload_chunks(file), blobs=settings.blobs_dir, tmp=settings.tmp_dir,
                                   limit=settings.max_upload_bytes, suffix=suffix)
         dataset = Dataset(tenant=tenant, kind="upload", name=name or file.filename, sha256=blob.sha256,
                           size=blob.size, ref=str(blob.path) + (f"#{split}" if split else ""))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated
 
@@ -17,10 +16,9 @@ from app.problems import ProblemError
 from app.quarantine import quarantine
 from app.schemas import ModelOut, ModelStatus, Page
 from app.settings import Settings
-from app.storage import Blob, store_stream
+from app.storage import Blob, store_stream, upload_chunks
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
-CHUNK = 1024 * 1024
 
 
 def parse_triplet(name: str, text: str | None) -> list[float] | None:
@@ -60,10 +58,6 @@ async def _accept_upload(sessions: sessionmaker, settings: Settings, model: Mode
         return s.get_one(Model, model.id)
 
 
-async def _file_chunks(file: UploadFile) -> AsyncIterator[bytes]:
-    while chunk := await file.read(CHUNK):
-        yield chunk
-
 
 @router.post("", status_code=201, response_model=ModelOut,
              responses={413: {"description": "upload over the size limit"}, 422: {"description": "bad fields"}})
@@ -86,7 +80,7 @@ async def create_model(
     response.headers["Location"] = f"/v1/models/{model.id}"
     if file is None:
         return model
-    blob = await store_stream(_file_chunks(file), blobs=settings.blobs_dir, tmp=settings.tmp_dir,
+    blob = await store_stream(upload_chunks(file), blobs=settings.blobs_dir, tmp=settings.tmp_dir,
                               limit=settings.max_upload_bytes, suffix=".upload")
     return await _accept_upload(sessions, settings, model, blob, background)
 

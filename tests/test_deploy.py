@@ -1,0 +1,275 @@
+"""Static checks of the deployment files (no Docker engine runs here): Dockerfile, docker-compose.yml.
+
+The compose file must parse, every service command must name a real entry point of this project,
+every ``CLIPGUARD_*`` variable it sets must be a field ``app.settings.Settings`` reads (and the
+defaults it gives must build valid settings), and the Dockerfile must run as non-root with a health
+check on the port the API listens on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+SERVICES = {"api", "worker", "redis", "postgres"}
+CELERY_APP = "worker.celery_app:celery_app"
+
+
+# --- a YAML reader for the block subset the compose file is written in -------------------------
+# PyYAML is not a dependency of clipguard; this reader accepts block mappings and sequences, plain
+# and double-quoted scalars, JSON flow sequences and full-line comments, and refuses anything else
+# (anchors, multi-line strings, inline comments), so the compose file stays in a subset it can check.
+
+_KEY = re.compile(r"^([A-Za-z0-9_.-]+):(?:\s+(.*))?$")
+
+
+def _scalar(text: str) -> Any:
+    if text.startswith(("[", '"')):
+        return json.loads(text)
+    if text.startswith(("&", "*", "|", ">", "{", "'", "!")) or " #" in text:
+        raise ValueError(f"outside the supported YAML subset: {text!r}")
+    return text
+
+
+def _block(lines: list[tuple[int, str]], i: int, indent: int) -> tuple[Any, int]:
+    if lines[i][1].startswith("- "):
+        seq: list[Any] = []
+        while i < len(lines) and lines[i][0] == indent and lines[i][1].startswith("- "):
+            rest = lines[i][1][2:]
+            if _KEY.match(rest) and not rest.startswith(('"', "[")):
+                lines[i] = (indent + 2, rest)
+                item, i = _block(lines, i, indent + 2)
+            else:
+                item, i = _scalar(rest), i + 1
+            seq.append(item)
+        return seq, i
+    mapping: dict[str, Any] = {}
+    while i < len(lines) and lines[i][0] == indent:
+        m = _KEY.match(lines[i][1])
+        if not m:
+            raise ValueError(f"line {lines[i]!r}: expected 'key: value'")
+        key, value = m.group(1), m.group(2)
+        if key in mapping:
+            raise ValueError(f"duplicate key {key!r}")
+        i += 1
+        if value:
+            mapping[key] = _scalar(value)
+        elif i < len(lines) and lines[i][0] > indent:
+            mapping[key], i = _block(lines, i, lines[i][0])
+        else:
+            mapping[key] = None
+    if i < len(lines) and lines[i][0] > indent:
+        raise ValueError(f"bad indentation at {lines[i]!r}")
+    return mapping, i
+
+
+def load_yaml(text: str) -> Any:
+    lines = [(len(raw) - len(raw.lstrip(" ")), raw.strip()) for raw in text.splitlines()
+             if raw.strip() and not raw.lstrip().startswith("#")]
+    if any("\t" in raw for raw in text.splitlines()):
+        raise ValueError("tabs in YAML")
+    value, i = _block(lines, 0, 0)
+    if i != len(lines):
+        raise ValueError(f"trailing content at {lines[i]!r}")
+    return value
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's ``${VAR:-default}`` (nested in defaults too) and ``$$`` escapes."""
+    out, i = [], 0
+    while i < len(text):
+        if text.startswith("$$", i):
+            out.append("$")
+            i += 2
+        elif text.startswith("${", i):
+            depth, j = 1, i + 2
+            while depth:
+                depth += {"{": 1, "}": -1}.get(text[j], 0)
+                j += 1
+            name, _, default = text[i + 2:j - 1].partition(":-")
+            out.append(env.get(name) or interpolate(default, env))
+            i = j
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load_yaml(COMPOSE.read_text())
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", "\n".join(line for line in DOCKERFILE.read_text().splitlines()
+                                          if not line.lstrip().startswith("#")))
+    return [(parts[0].upper(), parts[1] if len(parts) > 1 else "")
+            for line in text.splitlines() if line.strip() for parts in [line.strip().split(None, 1)]]
+
+
+def _command(service: dict) -> list[str]:
+    cmd = service["command"]
+    return cmd if isinstance(cmd, list) else shlex.split(cmd)
+
+
+def _option(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+# --- compose ------------------------------------------------------------------------------------
+
+def test_compose_parses_with_the_expected_topology(compose):
+    assert set(compose["services"]) == SERVICES
+    assert {"artifacts", "redis-data", "postgres-data"} <= set(compose["volumes"])
+    try:
+        import yaml
+    except ImportError:
+        return
+    assert set(yaml.safe_load(COMPOSE.read_text())["services"]) == SERVICES
+
+
+def test_every_variable_has_a_default():
+    text = COMPOSE.read_text().replace("$$", "")
+    refs = re.findall(r"\$\{([^}:]*)(:-)?", text)
+    assert refs
+    assert [name for name, default in refs if not default] == []
+    assert "$" not in re.sub(r"\$\{[^}]*\}?", "", text), "bare $VAR: use ${VAR:-default} or $$"
+
+
+def test_api_command_is_clipguard_serve(compose):
+    from clipguard.cli import build_parser
+
+    argv = _command(compose["services"]["api"])
+    assert argv[0] == "clipguard"
+    args = build_parser().parse_args(argv[1:])
+    assert args.func.__name__ == "cmd_serve"
+    assert args.no_worker, "the API container must not start its own embedded worker"
+    assert args.host == "0.0.0.0"
+
+
+def test_worker_command_is_the_real_celery_app(compose, monkeypatch, tmp_path):
+    from celery import Celery
+    from celery.bin.celery import celery as celery_cli
+
+    argv = _command(compose["services"]["worker"])
+    assert argv[:2] == ["celery", "-A"] and argv[3] == "worker"
+    assert _option(argv, "-A") == CELERY_APP
+    options = {opt for param in celery_cli.commands["worker"].params for opt in param.opts}
+    assert {a for a in argv[4:] if a.startswith("-")} <= options
+    assert _option(argv, "-c") == "1", "one job at a time per GPU"
+
+    import app.settings
+    import worker.celery_app
+
+    monkeypatch.setenv("CLIPGUARD_HOME", str(tmp_path))
+    app.settings.get_settings.cache_clear()
+    worker.celery_app._default_app.cache_clear()
+    try:
+        module_name, attr = CELERY_APP.split(":")
+        celery_app = getattr(importlib.import_module(module_name), attr)
+        assert isinstance(celery_app, Celery)
+        assert _option(argv, "-Q") in {q.name for q in celery_app.conf.task_queues}
+    finally:
+        app.settings.get_settings.cache_clear()
+        worker.celery_app._default_app.cache_clear()
+
+    check = shlex.split(compose["services"]["worker"]["healthcheck"]["test"][1])
+    assert check[:3] == ["celery", "-A", CELERY_APP] and check[3] in celery_cli.commands
+    # the shell expands $HOSTNAME where celery expands %h: both are the container's hostname
+    assert interpolate(_option(check, "-d"), {}).replace("$HOSTNAME", "%h") == _option(argv, "-n")
+
+
+def test_uvicorn_factory_is_importable():
+    """``uvicorn app.main:create_app --factory`` (docs/deploy.md) calls it with no argument."""
+    import inspect
+
+    from app.main import create_app
+
+    assert all(p.default is not p.empty for p in inspect.signature(create_app).parameters.values())
+
+
+def test_clipguard_variables_are_settings_fields_and_defaults_are_valid(compose, monkeypatch, tmp_path):
+    from app.settings import Settings
+
+    fields = {f"CLIPGUARD_{name.upper()}" for name in Settings.model_fields}
+    for name in ("api", "worker"):
+        env = compose["services"][name]["environment"]
+        unknown = {k for k in env if k.startswith("CLIPGUARD_")} - fields
+        assert not unknown, f"{name} sets variables Settings does not read: {unknown}"
+
+        for key in [k for k in os.environ if k.startswith("CLIPGUARD_")]:
+            monkeypatch.delenv(key)
+        for key, value in env.items():
+            if value is not None:  # a bare key passes the host's value through, or nothing
+                monkeypatch.setenv(key, interpolate(str(value), {}))
+        monkeypatch.setenv("CLIPGUARD_HOME", str(tmp_path))  # the real one is /srv/clipguard
+        settings = Settings()
+        assert settings.database_url.startswith("postgresql+psycopg://clipguard:clipguard@postgres:5432/")
+        assert settings.broker_url == "redis://redis:6379/0"
+        assert env["CLIPGUARD_HOME"] == "/srv/clipguard"
+
+
+def test_services_share_the_artifact_volume_and_wait_for_healthy_dependencies(compose):
+    services = compose["services"]
+    for name in ("api", "worker"):
+        assert "artifacts:/srv/clipguard" in services[name]["volumes"]
+        for dep, cond in services[name]["depends_on"].items():
+            assert cond == {"condition": "service_healthy"}
+            assert "healthcheck" in services[dep], f"{name} waits for {dep}, which has no healthcheck"
+    for name in SERVICES:
+        assert services[name]["healthcheck"]["test"][0] in {"CMD", "CMD-SHELL"}
+    redis = services["redis"]["command"]
+    assert _option(redis, "--appendonly") == "yes"
+    assert _option(redis, "--maxmemory-policy") == "noeviction"
+    assert "postgres-data:/var/lib/postgresql/data" in services["postgres"]["volumes"]
+    gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu[0]["capabilities"] == ["gpu"]
+
+
+# --- Dockerfile ---------------------------------------------------------------------------------
+
+def test_dockerfile_is_multistage_non_root_and_installs_the_project(dockerfile):
+    ops = [op for op, _ in dockerfile]
+    assert ops.count("FROM") >= 2
+    users = [args.split(":")[0] for op, args in dockerfile if op == "USER"]
+    assert users and users[-1] not in {"root", "0"}
+    runs = " ".join(args for op, args in dockerfile if op == "RUN")
+    assert re.search(r"pip install \.(\s|$)", runs) and "install -e" not in runs
+    assert "download.pytorch.org/whl/${TORCH_INDEX}" in runs
+    assert "ARG TORCH_INDEX=cpu" in [f"{op} {args}" for op, args in dockerfile]
+
+
+def test_healthcheck_expose_and_api_port_agree(dockerfile, compose):
+    from clipguard.cli import build_parser
+
+    api = _command(compose["services"]["api"])
+    port = build_parser().parse_args(api[1:]).port
+    cmd = json.loads(next(args for op, args in dockerfile if op == "CMD"))
+    assert cmd == api, "the image's default command is the compose API command"
+    assert [args for op, args in dockerfile if op == "EXPOSE"] == [str(port)]
+    health = next(args for op, args in dockerfile if op == "HEALTHCHECK")
+    assert f"http://127.0.0.1:{port}/healthz" in health
+    assert f"http://127.0.0.1:{port}/healthz" in " ".join(compose["services"]["api"]["healthcheck"]["test"])
+    assert any(p.endswith(f":{port}") for p in compose["services"]["api"]["ports"])
+
+
+def test_dockerignore_keeps_the_build_context_small_but_complete(dockerfile):
+    ignored = {line.strip() for line in DOCKERIGNORE.read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".git", ".venv", "runs", "tests"} <= ignored
+    sources = [args.split()[:-1] for op, args in dockerfile if op == "COPY" and "--from" not in args]
+    for src in (s for group in sources for s in group):
+        assert src not in ignored and (ROOT / src).exists(), src

@@ -24,10 +24,12 @@ from clipguard.models import resolve_spec
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("granularity", ["channel", "element"])
 @pytest.mark.parametrize("splits", [[37], [1, 36], [5, 5, 27], [12, 1, 1, 23]])
-def test_running_moments_match_torch_on_concatenated_activations(dtype, granularity, splits):
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+def test_running_moments_match_torch_on_concatenated_activations(dtype, granularity, splits, offset):
     gen = torch.Generator().manual_seed(len(splits))
-    # Offset and scale like real post-ReLU maps, where naive float32 sums of squares lose digits.
-    x = (torch.randn(sum(splits), 6, 5, 4, generator=gen, dtype=dtype) * 3 + 100).relu()
+    # offset 0: post-ReLU-like maps (the fast sum/norm path); offset 100: mean far above the
+    # spread, where float32 sums of squares cancel and the exact path must take over.
+    x = (torch.randn(sum(splits), 6, 5, 4, generator=gen, dtype=dtype) * 3 + offset).relu()
     mom = RunningMoments(granularity)
     for chunk in torch.split(x, splits):
         mom.update(chunk)

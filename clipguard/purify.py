@@ -311,7 +311,7 @@ def clip_fractions(
         def hook(mod: nn.Module, inp: tuple, _out: torch.Tensor, c: list = counts[name],
                  keep: list = samples[name]) -> None:
             if hasattr(mod, "upper"):
-                x = inp[0]
+                x = inp[0].relu() if getattr(mod, "fuses_relu", False) else inp[0]
                 c[0] += float((x > mod.upper).sum())
                 c[1] += x.numel()
                 flat = x.detach().flatten()

@@ -104,8 +104,27 @@ def test_clipped_model_applies_min_at_every_site():
         mod.register_forward_hook(lambda m, i, o, name=name: outs.__setitem__(name, (i[0], o)))
     gm(x)
     for name, (inp, out) in outs.items():
-        torch.testing.assert_close(out, torch.minimum(inp, bounds[name]))
-        assert (inp > bounds[name]).any(), name  # the bound really cut something
+        act = inp.relu() if mod.fuses_relu else inp  # fused sites receive the pre-activation
+        torch.testing.assert_close(out, torch.minimum(act, bounds[name]))
+        assert (act > bounds[name]).any(), name  # the bound really cut something
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "torchvision:resnet18", "torchvision:mobilenet_v3_small"])
+def test_fused_relu_clips_equal_clipping_after_the_activation(arch):
+    torch.manual_seed(0)
+    model = resolve_spec(arch).build().eval()
+    x = torch.randn(4, 3, 32, 32)
+    bounds = compute_statistics(model, lambda: [x]).bounds(0.5)
+    fused = clipped_model(model, bounds)
+    unfused, _ = instrument(model, lambda name, i: Clip(bounds[name]))
+    kinds = {type(m).__name__ for m in site_modules(fused)}
+    assert "ReluClip" in kinds  # plain ReLUs are fused ...
+    if arch.endswith("mobilenet_v3_small"):
+        assert "Clip" in kinds  # ... Hardswish sites keep a separate clip
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), unfused(x), rtol=0, atol=1e-6)
+        if not arch.endswith("mobilenet_v3_small"):  # an untrained MobileNet's logits barely move
+            assert (fused(x) - model(x)).abs().max() > 1e-3
 
 
 def test_bounds_are_mean_plus_lambda_std():

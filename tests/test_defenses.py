@@ -237,7 +237,7 @@ def test_defense_end_to_end(name: str) -> None:
         result = ep(model, spec, data, batch=64)
     else:
         result = unit(model, spec, data, steps=3)
-    assert isinstance(result, DefenseResult) and isinstance(result.seconds, float)
+    assert isinstance(result, DefenseResult)
     assert not result.model.training
     with torch.no_grad():
         logits = result.model(torch.randn(5, 3, 32, 32))

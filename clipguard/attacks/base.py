@@ -142,13 +142,20 @@ class Attack(ABC):
         one sample with probability ``rate * B``, so small batches still see the trigger at
         the requested rate on average. Returns new uint8 images and int64 labels.
         """
+        images, labels, _ = self._poison_batch_head(images, labels, generator, rate, num_classes)
+        return images, labels
+
+    def _poison_batch_head(
+        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, rate: float, num_classes: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Copies of the batch with the first ``num_bd`` samples triggered and relabelled, and ``num_bd``."""
         check_rate(rate)
         num_bd = batch_count(rate, images.shape[0], generator)
         images, labels = images.clone(), labels.clone()
         if num_bd:
             images[:num_bd] = self.apply(images[:num_bd])
             labels[:num_bd] = self.target_labels(labels[:num_bd], num_classes)
-        return images, labels
+        return images, labels, num_bd
 
     # ------------------------------------------------------------------ persistence
 

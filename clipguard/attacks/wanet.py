@@ -41,7 +41,6 @@ from clipguard.attacks.base import (
     Attack,
     Poisoned,
     Poisoning,
-    batch_count,
     check_images,
     check_rate,
     check_size,
@@ -158,15 +157,9 @@ class WaNet(Attack):
         below 1) and ``num_cross = int(num_bd * cross_ratio)``. The batch is assumed
         shuffled, as a training loader's is. Returns new uint8 images and int64 labels.
         """
-        check_rate(rate)
         check_images(images)
-        b = images.shape[0]
-        num_bd = batch_count(rate, b, generator)
-        num_cross = min(int(num_bd * self.cross_ratio), b - num_bd)
-        images, labels = images.clone(), labels.clone()
-        if num_bd:
-            images[:num_bd] = self.apply(images[:num_bd])
-            labels[:num_bd] = self.target_labels(labels[:num_bd], num_classes)
+        images, labels, num_bd = self._poison_batch_head(images, labels, generator, rate, num_classes)
+        num_cross = min(int(num_bd * self.cross_ratio), images.shape[0] - num_bd)
         if num_cross:
             images[num_bd : num_bd + num_cross] = self.cross(images[num_bd : num_bd + num_cross], generator)
         return images, labels

@@ -12,7 +12,7 @@ import anyio.to_thread
 from fastapi import FastAPI
 from sqlalchemy import select
 
-from app import metrics, problems, store
+from app import logs, metrics, problems, store
 from app.db import Model, make_sessionmaker
 from app.routes import datasets, health, jobs, models
 from app.settings import Settings, get_settings
@@ -27,8 +27,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.ensure_dirs()
 
+    logs.configure(settings.log_format)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logs.configure(settings.log_format)  # again: uvicorn set up its own loggers after create_app ran
         app.state.settings = settings
         app.state.sessions = make_sessionmaker(settings.database_url)
         app.state.celery = make_celery(settings)
@@ -46,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     problems.install(app)
     app.add_middleware(problems.BodyLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
     app.add_middleware(metrics.Observe)
+    app.add_middleware(logs.JobContext)  # outermost: uvicorn's access line for a job carries its id
     for router in (models.router, datasets.router, jobs.router, health.router):
         app.include_router(router)
     return app

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -36,6 +37,21 @@ class Settings(BaseSettings):
     quarantine_timeout_s: int = 300
     quarantine_memory_bytes: int = 8 * 1024**3
     device: str = "auto"
+    log_format: Literal["json", "text"] = "text"
+    """``json``: one JSON object per log line, with the job id (app/logs.py); the image sets it."""
+    storage_url: str = ""
+    """Where blobs and artifacts are shared between hosts: empty means the folder ``<home>`` itself
+    (one filesystem for API and workers), ``s3://bucket/prefix`` an S3-compatible object store."""
+    s3_endpoint_url: str = ""
+    """S3 API endpoint, e.g. ``http://seaweedfs:8333``; empty means AWS."""
+    s3_public_url: str = ""
+    """Endpoint written into presigned download URLs (what clients can reach); empty: ``s3_endpoint_url``."""
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str = ""
+    """Empty: boto3's own credential chain (``AWS_*`` variables, instance role, ...)."""
+    s3_secret_access_key: SecretStr = SecretStr("")
+    presign_expiry_s: int = Field(900, ge=1, le=7 * 86400)
+    """Lifetime of the presigned URL an artifact download redirects to (S3 storage only)."""
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from kombu import Queue
 
 from app.settings import Settings, get_settings
@@ -50,8 +50,20 @@ def make_celery(settings: Settings) -> Celery:
         task_create_missing_queues=False,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
+        # Task events for Flower and `celery events`: the worker sends received/started/succeeded/failed
+        # (what `-E` does), the API's publish sends task-sent.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
     )
     return app
+
+
+@signals.setup_logging.connect
+def _setup_logging(loglevel: int | None = None, **_: Any) -> None:
+    """The worker logs like the API (``CLIPGUARD_LOG_FORMAT``); connecting here replaces Celery's own setup."""
+    from app.logs import configure
+
+    configure(get_settings().log_format, loglevel or "INFO")
 
 
 @lru_cache

@@ -24,6 +24,7 @@ from sqlalchemy.orm import sessionmaker
 
 from app import store
 from app.db import Artifact, Dataset, Job, Model, make_sessionmaker
+from app.logs import binds_job
 from app.settings import Settings, get_settings
 from worker.celery_app import PURIFY_TASK, celery_app
 
@@ -50,6 +51,7 @@ def _sessions(url: str) -> sessionmaker:
 
 @celery_app.task(name=PURIFY_TASK, autoretry_for=(OperationalError,), retry_backoff=True, retry_backoff_max=600,
                  retry_jitter=True, max_retries=5)
+@binds_job  # every line this attempt logs, the engine's and the libraries' included, carries the job id
 def purify_task(job_id: str) -> None:
     """Run one attempt of a purify job. Safe to deliver twice: the claim decides who runs."""
     settings = get_settings()
@@ -98,6 +100,8 @@ class _Reporter:
             return
         lo, hi = STAGE_SPAN.get(stage, (0, 99))
         percent = round(lo + (hi - lo) * min(max(fraction, 0.0), 1.0), 1)
+        if stage != self._last_stage:
+            log.info("job %s: stage %s", self.claim.job_id, stage)
         self._last_stage, self._last_write = stage, now
         store.report_progress(self.sessions, self.claim, stage, percent)
 
@@ -181,8 +185,12 @@ def _summary(report: dict) -> dict:
     JSON has no NaN and PostgreSQL's json type refuses it.
     """
     evaluation = report.get("evaluation") or {}
+    # Seconds per engine stage ("bounds_s" -> "bounds") and the bounds pass's speed: /metrics reads them.
+    timings = {k.removesuffix("_s"): v for k, v in (report.get("timings") or {}).items()}
+    images = (report.get("inputs") or {}).get("data", {}).get("samples")
+    speed = images / timings["bounds"] if images and timings.get("bounds") else None
     return _finite({"lam": report.get("lam"), "before": evaluation.get("before"), "after": evaluation.get("after"),
-                    "der": evaluation.get("der")})
+                    "der": evaluation.get("der"), "timings": timings, "bounds_images_per_s": speed})
 
 
 def _finite(value: Any) -> Any:

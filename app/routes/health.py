@@ -35,5 +35,5 @@ def readyz(sessions: SessionsDep, celery: CeleryDep) -> dict:
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
-def prometheus(sessions: SessionsDep) -> Response:
-    return metrics.render(sessions)
+def prometheus(sessions: SessionsDep, celery: CeleryDep) -> Response:
+    return metrics.render(sessions, celery)

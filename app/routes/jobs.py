@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import store
 from app.db import Artifact, Dataset, Job, Model, new_id
 from app.deps import CeleryDep, SessionDep, SessionsDep, TenantDep
+from app.logs import binds_job
 from app.metrics import JOBS_CREATED
 from app.pagination import paginate
 from app.problems import ProblemError
@@ -46,6 +47,7 @@ def _owned_job(session: Session, tenant: str, job_id: str) -> Job:
     return job
 
 
+@binds_job  # the route and the sweeper both publish through here: their lines carry the job id
 def enqueue(celery: Celery, sessions: sessionmaker, job_id: str) -> None:
     """Hand a committed job to the broker; if that fails the sweeper enqueues it later."""
     task_id = new_id()
@@ -55,6 +57,7 @@ def enqueue(celery: Celery, sessions: sessionmaker, job_id: str) -> None:
         log.exception("could not enqueue job %s; the sweeper will retry", job_id)
         return
     store.mark_enqueued(sessions, job_id, task_id)
+    log.info("job %s queued as task %s", job_id, task_id)
 
 
 def _check_inputs(s: Session, tenant: str, body: JobCreate) -> None:

@@ -12,7 +12,7 @@ import anyio.to_thread
 from fastapi import FastAPI
 from sqlalchemy import select
 
-from app import logs, metrics, problems, store
+from app import auth, logs, metrics, problems, ratelimit, store
 from app.db import Model, make_sessionmaker
 from app.routes import datasets, health, jobs, models
 from app.settings import Settings, get_settings
@@ -35,6 +35,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.sessions = make_sessionmaker(settings.database_url)
         app.state.celery = make_celery(settings)
+        app.state.ratelimiter = ratelimit.RateLimiter(
+            settings.rate_limit_per_minute, ratelimit.storage_url(settings.ratelimit_url, settings.broker_url))
         _resume_quarantine(app)
         sweeper = asyncio.create_task(_sweep_forever(app))
         try:
@@ -47,6 +49,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="clipguard", version="1", lifespan=lifespan,
                   description="Upload suspect image classifiers, purify them, download the results.")
     problems.install(app)
+    app.add_middleware(auth.Gate)  # key and rate limit checked before any body is read
+    app.add_middleware(problems.RequestGuard)
     app.add_middleware(problems.BodyLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
     app.add_middleware(metrics.Observe)
     app.add_middleware(logs.JobContext)  # outermost: uvicorn's access line for a job carries its id

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Select, and_, or_
@@ -24,10 +24,19 @@ def _encode(created_at: datetime, row_id: str) -> str:
 
 
 def _decode(token: str) -> tuple[datetime, str]:
+    """The cursor inside a token; anything this server could not have issued is a 400, never a 500.
+
+    Converting to UTC here (as the column type will) catches dates that overflow on the way
+    (``0001-01-01T00:00+14:00``), and a NUL byte would make PostgreSQL fail the query.
+    """
     try:
         created, row_id = json.loads(base64.urlsafe_b64decode(token.encode()))
-        return datetime.fromisoformat(created), str(row_id)
-    except (ValueError, TypeError) as exc:
+        created, row_id = datetime.fromisoformat(created), str(row_id)
+        created.astimezone(UTC)
+        if "\x00" in row_id:
+            raise ValueError("NUL byte in the row id")
+        return created, row_id
+    except (ValueError, TypeError, OverflowError) as exc:
         raise ProblemError(400, "page_token is not one this server issued", kind="bad-page-token") from exc
 
 

@@ -9,6 +9,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -64,8 +65,17 @@ def install(app: FastAPI) -> None:
         return problem_response(request, 500, "internal error; the server log has the details")
 
 
+BUFFERED_BODY_LIMIT = 1024 * 1024
+"""Cap on bodies the server reads into memory (JSON, url-encoded forms): far above any real job request."""
+
+
 class BodyLimit:
-    """Cap every request body at ``limit`` bytes, answering 413 as problem+json.
+    """Cap every request body, answering 413 as problem+json.
+
+    Streamed uploads (a ``PUT`` body, written to disk as it arrives, and ``multipart/form-data``,
+    which the form parser spools to disk) may reach ``limit``; any other body is read whole into
+    memory by the framework, so it gets ``buffered_limit``: otherwise a 2 GB JSON body to
+    ``POST /v1/jobs`` would take 2 GB of the API's memory.
 
     FastAPI's own ``max_body_size`` answers a declared oversized ``Content-Length`` with a
     plain-text 413 that replaces any handler response, so the cap is kept here: a declared
@@ -73,16 +83,19 @@ class BodyLimit:
     counted as it arrives and aborted by an ``HTTPException`` that the problem handler renders.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, buffered_limit: int = BUFFERED_BODY_LIMIT) -> None:
+        self.app, self.limit, self.buffered_limit = app, limit, buffered_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = Headers(scope=scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            response = problem_response(Request(scope), 413, f"request body exceeds {self.limit} bytes",
+        headers = Headers(scope=scope)
+        streamed = scope["method"] == "PUT" or headers.get("content-type", "").startswith("multipart/form-data")
+        limit = self.limit if streamed else self.buffered_limit
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            response = problem_response(Request(scope), 413, f"request body exceeds {limit} bytes",
                                         kind="upload-too-large")
             await response(scope, receive, send)
             return
@@ -92,8 +105,56 @@ class BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise ProblemError(413, f"request body exceeds {self.limit} bytes", kind="upload-too-large")
+            if seen > limit:
+                raise ProblemError(413, f"request body exceeds {limit} bytes", kind="upload-too-large")
             return message
 
         await self.app(scope, counted, send)
+
+
+class RequestGuard:
+    """Refuse, as problem+json, two kinds of malformed request the framework would let through.
+
+    - A NUL byte in the URL (``/v1/jobs/a%00b``, ``?model_id=%00``): PostgreSQL cannot hold one
+      in a text value, so the lookup would fail with a 500; it is a 400 here instead.
+    - A ``multipart/form-data`` body that ends before its closing boundary: Starlette's form
+      parser (python-multipart) silently drops a part that a truncated body cut off, so an
+      upload interrupted mid-file would register a model with no file (201) instead of
+      failing. The stream is watched for the closing delimiter ``--boundary--`` (keeping only
+      a boundary's length of it between chunks); a body that ends without it is a 400.
+      Bodies without a boundary are left to the parser, which already answers 400 for them.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if "\x00" in scope["path"] or b"%00" in scope["query_string"] or b"\x00" in scope["query_string"]:
+            await problem_response(Request(scope), 400, "NUL bytes are not allowed in a URL",
+                                   kind="malformed-url")(scope, receive, send)
+            return
+        media, params = parse_options_header(Headers(scope=scope).get("content-type", ""))
+        boundary = params.get(b"boundary")
+        if media != b"multipart/form-data" or not boundary:
+            await self.app(scope, receive, send)
+            return
+        closing = b"--" + boundary + b"--"
+        tail, complete = b"", False
+
+        async def watched() -> Message:
+            nonlocal tail, complete
+            message = await receive()
+            if message["type"] == "http.request":
+                if not complete:
+                    window = tail + message.get("body", b"")
+                    complete = closing in window
+                    tail = window[-len(closing):]
+                if not complete and not message.get("more_body", False):
+                    raise ProblemError(400, "the multipart body ends before its closing boundary (truncated upload?)",
+                                       kind="malformed-multipart")
+            return message
+
+        await self.app(scope, watched, send)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -65,8 +65,14 @@ class DatasetPath(BaseModel):
     name: str | None = Field(None, description="a dataset name registered by the operator, e.g. `cifar10-train`")
 
 
+ResourceId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$",
+                                   description="an id this API returned")]
+"""Ids in request bodies: an unknown one answers 404, but control characters (a NUL cannot be
+stored in PostgreSQL) and absurd lengths are a 422 before any query."""
+
+
 class EvalSpec(BaseModel):
-    test_data_id: str
+    test_data_id: ResourceId
     attack: str | dict[str, Any] | None = Field(
         None, description="attack spec (`badnets`, `blend:alpha=0.2`, …) or the `.attack.json` object written by "
                           "`clipguard train`, to report ASR before and after")
@@ -84,8 +90,8 @@ class JobCreate(BaseModel):
         "model_id": "4f1c0b6f0a6a4d8f9a1e2b3c4d5e6f70", "train_data_id": "0a9d…", "lam": "auto",
         "granularity": "channel", "eval": {"test_data_id": "77ef…", "attack": "badnets"}}]})
 
-    model_id: str
-    train_data_id: str
+    model_id: ResourceId
+    train_data_id: ResourceId
     lam: float | Literal["auto"] | None = Field(None, description="λ in μ+λσ, `auto`, or null for the default")
     granularity: Literal["channel", "element"] = "channel"
     eval: EvalSpec | None = None

@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     quarantine_timeout_s: int = 300
     quarantine_memory_bytes: int = 8 * 1024**3
     device: str = "auto"
+    rate_limit_per_minute: int = Field(600, ge=0)
+    """Requests per API key and minute (429 beyond); 0 turns the limit off. 600 leaves a client polling
+    every second ten times the room it needs."""
+    ratelimit_url: str = ""
+    """Where the per-key counters live; empty means the broker when it is Redis (shared by all API
+    replicas), else in process (``memory://``)."""
     log_format: Literal["json", "text"] = "text"
     """``json``: one JSON object per log line, with the job id (app/logs.py); the image sets it."""
     storage_url: str = ""

@@ -5,14 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import APIRouter, File, Form, Response, UploadFile
 
 from app.db import Dataset
 from app.deps import SessionDep, SessionsDep, SettingsDep, TenantDep
 from app.problems import ProblemError
+from app.routes.models import NAME_PATTERN
 from app.schemas import DatasetOut
 from app.settings import Settings
-from app.storage import dataset_suffix, store_stream, upload_chunks
+from app.storage import dataset_suffix, storage_for, store_stream, upload_chunks
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -27,7 +29,7 @@ def resolve_server_path(text: str, settings: Settings) -> str:
     refused = ProblemError(403, "path is not under a configured data root", kind="path-refused")
     try:
         path = Path(path_text).resolve(strict=True)
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, ValueError) as exc:  # ValueError: an embedded NUL byte
         raise refused from exc
     if not any(path.is_relative_to(root.resolve()) for root in settings.data_roots):
         raise refused
@@ -43,7 +45,7 @@ async def create_dataset(
     path: Annotated[str | None, Form(description="server path under a data root, optionally `#split`")] = None,
     registered: Annotated[str | None, Form(description="a dataset name the operator registered")] = None,
     split: Annotated[str | None, Form(pattern=r"^[A-Za-z0-9_-]{1,50}$", description="split inside an archive")] = None,
-    name: Annotated[str | None, Form(max_length=200)] = None,
+    name: Annotated[str | None, Form(max_length=200, pattern=NAME_PATTERN)] = None,
 ) -> Dataset:
     """Give exactly one of ``file``, ``path`` or ``registered``."""
     if sum(x is not None for x in (file, path, registered)) != 1:
@@ -54,6 +56,7 @@ async def create_dataset(
             raise ProblemError(422, "dataset uploads must be .npz, .tar, .tar.gz, .tgz or .zip", kind="validation")
         blob = await store_stream(upload_chunks(file), blobs=settings.blobs_dir, tmp=settings.tmp_dir,
                                   limit=settings.max_upload_bytes, suffix=suffix)
+        await anyio.to_thread.run_sync(storage_for(settings).put_blob, blob.path)  # for workers on other hosts
         dataset = Dataset(tenant=tenant, kind="upload", name=name or file.filename, sha256=blob.sha256,
                           size=blob.size, ref=str(blob.path) + (f"#{split}" if split else ""))
     elif path is not None:

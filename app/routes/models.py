@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -16,20 +17,27 @@ from app.problems import ProblemError
 from app.quarantine import quarantine
 from app.schemas import ModelOut, ModelStatus, Page
 from app.settings import Settings
-from app.storage import Blob, store_stream, upload_chunks
+from app.storage import Blob, storage_for, store_stream, upload_chunks
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
+ARCH_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
+"""Registry names and ``torchvision:<name>``; checked against the registry by the quarantine (no torch here)."""
+NAME_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+"""Free text without control characters (PostgreSQL cannot store a NUL; logs should not carry escapes)."""
 
 
-def parse_triplet(name: str, text: str | None) -> list[float] | None:
+def parse_triplet(name: str, text: str | None, *, positive: bool = False) -> list[float] | None:
+    """Three finite numbers (``inf``/``nan`` would poison normalisation, and PostgreSQL's JSON refuses them)."""
     if text is None or not text.strip():
         return None
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         values = []
-    if len(values) != 3:
-        raise ProblemError(422, f"{name} must be three comma-separated numbers, got {text!r}", kind="validation")
+    if len(values) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in values):
+        what = "positive" if positive else "finite"
+        raise ProblemError(422, f"{name} must be three comma-separated {what} numbers, got {text!r}"[:300],
+                           kind="validation")
     return values
 
 
@@ -40,6 +48,8 @@ def run_quarantine(sessions: sessionmaker, settings: Settings, model_id: str, up
     verdict = quarantine(upload, arch=model.arch, num_classes=model.num_classes, mean=model.mean, std=model.std,
                          blobs=settings.blobs_dir, tmp=settings.tmp_dir, timeout_s=settings.quarantine_timeout_s,
                          memory_bytes=settings.quarantine_memory_bytes)
+    if verdict.ok:  # shared before the model is ready: a worker on another host fetches it from there
+        storage_for(settings).put_blob(settings.blobs_dir / f"{verdict.sha256}.safetensors")
     with sessions.begin() as s:
         s.execute(update(Model).where(Model.id == model_id, Model.status == "validating").values(
             status="ready" if verdict.ok else "rejected", canonical_sha256=verdict.sha256,
@@ -64,17 +74,18 @@ async def _accept_upload(sessions: sessionmaker, settings: Settings, model: Mode
 async def create_model(
     response: Response, background: BackgroundTasks, tenant: TenantDep,
     sessions: SessionsDep, settings: SettingsDep,
-    arch: Annotated[str, Form(description="architecture from the registry, e.g. `small_cnn`, `resnet18`")],
+    arch: Annotated[str, Form(pattern=ARCH_PATTERN, description="architecture from the registry, e.g. `small_cnn`, "
+                                                               "`resnet18`, `torchvision:<name>`")],
     num_classes: Annotated[int, Form(ge=2, le=100_000)] = 10,
     mean: Annotated[str | None, Form(description="input normalisation mean, `r,g,b`")] = None,
     std: Annotated[str | None, Form(description="input normalisation std, `r,g,b`")] = None,
-    name: Annotated[str | None, Form(max_length=200)] = None,
+    name: Annotated[str | None, Form(max_length=200, pattern=NAME_PATTERN)] = None,
     file: Annotated[UploadFile | None, File(description="`.safetensors` or zip-format torch.save(state_dict); "
                                                     "omit it to upload later with PUT …/content")] = None,
 ) -> Model:
     """Register a model; with ``file`` the upload is checked in quarantine right away."""
     model = Model(tenant=tenant, arch=arch, num_classes=num_classes, mean=parse_triplet("mean", mean),
-                  std=parse_triplet("std", std), name=name, status="awaiting_upload")
+                  std=parse_triplet("std", std, positive=True), name=name, status="awaiting_upload")
     with sessions.begin() as s:
         s.add(model)
     response.headers["Location"] = f"/v1/models/{model.id}"

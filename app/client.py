@@ -133,7 +133,9 @@ class ClipguardClient:
             part = target.with_name(f".{target.name}.part")
             h = hashlib.sha256()
             try:
-                with self._http.stream("GET", artifact["url"]) as response, part.open("wb") as f:
+                # follow_redirects: S3 storage answers with a presigned URL (httpx drops the API key there)
+                with self._http.stream("GET", artifact["url"], follow_redirects=True) as response, \
+                        part.open("wb") as f:
                     if response.is_error:
                         raise ApiError(f"GET {artifact['url']}: {response.status_code}")
                     for chunk in response.iter_bytes():

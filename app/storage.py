@@ -4,6 +4,11 @@ Bytes are counted and hashed while they arrive, written to ``tmp/<uuid>.part`` o
 filesystem, fsynced, then ``os.replace``d to ``blobs/<sha256><suffix>``: a reader never
 sees a partial blob, identical uploads share one file, and memory stays flat whatever
 the size. Exceeding the cap aborts the upload with 413 and removes the part file.
+
+:func:`storage_for` gives the :class:`Storage` that shares those blobs and the jobs' artifacts
+between hosts: the folder itself (:class:`LocalStorage`, the default) or an S3-compatible bucket
+(:class:`S3Storage`, ``CLIPGUARD_STORAGE_URL=s3://bucket/prefix``) when workers run on hosts
+without a common filesystem.
 """
 
 from __future__ import annotations
@@ -11,14 +16,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
 
 import anyio.to_thread
 
 from app.problems import ProblemError
+from app.settings import Settings
 
 DATASET_SUFFIXES = (".npz", ".tar.gz", ".tgz", ".tar", ".zip")
 
@@ -74,3 +83,156 @@ def dataset_suffix(filename: str) -> str | None:
     """The archive type the engine will read, from the client's file name (None: unsupported)."""
     lower = filename.lower()
     return next((s for s in DATASET_SUFFIXES if lower.endswith(s)), None)
+
+
+# --- sharing blobs and artifacts between hosts ------------------------------------------------------
+
+
+class Storage(Protocol):
+    """Where the files every host needs live: uploaded blobs (API -> workers) and job artifacts (workers -> API).
+
+    Every host keeps its working copies under its own ``CLIPGUARD_HOME``; the storage is what they
+    share. Locations are strings kept in the job store (``Artifact.path``): a local path for
+    :class:`LocalStorage`, ``s3://bucket/key`` for :class:`S3Storage`.
+    """
+
+    def put_blob(self, path: Path) -> None:
+        """Share a blob the API just stored under ``<home>/blobs`` (an upload, a canonical checkpoint)."""
+
+    def get_blob(self, path: Path) -> Path:
+        """A local copy of the blob named like ``path`` (``<sha256><suffix>``), fetched if this host lacks it."""
+
+    def put_artifact(self, path: Path, key: str) -> str:
+        """Share a job's output file under ``key`` (``jobs/<id>/attempt-<n>/<name>``); returns its location."""
+
+    def download_url(self, location: str, filename: str, media_type: str) -> str | None:
+        """A URL the client can fetch the artifact from directly, or None: the API streams the local file."""
+
+
+@dataclass(frozen=True)
+class LocalStorage:
+    """The default: one folder (``CLIPGUARD_HOME``) that every process mounts, so sharing is a no-op."""
+
+    home: Path
+
+    def put_blob(self, path: Path) -> None:
+        return None
+
+    def get_blob(self, path: Path) -> Path:
+        return path
+
+    def put_artifact(self, path: Path, key: str) -> str:
+        return str(path)
+
+    def download_url(self, location: str, filename: str, media_type: str) -> str | None:
+        return None
+
+
+class S3Storage:
+    """An S3-compatible bucket (AWS S3, SeaweedFS, Garage, Ceph RGW, ...) through boto3.
+
+    Hosts share nothing but the bucket: the API uploads blobs after storing them locally, a worker
+    downloads the blobs of its job into its own ``<home>/blobs`` (content-addressed, so a present
+    file is the right file) and uploads its artifacts; artifact downloads are answered with a 302
+    to a presigned URL, so the bytes go from the object store to the client without passing the API.
+    boto3 uploads and downloads large files in parts and retries; the bucket is created on first use.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        import boto3
+        from botocore.config import Config
+
+        url = urlsplit(settings.storage_url)
+        if url.scheme != "s3" or not url.netloc:
+            raise ValueError(f"CLIPGUARD_STORAGE_URL must look like s3://bucket/prefix, got {settings.storage_url!r}")
+        self.bucket, self.prefix = url.netloc, url.path.strip("/")
+        self.blobs_dir, self.tmp_dir = settings.blobs_dir, settings.tmp_dir
+        self.expiry_s = settings.presign_expiry_s
+        secret = settings.s3_secret_access_key.get_secret_value()
+        credentials = {"aws_access_key_id": settings.s3_access_key_id, "aws_secret_access_key": secret} \
+            if settings.s3_access_key_id else {}
+        # Path-style addressing: self-hosted servers are rarely set up for bucket.host virtual hosting.
+        config = Config(signature_version="s3v4", retries={"mode": "standard"},
+                        s3={"addressing_style": "path" if settings.s3_endpoint_url else "auto"})
+        session = boto3.session.Session(region_name=settings.s3_region, **credentials)
+        self.client = session.client("s3", endpoint_url=settings.s3_endpoint_url or None, config=config)
+        public = settings.s3_public_url or settings.s3_endpoint_url
+        # Presigning is local computation; the URL must name the endpoint the *client* reaches.
+        self.presigner = session.client("s3", endpoint_url=public or None, config=config) \
+            if public != settings.s3_endpoint_url else self.client
+        self._bucket_ready = False
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def location(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def ensure_bucket(self) -> None:
+        from botocore.exceptions import ClientError
+
+        if self._bucket_ready:
+            return
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+                raise
+            with contextlib.suppress(self.client.exceptions.BucketAlreadyOwnedByYou):
+                self.client.create_bucket(Bucket=self.bucket)
+        self._bucket_ready = True
+
+    def put_blob(self, path: Path) -> None:
+        self.ensure_bucket()
+        self.client.upload_file(str(path), self.bucket, self._key(f"blobs/{path.name}"))
+
+    def get_blob(self, path: Path) -> Path:
+        local = self.blobs_dir / path.name
+        if local.exists():
+            return local
+        part = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        try:
+            self.client.download_file(self.bucket, self._key(f"blobs/{path.name}"), str(part))
+            os.replace(part, local)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(part)
+        return local
+
+    def put_artifact(self, path: Path, key: str) -> str:
+        self.ensure_bucket()
+        self.client.upload_file(str(path), self.bucket, self._key(key))
+        return self.location(key)
+
+    def download_url(self, location: str, filename: str, media_type: str) -> str | None:
+        url = urlsplit(location)
+        if url.scheme != "s3":
+            return None  # written before the switch to S3: still a local file
+        return self.presigner.generate_presigned_url("get_object", ExpiresIn=self.expiry_s, Params={
+            "Bucket": url.netloc, "Key": url.path.lstrip("/"), "ResponseContentType": media_type,
+            "ResponseContentDisposition": f'attachment; filename="{filename}"'})
+
+
+_storages: dict[tuple, Storage] = {}
+_storages_lock = threading.Lock()
+
+
+def storage_for(settings: Settings) -> Storage:
+    """The storage ``settings`` name, built once per process (a boto3 client is thread-safe and slow to make)."""
+    if not settings.storage_url:
+        return LocalStorage(settings.home)
+    key = (settings.storage_url, settings.s3_endpoint_url, settings.s3_public_url, settings.s3_access_key_id,
+           settings.home)
+    with _storages_lock:
+        if key not in _storages:
+            _storages[key] = S3Storage(settings)
+        return _storages[key]
+
+
+def local_data_ref(storage: Storage, ref: str, kind: str) -> str:
+    """The engine's data reference on this host: an uploaded dataset (``kind == "upload"``, a blob) is
+    fetched first. Paths under data roots and registered datasets must be mounted on every host."""
+    if kind != "upload":
+        return ref
+    path, sep, split = ref.partition("#")
+    return f"{storage.get_blob(Path(path))}{sep}{split}"

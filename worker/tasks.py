@@ -26,6 +26,7 @@ from app import store
 from app.db import Artifact, Dataset, Job, Model, make_sessionmaker
 from app.logs import binds_job
 from app.settings import Settings, get_settings
+from app.storage import local_data_ref, storage_for
 from worker.celery_app import PURIFY_TASK, celery_app
 
 log = logging.getLogger("clipguard.worker")
@@ -139,7 +140,9 @@ def run_attempt(sessions: sessionmaker, settings: Settings, claim: store.Claim) 
         return
     finally:
         reporter.stop()
-    artifacts = [_artifact(claim.job_id, p) for p in sorted(result.out.iterdir()) if p.name in MEDIA_TYPES]
+    shared = storage_for(settings)  # S3: uploaded under the same key as their path below <home>
+    artifacts = [_artifact(claim.job_id, p, shared.put_artifact(p, p.relative_to(settings.home).as_posix()))
+                 for p in sorted(result.out.iterdir()) if p.name in MEDIA_TYPES]
     if store.succeed(sessions, claim, artifacts, _summary(result.report)):
         for old in job_dir.glob("attempt-*"):
             if old != out:
@@ -155,6 +158,7 @@ def _options(sessions: sessionmaker, settings: Settings, job_id: str, out: Path)
         model = s.get_one(Model, job.model_id)
         train = s.get_one(Dataset, job.train_data_id)
         test = s.get(Dataset, job.test_data_id) if job.test_data_id else None
+    shared = storage_for(settings)
     attack = job.params.get("attack")
     if isinstance(attack, dict):
         # A trigger saved by `clipguard train`: the engine reads it from a file we write ourselves.
@@ -163,18 +167,21 @@ def _options(sessions: sessionmaker, settings: Settings, job_id: str, out: Path)
         path.write_text(json.dumps(attack))
         attack = str(path)
     return PurifyOptions(
-        arch=model.arch, weights=settings.blobs_dir / f"{model.canonical_sha256}.safetensors", data=train.ref,
+        # Inputs come through the storage: on S3 this host fetches the blobs it lacks into its own <home>.
+        arch=model.arch, weights=shared.get_blob(settings.blobs_dir / f"{model.canonical_sha256}.safetensors"),
+        data=local_data_ref(shared, train.ref, train.kind),
         out=out, num_classes=model.num_classes,
         mean=tuple(model.mean) if model.mean else None, std=tuple(model.std) if model.std else None,
         lam=job.params.get("lam"), granularity=job.params.get("granularity", "channel"), device=settings.device,
-        eval_data=test.ref if test else None, attack=attack, cache_dir=settings.home / "cache", overwrite=True,
+        eval_data=local_data_ref(shared, test.ref, test.kind) if test else None, attack=attack,
+        cache_dir=settings.home / "cache", overwrite=True,
     )
 
 
-def _artifact(job_id: str, path: Path) -> Artifact:
+def _artifact(job_id: str, path: Path, location: str) -> Artifact:
     with path.open("rb") as f:
         sha = hashlib.file_digest(f, "sha256").hexdigest()
-    return Artifact(job_id=job_id, name=path.name, path=str(path), sha256=sha, size=path.stat().st_size,
+    return Artifact(job_id=job_id, name=path.name, path=location, sha256=sha, size=path.stat().st_size,
                     media_type=MEDIA_TYPES[path.name])
 
 

@@ -9,19 +9,20 @@ from typing import Annotated
 
 from celery import Celery
 from fastapi import APIRouter, Header, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import store
 from app.db import Artifact, Dataset, Job, Model, new_id
-from app.deps import CeleryDep, SessionDep, SessionsDep, TenantDep
+from app.deps import CeleryDep, SessionDep, SessionsDep, SettingsDep, TenantDep
 from app.logs import binds_job
 from app.metrics import JOBS_CREATED
 from app.pagination import paginate
 from app.problems import ProblemError
 from app.schemas import ArtifactOut, JobCreate, JobOut, JobState, Page
+from app.storage import storage_for
 from worker.celery_app import GPU_QUEUE, PURIFY_TASK
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -159,8 +160,11 @@ def cancel_job(job_id: str, tenant: TenantDep, sessions: SessionsDep, celery: Ce
 
 @router.get("/{job_id}/artifacts/{name}", response_class=FileResponse,
             responses={200: {"content": {"application/octet-stream": {}}}, 304: {"description": "ETag matched"}})
-def get_artifact(job_id: str, name: str, request: Request, tenant: TenantDep, session: SessionDep) -> Response:
-    """Download an artifact; ``ETag`` is its sha256, ``Range`` and ``If-None-Match`` are honoured."""
+def get_artifact(job_id: str, name: str, request: Request, tenant: TenantDep, session: SessionDep,
+                 settings: SettingsDep) -> Response:
+    """Download an artifact; ``ETag`` is its sha256, ``Range`` and ``If-None-Match`` are honoured.
+
+    With S3 storage the answer is a 302 to a short-lived presigned URL: the bytes do not pass the API."""
     _owned_job(session, tenant, job_id)
     artifact = session.get(Artifact, (job_id, name))
     if artifact is None:
@@ -168,4 +172,6 @@ def get_artifact(job_id: str, name: str, request: Request, tenant: TenantDep, se
     etag = f'"{artifact.sha256}"'
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
+    if url := storage_for(settings).download_url(artifact.path, artifact.name, artifact.media_type):
+        return RedirectResponse(url, status_code=302, headers={"ETag": etag, "Cache-Control": "no-store"})
     return FileResponse(artifact.path, media_type=artifact.media_type, filename=artifact.name, headers={"ETag": etag})

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 
 import anyio.to_thread
 from fastapi import FastAPI
@@ -83,4 +85,32 @@ async def _sweep_forever(app: FastAPI) -> None:
                 await anyio.to_thread.run_sync(jobs.enqueue, app.state.celery, app.state.sessions, job_id)
         except Exception:
             log.exception("sweep failed; trying again later")
+        try:  # apart from the store sweep: while the broker is down, stuck jobs are still found and failed
+            await anyio.to_thread.run_sync(jobs.reenqueue_lost, app.state.celery, app.state.sessions)
+        except Exception as exc:
+            log.warning("broker check failed (%s: %s); trying again later", type(exc).__name__, exc)
+        try:
+            await anyio.to_thread.run_sync(clean_staging, settings.tmp_dir, settings.staging_max_age_s)
+        except OSError:
+            log.exception("cleaning the upload staging folder failed; trying again later")
         await asyncio.sleep(settings.sweep_every_s)
+
+
+def clean_staging(tmp: Path, max_age_s: float) -> int:
+    """Delete staging files (upload parts, quarantine output) untouched for ``max_age_s``; returns the count.
+
+    What a killed API leaves behind: an upload in progress writes its part file continually,
+    so age since the last write tells an abandoned file from a live one, also when several API
+    replicas share the folder. Never a blob: those are only ever renamed out of ``tmp``.
+    """
+    cutoff, removed = time.time() - max_age_s, 0
+    for path in tmp.iterdir():
+        try:
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:  # finished (renamed) or removed by another replica meanwhile
+            continue
+    if removed:
+        log.warning("removed %d abandoned staging file(s) from %s", removed, tmp)
+    return removed

@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     stale_after_s: float = 120.0
     """A running job whose heartbeat is older than this is redelivered (or failed after max_attempts)."""
     sweep_every_s: float = 30.0
+    staging_max_age_s: float = 3600.0
+    """Upload staging files untouched this long are abandoned (the API died mid-upload) and deleted."""
     quarantine_timeout_s: int = 300
     quarantine_memory_bytes: int = 8 * 1024**3
     device: str = "auto"

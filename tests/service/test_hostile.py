@@ -7,13 +7,25 @@ behind, and must tell a caller without a valid key nothing about what exists.
 from __future__ import annotations
 
 import base64
+import io
 import json
+import pickle
+import socket
+import subprocess
+import sys
+import tarfile
+import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from app.auth import revoke_key, revoke_tenant
+from app.client import ClipguardClient
 from app.db import make_sessionmaker
 from app.main import create_app
 
@@ -182,3 +194,163 @@ def _without_ids(body: dict, ids: list[str]) -> dict:
     for i in ids:
         text = text.replace(i, "ID")
     return json.loads(text)
+
+
+# ------------------------------------------------------------------ through the real service: API, worker, CLI
+
+
+class SocketPayload:
+    """Unpickling this opens a TCP connection to ``port`` and writes ``marker``: code run from a checkpoint."""
+
+    def __init__(self, port: int, marker: Path) -> None:
+        self.port, self.marker = port, marker
+
+    def __reduce__(self):
+        code = (f"import socket; socket.create_connection(('127.0.0.1', {self.port}), 2).close(); "
+                f"open({str(self.marker)!r}, 'w').write('pwned')")
+        return (exec, (code,))
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    """A loopback socket a malicious checkpoint would phone home to; ``connected`` tells whether it did."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.setblocking(False)
+        yield server
+
+
+def connected(server: socket.socket) -> bool:
+    try:
+        server.accept()[0].close()
+        return True
+    except BlockingIOError:
+        return False
+
+
+def evil_checkpoint(path: Path, port: int, marker: Path) -> Path:
+    from clipguard.models import resolve_spec
+
+    torch.save({"state_dict": resolve_spec("small_cnn").build().state_dict(), "x": SocketPayload(port, marker)}, path)
+    return path
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_by_the_cli(tmp_path, small_npz, listener):
+    marker = tmp_path / "pwned"
+    weights = evil_checkpoint(tmp_path / "evil.pt", listener.getsockname()[1], marker)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "clipguard.cli", "purify", "--arch", "small_cnn", "--weights",
+                           str(weights), "--data", str(small_npz), "--out", str(out), "--quiet", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip()
+    assert proc.returncode == 1 and err.startswith("clipguard: error:") and "\n" not in err, err
+    assert "builtins.exec" in err
+    assert not marker.exists() and not connected(listener) and not out.exists()
+    pickle.loads(pickle.dumps(SocketPayload(listener.getsockname()[1], marker)))  # the payload is live
+    assert marker.exists() and connected(listener)
+
+
+def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes]], mode: str = "w") -> Path:
+    with tarfile.open(path, mode) as tf:
+        for info, data in members:
+            info.size = len(data) if info.type == tarfile.REGTYPE else 0
+            tf.addfile(info, io.BytesIO(data) if data else None)
+    return path
+
+
+def _png(size: tuple[int, int] = (8, 8), mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    return info
+
+
+def hostile_archives(root: Path, outside: Path) -> dict[str, tuple[Path, str]]:
+    """Each archive holds good images plus one hostile member; value: (archive, words the job error must hold)."""
+    good = [(_member(f"{c}/{i}.png"), _png()) for c in ("cat", "dog") for i in range(2)]
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(jpeg, format="JPEG")
+    zip_bomb = root / "bomb.zip"
+    with zipfile.ZipFile(zip_bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("cat/0.png", _png())
+        with zf.open("dog/1.png", "w") as member:  # 300 MiB of zeros in about 300 KiB
+            for _ in range(300):
+                member.write(bytes(1 << 20))
+    return {
+        "dot-dot path": (_tar(root / "dotdot.tar", [*good, (_member("../../escape.png"), _png())]), "unsafe path"),
+        "absolute path": (_tar(root / "abs.tar", [*good, (_member(f"{outside}/abs.png"), _png())]), "unsafe path"),
+        "symlink out": (_tar(root / "sym.tar", [*good, (_member("cat/s.png", tarfile.SYMTYPE, "/etc/passwd"), b"")]),
+                        "link member"),
+        "hard link out": (_tar(root / "hard.tar", [*good, (_member("cat/h.png", tarfile.LNKTYPE, "../../etc/passwd"),
+                                                           b"")]), "link member"),
+        "zip bomb": (zip_bomb, "larger than"),
+        "decompression bomb": (_tar(root / "huge.tar.gz", [*good, (_member("cat/huge.png"), _png((5000, 5000), "L"))],
+                                    "w:gz"), "cap"),
+        "truncated JPEG": (_tar(root / "trunc.tar.gz", [*good, (_member("dog/broken.jpg"), jpeg.getvalue()[:200])],
+                                "w:gz"), "broken.jpg"),
+    }
+
+
+def files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+def outside_job_folders(home: Path, before: set[Path], job_ids: list[str]) -> list[Path]:
+    """Files that appeared under ``home`` other than uploads, logs, the decode cache and the jobs' own folders."""
+    allowed = [home / "blobs", home / "logs", home / "cache", *(home / "jobs" / j for j in job_ids)]
+    return [p for p in files_under(home) - before if not any(p.is_relative_to(a) for a in allowed)]
+
+
+def test_hostile_archives_fail_their_jobs_with_the_reason(client, settings, auth, ready_model, tmp_path):
+    """Upload -> job -> the engine run by the worker's own task body, in process: every kind is refused."""
+    from app import store
+    from worker.tasks import run_attempt
+
+    sessions = make_sessionmaker(settings.database_url, migrate=False)
+    outside = tmp_path / "outside"
+    before, job_ids = files_under(settings.home), []
+    for what, (archive, reason) in hostile_archives(tmp_path, outside).items():
+        with archive.open("rb") as f:
+            data = client.post("/v1/datasets", headers=auth, files={"file": (archive.name, f)}).json()
+        job = client.post("/v1/jobs", headers=auth, json=job_body(ready_model, data)).json()
+        job_ids.append(job["id"])
+        run_attempt(sessions, settings, store.claim(sessions, job["id"], max_attempts=3))
+        job = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()
+        assert job["state"] == "failed" and reason in job["error"] and "\n" not in job["error"], (what, job)
+        assert job["artifacts"] == [], what
+    assert outside_job_folders(settings.home, before, job_ids) == []
+    assert not outside.exists() and not (settings.home / "escape.png").exists()
+
+
+def test_hostile_uploads_fail_their_jobs_on_the_real_worker_and_it_lives_on(live, model_file, tmp_path, listener):
+    """Through uvicorn, Celery, PostgreSQL and Redis: a checkpoint that would phone home is rejected, two
+    hostile archives fail their jobs on the same worker process one after the other, and nothing is
+    written outside the job folders."""
+    key = live.key("hostile")
+    home = live.logs.parent
+    archives = hostile_archives(tmp_path, tmp_path / "outside")
+    with ClipguardClient(live.url, key) as client:
+        marker = tmp_path / "pwned"
+        evil = client.upload_model(evil_checkpoint(tmp_path / "evil.pt", listener.getsockname()[1], marker),
+                                   arch="small_cnn")
+        model = client.wait_model(client.upload_model(model_file, arch="small_cnn")["id"])
+        evil = httpx.get(f"{live.url}/v1/models/{evil['id']}", headers={"Authorization": f"Bearer {key}"}).json()
+        assert evil["status"] == "rejected" and "builtins.exec" in evil["reject_reason"], evil
+        assert not marker.exists() and not connected(listener)
+
+        before, job_ids = files_under(home), []
+        for what in ("zip bomb", "symlink out"):
+            archive, reason = archives[what]
+            data = client.add_dataset(str(archive))
+            job = client.create_job(model_id=model["id"], train_data_id=data["id"], lam=3.0)
+            job_ids.append(job["id"])
+            job = client.wait_job(job["id"], poll_s=0.5, timeout_s=120)
+            assert job["state"] == "failed" and reason in job["error"], (what, job, live.log("worker")[-2000:])
+            assert job["attempts"] == 1 and job["artifacts"] == [], (what, job)
+    assert live.procs[1].poll() is None, "the worker died"
+    assert httpx.get(f"{live.url}/readyz").status_code == 200
+    assert outside_job_folders(home, before, job_ids) == []

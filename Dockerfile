@@ -10,6 +10,8 @@
 #
 #   API:    clipguard serve --no-worker --host 0.0.0.0 --port 8000   (the default CMD)
 #   worker: celery -A worker.celery_app:celery_app worker -Q gpu -c 1 -P prefork -n gpu0@%h
+#   flower: celery -A worker.celery_app:celery_app flower --port=5555
+# Logs are JSON lines (CLIPGUARD_LOG_FORMAT=json); set it to text for a terminal.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -30,9 +32,10 @@ COPY clipguard ./clipguard
 COPY app ./app
 COPY worker ./worker
 # Not editable. psycopg is the PostgreSQL driver of CLIPGUARD_DATABASE_URL=postgresql+psycopg://...
-# (it is only a dev extra in pyproject.toml, so it is named here).
-RUN pip install . "psycopg[binary]>=3.1" \
- && python -c "import clipguard.cli, app.main, worker.celery_app, psycopg"
+# (it is only a dev extra in pyproject.toml, so it is named here); the s3 extra (boto3) serves
+# CLIPGUARD_STORAGE_URL=s3://...; flower is the optional dashboard (compose profile "ops").
+RUN pip install ".[s3]" "psycopg[binary]>=3.1" "flower>=2.0" \
+ && python -c "import clipguard.cli, app.main, worker.celery_app, psycopg, boto3, flower"
 
 # ---- runtime: the venv only, no compiler, no source tree, non-root ----
 FROM ${PYTHON_IMAGE} AS runtime
@@ -44,7 +47,8 @@ COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    CLIPGUARD_HOME=/srv/clipguard
+    CLIPGUARD_HOME=/srv/clipguard \
+    CLIPGUARD_LOG_FORMAT=json
 WORKDIR /home/clipguard
 USER 10001:10001
 VOLUME ["/srv/clipguard"]

@@ -22,7 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
-SERVICES = {"api", "worker", "redis", "postgres"}
+CORE = {"api", "worker", "redis", "postgres"}
+PROFILES = {"s3": "s3", "flower": "ops"}
+"""Optional services and the compose profile that starts each (``docker compose --profile ...``)."""
+SERVICES = CORE | set(PROFILES)
+OURS = ("api", "worker", "flower")
+"""Services running the clipguard image: every variable they set is read by the project."""
+NOT_SETTINGS = {"CUDA_VISIBLE_DEVICES"}
+"""Variables of our services read by something other than Settings (CUDA picks the GPU)."""
 CELERY_APP = "worker.celery_app:celery_app"
 
 
@@ -133,7 +140,13 @@ def _option(argv: list[str], name: str) -> str:
 
 def test_compose_parses_with_the_expected_topology(compose):
     assert set(compose["services"]) == SERVICES
-    assert {"artifacts", "redis-data", "postgres-data"} <= set(compose["volumes"])
+    assert {"artifacts", "redis-data", "postgres-data", "s3-data"} <= set(compose["volumes"])
+    # `docker compose up` starts the core only; the object store and Flower are opt-in profiles
+    assert {name for name, svc in compose["services"].items() if "profiles" not in svc} == CORE
+    assert {name: svc["profiles"] for name, svc in compose["services"].items() if "profiles" in svc} == {
+        name: [profile] for name, profile in PROFILES.items()}
+    for name in CORE:  # a core service must never wait for an optional one (it would not start)
+        assert not set(compose["services"][name].get("depends_on") or {}) & set(PROFILES), name
     try:
         import yaml
     except ImportError:
@@ -207,10 +220,11 @@ def test_clipguard_variables_are_settings_fields_and_defaults_are_valid(compose,
     from app.settings import Settings
 
     fields = {f"CLIPGUARD_{name.upper()}" for name in Settings.model_fields}
+    for name in OURS:
+        unknown = set(compose["services"][name]["environment"]) - fields - NOT_SETTINGS
+        assert not unknown, f"{name} sets variables Settings does not read: {unknown}"
     for name in ("api", "worker"):
         env = compose["services"][name]["environment"]
-        unknown = {k for k in env if k.startswith("CLIPGUARD_")} - fields
-        assert not unknown, f"{name} sets variables Settings does not read: {unknown}"
 
         for key in [k for k in os.environ if k.startswith("CLIPGUARD_")]:
             monkeypatch.delenv(key)
@@ -222,6 +236,50 @@ def test_clipguard_variables_are_settings_fields_and_defaults_are_valid(compose,
         assert settings.database_url.startswith("postgresql+psycopg://clipguard:clipguard@postgres:5432/")
         assert settings.broker_url == "redis://redis:6379/0"
         assert env["CLIPGUARD_HOME"] == "/srv/clipguard"
+        assert settings.log_format == "json"
+        assert settings.storage_url == "", "local artifacts unless the operator opts into S3"
+
+
+def test_the_s3_profile_is_wired_to_the_api_and_workers(compose, monkeypatch, tmp_path):
+    """With CLIPGUARD_STORAGE_URL set, api and worker build an S3 storage aimed at the s3 service with its keys."""
+    from app.settings import Settings
+    from app.storage import S3Storage, storage_for
+
+    pytest.importorskip("boto3")
+    services = compose["services"]
+    s3 = services["s3"]
+    port = _command(s3)[_command(s3).index("-s3") + 1:]
+    assert "-s3.port=8333" in port and any(p.endswith(":8333") for p in s3["ports"])
+    keys = {k: interpolate(v, {}) for k, v in s3["environment"].items()}
+    for name in ("api", "worker"):
+        env = {k: interpolate(str(v), {"CLIPGUARD_STORAGE_URL": "s3://clipguard/artifacts"})
+               for k, v in services[name]["environment"].items() if v is not None}
+        for key in [k for k in os.environ if k.startswith("CLIPGUARD_")]:
+            monkeypatch.delenv(key)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("CLIPGUARD_HOME", str(tmp_path))
+        settings = Settings()
+        assert (settings.s3_access_key_id, settings.s3_secret_access_key.get_secret_value()) == (
+            keys["AWS_ACCESS_KEY_ID"], keys["AWS_SECRET_ACCESS_KEY"])
+        storage = storage_for(settings)  # builds the boto3 client; no request is made
+        assert isinstance(storage, S3Storage) and storage.bucket == "clipguard"
+        assert storage.client.meta.endpoint_url == "http://s3:8333"
+    assert interpolate(services["api"]["environment"]["CLIPGUARD_S3_PUBLIC_URL"], {}).endswith(
+        ":" + s3["ports"][0].rsplit(":", 1)[1]), "presigned URLs must name the port the s3 service publishes"
+
+
+def test_flower_runs_the_projects_celery_app(compose, dockerfile):
+    flower = compose["services"]["flower"]
+    argv = _command(flower)
+    assert argv[:4] == ["celery", "-A", CELERY_APP, "flower"]
+    port = next(a.split("=", 1)[1] for a in argv if a.startswith("--port="))
+    assert any(p.endswith(f":{port}") for p in flower["ports"])
+    assert f"http://127.0.0.1:{port}/healthcheck" in " ".join(flower["healthcheck"]["test"])
+    assert flower["environment"]["CLIPGUARD_BROKER_URL"] == compose["services"]["worker"]["environment"][
+        "CLIPGUARD_BROKER_URL"], "Flower must watch the broker the workers use"
+    runs = " ".join(args for op, args in dockerfile if op == "RUN")
+    assert '"flower' in runs, "the image must install flower for the ops profile"
 
 
 def test_services_share_the_artifact_volume_and_wait_for_healthy_dependencies(compose):
@@ -249,7 +307,8 @@ def test_dockerfile_is_multistage_non_root_and_installs_the_project(dockerfile):
     users = [args.split(":")[0] for op, args in dockerfile if op == "USER"]
     assert users and users[-1] not in {"root", "0"}
     runs = " ".join(args for op, args in dockerfile if op == "RUN")
-    assert re.search(r"pip install \.(\s|$)", runs) and "install -e" not in runs
+    assert re.search(r'pip install "?\.(\[[a-z0-9,]+\])?"?(\s|$)', runs) and "install -e" not in runs
+    assert '".[s3]"' in runs, "the image carries the S3 backend (boto3)"
     assert "download.pytorch.org/whl/${TORCH_INDEX}" in runs
     assert "ARG TORCH_INDEX=cpu" in [f"{op} {args}" for op, args in dockerfile]
 

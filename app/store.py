@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import Artifact, Job, new_id, utcnow
@@ -26,17 +26,24 @@ class Claim:
     attempt: int
 
 
-def claim(sessions: sessionmaker, job_id: str, max_attempts: int) -> Claim | None:
+def claim(sessions: sessionmaker, job_id: str, max_attempts: int, task_id: str | None = None) -> Claim | None:
     """Take ownership of a queued job (or of a running one whose worker died) for one attempt.
 
     Returns None when there is nothing to run: the job is finished, cancelled, or has just
     been failed because this delivery would exceed ``max_attempts`` (the bound on Celery's
     ``task_reject_on_worker_lost`` redelivery loops). The write is conditional on the
     attempt count read, so of two concurrent deliveries exactly one wins (on SQLite too).
+
+    ``task_id`` is the delivered message's id. A job is re-published under a new id when the
+    sweeper finds its message lost (worker gone, broker restarted); a message that was only
+    presumed lost and turns up later is then stale and must not take the job over from the
+    attempt the new message started. Celery's own redelivery after a worker loss keeps the id.
     """
     with sessions() as s:
         job = s.get(Job, job_id)
         if job is None or job.state in TERMINAL:
+            return None
+        if task_id is not None and job.celery_task_id is not None and job.celery_task_id != task_id:
             return None
         now, seen = utcnow(), job.attempts  # the ORM update below refreshes `job`, so keep what was read
         same = and_(Job.id == job_id, Job.attempts == seen, Job.state.in_(("queued", "running")))
@@ -152,6 +159,45 @@ def sweep(sessions: sessionmaker, *, stale_after: timedelta, max_attempts: int, 
     return requeue
 
 
+def assign_task(sessions: sessionmaker, job_id: str, task_id: str) -> bool:
+    """Record the id of the message about to be published, before publishing it.
+
+    Written first so a worker that receives the message at once already finds its id on the
+    row (see :func:`claim`). False when the job is no longer queued: nothing to publish.
+    """
+    with sessions.begin() as s:
+        return s.execute(update(Job).where(Job.id == job_id, Job.state == "queued").values(
+            celery_task_id=task_id)).rowcount == 1
+
+
 def mark_enqueued(sessions: sessionmaker, job_id: str, task_id: str) -> None:
     with sessions.begin() as s:
         s.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow(), celery_task_id=task_id))
+
+
+def discard_unpublished(sessions: sessionmaker, job_id: str) -> bool:
+    """Delete a job the broker refused before any worker saw it, so a 503 means "not created".
+
+    Conditional on the job still being queued and never marked enqueued: if a publish that
+    reported failure did reach a worker, the job is running and stays.
+    """
+    with sessions.begin() as s:
+        return s.execute(delete(Job).where(Job.id == job_id, Job.state == "queued",
+                                           Job.enqueued_at.is_(None))).rowcount == 1
+
+
+def requeue_published_before(sessions: sessionmaker, before: datetime) -> list[str]:
+    """Queued jobs published before ``before``, taken back for re-publishing: the broker lost its queue.
+
+    Called when the broker is found to have lost its data (a Redis restart without
+    persistence). Each job is marked unpublished with a conditional update, so of several API
+    replicas noticing the same loss one takes it, and a job claimed meanwhile is left alone.
+    """
+    with sessions() as s:
+        rows = s.execute(select(Job.id, Job.enqueued_at).where(
+            Job.state == "queued", Job.enqueued_at.is_not(None), Job.enqueued_at < before)).all()
+        taken = [row.id for row in rows if s.execute(update(Job).where(
+            Job.id == row.id, Job.state == "queued", Job.enqueued_at == row.enqueued_at).values(
+            enqueued_at=None)).rowcount == 1]
+        s.commit()
+    return taken

@@ -7,10 +7,12 @@ input is read from the job store, and everything the API shows is written back t
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import threading
 import time
@@ -41,6 +43,10 @@ MEDIA_TYPES = {
 # Where each engine stage sits in the overall percentage shown to clients.
 STAGE_SPAN = {"starting": (0, 0), "load": (0, 5), "bounds": (5, 50), "select_lambda": (50, 70),
               "export": (70, 80), "evaluate": (80, 99), "done": (99, 99)}
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+"""Write errors that mean "out of room" (device full, quota, file-size limit): the job fails with that reason."""
+OUTPUT_SIZE_FACTOR, OUTPUT_SIZE_MARGIN = 3, 4 * 1024**2
+"""Room a job's outputs need: two exports of the weights (``.pt``, ``.pt2``) and change, plus the reports."""
 PROGRESS_EVERY_S = 1.0
 """At most one progress write (and one cancel check) per second, whatever the batch rate."""
 
@@ -50,14 +56,14 @@ def _sessions(url: str) -> sessionmaker:
     return make_sessionmaker(url, migrate=False)
 
 
-@celery_app.task(name=PURIFY_TASK, autoretry_for=(OperationalError,), retry_backoff=True, retry_backoff_max=600,
-                 retry_jitter=True, max_retries=5)
+@celery_app.task(name=PURIFY_TASK, bind=True, autoretry_for=(OperationalError,), retry_backoff=True,
+                 retry_backoff_max=600, retry_jitter=True, max_retries=5)
 @binds_job  # every line this attempt logs, the engine's and the libraries' included, carries the job id
-def purify_task(job_id: str) -> None:
+def purify_task(self: Any, job_id: str) -> None:
     """Run one attempt of a purify job. Safe to deliver twice: the claim decides who runs."""
     settings = get_settings()
     sessions = _sessions(settings.database_url)
-    claim = store.claim(sessions, job_id, settings.max_attempts)
+    claim = store.claim(sessions, job_id, settings.max_attempts, task_id=self.request.id)
     if claim is None:
         return
     try:
@@ -128,6 +134,7 @@ def run_attempt(sessions: sessionmaker, settings: Settings, claim: store.Claim) 
     reporter = _Reporter(sessions, claim, settings.heartbeat_s)
     try:
         options = _options(sessions, settings, claim.job_id, out)
+        _check_room(settings.jobs_dir, options.weights)
         result = purify(options, progress=reporter.progress, should_cancel=reporter.should_cancel)
     except Cancelled:
         store.finish(sessions, claim, "cancelled")
@@ -138,15 +145,47 @@ def run_attempt(sessions: sessionmaker, settings: Settings, claim: store.Claim) 
     except SoftTimeLimitExceeded:
         store.finish(sessions, claim, "failed", f"time limit exceeded ({settings.job_time_limit_s} s)")
         return
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        # The engine wrote into a staging folder and removed it; free what this job still holds.
+        if store.finish(sessions, claim, "failed", f"no space left for the job's outputs in {settings.jobs_dir}: "
+                                                   f"{exc.strerror}; nothing was published"):
+            _tidy(job_dir, keep=None)
+        return
     finally:
         reporter.stop()
     shared = storage_for(settings)  # S3: uploaded under the same key as their path below <home>
     artifacts = [_artifact(claim.job_id, p, shared.put_artifact(p, p.relative_to(settings.home).as_posix()))
                  for p in sorted(result.out.iterdir()) if p.name in MEDIA_TYPES]
     if store.succeed(sessions, claim, artifacts, _summary(result.report)):
-        for old in job_dir.glob("attempt-*"):
-            if old != out:
-                shutil.rmtree(old, ignore_errors=True)
+        _tidy(job_dir, keep=out)
+
+
+def _check_room(jobs_dir: Path, weights: Path) -> None:
+    """Refuse to start when the job folder cannot hold the outputs: raises ENOSPC with the figures.
+
+    Not only an early answer: torch's checkpoint writer cannot report a full disk, it aborts
+    the whole process (a C++ exception in a destructor). The attempt then looks like a lost
+    worker and is retried until ``max_attempts``; this check gives the retry the real reason.
+    """
+    need = OUTPUT_SIZE_FACTOR * weights.stat().st_size + OUTPUT_SIZE_MARGIN
+    st = os.statvfs(jobs_dir)
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        raise OSError(errno.ENOSPC, f"{free} bytes free, the outputs need about {need}")
+
+
+def _tidy(job_dir: Path, keep: Path | None) -> None:
+    """Remove every attempt folder of a finished job but ``keep``, staging ones included.
+
+    An attempt killed mid-export (``kill -9``, a lost machine) leaves the engine's hidden
+    staging folder ``.attempt-N.*`` behind, since its cleanup never ran; once the job is
+    finished no attempt can still be writing, so whatever is not the published output goes.
+    """
+    for path in job_dir.glob("*attempt-*"):
+        if path != keep and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _options(sessions: sessionmaker, settings: Settings, job_id: str, out: Path) -> Any:

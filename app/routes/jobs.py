@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import store
-from app.db import Artifact, Dataset, Job, Model, new_id
+from app.db import Artifact, Dataset, Job, Model, new_id, utcnow
 from app.deps import CeleryDep, SessionDep, SessionsDep, SettingsDep, TenantDep
 from app.logs import binds_job
 from app.metrics import JOBS_CREATED
@@ -48,17 +48,63 @@ def _owned_job(session: Session, tenant: str, job_id: str) -> Job:
     return job
 
 
+PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
+"""Enough to reconnect a pooled broker connection after a restart, short enough that a down
+broker answers 503 within about a second instead of holding the request."""
+BROKER_DOWN_RETRY_AFTER_S = "5"
+BROKER_MARK = "clipguard:broker-epoch"
+
+
 @binds_job  # the route and the sweeper both publish through here: their lines carry the job id
-def enqueue(celery: Celery, sessions: sessionmaker, job_id: str) -> None:
-    """Hand a committed job to the broker; if that fails the sweeper enqueues it later."""
+def enqueue(celery: Celery, sessions: sessionmaker, job_id: str) -> bool:
+    """Hand a committed job to the broker; False if that failed (the sweeper enqueues it later).
+
+    The message id is written to the row before publishing: a worker drops any delivery whose
+    id is not the row's (a message presumed lost that turns up again), see ``store.claim``.
+    """
     task_id = new_id()
+    if not store.assign_task(sessions, job_id, task_id):
+        return True  # no longer queued (claimed or cancelled meanwhile): nothing to publish
     try:
-        celery.send_task(PURIFY_TASK, args=[job_id], task_id=task_id, queue=GPU_QUEUE)
-    except Exception:
-        log.exception("could not enqueue job %s; the sweeper will retry", job_id)
-        return
+        celery.send_task(PURIFY_TASK, args=[job_id], task_id=task_id, queue=GPU_QUEUE, retry=True,
+                         retry_policy=PUBLISH_RETRY)
+    except Exception as exc:
+        log.warning("could not enqueue job %s (%s: %s); the sweeper will retry", job_id, type(exc).__name__, exc)
+        return False
     store.mark_enqueued(sessions, job_id, task_id)
     log.info("job %s queued as task %s", job_id, task_id)
+    return True
+
+
+def broker_lost_its_queue(celery: Celery) -> bool:
+    """True, for one caller, when the broker has lost its data since anyone last looked.
+
+    Redis without persistence comes back from a restart empty, and with it every queued
+    message: the job store still says ``queued`` but no worker will ever hear of those jobs.
+    A marker key is kept in the broker; finding it gone means the queue went with it. ``SET NX``
+    makes exactly one API replica win the re-enqueue. A broker that keeps its data keeps the
+    marker, so a restart with AOF triggers nothing. Only Redis transports are checked.
+    """
+    with celery.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=2)
+        if conn.transport.driver_type != "redis":
+            return False
+        return bool(conn.default_channel.client.set(BROKER_MARK, new_id(), nx=True))
+
+
+def reenqueue_lost(celery: Celery, sessions: sessionmaker) -> list[str]:
+    """Publish again every queued job whose message the broker lost; returns their ids.
+
+    Run by the sweeper. Raises while the broker is unreachable (the caller logs and retries).
+    """
+    started = utcnow()
+    if not broker_lost_its_queue(celery):
+        return []
+    ids = store.requeue_published_before(sessions, started)
+    for job_id in ids:
+        log.warning("the broker lost its queue; re-enqueueing job %s", job_id)
+        enqueue(celery, sessions, job_id)
+    return ids
 
 
 def _check_inputs(s: Session, tenant: str, body: JobCreate) -> None:
@@ -87,7 +133,8 @@ def _replay(s: Session, tenant: str, key: str, fingerprint: str) -> Job | None:
 
 
 @router.post("", status_code=202, response_model=JobOut,
-             responses={409: {"description": "model not ready yet"}, 422: {"description": "bad request or reused key"}})
+             responses={409: {"description": "model not ready yet"}, 422: {"description": "bad request or reused key"},
+                        503: {"description": "the job queue (broker) is unreachable; retry after Retry-After"}})
 def create_job(body: JobCreate, response: Response, tenant: TenantDep, sessions: SessionsDep, celery: CeleryDep,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
     """Queue a purification. Retrying with the same ``Idempotency-Key`` and body returns the same job."""
@@ -110,8 +157,11 @@ def create_job(body: JobCreate, response: Response, tenant: TenantDep, sessions:
                 if job is None:
                     raise
             else:
+                if not enqueue(celery, sessions, job.id) and store.discard_unpublished(sessions, job.id):
+                    # Status polls keep working from the job store; only new work needs the broker.
+                    raise ProblemError(503, "the job queue is unreachable; no job was created, retry later",
+                                       kind="broker-unavailable", headers={"Retry-After": BROKER_DOWN_RETRY_AFTER_S})
                 JOBS_CREATED.inc()
-                enqueue(celery, sessions, job.id)
         response.headers["Location"] = f"/v1/jobs/{job.id}"
         response.headers["Retry-After"] = RETRY_AFTER_S
         return job_out(s, job)

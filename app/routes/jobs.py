@@ -7,16 +7,18 @@ import json
 import logging
 from typing import Annotated
 
+import anyio.to_thread
 from celery import Celery
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
+from fastapi.security import HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import store
 from app.db import Artifact, Dataset, Job, Model, new_id, utcnow
-from app.deps import CeleryDep, SessionDep, SessionsDep, SettingsDep, TenantDep
+from app.deps import CeleryDep, SessionsDep, SettingsDep, TenantDep
 from app.logs import binds_job
 from app.metrics import JOBS_CREATED
 from app.pagination import paginate
@@ -31,7 +33,10 @@ RETRY_AFTER_S = "2"
 
 
 def job_out(session: Session, job: Job) -> JobOut:
-    artifacts = session.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name)).all()
+    # Artifacts are written in the transaction that makes a job succeeded, so a job in any other
+    # state has none: its polls (nearly all polls) skip the query.
+    artifacts = session.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name)).all() \
+        if job.state == "succeeded" else []
     return JobOut(
         id=job.id, state=job.state, stage=job.stage, percent=job.percent, error=job.error, attempts=job.attempts,
         cancel_requested=job.cancel_requested, model_id=job.model_id, train_data_id=job.train_data_id,
@@ -167,25 +172,59 @@ def create_job(body: JobCreate, response: Response, tenant: TenantDep, sessions:
         return job_out(s, job)
 
 
-@router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, tenant: TenantDep, session: SessionDep, response: Response) -> JobOut:
-    job = _owned_job(session, tenant, job_id)
+# The read routes open their session inside the route, not through the ``SessionDep`` generator:
+# FastAPI closes a generator dependency on another threadpool thread after the route returns, so
+# under load (more requests than threadpool threads and pooled connections) the threads waiting
+# for a connection starve the closes that would give connections back, and every request waits
+# out the pool timeout (30 s). bench/load.py at 64 clients: 1 poll/s before, see docs/benchmarks.md.
+
+
+_bearer_doc = HTTPBearer(auto_error=False, description="an API key from `clipguard keys create`")
+"""Only declares the scheme in the OpenAPI document, as ``TenantDep`` does; the gate checks the key."""
+
+
+async def gate_tenant(request: Request) -> str:
+    """The tenant ``app.auth.Gate`` found for this request's key; 401 if the gate did not run.
+
+    For the status poll, the hottest route: the sync dependency chain behind ``TenantDep``
+    costs four threadpool round trips per request, each a scheduler wait on a busy machine.
+    Failing closed keeps the route safe if it is ever mounted where the gate does not run.
+    """
+    tenant = getattr(request.state, "tenant", None)
+    if tenant is None:
+        raise ProblemError(401, "missing or unknown API key; send `Authorization: Bearer <key>`",
+                           kind="unauthorized", headers={"WWW-Authenticate": "Bearer"})
+    return tenant
+
+
+@router.get("/{job_id}", response_model=JobOut, dependencies=[Depends(_bearer_doc)])
+async def get_job(job_id: str, request: Request, response: Response,
+                  tenant: Annotated[str, Depends(gate_tenant)]) -> JobOut:
+    """A job's state, stage, progress and, once succeeded, its artifacts (one thread hop, two queries at most)."""
+    sessions: sessionmaker = request.app.state.sessions
+
+    def load() -> JobOut:
+        with sessions() as session:
+            return job_out(session, _owned_job(session, tenant, job_id))
+
+    job = await anyio.to_thread.run_sync(load)
     if job.state in ("queued", "running"):
         response.headers["Retry-After"] = RETRY_AFTER_S
-    return job_out(session, job)
+    return job
 
 
 @router.get("", response_model=Page[JobOut])
-def list_jobs(tenant: TenantDep, session: SessionDep, state: JobState | None = None, model_id: str | None = None,
+def list_jobs(tenant: TenantDep, sessions: SessionsDep, state: JobState | None = None, model_id: str | None = None,
               page_size: int = 50, page_token: str | None = None) -> dict:
     query = select(Job).where(Job.tenant == tenant)
     if state:
         query = query.where(Job.state == state)
     if model_id:
         query = query.where(Job.model_id == model_id)
-    page = paginate(session, query, Job, page_size, page_token)
-    page["items"] = [job_out(session, j) for j in page["items"]]
-    return page
+    with sessions() as session:
+        page = paginate(session, query, Job, page_size, page_token)
+        page["items"] = [job_out(session, j) for j in page["items"]]
+        return page
 
 
 @router.post("/{job_id}:cancel", status_code=202, response_model=JobOut,
@@ -210,13 +249,14 @@ def cancel_job(job_id: str, tenant: TenantDep, sessions: SessionsDep, celery: Ce
 
 @router.get("/{job_id}/artifacts/{name}", response_class=FileResponse,
             responses={200: {"content": {"application/octet-stream": {}}}, 304: {"description": "ETag matched"}})
-def get_artifact(job_id: str, name: str, request: Request, tenant: TenantDep, session: SessionDep,
+def get_artifact(job_id: str, name: str, request: Request, tenant: TenantDep, sessions: SessionsDep,
                  settings: SettingsDep) -> Response:
     """Download an artifact; ``ETag`` is its sha256, ``Range`` and ``If-None-Match`` are honoured.
 
     With S3 storage the answer is a 302 to a short-lived presigned URL: the bytes do not pass the API."""
-    _owned_job(session, tenant, job_id)
-    artifact = session.get(Artifact, (job_id, name))
+    with sessions() as session:
+        _owned_job(session, tenant, job_id)
+        artifact = session.get(Artifact, (job_id, name))
     if artifact is None:
         raise ProblemError(404, f"job {job_id} has no artifact {name!r}", kind="not-found")
     etag = f'"{artifact.sha256}"'

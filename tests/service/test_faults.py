@@ -379,3 +379,53 @@ def test_an_api_killed_mid_upload_registers_nothing_corrupt_and_its_part_file_is
     artifact = done["artifacts"][0]
     body = http.get(artifact["url"]).content
     assert hashlib.sha256(body).hexdigest() == artifact["sha256"]
+
+
+# ----------------------------------------------------------------------- the same rules, in process (fast)
+
+
+def test_a_message_presumed_lost_that_turns_up_later_cannot_take_the_job_over(tmp_path):
+    from app import store
+    from app.db import make_sessionmaker
+
+    from .test_store import get, new_job
+
+    sessions = make_sessionmaker(f"sqlite:///{tmp_path / 'store.sqlite'}")
+    job_id = new_job(sessions)
+    assert store.assign_task(sessions, job_id, "first")
+    store.mark_enqueued(sessions, job_id, "first")
+    assert store.requeue_published_before(sessions, get(sessions, job_id).enqueued_at) == []  # not before itself
+    later = get(sessions, job_id).enqueued_at.replace(year=2100)
+    assert store.requeue_published_before(sessions, later) == [job_id]  # the broker lost it: publish again
+    assert store.requeue_published_before(sessions, later) == []  # one replica takes it
+    assert store.assign_task(sessions, job_id, "second")
+    assert store.claim(sessions, job_id, max_attempts=3, task_id="first") is None  # the old message: dropped
+    claim = store.claim(sessions, job_id, max_attempts=3, task_id="second")
+    assert claim is not None and claim.attempt == 1
+    again = store.claim(sessions, job_id, max_attempts=3, task_id="second")  # Celery's redelivery: same id
+    assert again is not None and again.attempt == 2
+    assert not store.assign_task(sessions, job_id, "third")  # running: nothing to publish
+
+
+def test_a_job_the_broker_refused_is_deleted_unless_a_worker_has_it(tmp_path):
+    from app import store
+    from app.db import make_sessionmaker
+
+    from .test_store import new_job
+
+    sessions = make_sessionmaker(f"sqlite:///{tmp_path / 'store.sqlite'}")
+    refused, taken = new_job(sessions), new_job(sessions)
+    assert store.claim(sessions, taken, max_attempts=3)
+    assert store.discard_unpublished(sessions, refused)
+    assert not store.discard_unpublished(sessions, taken)
+
+
+def test_staging_files_are_removed_only_once_abandoned(tmp_path):
+    from app.main import clean_staging
+
+    old, live = tmp_path / "old.part", tmp_path / "live.part"
+    old.write_bytes(b"x")
+    live.write_bytes(b"y")
+    os.utime(old, (time.time() - 100, time.time() - 100))
+    assert clean_staging(tmp_path, max_age_s=60) == 1
+    assert not old.exists() and live.exists()

@@ -161,20 +161,41 @@ async def _run_level(port: int, clients: int, seconds: float, max_requests: int,
             "per_s": round(len(latencies) / elapsed, 1), "p50_ms": round(pct(0.50), 1), "p99_ms": round(pct(0.99), 1)}
 
 
+def _cpu_s(parent: int) -> float:
+    """User + system CPU seconds of the API process and its children so far."""
+    total = 0
+    for pid in _pids(parent):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _levels(svc: dict, levels: list[int], seconds: float, max_requests: int, request: Callable[[], bytes],
+            expect: int) -> list[dict]:
+    """Each level, plus the server's CPU time per request: what the figures would be without neighbours."""
+    rows = []
+    for n in levels:
+        cpu = _cpu_s(svc["api"].pid)
+        row = asyncio.run(_run_level(svc["port"], n, seconds, max_requests, request, expect))
+        row["server_cpu_ms_per_req"] = round(1000 * (_cpu_s(svc["api"].pid) - cpu) / max(row["requests"], 1), 2)
+        rows.append(row)
+    return rows
+
+
 def polls(svc: dict, levels: list[int], seconds: float, max_requests: int, jobs: list[str]) -> list[dict]:
     auth = f"Authorization: Bearer {svc['key']}\r\n"
 
     def request() -> bytes:
         return f"GET /v1/jobs/{random.choice(jobs)} HTTP/1.1\r\nHost: bench\r\n{auth}\r\n".encode()
 
-    return [asyncio.run(_run_level(svc["port"], n, seconds, max_requests, request, 200)) for n in levels]
+    return _levels(svc, levels, seconds, max_requests, request, 200)
 
 
 def creations(svc: dict, levels: list[int], seconds: float, max_requests: int) -> list[dict]:
     body = json.dumps({"model_id": svc["model"], "train_data_id": svc["data"], "lam": 3.0}).encode()
     request = (f"POST /v1/jobs HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {svc['key']}\r\n"
                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
-    return [asyncio.run(_run_level(svc["port"], n, seconds, max_requests, lambda: request, 202)) for n in levels]
+    return _levels(svc, levels, seconds, max_requests, lambda: request, 202)
 
 
 # ------------------------------------------------------------------------------------------ upload memory
@@ -236,9 +257,10 @@ def upload(svc: dict, megabytes: int) -> dict:
 # ------------------------------------------------------------------------------------------ main
 
 def table(title: str, rows: list[dict]) -> str:
-    lines = [f"{title}", "", "| clients | requests | req/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
+    lines = [f"{title}", "", "| clients | requests | req/s | p50 ms | p99 ms | errors | server CPU ms/req |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['clients']} | {r['requests']} | {r['per_s']:,.0f} | {r['p50_ms']} | {r['p99_ms']} "
-              f"| {r['errors']} |" for r in rows]
+              f"| {r['errors']} | {r['server_cpu_ms_per_req']} |" for r in rows]
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import pickle
 import socket
 import subprocess
@@ -19,7 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
+import redis
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -30,6 +33,7 @@ from app.db import make_sessionmaker
 from app.main import create_app
 
 from . import test_api
+from .conftest import PG_ADMIN, LiveService
 from .test_api import assert_problem, job_body
 
 ready_model, dataset = test_api.ready_model, test_api.dataset  # the same fixtures as test_api.py
@@ -326,19 +330,40 @@ def test_hostile_archives_fail_their_jobs_with_the_reason(client, settings, auth
     assert not outside.exists() and not (settings.home / "escape.png").exists()
 
 
-def test_hostile_uploads_fail_their_jobs_on_the_real_worker_and_it_lives_on(live, model_file, tmp_path, listener):
+@pytest.fixture(scope="module")
+def hostile_live(tmp_path_factory, redis_url) -> Iterator[LiveService]:
+    """The production topology with a PostgreSQL database of its own: jobs other modules left in the
+    shared one would otherwise be swept onto this worker and queue ahead of the ones under test."""
+    name = f"clipguard_hostile_{os.getpid()}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    redis.Redis.from_url(redis_url).flushdb()
+    service = LiveService(tmp_path_factory.mktemp("hostile-home"),
+                          f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", redis_url)
+    try:
+        service.start()
+        yield service
+    finally:
+        service.stop()
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_hostile_uploads_fail_their_jobs_on_the_real_worker_and_it_lives_on(hostile_live, model_file, tmp_path,
+                                                                             listener):
     """Through uvicorn, Celery, PostgreSQL and Redis: a checkpoint that would phone home is rejected, two
     hostile archives fail their jobs on the same worker process one after the other, and nothing is
     written outside the job folders."""
-    key = live.key("hostile")
-    home = live.logs.parent
+    key = hostile_live.key("hostile")
+    home = hostile_live.logs.parent
     archives = hostile_archives(tmp_path, tmp_path / "outside")
-    with ClipguardClient(live.url, key) as client:
+    with ClipguardClient(hostile_live.url, key) as client:
         marker = tmp_path / "pwned"
         evil = client.upload_model(evil_checkpoint(tmp_path / "evil.pt", listener.getsockname()[1], marker),
                                    arch="small_cnn")
         model = client.wait_model(client.upload_model(model_file, arch="small_cnn")["id"])
-        evil = httpx.get(f"{live.url}/v1/models/{evil['id']}", headers={"Authorization": f"Bearer {key}"}).json()
+        evil = httpx.get(f"{hostile_live.url}/v1/models/{evil['id']}",
+                         headers={"Authorization": f"Bearer {key}"}).json()
         assert evil["status"] == "rejected" and "builtins.exec" in evil["reject_reason"], evil
         assert not marker.exists() and not connected(listener)
 
@@ -349,8 +374,8 @@ def test_hostile_uploads_fail_their_jobs_on_the_real_worker_and_it_lives_on(live
             job = client.create_job(model_id=model["id"], train_data_id=data["id"], lam=3.0)
             job_ids.append(job["id"])
             job = client.wait_job(job["id"], poll_s=0.5, timeout_s=120)
-            assert job["state"] == "failed" and reason in job["error"], (what, job, live.log("worker")[-2000:])
+            assert job["state"] == "failed" and reason in job["error"], (what, job, hostile_live.log("worker")[-2000:])
             assert job["attempts"] == 1 and job["artifacts"] == [], (what, job)
-    assert live.procs[1].poll() is None, "the worker died"
-    assert httpx.get(f"{live.url}/readyz").status_code == 200
+    assert hostile_live.procs[1].poll() is None, "the worker died"
+    assert httpx.get(f"{hostile_live.url}/readyz").status_code == 200
     assert outside_job_folders(home, before, job_ids) == []

@@ -13,8 +13,8 @@ from app.ratelimit import KEY_PREFIX, storage_url
 
 from .test_api import assert_problem
 
-LIMIT_DB_URL = "redis://127.0.0.1:6379/13"
-"""A Redis db number of its own (the other service tests use 11), emptied of our keys afterwards."""
+LIMIT_DB_URL = "redis://127.0.0.1:6379/12"
+"""A Redis db number of its own (conftest uses 11, observability 13 and 15, S3 14), emptied of our keys afterwards."""
 
 
 @pytest.fixture(autouse=True)

@@ -107,6 +107,13 @@ def summary(report: dict, out: Path) -> str:
         if "asr" in b:
             line += f"   ASR {100 * b['asr']:.1f}% -> {100 * a['asr']:.1f}%   DER {ev['der']:.3f}"
         lines.append(line)
+    found = report.get("poison_detection")
+    if found is not None:
+        if found["flagged"]:
+            lines.append(f"poisoned training data found: class {found['target']} (z={found['z']:.1f}), "
+                         f"{report['unlearning']['suspects']} samples unlearned")
+        else:
+            lines.append("no poisoned class found in the training data: clipped only")
     det = report.get("detection")
     if det:
         verdict = "backdoor suspected" if det.get("flagged") else "no backdoor detected"
@@ -155,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
     p.add_argument("--lam", type=_lam, default=None, help="λ in μ+λσ, or 'auto' to choose it from the data")
     p.add_argument("--granularity", choices=("channel", "element"), default="channel")
-    p.add_argument("--method", default="paper", help="purification method (paper)")
+    p.add_argument("--method", choices=("guard", "paper"), default="guard",
+                   help="guard (default): find the poisoned training samples, unlearn them, then clip; "
+                        "paper: the paper's μ+λσ clipping of the model as given")
     p.add_argument("--eval-data", default=None, help="test data to report ACC (and ASR with --attack) before/after")
     p.add_argument("--attack", default=None, help="trigger to measure ASR with: a name (badnets, blend, wanet) "
                    "with options, or the .attack.json written by 'clipguard train'")

@@ -65,7 +65,7 @@ class PurifyOptions:
     std: tuple[float, float, float] | None = None
     lam: float | Literal["auto"] | None = None
     granularity: Literal["channel", "element"] = "channel"
-    method: str = "paper"
+    method: str = "guard"
     device: str = "auto"
     batch_size: int = 256
     eval_data: str | None = None
@@ -83,8 +83,10 @@ class PurifyResult:
     report: dict
 
 
-DEFAULT_LAM = 4.0
-"""The paper recipe's λ; docs/benchmarks.md shows the sweeps it comes from."""
+DEFAULT_LAM = {"paper": 4.0, "guard": 6.0}
+"""λ when none is given. ``paper``: the recipe's λ (docs/benchmarks.md, λ sweep). ``guard``: the
+clip follows unlearning and only has to catch what is left far out of range; a looser λ keeps
+clean accuracy (docs/method.md, issue-8 measurements)."""
 
 REPORT_SCHEMA = "clipguard.report/1"
 CLIP_FRACTION_SAMPLES = 2048
@@ -107,7 +109,7 @@ def purify(
         raise ClipguardError(f"unknown method {options.method!r}; choose one of {', '.join(METHODS)}")
     if options.granularity not in GRANULARITIES:
         raise ClipguardError(f"granularity must be one of {', '.join(GRANULARITIES)}")
-    lam = DEFAULT_LAM if options.lam is None else options.lam
+    lam = DEFAULT_LAM.get(options.method, 4.0) if options.lam is None else options.lam
     if lam != "auto" and not (isinstance(lam, (int, float)) and math.isfinite(lam)):
         raise ClipguardError(f"--lam must be a number or 'auto', got {lam!r}")
 
@@ -129,12 +131,19 @@ def purify(
     timings["load_s"] = time.perf_counter() - t
     say("load", 1.0)
 
+    poison, unlearning = None, None
+    suspect = model
+    bounds_data = data
+    if options.method == "guard":  # find the poisoned share, unlearn it, then clip (docs/method.md)
+        model, bounds_data, poison, unlearning = _guard(suspect, data, spec, device, options, say, should_cancel,
+                                                        timings)
+
     t = time.perf_counter()
     stats = compute_statistics(
         model,
-        lambda: iter_batches(data, options.batch_size, spec.mean, spec.std, device),
+        lambda: iter_batches(bounds_data, options.batch_size, spec.mean, spec.std, device),
         granularity=options.granularity,
-        total=len(data),
+        total=len(bounds_data),
         progress=lambda f: say("bounds", f),
         should_cancel=should_cancel,
     )
@@ -147,14 +156,14 @@ def purify(
         t = time.perf_counter()
         say("detect", 0.0)
         detection = {"method": "MM-BD (Wang et al., IEEE S&P 2024)",
-                     **mmbd_detect(model, spec, num_classes=spec.num_classes, device=device)}
+                     **mmbd_detect(suspect, spec, num_classes=spec.num_classes, device=device)}
         timings["detect_s"] = time.perf_counter() - t
         say("detect", 1.0)
 
     selection = None
     if lam == "auto":
         t = time.perf_counter()
-        lam, selection = select_lambda(model, stats, data, spec, device=device, batch_size=options.batch_size,
+        lam, selection = select_lambda(model, stats, bounds_data, spec, device=device, batch_size=options.batch_size,
                                        progress=lambda f: say("select_lambda", f), should_cancel=should_cancel)
         timings["select_lambda_s"] = time.perf_counter() - t
     lam = float(lam)
@@ -192,7 +201,7 @@ def purify(
         if eval_data is not None:
             t = time.perf_counter()
             say("evaluate", 0.0)
-            before = evaluate(model, eval_data, spec.mean, spec.std, attack=attack, device=device,
+            before = evaluate(suspect, eval_data, spec.mean, spec.std, attack=attack, device=device,
                               batch_size=options.batch_size)
             after = evaluate(clipped.to(device), eval_data, spec.mean, spec.std, attack=attack, device=device,
                              batch_size=options.batch_size)
@@ -201,6 +210,7 @@ def purify(
                           "attack": attack.to_dict() if attack is not None else None,
                           "before": before, "after": after,
                           "der": der(before, after) if attack is not None else None,
+                          "sweep_model": "unlearned" if unlearning is not None else "suspect",
                           "sweep": _sweep(model, stats, eval_data, spec, attack, device, options.batch_size,
                                           lambda f: say("evaluate", f)) if options.sweep else None}
             timings["evaluate_s"] = time.perf_counter() - t
@@ -218,6 +228,8 @@ def purify(
             "method": options.method,
             "lam": lam,
             "lam_selection": selection,
+            "poison_detection": poison,
+            "unlearning": unlearning,
             "granularity": options.granularity,
             "sites": [{"name": n, "shape": list(bounds[n].shape), "clip_fraction": fractions[n]}
                       for n in stats.names],
@@ -245,7 +257,39 @@ def purify(
     return PurifyResult(out=out, report=report)
 
 
-METHODS = ("paper",)
+METHODS = ("guard", "paper")
+"""``guard`` (default): detect the poisoned share of the training data, unlearn it, then clip.
+``paper``: the faithful recipe, μ+λσ clipping of the model as given."""
+
+
+def _guard(model: nn.Module, data: ImageData, spec: ModelSpec, device: torch.device, options: PurifyOptions,
+           say: Progress, should_cancel: ShouldCancel | None, timings: dict[str, float],
+           ) -> tuple[nn.Module, ImageData, dict, dict | None]:
+    """Detection, then (when a target class is flagged) unlearning; the model and data to clip with.
+
+    The bounds come from the training data minus the final suspects, so the triggered
+    samples cannot widen them. With nothing flagged the model is returned as given and the
+    run is the paper's recipe on it.
+    """
+    from clipguard.detection import detect_poison, penultimate_features
+    from clipguard.unlearning import UnlearnConfig, unlearn
+
+    t = time.perf_counter()
+    features, logits = penultimate_features(model, data, spec, device=device, batch_size=options.batch_size,
+                                            progress=lambda f: say("detect_poison", f), should_cancel=should_cancel)
+    found = detect_poison(features, data.labels, spec.num_classes)
+    timings["detect_poison_s"] = time.perf_counter() - t
+    if not found.flagged:
+        return model, data, found.to_dict(), None
+    t = time.perf_counter()
+    config = UnlearnConfig(**options.extra.get("unlearn", {}))
+    fixed, suspects, info = unlearn(model, data, logits, found.suspects, found.target, spec, config, device=device,
+                                    batch_size=options.batch_size, progress=lambda f: say("unlearn", f),
+                                    should_cancel=should_cancel)
+    timings["unlearn_s"] = time.perf_counter() - t
+    keep = torch.ones(len(data), dtype=torch.bool)
+    keep[suspects] = False
+    return fixed.eval(), data.subset(keep.nonzero().flatten()), found.to_dict(), info
 HISTOGRAM_SITES = 4
 SWEEP_SAMPLES = 2000
 

@@ -659,6 +659,37 @@ def _detection(report: Mapping[str, Any]) -> str:
                "</tbody></table>" if stats else "") + "</section>")
 
 
+def _poison(report: Mapping[str, Any]) -> str:
+    """The guard method's evidence: which class the training data was poisoned towards, what was unlearned."""
+    found = _dict(report.get("poison_detection"))
+    if not found:
+        return ""
+    scores = _list(found.get("scores"))
+    target = found.get("target")
+    heads = "".join(f"<th class=\"num\">{i}</th>" for i in range(len(scores)))
+    cells = "".join(f"<td class=\"num{' fail' if i == target else ''}\">"
+                    f"{'—' if v is None else _esc(f'{float(v):.3f}')}</td>" for i, v in enumerate(scores))
+    if found.get("flagged"):
+        unl = _dict(report.get("unlearning"))
+        rounds = "; ".join(f"round {_esc(r.get('round'))}: {_esc(r.get('suspects'))} suspects"
+                           + (f", {_esc(r['flipped_added'])} flips added" if r.get("flipped_added") is not None else "")
+                           for r in _list(unl.get("rounds")))
+        z = float(found.get("z") or 0.0)
+        verdict = (f'<span class="fail">poisoned towards class {_esc(target)}</span> '
+                   f"(z = {z:.1f}); {_esc(unl.get('suspects'))} training samples "
+                   f"relabelled and unlearned ({rounds}). The purified model's weights differ from the input's; "
+                   "its bounds come from the training data without the suspects.")
+    else:
+        verdict = ('<span class="ok">no poisoned class found</span>: the model was clipped as given '
+                   "(the paper's recipe).")
+    return ("<section><h2>Poisoned training data</h2><p>" + verdict + "</p><p class=\"note\">Per class, the share "
+            "of the variance of the penultimate features' top principal direction that the best two-group split "
+            "explains (one Gaussian blob: 0.64). A poisoned class holds a separate cluster of triggered samples and "
+            f"stands out (threshold {_esc(found.get('min_ratio'))}, z ≥ {_esc(found.get('min_z'))}).</p>"
+            + (f"<table><thead><tr><th>class</th>{heads}</tr></thead><tbody><tr><td>split score</td>{cells}</tr>"
+               "</tbody></table>" if scores else "") + "</section>")
+
+
 def _export(report: Mapping[str, Any]) -> str:
     checks = _dict(report.get("export"))
     if not checks:
@@ -726,6 +757,7 @@ def render_html(report: dict, activations: dict[str, dict] | None = None) -> str
     body = "".join((
         _header(report),
         _evaluation(report),
+        _poison(report),
         _lambda(report),
         _sites(report),
         _histograms(report, activations),

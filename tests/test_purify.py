@@ -36,6 +36,21 @@ def victim(tmp_path_factory, cifar_archive, data_cache, cifar_test):
     return root
 
 
+@pytest.fixture(scope="session")
+def blend_victim(tmp_path_factory, cifar_archive, data_cache, victim):
+    """Same recipe, Blend trigger (seeded noise, α=0.2): the backdoor the paper's recipe cannot clip away."""
+    root = tmp_path_factory.mktemp("blend")
+    rc = main([
+        "train", "--arch", "small_cnn", "--data", f"{cifar_archive}#train", "--limit", "10000", "--epochs", "8",
+        "--no-augment", "--lr", "0.05", "--batch-size", "128", "--attack", "blend", "--poison-rate", "0.03",
+        "--out", str(root / "victim.safetensors"), "--save-data", str(root / "poisoned.npz"),
+        "--cache-dir", str(data_cache), "--quiet", "--device", "cpu",
+    ])
+    assert rc == 0
+    (root / "test.npz").symlink_to(victim / "test.npz")
+    return root
+
+
 def _purify(victim, out, *extra, evaluate=True, sweep=False):
     scoring = ["--eval-data", str(victim / "test.npz"), "--attack", str(victim / "victim.safetensors.attack.json")]
     return main([
@@ -98,7 +113,7 @@ def test_purify_removes_the_backdoor_and_keeps_accuracy(victim, tmp_path, capsys
 
 def test_auto_lambda_chooses_from_training_data_and_removes_the_backdoor(victim, tmp_path):
     out = tmp_path / "auto"
-    assert _purify(victim, out, "--lam", "auto") == 0
+    assert _purify(victim, out, "--lam", "auto", "--method", "paper") == 0
     report = json.loads((out / "report.json").read_text())
     sel = report["lam_selection"]
     assert sel["chosen"] == report["lam"] and sel["sweep"][-1]["accepted"]
@@ -128,10 +143,10 @@ def test_an_existing_output_is_kept_unless_overwrite(victim, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert _purify(victim, out, "--lam", "6", evaluate=False) == 1
+    assert _purify(victim, out, "--lam", "6", "--method", "paper", evaluate=False) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
-    assert _purify(victim, out, "--lam", "6", "--overwrite", evaluate=False) == 0
+    assert _purify(victim, out, "--lam", "6", "--method", "paper", "--overwrite", evaluate=False) == 0
     assert not (out / "keep.txt").exists() and (out / "purified.pt").exists()
     # No staging folders are left beside the output.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
@@ -139,8 +154,32 @@ def test_an_existing_output_is_kept_unless_overwrite(victim, tmp_path, capsys):
 
 def test_element_granularity_bounds_have_the_activation_shape(victim, tmp_path):
     out = tmp_path / "el"
-    assert _purify(victim, out, "--granularity", "element", evaluate=False) == 0
+    assert _purify(victim, out, "--granularity", "element", "--method", "paper", evaluate=False) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["sites"][0]["shape"] == [32, 32, 32]
     assert report["evaluation"] is None
     assert all(np.isfinite(s["clip_fraction"]) for s in report["sites"])
+
+
+def test_guard_removes_a_blend_backdoor_that_the_paper_recipe_keeps(blend_victim, tmp_path):
+    """Issue 8's bar on a victim of its own: the default method succeeds where the faithful recipe fails."""
+    reports = {}
+    for method in ("paper", "guard"):
+        assert _purify(blend_victim, tmp_path / method, "--method", method) == 0
+        reports[method] = json.loads((tmp_path / method / "report.json").read_text())
+    paper, guard = reports["paper"], reports["guard"]
+    before = paper["evaluation"]["before"]
+    assert before["asr"] > 0.9, before  # the backdoor was learned
+    assert paper["lam"] == 4.0 and paper["evaluation"]["after"]["asr"] > 0.5  # the recipe leaves it in place
+    assert paper["poison_detection"] is None and paper["unlearning"] is None
+
+    found = guard["poison_detection"]
+    assert found["flagged"] and found["target"] == 0 and found["z"] > 4
+    truth = set(json.loads((blend_victim / "victim.safetensors.json").read_text())["poisoning"]["indices"])
+    assert guard["unlearning"]["suspects"] >= 0.9 * len(truth)
+    after = guard["evaluation"]["after"]
+    assert after["asr"] < 0.10, after
+    assert before["acc"] - after["acc"] <= 0.02, (before["acc"], after["acc"])
+    meta = load_exported(tmp_path / "guard" / "purified.pt")[1]
+    assert meta["method"] == "guard"
+    assert "Poisoned training data" in (tmp_path / "guard" / "report.html").read_text()

@@ -1,0 +1,165 @@
+"""Find the poisoned share of the training data, and the class it was poisoned towards.
+
+Why this works with the training data alone: in an all-to-one attack every poisoned sample
+carries the target label, and the model has learned to send them there through the trigger,
+not through their content. In the model's penultimate features (the input of its last
+linear layer) those samples sit together, away from the target class's clean samples (the
+observation behind spectral signatures, Tran et al., NeurIPS 2018). So, per class, project
+the centred features on their top principal direction and look for the best split of that
+projection into a small and a large group (Otsu's criterion: the share of the variance the
+split explains). For a single Gaussian blob the best split explains ``2/π ≈ 0.64``; a
+poisoned class, holding a separate cluster of triggered samples, explains far more (0.76 and
+0.83 measured on BadNets and Blend victims, against 0.63-0.68 for the clean classes).
+
+The target is the class whose split stands out from the others (a robust z-score over the
+classes) and explains at least ``min_ratio``; its small group is the suspect set. A model
+with no such class is reported as "nothing found", and clipguard falls back to clipping.
+Evidence (every class's score, the z-score, the suspect count) goes into the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from clipguard.data import ImageData, normalize
+from clipguard.errors import Cancelled, ClipguardError
+from clipguard.models import ModelSpec
+
+MIN_RATIO = 0.70
+"""Split quality a target class must reach (a Gaussian blob gives 0.64)."""
+MIN_Z = 4.0
+"""How far, in robust standard deviations, the target's score must stand above the other classes'."""
+MIN_SPREAD = 0.01
+"""Floor on the other classes' spread, so nine near-identical scores don't make any bump 'significant'."""
+MIN_SHARE = 0.01
+"""Smallest suspect group, as a share of its class, the split may return."""
+MIN_CLASS_SAMPLES = 20
+
+
+@dataclass
+class Detection:
+    """What :func:`detect_poison` found: the target class and its suspect samples, or nothing."""
+
+    flagged: bool
+    target: int | None
+    suspects: torch.Tensor
+    """Indices into the training data (int64, sorted); empty when nothing was flagged."""
+    scores: list[float | None]
+    z: float
+
+    def to_dict(self) -> dict:
+        return {"method": "spectral split of penultimate features", "flagged": self.flagged, "target": self.target,
+                "suspects": len(self.suspects), "scores": self.scores, "z": self.z,
+                "min_ratio": MIN_RATIO, "min_z": MIN_Z}
+
+
+def last_linear(model: nn.Module) -> nn.Linear:
+    """The classifier head whose input is the penultimate feature vector."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ClipguardError("the model has no linear classifier layer; poison detection needs one "
+                             "(use --method paper)")
+    return linears[-1]
+
+
+@torch.no_grad()
+def penultimate_features(
+    model: nn.Module,
+    data: ImageData,
+    spec: ModelSpec,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    progress: Callable[[float], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features entering the last linear layer and the logits, for every training sample (CPU float32)."""
+    head = last_linear(model)
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().flatten(1).float().cpu()))
+    logits = []
+    model.eval()
+    try:
+        for start in range(0, len(data), batch_size):
+            if should_cancel is not None and should_cancel():
+                raise Cancelled("cancelled while reading features")
+            x = normalize(data.images[start : start + batch_size].to(device), spec.mean, spec.std)
+            logits.append(model(x).float().cpu())
+            if progress is not None:
+                progress(min(1.0, (start + batch_size) / len(data)))
+    finally:
+        handle.remove()
+    return torch.cat(captured), torch.cat(logits)
+
+
+def best_split(values: torch.Tensor, min_share: float = MIN_SHARE) -> tuple[float, torch.Tensor]:
+    """Otsu's split of 1-D ``values`` into a small group (at most half) and the rest.
+
+    Returns the share of the variance the split explains and the indices of the small group;
+    the group may be the low or the high end, whichever explains more.
+    """
+    n = len(values)
+    if n < 4:
+        return 0.0, torch.empty(0, dtype=torch.int64)
+    v = values.double()
+    order = v.argsort()
+    s = v[order]
+    csum = torch.cat([torch.zeros(1, dtype=torch.float64), s.cumsum(0)])
+    total, mean = csum[-1], csum[-1] / n
+    var = ((s - mean) ** 2).sum()
+    if var <= 0:
+        return 0.0, torch.empty(0, dtype=torch.int64)
+    k = torch.arange(max(2, int(min_share * n)), n // 2 + 1, dtype=torch.float64)
+    ki = k.long()
+    low_mean, rest_high = csum[ki] / k, (total - csum[ki]) / (n - k)
+    low = (k * (low_mean - mean) ** 2 + (n - k) * (rest_high - mean) ** 2) / var
+    high_mean, rest_low = (total - csum[n - ki]) / k, csum[n - ki] / (n - k)
+    high = (k * (high_mean - mean) ** 2 + (n - k) * (rest_low - mean) ** 2) / var
+    i_low, i_high = int(low.argmax()), int(high.argmax())
+    if low[i_low] >= high[i_high]:
+        return float(low[i_low]), order[: int(ki[i_low])]
+    return float(high[i_high]), order[n - int(ki[i_high]) :]
+
+
+def class_split(features: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """:func:`best_split` of one class's features along their top principal direction."""
+    centred = features.double() - features.double().mean(0)
+    direction = torch.linalg.svd(centred, full_matrices=False)[2][0]
+    return best_split(centred @ direction)
+
+
+def detect_poison(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    min_ratio: float = MIN_RATIO,
+    min_z: float = MIN_Z,
+) -> Detection:
+    """Score every class's split and flag the one that stands out (see the module docstring)."""
+    scores: list[float | None] = []
+    groups: list[torch.Tensor] = []
+    for c in range(num_classes):
+        members = (labels == c).nonzero().flatten()
+        if len(members) < MIN_CLASS_SAMPLES:
+            scores.append(None)
+            groups.append(torch.empty(0, dtype=torch.int64))
+            continue
+        ratio, small = class_split(features[members])
+        scores.append(ratio)
+        groups.append(members[small])
+    valid = [(c, s) for c, s in enumerate(scores) if s is not None]
+    if len(valid) < 3:
+        return Detection(False, None, torch.empty(0, dtype=torch.int64), scores, 0.0)
+    target, top = max(valid, key=lambda cs: cs[1])
+    others = torch.tensor([s for c, s in valid if c != target])
+    median = others.median()
+    spread = max(float((others - median).abs().median()) * 1.4826, MIN_SPREAD)
+    z = float((top - median) / spread)
+    flagged = top >= min_ratio and z >= min_z
+    suspects = groups[target].sort().values if flagged else torch.empty(0, dtype=torch.int64)
+    return Detection(flagged, target if flagged else None, suspects, scores, z)

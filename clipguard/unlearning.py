@@ -1,0 +1,163 @@
+"""Unlearn a backdoor from its own training data: relabel the suspects, fine-tune briefly.
+
+Why relabel rather than drop or gradient-ascend: a suspect (found by
+:mod:`clipguard.detection`) is a triggered image labelled with the target class. Dropping it
+leaves the trigger → target shortcut in the weights; pushing its loss up (gradient ascent)
+is unbounded and, with imperfect suspects, wrecks clean accuracy (measured in issue 8: −25
+points). Teaching the model that the triggered image belongs to *some other* class is a
+bounded, ordinary training signal that contradicts the shortcut directly. The label is the
+model's own best non-target class: the trigger leaves the image's content in place, so that
+class is most often the true one, and a wrong guess among the other classes still breaks the
+association with the target.
+
+Round two fixes what the split missed: once the shortcut is weakened, triggered images the
+detector did not catch stop being sent to the target by the fine-tuned model while they still
+are by the suspect one. Those flips join the suspects and the fine-tune runs again from the
+original weights (so nothing a wrong first round taught carries over).
+
+Training is short and conservative: a few epochs at a small one-cycle learning rate with
+flips, on the whole training set (or a fixed-size random share of it per epoch, so the cost
+does not grow with the dataset), BatchNorm statistics updated with everything else.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipguard.data import ImageData, normalize
+from clipguard.errors import Cancelled
+from clipguard.metrics import predict
+from clipguard.models import ModelSpec
+
+
+@dataclass
+class UnlearnConfig:
+    """Fine-tuning recipe; defaults measured on the issue-8 victims (docs/method.md)."""
+
+    epochs: int = 2
+    lr: float = 0.01
+    batch_size: int = 128
+    rounds: int = 2
+    samples_per_epoch: int = 20000
+    """Clean samples drawn per epoch (all suspects always take part); caps the cost on big sets."""
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def relabel(logits: torch.Tensor, labels: torch.Tensor, suspects: torch.Tensor, target: int) -> torch.Tensor:
+    """Training labels with each suspect moved to its best-scoring class other than ``target``."""
+    new = labels.clone()
+    if len(suspects):
+        scores = logits[suspects].clone()
+        scores[:, target] = -torch.inf
+        new[suspects] = scores.argmax(1)
+    return new
+
+
+def fine_tune(
+    model: nn.Module,
+    data: ImageData,
+    labels: torch.Tensor,
+    spec: ModelSpec,
+    config: UnlearnConfig,
+    *,
+    always: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    progress: Callable[[float], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> nn.Module:
+    """A fine-tuned copy of ``model`` (eval mode, on ``device``); ``model`` itself is untouched.
+
+    ``always`` lists samples included in every epoch (the relabelled suspects); the rest of
+    each epoch is a random draw of ``samples_per_epoch`` others.
+    """
+    device = torch.device(device)
+    net = copy.deepcopy(model).to(device).train()
+    gen = torch.Generator().manual_seed(config.seed)
+    always = torch.empty(0, dtype=torch.int64) if always is None else always
+    pool = torch.ones(len(data), dtype=torch.bool)
+    pool[always] = False
+    pool_idx = pool.nonzero().flatten()
+    per_epoch = len(always) + min(config.samples_per_epoch, len(pool_idx))
+    steps = config.epochs * math.ceil(per_epoch / config.batch_size)
+    decay = [p for p in net.parameters() if p.dim() > 1]
+    no_decay = [p for p in net.parameters() if p.dim() <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
+                          lr=config.lr, momentum=0.9, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps, pct_start=0.15)
+    step = 0
+    for _ in range(config.epochs):
+        draw = pool_idx[torch.randperm(len(pool_idx), generator=gen)[: per_epoch - len(always)]]
+        epoch = torch.cat([always, draw])
+        epoch = epoch[torch.randperm(len(epoch), generator=gen)]
+        for start in range(0, len(epoch), config.batch_size):
+            if should_cancel is not None and should_cancel():
+                raise Cancelled("cancelled while unlearning")
+            idx = epoch[start : start + config.batch_size]
+            x = normalize(data.images[idx].to(device), spec.mean, spec.std)
+            flip = (torch.rand(len(idx), generator=gen) < 0.5).to(device)
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            loss = F.cross_entropy(net(x), labels[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if progress is not None:
+                progress(step / steps)
+    return net.eval()
+
+
+def unlearn(
+    model: nn.Module,
+    data: ImageData,
+    logits: torch.Tensor,
+    suspects: torch.Tensor,
+    target: int,
+    spec: ModelSpec,
+    config: UnlearnConfig | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    progress: Callable[[float], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> tuple[nn.Module, torch.Tensor, dict]:
+    """The corrected model, the final suspect indices, and a JSON-able record of each round.
+
+    ``logits`` are the suspect model's outputs on ``data`` (from the detection pass).
+    """
+    config = config or UnlearnConfig()
+    device = torch.device(device)
+    original = logits.argmax(1)
+    rounds: list[dict] = []
+    net = model
+    current = suspects.sort().values
+    for r in range(config.rounds):
+        def say(f: float, r: int = r) -> None:
+            if progress is not None:
+                progress((r + f) / config.rounds)
+
+        labels = relabel(logits, data.labels, current, target)
+        net = fine_tune(model, data, labels, spec, config, always=current, device=device, progress=say,
+                        should_cancel=should_cancel)
+        rounds.append({"round": r + 1, "suspects": len(current)})
+        if r + 1 == config.rounds:
+            break
+        pred = predict(net, data, spec.mean, spec.std, device=device, batch_size=batch_size)
+        flipped = (data.labels == target) & (original == target) & (pred != target)
+        flipped[current] = False
+        added = flipped.nonzero().flatten()
+        rounds[-1]["flipped_added"] = len(added)
+        if not len(added):
+            break
+        current = torch.cat([current, added]).sort().values
+    return net, current, {"config": config.to_dict(), "rounds": rounds, "suspects": len(current)}

@@ -1,0 +1,166 @@
+"""Poison detection and unlearning (the ``guard`` method's parts) on small, known inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from clipguard.data import ImageData
+from clipguard.detection import best_split, class_split, detect_poison, last_linear, penultimate_features
+from clipguard.errors import ClipguardError
+from clipguard.models import resolve_spec
+from clipguard.unlearning import UnlearnConfig, relabel, unlearn
+
+
+def _brute_split(values: torch.Tensor, min_k: int) -> tuple[float, set[int]]:
+    """Every small group that is a contiguous end of the sorted values, scored directly."""
+    v = values.double()
+    order = v.argsort()
+    n = len(v)
+    total = ((v - v.mean()) ** 2).sum()
+    best, group = -1.0, set()
+    for k in range(min_k, n // 2 + 1):
+        for idx in (order[:k], order[n - k:]):
+            mask = torch.zeros(n, dtype=torch.bool)
+            mask[idx] = True
+            a, b = v[mask], v[~mask]
+            between = len(a) * (a.mean() - v.mean()) ** 2 + len(b) * (b.mean() - v.mean()) ** 2
+            if float(between / total) > best + 1e-12:
+                best, group = float(between / total), set(idx.tolist())
+    return best, group
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_best_split_matches_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.cat([torch.randn(60, generator=g), torch.randn(9, generator=g) + 4 * (seed - 1)])
+    ratio, group = best_split(values, min_share=0.01)
+    ref_ratio, ref_group = _brute_split(values, min_k=2)
+    assert ratio == pytest.approx(ref_ratio, abs=1e-9)
+    assert set(group.tolist()) == ref_group
+
+
+def test_best_split_of_a_gaussian_explains_about_two_thirds():
+    values = torch.randn(20000, generator=torch.Generator().manual_seed(0))
+    ratio, group = best_split(values)
+    assert ratio == pytest.approx(2 / torch.pi, abs=0.02)  # the theory for one Gaussian blob
+    assert len(group) > 0.4 * len(values)
+
+
+def test_best_split_of_constant_values_finds_nothing():
+    ratio, group = best_split(torch.ones(50))
+    assert ratio == 0.0 and len(group) == 0
+
+
+def _blobs(planted: int | None, share: float = 0.08, n: int = 400, dim: int = 32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(10, dim, generator=g) * 4
+    feats, labels = [], []
+    for c in range(10):
+        feats.append(centres[c] + torch.randn(n, dim, generator=g))
+        labels.append(torch.full((n,), c))
+    features, labels = torch.cat(feats), torch.cat(labels)
+    poisoned = torch.empty(0, dtype=torch.int64)
+    if planted is not None:
+        members = (labels == planted).nonzero().flatten()
+        poisoned = members[: int(share * n)]
+        direction = torch.randn(dim, generator=g)
+        features[poisoned] += 6 * direction / direction.norm() * dim ** 0.5 / 4
+    return features, labels, poisoned
+
+
+@pytest.mark.parametrize("share", [0.05, 0.1, 0.25])
+def test_detect_poison_flags_the_planted_class_and_its_cluster(share):
+    features, labels, poisoned = _blobs(planted=3, share=share)
+    found = detect_poison(features, labels, 10)
+    assert found.flagged and found.target == 3
+    caught = set(found.suspects.tolist())
+    truth = set(poisoned.tolist())
+    assert len(caught & truth) / len(truth) >= 0.95  # recall
+    assert len(caught & truth) / len(caught) >= 0.95  # precision
+    assert found.z >= 4 and found.scores[3] == max(s for s in found.scores if s is not None)
+    assert found.to_dict()["suspects"] == len(found.suspects)
+
+
+def test_detect_poison_flags_nothing_on_clean_features():
+    features, labels, _ = _blobs(planted=None)
+    found = detect_poison(features, labels, 10)
+    assert not found.flagged and found.target is None and len(found.suspects) == 0
+    assert all(0.55 < s < 0.7 for s in found.scores)
+
+
+def test_class_split_is_invariant_to_the_feature_basis():
+    features, _, _ = _blobs(planted=0, share=0.1)
+    members = features[:400]
+    q = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(5)))[0]
+    r1, g1 = class_split(members)
+    r2, g2 = class_split(members @ q)
+    assert r1 == pytest.approx(r2, abs=1e-6)
+    assert set(g1.tolist()) == set(g2.tolist())
+
+
+def test_penultimate_features_are_the_classifier_input():
+    spec = resolve_spec("small_cnn")
+    model = spec.build().eval()
+    g = torch.Generator().manual_seed(0)
+    data = ImageData(torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8, generator=g),
+                     torch.randint(0, 10, (10,), generator=g), [str(i) for i in range(10)], "t")
+    feats, logits = penultimate_features(model, data, spec, batch_size=4)
+    assert feats.shape == (10, 128) and logits.shape == (10, 10)
+    torch.testing.assert_close(model.fc(feats), logits, atol=1e-5, rtol=1e-5)
+    assert last_linear(model) is model.fc
+    with pytest.raises(ClipguardError, match="no linear classifier"):
+        last_linear(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+
+
+def test_relabel_moves_suspects_to_their_best_other_class():
+    logits = torch.tensor([[9.0, 1.0, 2.0], [8.0, 3.0, 1.0], [0.0, 5.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    new = relabel(logits, labels, torch.tensor([0, 1]), target=0)
+    assert new.tolist() == [2, 1, 1]
+    assert labels.tolist() == [0, 0, 1]  # the caller's labels are not modified
+
+
+def _tiny_task(seed: int = 0):
+    """A 2-class toy with a corner trigger: class 1 images are bright; triggered dark ones say 1."""
+    g = torch.Generator().manual_seed(seed)
+    n = 240
+    labels = torch.arange(n) % 2
+    images = torch.where(labels[:, None, None, None] == 1, 170, 60).to(torch.uint8).expand(n, 3, 8, 8).clone()
+    images = (images.int() + torch.randint(-40, 40, images.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    poisoned = torch.arange(0, 40, 2)  # 20 dark images, stamped and labelled 1
+    images[poisoned, :, -2:, -2:] = 255
+    labels = labels.clone()
+    labels[poisoned] = 1
+    return ImageData(images, labels, ["dark", "bright"], "toy"), poisoned
+
+
+class _Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x))
+
+
+def test_unlearn_is_deterministic_and_leaves_the_suspect_model_untouched():
+    data, poisoned = _tiny_task()
+    spec = resolve_spec("small_cnn", num_classes=2)
+    torch.manual_seed(0)
+    model = _Toy().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    logits = torch.randn(len(data), 2, generator=torch.Generator().manual_seed(1))
+    config = UnlearnConfig(epochs=1, batch_size=32, rounds=2, samples_per_epoch=100)
+    a, sa, ia = unlearn(model, data, logits, poisoned, 1, spec, config)
+    b, sb, ib = unlearn(model, data, logits, poisoned, 1, spec, config)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=k)
+    assert torch.equal(sa, sb) and ia == ib
+    assert set(poisoned.tolist()) <= set(sa.tolist())
+    assert ia["rounds"][0]["suspects"] == len(poisoned)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

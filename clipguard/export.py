@@ -10,6 +10,7 @@ with the eager clipped model on a real batch.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
@@ -29,6 +30,21 @@ def _compare(reference: nn.Module, loaded: nn.Module, batch: torch.Tensor) -> fl
 
 
 META_FILE = "clipguard.json"
+
+
+def write_file(path: str | os.PathLike, blob: bytes) -> None:
+    """Write an artifact from Python rather than from torch's C++ writer.
+
+    torch's file writer aborts the whole process when the disk fills up (seen as SIGABRT
+    in a worker); serialising to memory first turns a full disk into an ordinary error
+    that fails the job with its reason.
+    """
+    try:
+        Path(path).write_bytes(blob)
+    except OSError as exc:
+        if Path(path).is_file():  # a partial artifact, never a device or anything we did not create
+            Path(path).unlink()
+        raise ExportError(f"could not write {Path(path).name}: {exc.strerror or exc}") from exc
 
 
 def export_torchscript(
@@ -52,7 +68,9 @@ def export_torchscript(
             with torch.inference_mode():
                 scripted = torch.jit.trace(model, batch, check_trace=False)
             how = "trace"
-        scripted.save(str(path), _extra_files={META_FILE: json.dumps(metadata or {})})
+        buffer = io.BytesIO()
+        torch.jit.save(scripted, buffer, _extra_files={META_FILE: json.dumps(metadata or {})})
+        write_file(path, buffer.getvalue())
         loaded = torch.jit.load(str(path), map_location="cpu")
     diff = _compare(model, loaded, batch)
     check = {"format": "torchscript", "method": how, "batch": int(batch.shape[0]), "max_abs_diff": diff,
@@ -75,7 +93,9 @@ def export_program(model: nn.Module, batch: torch.Tensor, path: str | os.PathLik
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.export.export(model, (batch,), dynamic_shapes=({0: batch_dim},))
-            torch.export.save(program, str(path))
+            buffer = io.BytesIO()
+            torch.export.save(program, buffer)
+            write_file(path, buffer.getvalue())
             loaded = torch.export.load(str(path)).module()
         diff = _compare(model, loaded, batch)
     except Exception as exc:

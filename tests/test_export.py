@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -63,3 +65,13 @@ def test_a_diverging_export_is_an_error_and_leaves_no_file(clipped, tmp_path):
     with pytest.raises(ExportError, match="differs"):
         export_torchscript(Flaky(), x[:4], tmp_path / "bad.pt")
     assert not (tmp_path / "bad.pt").exists()
+
+
+def test_a_full_disk_is_an_export_error_not_a_crash(tmp_path):
+    """/dev/full answers every write with ENOSPC: the export fails with the reason, the process lives on."""
+    target = tmp_path / "purified.pt"
+    target.symlink_to("/dev/full")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    with pytest.raises(ExportError, match="No space left"):
+        export_torchscript(model, torch.randn(2, 3, 8, 8), target)
+    assert Path("/dev/full").exists()

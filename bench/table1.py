@@ -8,8 +8,10 @@ defense runs on that same victim and is scored on the same held-out test images:
 * NAD (5% clean training data), MM-BD mitigation (50 clean test images per class; those
   images are then excluded from every evaluation), CLP (no data), EP (one batch of the
   poisoned training data), UNIT (5% clean training data, class-balanced);
-* clipguard: ``μ + λσ`` per channel on the poisoned training data at the paper's λ = 4, and
-  with ``--lam auto`` (``clipguard.lambda_selection.select_lambda``).
+* clipguard, the paper's recipe: ``μ + λσ`` per channel on the poisoned training data at the
+  paper's λ = 4, and with ``--lam auto`` (``clipguard.lambda_selection.select_lambda``);
+* clipguard's default, ``guard``: ``clipguard.defenses.guard.detect_and_unlearn`` (the same
+  function ``purify`` calls) and then the clip at its default λ = 6.
 
 MM-BD's data-free *detection* verdict is run on the victim too and recorded beside the rows.
 Each row records ACC, ASR (target class excluded, BackdoorBench), ASR_all (included), RA,
@@ -46,6 +48,7 @@ from clipguard.defenses.clipping import clipped_model, compute_statistics  # noq
 from clipguard.defenses.clp import clp  # noqa: E402
 from clipguard.defenses.common import DefenseResult, Timer, balanced_subset  # noqa: E402
 from clipguard.defenses.ep import ep  # noqa: E402
+from clipguard.defenses.guard import detect_and_unlearn  # noqa: E402
 from clipguard.defenses.mmbd import mmbd_detect, mmbd_mitigate  # noqa: E402
 from clipguard.defenses.nad import nad  # noqa: E402
 from clipguard.defenses.unit import unit  # noqa: E402
@@ -88,11 +91,14 @@ PAPER = {
     "blend": {"clipguard": (None, 9.8), "nad": (87.6, 10.3), "mmbd": (83.8, 11.7)},
     "wanet": {"clipguard": (None, 9.8), "nad": (None, 9.9), "mmbd": (89.77, 10.1)},
 }
-ROW_ORDER = ("none", "nad", "mmbd", "clp", "ep", "unit", "clipguard", "clipguard_auto")
+GUARD_LAM = 6.0
+ROW_ORDER = ("none", "nad", "mmbd", "clp", "ep", "unit", "clipguard", "clipguard_auto", "guard")
 ROW_NAMES = {"none": "no defense", "nad": "NAD", "mmbd": "MM-BD (MM-BM)", "clp": "CLP", "ep": "EP", "unit": "UNIT",
-             "clipguard": f"clipguard λ={PAPER_LAM:g}", "clipguard_auto": "clipguard λ=auto"}
+             "clipguard": f"clipguard paper λ={PAPER_LAM:g}", "clipguard_auto": "clipguard paper λ=auto",
+             "guard": f"clipguard guard (default) λ={GUARD_LAM:g}"}
 DATA_NEEDS = {"none": "-", "nad": "5% clean", "mmbd": "50/class clean", "clp": "none", "ep": "train (poisoned)",
-              "unit": "5% clean", "clipguard": "train (poisoned)", "clipguard_auto": "train (poisoned)"}
+              "unit": "5% clean", "clipguard": "train (poisoned)", "clipguard_auto": "train (poisoned)",
+              "guard": "train (poisoned)"}
 
 
 def clean_training_data(train: ImageData, info: dict) -> ImageData:
@@ -119,6 +125,19 @@ def clipguard_defense(model: torch.nn.Module, spec: object, train: ImageData, *,
     if evidence is not None:
         info["lam_selection"] = {k: v for k, v in evidence.items() if k != "sweep"}
     return DefenseResult(purified, seconds, info)
+
+
+def guard_defense(model: torch.nn.Module, spec: object, train: ImageData, *, device: torch.device) -> DefenseResult:
+    """clipguard's default: detect and unlearn the poisoned share, then clip (what ``purify`` ships)."""
+    with Timer(device) as timer:
+        net, kept, found, unlearning = detect_and_unlearn(model.to(device).eval(), train, spec,  # type: ignore[arg-type]
+                                                          device=device)
+        stats = compute_statistics(net, lambda: iter_batches(kept, 512, spec.mean, spec.std, device),  # type: ignore[attr-defined]
+                                   granularity="channel")
+        purified = clipped_model(net, stats.bounds(GUARD_LAM)).cpu().eval()
+        seconds = timer.elapsed()
+    return DefenseResult(purified, seconds, {"defense": "guard", "lam": GUARD_LAM, "detection": found,
+                                             "unlearning": unlearning})
 
 
 def jsonable(obj: object) -> object:
@@ -178,6 +197,7 @@ def run_attack(attack: str, prof: dict, args: argparse.Namespace, device: torch.
                                                select_samples=prof["select_samples"]),
         "clipguard_auto": lambda: clipguard_defense(victim, spec, train, lam="auto", device=device,
                                                     select_samples=prof["select_samples"]),
+        "guard": lambda: guard_defense(victim, spec, train, device=device),
     }
     infos = {}
     for name, run in defenses.items():
@@ -294,12 +314,13 @@ def markdown(result: dict) -> str:
             lines.append(f"| {ROW_NAMES[name]} | {DATA_NEEDS[name]} | {cells} | "
                          f"{_cell([r['seconds'] for r in rows], 1.0, 2)} | {ptxt} |")
         ratios = []
-        for name in ("nad", "mmbd"):
-            pairs = [(e["rows"][name]["seconds"], e["rows"]["clipguard"]["seconds"]) for e in entries
-                     if name in e["rows"] and "clipguard" in e["rows"] and e["rows"]["clipguard"]["seconds"] > 0]
-            if pairs:
-                ratios.append(f"{ROW_NAMES[name]} / clipguard λ={PAPER_LAM:g} time = "
-                              f"{_cell([a / b for a, b in pairs], 1.0)}x")
+        for ours in ("clipguard", "guard"):
+            for name in ("nad", "mmbd"):
+                pairs = [(e["rows"][name]["seconds"], e["rows"][ours]["seconds"]) for e in entries
+                         if name in e["rows"] and ours in e["rows"] and e["rows"][ours]["seconds"] > 0]
+                if pairs:
+                    ratios.append(f"{ROW_NAMES[name]} / {ROW_NAMES[ours]} time = "
+                                  f"{_cell([a / b for a, b in pairs], 1.0)}x")
         if ratios:
             lines.append("")
             lines.append("Speed (same run): " + "; ".join(ratios) + " (goal ≥ 20x).")

@@ -135,8 +135,11 @@ def purify(
     suspect = model
     bounds_data = data
     if options.method == "guard":  # find the poisoned share, unlearn it, then clip (docs/method.md)
-        model, bounds_data, poison, unlearning = _guard(suspect, data, spec, device, options, say, should_cancel,
-                                                        timings)
+        from clipguard.defenses.guard import detect_and_unlearn
+
+        model, bounds_data, poison, unlearning = detect_and_unlearn(
+            suspect, data, spec, device=device, batch_size=options.batch_size,
+            unlearn_options=options.extra.get("unlearn"), progress=say, should_cancel=should_cancel, timings=timings)
 
     t = time.perf_counter()
     stats = compute_statistics(
@@ -261,35 +264,6 @@ METHODS = ("guard", "paper")
 """``guard`` (default): detect the poisoned share of the training data, unlearn it, then clip.
 ``paper``: the faithful recipe, μ+λσ clipping of the model as given."""
 
-
-def _guard(model: nn.Module, data: ImageData, spec: ModelSpec, device: torch.device, options: PurifyOptions,
-           say: Progress, should_cancel: ShouldCancel | None, timings: dict[str, float],
-           ) -> tuple[nn.Module, ImageData, dict, dict | None]:
-    """Detection, then (when a target class is flagged) unlearning; the model and data to clip with.
-
-    The bounds come from the training data minus the final suspects, so the triggered
-    samples cannot widen them. With nothing flagged the model is returned as given and the
-    run is the paper's recipe on it.
-    """
-    from clipguard.detection import detect_poison, penultimate_features
-    from clipguard.unlearning import UnlearnConfig, unlearn
-
-    t = time.perf_counter()
-    features, logits = penultimate_features(model, data, spec, device=device, batch_size=options.batch_size,
-                                            progress=lambda f: say("detect_poison", f), should_cancel=should_cancel)
-    found = detect_poison(features, data.labels, spec.num_classes)
-    timings["detect_poison_s"] = time.perf_counter() - t
-    if not found.flagged:
-        return model, data, found.to_dict(), None
-    t = time.perf_counter()
-    config = UnlearnConfig(**options.extra.get("unlearn", {}))
-    fixed, suspects, info = unlearn(model, data, logits, found.suspects, found.target, spec, config, device=device,
-                                    batch_size=options.batch_size, progress=lambda f: say("unlearn", f),
-                                    should_cancel=should_cancel)
-    timings["unlearn_s"] = time.perf_counter() - t
-    keep = torch.ones(len(data), dtype=torch.bool)
-    keep[suspects] = False
-    return fixed.eval(), data.subset(keep.nonzero().flatten()), found.to_dict(), info
 HISTOGRAM_SITES = 4
 SWEEP_SAMPLES = 2000
 

@@ -25,7 +25,7 @@ demo: setup
 		--out $(DEMO)/victim.safetensors --save-data $(DEMO)/poisoned-train.npz --quiet > $(DEMO).train.json
 	$(BIN)/clipguard purify --arch small_cnn --weights $(DEMO)/victim.safetensors \
 		--data $(DEMO)/poisoned-train.npz --eval-data '$(CIFAR10)#test' \
-		--attack $(DEMO)/victim.safetensors.attack.json --lam auto --out $(DEMO)/purified --overwrite
+		--attack $(DEMO)/victim.safetensors.attack.json --out $(DEMO)/purified --overwrite
 
 test: setup
 	$(BIN)/ruff check .

@@ -512,6 +512,9 @@ def _lambda(report: Mapping[str, Any]) -> str:
     out = ["<section><h2>Choosing λ</h2>"]
     if sweep:
         out.append("<h3>ACC and ASR on the evaluation data against λ</h3>")
+        if ev.get("sweep_model") == "unlearned":
+            out.append('<p class="note">Clipping the unlearned model (method guard) at each λ; the "before" '
+                       "numbers above are the suspect model's.</p>")
         out.append(_eval_sweep_plot(sweep, _num(report.get("lam"))))
     if sel_rows:
         out.append("<h3>Training-data evidence for <code>--lam auto</code></h3>")

@@ -86,7 +86,8 @@ class PurifyResult:
 DEFAULT_LAM = {"paper": 4.0, "guard": 6.0}
 """λ when none is given. ``paper``: the recipe's λ (docs/benchmarks.md, λ sweep). ``guard``: the
 clip follows unlearning and only has to catch what is left far out of range; a looser λ keeps
-clean accuracy (docs/method.md, issue-8 measurements)."""
+clean accuracy (docs/method.md, issue-8 measurements). A guard run that flags nothing is the
+paper's recipe and takes the paper's λ."""
 
 REPORT_SCHEMA = "clipguard.report/1"
 CLIP_FRACTION_SAMPLES = 2048
@@ -140,6 +141,8 @@ def purify(
         model, bounds_data, poison, unlearning = detect_and_unlearn(
             suspect, data, spec, device=device, batch_size=options.batch_size,
             unlearn_options=options.extra.get("unlearn"), progress=say, should_cancel=should_cancel, timings=timings)
+        if options.lam is None and unlearning is None:  # nothing flagged: the paper's recipe, at its λ
+            lam = DEFAULT_LAM["paper"]
 
     t = time.perf_counter()
     stats = compute_statistics(

@@ -685,10 +685,11 @@ def _poison(report: Mapping[str, Any]) -> str:
     else:
         verdict = ('<span class="ok">no poisoned class found</span>: the model was clipped as given '
                    "(the paper's recipe).")
-    return ("<section><h2>Poisoned training data</h2><p>" + verdict + "</p><p class=\"note\">Per class, the share "
-            "of the variance of the penultimate features' top principal direction that the best two-group split "
-            "explains (one Gaussian blob: 0.64). A poisoned class holds a separate cluster of triggered samples and "
-            f"stands out (threshold {_esc(found.get('min_ratio'))}, z ≥ {_esc(found.get('min_z'))}).</p>"
+    return ("<section><h2>Poisoned training data</h2><p>" + verdict + "</p><p class=\"note\">Per class, the "
+            "penultimate features' top principal direction is split in two (Otsu), and the score is how far apart the "
+            "groups are, in pooled standard deviations (one Gaussian blob: about 2.7). A poisoned class holds a "
+            "separate cluster of triggered samples and stands out "
+            f"(threshold {_esc(found.get('min_separation'))}, z ≥ {_esc(found.get('min_z'))}).</p>"
             + (f"<table><thead><tr><th>class</th>{heads}</tr></thead><tbody><tr><td>split score</td>{cells}</tr>"
                "</tbody></table>" if scores else "") + "</section>")
 

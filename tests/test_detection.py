@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from clipguard.data import ImageData
-from clipguard.detection import best_split, class_split, detect_poison, last_linear, penultimate_features
+from clipguard.detection import (
+    best_split,
+    class_split,
+    detect_poison,
+    last_linear,
+    penultimate_features,
+    separation,
+)
 from clipguard.errors import ClipguardError
 from clipguard.models import resolve_spec
 from clipguard.unlearning import UnlearnConfig, relabel, unlearn
@@ -46,6 +53,15 @@ def test_best_split_of_a_gaussian_explains_about_two_thirds():
     ratio, group = best_split(values)
     assert ratio == pytest.approx(2 / torch.pi, abs=0.02)  # the theory for one Gaussian blob
     assert len(group) > 0.4 * len(values)
+    # halves of N(0,1): means ±√(2/π), variance 1 - 2/π each, so separation 2√(2/π)/√(1 - 2/π) ≈ 2.65
+    assert separation(values, group) == pytest.approx(2.65, abs=0.05)
+
+
+def test_separation_matches_its_definition():
+    values = torch.tensor([0.0, 1.0, 2.0, 10.0, 12.0])
+    a, b = torch.tensor([10.0, 12.0]), torch.tensor([0.0, 1.0, 2.0])
+    expected = (a.mean() - b.mean()) / ((a.var() + b.var()) / 2).sqrt()
+    assert separation(values, torch.tensor([3, 4])) == pytest.approx(float(expected))
 
 
 def test_best_split_of_constant_values_finds_nothing():
@@ -70,7 +86,7 @@ def _blobs(planted: int | None, share: float = 0.08, n: int = 400, dim: int = 32
     return features, labels, poisoned
 
 
-@pytest.mark.parametrize("share", [0.05, 0.1, 0.25])
+@pytest.mark.parametrize("share", [0.03, 0.05, 0.1, 0.25])
 def test_detect_poison_flags_the_planted_class_and_its_cluster(share):
     features, labels, poisoned = _blobs(planted=3, share=share)
     found = detect_poison(features, labels, 10)
@@ -87,7 +103,7 @@ def test_detect_poison_flags_nothing_on_clean_features():
     features, labels, _ = _blobs(planted=None)
     found = detect_poison(features, labels, 10)
     assert not found.flagged and found.target is None and len(found.suspects) == 0
-    assert all(0.55 < s < 0.7 for s in found.scores)
+    assert all(2.3 < s < 3.1 for s in found.scores)  # a Gaussian blob cut by Otsu: about 2.66
 
 
 def test_class_split_is_invariant_to_the_feature_basis():

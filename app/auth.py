@@ -3,13 +3,25 @@
 A plain sha256 is enough (no slow KDF) because the keys are high-entropy random strings,
 not passwords; the lookup by digest through a unique index leaks nothing useful by timing.
 Revoking a key deletes its row, so a revoked key is indistinguishable from one that never
-existed (401 either way) and takes effect on the very next request: nothing caches keys.
+existed (401 either way).
+
+Each API process remembers the keys it has seen for ``KEY_CACHE_TTL_S`` seconds (:class:`KeyCache`,
+digest -> tenant): the lookup was a database round trip and a thread hop on every request, most
+of a status poll's cost. Revoking through :func:`revoke_key` / :func:`revoke_tenant` clears the
+entries of every cache in the revoking process at once, so there the next request is refused; other
+processes (API replicas, or an API beside the ``clipguard keys revoke`` command) refuse the key once
+their entry expires, within ``KEY_CACHE_TTL_S``. Unknown keys are never cached, so made-up keys
+cannot fill the cache and a new key works at once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
+import weakref
+from collections.abc import Callable
 
 import anyio.to_thread
 from sqlalchemy import delete, select
@@ -19,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.db import ApiKey
+from app.db import ApiKey, reader
 from app.problems import problem_response
 
 KEY_PREFIX = "cg_"
@@ -43,18 +55,81 @@ def create_key(sessions: sessionmaker, tenant: str) -> str:
 
 def revoke_key(sessions: sessionmaker, key: str) -> bool:
     """Revoke one key (given in clear, as the operator received it); False if it was not known."""
+    key_hash = digest(key)
     with sessions.begin() as s:
-        return s.execute(delete(ApiKey).where(ApiKey.key_hash == digest(key))).rowcount == 1
+        found = s.execute(delete(ApiKey).where(ApiKey.key_hash == key_hash)).rowcount == 1
+    for cache in list(_CACHES):  # after the commit: a lookup racing the delete cannot re-cache it (generation)
+        cache.forget(lambda d, _t: d == key_hash)
+    return found
 
 
 def revoke_tenant(sessions: sessionmaker, tenant: str) -> int:
     """Revoke every key of ``tenant``; returns how many there were. Its jobs and models stay."""
     with sessions.begin() as s:
-        return s.execute(delete(ApiKey).where(ApiKey.tenant == tenant)).rowcount
+        count = s.execute(delete(ApiKey).where(ApiKey.tenant == tenant)).rowcount
+    for cache in list(_CACHES):
+        cache.forget(lambda _d, t: t == tenant)
+    return count
 
 
 def tenant_for(s: Session, key: str) -> str | None:
     return s.scalar(select(ApiKey.tenant).where(ApiKey.key_hash == digest(key)))
+
+
+def tenant_for_digest(sessions: sessionmaker, key_hash: str) -> str | None:
+    """One autocommit ``SELECT`` (no ``BEGIN``/``ROLLBACK`` round trips): the gate's lookup on a cache miss."""
+    with reader(sessions).connect() as conn:
+        return conn.scalar(select(ApiKey.tenant).where(ApiKey.key_hash == key_hash))
+
+
+class KeyCache:
+    """Key digest -> tenant for ``ttl_s`` seconds, in one API process; ``ttl_s = 0`` caches nothing.
+
+    A lookup that started before a revocation must not store what it read: every
+    :meth:`forget` bumps ``generation``, and :meth:`put` drops an entry read under an older one.
+    """
+
+    MAX_ENTRIES = 10_000
+    """Beyond this (only valid keys are stored, so it takes that many live keys) expired entries go, then all."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self.generation = 0
+        self._entries: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()  # revocations come from other threads (an admin call, a test)
+        _CACHES.add(self)
+
+    def get(self, key_hash: str) -> str | None:
+        entry = self._entries.get(key_hash)
+        if entry is None:
+            return None
+        if entry[1] < time.monotonic():
+            self._entries.pop(key_hash, None)
+            return None
+        return entry[0]
+
+    def put(self, key_hash: str, tenant: str, generation: int) -> None:
+        if self.ttl_s <= 0:
+            return
+        with self._lock:
+            if generation != self.generation:
+                return
+            if len(self._entries) >= self.MAX_ENTRIES:
+                now = time.monotonic()
+                self._entries = {d: e for d, e in self._entries.items() if e[1] >= now}
+                if len(self._entries) >= self.MAX_ENTRIES:
+                    self._entries = {}
+            self._entries[key_hash] = (tenant, time.monotonic() + self.ttl_s)
+
+    def forget(self, match: Callable[[str, str], bool]) -> None:
+        """Drop every entry ``match(digest, tenant)`` selects, and invalidate lookups in flight."""
+        with self._lock:
+            self.generation += 1
+            self._entries = {d: e for d, e in self._entries.items() if not match(d, e[0])}
+
+
+_CACHES: weakref.WeakSet[KeyCache] = weakref.WeakSet()
+"""Every live cache in this process, so that a revocation reaches them all."""
 
 
 def bearer_token(headers: Headers) -> str | None:
@@ -89,17 +164,19 @@ class Gate:
             return
         state = scope["app"].state
         token = bearer_token(Headers(scope=scope))
-
-        def lookup() -> str | None:
-            with state.sessions() as s:
-                return tenant_for(s, token) if token else None
-
-        tenant = await anyio.to_thread.run_sync(lookup) if token else None
-        if tenant is None:
+        key_hash = digest(token) if token else None
+        cache: KeyCache | None = getattr(state, "key_cache", None)
+        tenant = cache.get(key_hash) if cache is not None and key_hash else None
+        if tenant is None and key_hash:
+            generation = cache.generation if cache is not None else 0
+            tenant = await anyio.to_thread.run_sync(tenant_for_digest, state.sessions, key_hash)
+            if tenant is not None and cache is not None:
+                cache.put(key_hash, tenant, generation)
+        if tenant is None or key_hash is None:
             await unauthorized(Request(scope))(scope, receive, send)
             return
         limiter = getattr(state, "ratelimiter", None)
-        verdict = await limiter.hit(digest(token)) if limiter is not None else None
+        verdict = await limiter.hit(key_hash) if limiter is not None else None
         if verdict is not None and not verdict.allowed:
             response = problem_response(
                 Request(scope), 429, f"more than {verdict.limit} requests a minute with this API key; "

@@ -7,7 +7,9 @@ SQLite (WAL, busy timeout) is the embedded default; any SQLAlchemy URL, PostgreS
 
 from __future__ import annotations
 
+import time
 import uuid
+import weakref
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +28,7 @@ from sqlalchemy import (
     create_engine,
     event,
 )
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 
@@ -153,7 +156,44 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
+    _ping_when_idle(engine, PING_IDLE_AFTER_S)
+    return engine
+
+
+POOL_SIZE, POOL_OVERFLOW = 10, 10
+"""Connections kept open per process, and how many more a burst may open (then close again).
+
+SQLAlchemy's default (5 + 10) made a status-poll burst open and close a PostgreSQL connection
+for most requests: every overflow connection is closed on return, and a connect costs the API
+more CPU than the query it serves (bench/load.py, docs/benchmarks.md). The hot read path is
+capped at ``POOL_SIZE`` concurrent queries (``app.routes.jobs``), so it never overflows."""
+PING_IDLE_AFTER_S = 1.0
+"""A pooled connection unused this long is pinged before it is handed out (see ``_ping_when_idle``)."""
+
+
+def _ping_when_idle(engine: Engine, idle_s: float) -> None:
+    """Pre-ping, but only connections that sat idle for ``idle_s``; a dead one is replaced transparently.
+
+    ``pool_pre_ping`` costs a round trip on *every* checkout, as much as the status poll's
+    own query. Connections die while idle (a database restart or failover, a proxy's idle
+    timeout); one checked in a moment ago was just used successfully. A connection that fails
+    the ping raises ``DisconnectionError``, which makes the pool discard it and connect anew.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn: Any, record: Any) -> None:
+        record.info["checked_in_at"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.pop("checked_in_at", None)
+        if since is None or time.monotonic() - since < idle_s:  # just connected, or just used
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:
+            raise DisconnectionError(f"pooled connection failed its ping: {exc}") from exc
 
 
 def make_sessionmaker(url: str, *, migrate: bool = True) -> sessionmaker:
@@ -167,3 +207,20 @@ def make_sessionmaker(url: str, *, migrate: bool = True) -> sessionmaker:
 
         upgrade(url)
     return sessionmaker(make_engine(url), expire_on_commit=False)
+
+
+_readers: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+
+
+def reader(sessions: sessionmaker) -> Engine:
+    """The engine behind ``sessions`` in autocommit mode, for reads that are one statement.
+
+    A session wraps even a single ``SELECT`` in ``BEGIN`` ... ``ROLLBACK``: three round trips
+    to the database where one does. The status poll and the key lookup run once per request, so
+    they read through this (same pool, same connections; the mode is switched on the client side).
+    """
+    engine: Engine = sessions.kw["bind"]
+    found = _readers.get(engine)
+    if found is None:
+        found = _readers[engine] = engine.execution_options(isolation_level="AUTOCOMMIT")
+    return found

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(600, ge=0)
     """Requests per API key and minute (429 beyond); 0 turns the limit off. 600 leaves a client polling
     every second ten times the room it needs."""
+    key_cache_ttl_s: float = Field(5.0, ge=0)
+    """How long an API process trusts a key it has looked up (``app.auth.KeyCache``); 0 looks up every request.
+    A key revoked by another process (``clipguard keys revoke``, another replica) is refused within this."""
     ratelimit_url: str = ""
     """Where the per-key counters live; empty means the broker when it is Redis (shared by all API
     replicas), else in process (``memory://``)."""

@@ -23,6 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-worker", action="store_true",
                    help="API only (production: run `celery -A worker.celery_app:celery_app worker -Q gpu` apart)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="API processes (uvicorn workers); one Python process uses at most one core, so about one "
+                        "per core for a busy API. Settings then come from the environment only.")
     p.set_defaults(func=cmd_serve)
 
     p = subparsers.add_parser("keys", help="manage API keys")
@@ -73,6 +76,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.main import create_app
     from app.settings import get_settings
 
+    if args.workers < 1:
+        return _fail("--workers must be at least 1")
     settings = get_settings()
     worker = None
     if not args.no_worker:
@@ -84,7 +89,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # process would die before stopping the worker, so turn it into SystemExit.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+        if args.workers > 1:  # uvicorn's worker processes each import the app by name and build their own
+            from app.migrate import upgrade
+
+            upgrade(settings.database_url)  # once, here: workers starting together would race through it
+            uvicorn.run("app.main:create_app", factory=True, workers=args.workers, host=args.host, port=args.port,
+                        log_level="info")
+        else:
+            uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
     finally:
         if worker is not None:
             worker.terminate()

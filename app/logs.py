@@ -122,6 +122,12 @@ class JobContext:
             return
         match = _JOB_PATH.match(scope.get("path", ""))
         token = job_id_var.set(match.group(1) if match else None)
+        if match:  # the id is known: no need to watch the response for a Location (a hop per message saved)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                job_id_var.reset(token)
+            return
 
         async def bind_created(message: Message) -> None:
             if message["type"] == "http.response.start" and job_id_var.get() is None:

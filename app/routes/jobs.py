@@ -10,9 +10,8 @@ from typing import Annotated
 
 import anyio.to_thread
 from celery import Celery
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
-from fastapi.security import HTTPBearer
 from sqlalchemy import Row, and_, bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -180,15 +179,12 @@ def create_job(body: JobCreate, response: Response, tenant: TenantDep, sessions:
 # out the pool timeout (30 s). bench/load.py at 64 clients: 1 poll/s before, see docs/benchmarks.md.
 
 
-_bearer_doc = HTTPBearer(auto_error=False, description="an API key from `clipguard keys create`")
-"""Only declares the scheme in the OpenAPI document, as ``TenantDep`` does; the gate checks the key."""
-
-
-async def gate_tenant(request: Request) -> str:
+def gate_tenant(request: Request) -> str:
     """The tenant ``app.auth.Gate`` found for this request's key; 401 if the gate did not run.
 
     For the status poll, the hottest route: the sync dependency chain behind ``TenantDep``
-    costs four threadpool round trips per request, each a scheduler wait on a busy machine.
+    costs four threadpool round trips per request, each a scheduler wait on a busy machine,
+    and even async dependencies cost more CPU than the rest of the route (see ``get_job``).
     Failing closed keeps the route safe if it is ever mounted where the gate does not run.
     """
     tenant = getattr(request.state, "tenant", None)
@@ -196,6 +192,7 @@ async def gate_tenant(request: Request) -> str:
         raise ProblemError(401, "missing or unknown API key; send `Authorization: Bearer <key>`",
                            kind="unauthorized", headers={"WWW-Authenticate": "Bearer"})
     return tenant
+
 
 _JOB_FIELDS = [name for name in JobOut.model_fields if name != "artifacts"]
 _POLL = (select(*(Job.__table__.c[name] for name in _JOB_FIELDS), Artifact.name.label("a_name"),
@@ -227,14 +224,15 @@ def poll_body(rows: Sequence[Row]) -> bytes:
 
 
 
-@router.get("/{job_id}", response_model=JobOut, dependencies=[Depends(_bearer_doc)])
-async def get_job(job_id: str, request: Request, tenant: Annotated[str, Depends(gate_tenant)]) -> Response:
+@router.get("/{job_id}", response_model=JobOut, openapi_extra={"security": [{"HTTPBearer": []}]})
+async def get_job(job_id: str, request: Request) -> Response:
     """A job's state, stage, progress and, once succeeded, its artifacts: one thread hop, one query.
 
     The hot route (clients poll it every second or two). The hop is capped at the connection
     pool's size (``app.state.poll_limiter``): more threads would only queue for a connection, and
     a burst beyond the pool would open and close PostgreSQL connections, the dearest part of a poll.
     """
+    tenant = gate_tenant(request)  # a plain call: FastAPI's dependency machinery was a sixth of the poll's CPU
     engine = reader(request.app.state.sessions)
 
     def load() -> Sequence[Row]:

@@ -7,6 +7,7 @@ status poll of a busy service sees. Bounded in time and count; nothing leaves th
 
     python bench/load.py                                  # 1, 8, 32, 64 clients, 8 s each, 500 MB upload
     python bench/load.py --clients 64 --seconds 5 --upload-mb 0 --uvicorn-workers 2
+    python bench/load.py --http h11 --loop asyncio         # uvicorn's pure-Python HTTP parser and event loop
 
 The load generator is a minimal asyncio HTTP/1.1 keep-alive client (one connection per client, no
 pipelining), far cheaper per request than httpx, so on a small machine most CPU goes to the server.
@@ -82,7 +83,8 @@ def service(args: argparse.Namespace) -> Iterator[dict]:
         log = (home / "api.log").open("wb")
         procs.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app",
                                        "--host", "127.0.0.1", "--port", str(api_port), "--no-access-log",
-                                       "--log-level", "warning", "--workers", str(args.uvicorn_workers)],
+                                       "--log-level", "warning", "--workers", str(args.uvicorn_workers),
+                                       "--http", args.http, "--loop", args.loop],
                                       env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
         url = f"http://127.0.0.1:{api_port}"
 
@@ -101,7 +103,8 @@ def service(args: argparse.Namespace) -> Iterator[dict]:
             model = Model(tenant="load", arch="small_cnn", num_classes=10, status="ready", canonical_sha256="0" * 64)
             data = Dataset(tenant="load", kind="path", ref=str(home / "train.npz"))
             s.add_all([model, data])
-        yield {"url": url, "port": api_port, "key": key, "model": model.id, "data": data.id, "api": procs[-1]}
+        yield {"url": url, "port": api_port, "key": key, "model": model.id, "data": data.id, "api": procs[-1],
+               "db": db}
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -161,23 +164,52 @@ async def _run_level(port: int, clients: int, seconds: float, max_requests: int,
             "per_s": round(len(latencies) / elapsed, 1), "p50_ms": round(pct(0.50), 1), "p99_ms": round(pct(0.99), 1)}
 
 
-def _cpu_s(parent: int) -> float:
-    """User + system CPU seconds of the API process and its children so far."""
-    total = 0
-    for pid in _pids(parent):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
-    return total / os.sysconf("SC_CLK_TCK")
+def _cpu_s(pids: list[int]) -> dict[int, float]:
+    """User + system CPU seconds of each process so far (gone processes are left out)."""
+    out = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (proc(5) 14, 15)
+    return out
+
+
+def _db_pids(db: str) -> list[int]:
+    """The PostgreSQL backends serving the bench's database (their title names it)."""
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            title = cmdline.read_bytes()
+            if title.startswith(b"postgres: ") and f" {db} ".encode() in title:
+                out.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return out
+
+
+def _used(before: dict[int, float], after: dict[int, float]) -> float:
+    return sum(after[p] - before.get(p, 0.0) for p in after)
 
 
 def _levels(svc: dict, levels: list[int], seconds: float, max_requests: int, request: Callable[[], bytes],
             expect: int) -> list[dict]:
-    """Each level, plus the server's CPU time per request: what the figures would be without neighbours."""
+    """Each level, plus CPU time per request of the API, of its database backends and of the load generator.
+
+    The API's figure is the cost of one request whatever the neighbours do; the sum of the three is
+    what one request takes of the machine, so ``1000 / sum`` is the rate one idle core could sustain.
+    Backends that connect during the level count from zero; the load generator is this process.
+    """
     rows = []
     for n in levels:
-        cpu = _cpu_s(svc["api"].pid)
+        api, db = _cpu_s(_pids(svc["api"].pid)), _cpu_s(_db_pids(svc["db"]))
+        client = time.process_time()
         row = asyncio.run(_run_level(svc["port"], n, seconds, max_requests, request, expect))
-        row["server_cpu_ms_per_req"] = round(1000 * (_cpu_s(svc["api"].pid) - cpu) / max(row["requests"], 1), 2)
+        per = 1000 / max(row["requests"], 1)
+        row["client_cpu_ms_per_req"] = round(per * (time.process_time() - client), 2)
+        row["db_cpu_ms_per_req"] = round(per * _used(db, _cpu_s(_db_pids(svc["db"]))), 2)
+        row["server_cpu_ms_per_req"] = round(per * _used(api, _cpu_s(_pids(svc["api"].pid))), 2)
         rows.append(row)
     return rows
 
@@ -257,10 +289,11 @@ def upload(svc: dict, megabytes: int) -> dict:
 # ------------------------------------------------------------------------------------------ main
 
 def table(title: str, rows: list[dict]) -> str:
-    lines = [f"{title}", "", "| clients | requests | req/s | p50 ms | p99 ms | errors | server CPU ms/req |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"{title}", "", "| clients | requests | req/s | p50 ms | p99 ms | errors | API CPU ms/req "
+             "| DB CPU ms/req | client CPU ms/req |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['clients']} | {r['requests']} | {r['per_s']:,.0f} | {r['p50_ms']} | {r['p99_ms']} "
-              f"| {r['errors']} | {r['server_cpu_ms_per_req']} |" for r in rows]
+              f"| {r['errors']} | {r['server_cpu_ms_per_req']} | {r['db_cpu_ms_per_req']} "
+              f"| {r['client_cpu_ms_per_req']} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -274,6 +307,8 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=200, help="jobs created before polling (polls pick one at random)")
     p.add_argument("--upload-mb", type=int, default=500, help="size of the streamed upload; 0 skips it")
     p.add_argument("--uvicorn-workers", type=int, default=1)
+    p.add_argument("--http", default="auto", help="uvicorn --http: auto (httptools when installed), h11, httptools")
+    p.add_argument("--loop", default="auto", help="uvicorn --loop: auto (uvloop when installed), asyncio, uvloop")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
     levels = [int(n) for n in args.clients.split(",")]
@@ -281,7 +316,8 @@ def main() -> None:
     with service(args) as svc:
         result: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": {
             "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "load_avg_at_start": os.getloadavg()}, "uvicorn_workers": args.uvicorn_workers}
+            "load_avg_at_start": os.getloadavg()}, "uvicorn_workers": args.uvicorn_workers,
+            "http": args.http, "loop": args.loop}
         if args.upload_mb:  # first, so the poll phases' own peak cannot hide the upload's
             result["upload"] = upload(svc, args.upload_mb)
             print(f"upload {json.dumps(result['upload'])}", flush=True)

@@ -134,9 +134,10 @@ def guard_defense(model: torch.nn.Module, spec: object, train: ImageData, *, dev
                                                           device=device)
         stats = compute_statistics(net, lambda: iter_batches(kept, 512, spec.mean, spec.std, device),  # type: ignore[attr-defined]
                                    granularity="channel")
-        purified = clipped_model(net, stats.bounds(GUARD_LAM)).cpu().eval()
+        lam = GUARD_LAM if unlearning is not None else PAPER_LAM  # nothing flagged: the recipe, as purify does
+        purified = clipped_model(net, stats.bounds(lam)).cpu().eval()
         seconds = timer.elapsed()
-    return DefenseResult(purified, seconds, {"defense": "guard", "lam": GUARD_LAM, "detection": found,
+    return DefenseResult(purified, seconds, {"defense": "guard", "lam": lam, "detection": found,
                                              "unlearning": unlearning})
 
 

@@ -96,8 +96,9 @@ class ClipguardClient:
 
     def create_job(self, *, model_id: str, train_data_id: str, lam: float | str | None = None,
                    granularity: str = "channel", test_data_id: str | None = None,
-                   attack: str | dict | None = None, idempotency_key: str | None = None) -> dict:
-        body: dict[str, Any] = {"model_id": model_id, "train_data_id": train_data_id, "lam": lam,
+                   attack: str | dict | None = None, idempotency_key: str | None = None,
+                   method: str = "guard") -> dict:
+        body: dict[str, Any] = {"model_id": model_id, "train_data_id": train_data_id, "method": method, "lam": lam,
                                 "granularity": granularity}
         if test_data_id:
             body["eval"] = {"test_data_id": test_data_id, "attack": attack}

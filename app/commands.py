@@ -47,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--data", required=True, help="local archive FILE[#split] to upload, @registered or server:PATH")
     r.add_argument("--eval-data", default=None, help="test data, same forms as --data")
     r.add_argument("--attack", default=None, help="attack spec, or a local .attack.json from `clipguard train`")
+    r.add_argument("--method", choices=("guard", "paper"), default="guard",
+                   help="guard: detect and unlearn the poisoned samples, then clip; paper: the μ+λσ clip alone")
     r.add_argument("--lam", default=None, help="λ in μ+λσ, or 'auto'")
     r.add_argument("--granularity", choices=("channel", "element"), default="channel")
     r.add_argument("--out", type=Path, required=True, help="folder for purified.pt, bounds.safetensors, report.*")
@@ -141,7 +143,7 @@ def cmd_remote_purify(args: argparse.Namespace) -> int:
             train = client.add_dataset(args.data)
             test = client.add_dataset(args.eval_data) if args.eval_data else None
             model = client.wait_model(model["id"])
-            job = client.create_job(model_id=model["id"], train_data_id=train["id"], lam=lam,
+            job = client.create_job(model_id=model["id"], train_data_id=train["id"], method=args.method, lam=lam,
                                     granularity=args.granularity, test_data_id=test["id"] if test else None,
                                     attack=attack, idempotency_key=str(uuid.uuid4()))
             with tqdm(total=100, unit="%", desc="queued", file=sys.stderr) as bar:

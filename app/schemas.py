@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ModelStatus = Literal["awaiting_upload", "validating", "ready", "rejected"]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+PurifyMethod = Literal["guard", "paper"]
+"""The engine's methods (``clipguard.purify.METHODS``), spelled out so the OpenAPI document lists them."""
 
 # An attack given by name and options (``badnets:pattern=checkerboard``), never a file path:
 # the engine would read a path on the server.
@@ -87,12 +89,18 @@ class EvalSpec(BaseModel):
 
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
-        "model_id": "4f1c0b6f0a6a4d8f9a1e2b3c4d5e6f70", "train_data_id": "0a9d…", "lam": "auto",
+        "model_id": "4f1c0b6f0a6a4d8f9a1e2b3c4d5e6f70", "train_data_id": "0a9d…", "method": "guard", "lam": "auto",
         "granularity": "channel", "eval": {"test_data_id": "77ef…", "attack": "badnets"}}]})
 
     model_id: ResourceId
     train_data_id: ResourceId
-    lam: float | Literal["auto"] | None = Field(None, description="λ in μ+λσ, `auto`, or null for the default")
+    method: PurifyMethod = Field("guard", description=(
+        "`guard` (default): find the poisoned share of the training data from the model's own features, "
+        "unlearn it in a short fine-tune, then clip at μ+λσ with bounds from the rest of the data; the "
+        "purified weights differ from the upload. `paper`: the paper's recipe, the μ+λσ clip alone, with "
+        "the uploaded weights unchanged"))
+    lam: float | Literal["auto"] | None = Field(
+        None, description="λ in μ+λσ, `auto`, or null for the method's default (6 for `guard`, 4 for `paper`)")
     granularity: Literal["channel", "element"] = "channel"
     eval: EvalSpec | None = None
 
@@ -109,7 +117,7 @@ class JobOut(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "id": "c0ffee…", "state": "running", "stage": "bounds", "percent": 42.0, "error": None, "attempts": 1,
         "model_id": "4f1c…", "train_data_id": "0a9d…", "test_data_id": None,
-        "params": {"lam": 3.0, "granularity": "channel", "attack": None},
+        "params": {"method": "guard", "lam": 3.0, "granularity": "channel", "attack": None},
         "created_at": "2026-11-24T12:00:00Z", "started_at": "2026-11-24T12:00:01Z", "finished_at": None,
         "artifacts": [], "summary": None}]})
 
@@ -123,7 +131,9 @@ class JobOut(BaseModel):
     model_id: str
     train_data_id: str
     test_data_id: str | None
-    params: dict[str, Any]
+    params: dict[str, Any] = Field(description=(
+        "what the job was created with: `method`, `lam`, `granularity`, `attack` (a job created before "
+        "`method` existed has none and is run with `guard`)"))
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

@@ -211,6 +211,8 @@ def _options(sessions: sessionmaker, settings: Settings, job_id: str, out: Path)
         data=local_data_ref(shared, train.ref, train.kind),
         out=out, num_classes=model.num_classes,
         mean=tuple(model.mean) if model.mean else None, std=tuple(model.std) if model.std else None,
+        # A job created before the API had `method` ran the engine's default, guard.
+        method=job.params.get("method", "guard"),
         lam=job.params.get("lam"), granularity=job.params.get("granularity", "channel"), device=settings.device,
         eval_data=local_data_ref(shared, test.ref, test.kind) if test else None, attack=attack,
         cache_dir=settings.home / "cache", overwrite=True,

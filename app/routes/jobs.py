@@ -143,14 +143,17 @@ def _replay(s: Session, tenant: str, key: str, fingerprint: str) -> Job | None:
 def create_job(body: JobCreate, response: Response, tenant: TenantDep, sessions: SessionsDep, celery: CeleryDep,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
     """Queue a purification. Retrying with the same ``Idempotency-Key`` and body returns the same job."""
-    fingerprint = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    # The default method is left out of the fingerprint, so a retry of a request made before `method`
+    # existed still matches the job it created.
+    request = body.model_dump(mode="json", exclude={"method"} if body.method == "guard" else None)
+    fingerprint = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
     with sessions() as s:
         job = _replay(s, tenant, idempotency_key, fingerprint) if idempotency_key else None
         if job is None:
             _check_inputs(s, tenant, body)
             job = Job(tenant=tenant, state="queued", model_id=body.model_id, train_data_id=body.train_data_id,
                       test_data_id=body.eval.test_data_id if body.eval else None,
-                      params={"lam": body.lam, "granularity": body.granularity,
+                      params={"method": body.method, "lam": body.lam, "granularity": body.granularity,
                               "attack": body.eval.attack if body.eval else None},
                       idempotency_key=idempotency_key, request_hash=fingerprint)
             s.add(job)

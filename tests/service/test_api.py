@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from app import store
+from app.db import make_sessionmaker
+from worker.tasks import run_attempt
+
 PROBLEM = "application/problem+json"
 
 
@@ -193,6 +197,29 @@ def test_create_job_returns_202_with_location(client, auth, ready_model, dataset
     assert r.headers["location"] == f"/v1/jobs/{job['id']}" and r.headers["retry-after"]
     assert job["state"] == "queued" and job["params"]["lam"] == 3.0 and job["artifacts"] == []
     assert client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["id"] == job["id"]
+
+
+def test_a_paper_job_records_its_method_and_runs_it(client, settings, auth, ready_model, dataset):
+    r = client.post("/v1/jobs", headers=auth, json=job_body(ready_model, dataset, method="paper"))
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["params"]["method"] == "paper"
+    assert client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["params"]["method"] == "paper"
+    assert client.post("/v1/jobs", headers=auth, json=job_body(ready_model, dataset)).json()["params"]["method"] \
+        == "guard"
+    # The attempt a worker would run, here in process (the message stays in Redis unconsumed).
+    sessions = make_sessionmaker(settings.database_url, migrate=False)
+    run_attempt(sessions, settings, store.claim(sessions, job["id"], max_attempts=3))
+    done = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()
+    assert done["state"] == "succeeded", done["error"]
+    assert {a["name"] for a in done["artifacts"]} >= {"purified.pt", "bounds.safetensors", "report.json"}
+    listed = {j["id"]: j for j in client.get("/v1/jobs", headers=auth).json()["items"]}
+    assert done == listed[job["id"]]  # the poll's one-query answer is the same as every other route's
+    report = client.get(f"/v1/jobs/{job['id']}/artifacts/report.json", headers=auth).json()
+    assert report["method"] == "paper" and report["lam"] == 3.0
+    bad = assert_problem(client.post("/v1/jobs", headers=auth, json=job_body(ready_model, dataset, method="magic")),
+                         422)
+    assert bad["type"] == "/problems/validation" and bad["errors"][0]["loc"] == ["body", "method"]
 
 
 def test_idempotency_key_replays_and_refuses_a_different_body(client, auth, ready_model, dataset):

@@ -33,6 +33,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     k = keys.add_parser("create", help="create an API key and print it (only the key) on stdout")
     k.add_argument("--tenant", required=True, help="tenant the key belongs to; tenants never see each other")
     k.set_defaults(func=cmd_keys_create)
+    k = keys.add_parser("revoke", help="revoke one key, or every key of a tenant (effective at once in new "
+                                       "requests; running API processes may accept a key they know for up to "
+                                       "CLIPGUARD_KEY_CACHE_TTL_S more seconds)")
+    which = k.add_mutually_exclusive_group(required=True)
+    which.add_argument("--key", help="the key as it was issued; '-' reads it from stdin (keeps it out of ps and "
+                                     "the shell history)")
+    which.add_argument("--tenant", help="revoke every key of this tenant; its jobs and models stay")
+    k.set_defaults(func=cmd_keys_revoke)
 
     p = subparsers.add_parser("remote", help="run a command on a clipguard server")
     remote = p.add_subparsers(dest="remote_command", required=True, metavar="ACTION")
@@ -117,6 +125,26 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     if not args.tenant.strip():
         return _fail("--tenant must not be empty")
     print(create_key(make_sessionmaker(get_settings().database_url), args.tenant))
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    """Revoke through ``app.auth``; exit 1 when nothing matched, so a script notices a mistyped key or tenant."""
+    from app.auth import revoke_key, revoke_tenant
+    from app.db import make_sessionmaker
+    from app.settings import get_settings
+
+    sessions = make_sessionmaker(get_settings().database_url)
+    if args.tenant is not None:
+        count = revoke_tenant(sessions, args.tenant)
+        if not count:
+            return _fail(f"tenant {args.tenant!r} has no keys")
+        print(f"clipguard: revoked {count} key(s) of tenant {args.tenant!r}", file=sys.stderr)
+        return 0
+    key = sys.stdin.readline().strip() if args.key == "-" else args.key.strip()
+    if not key or not revoke_key(sessions, key):
+        return _fail("no such key (already revoked, or never issued)")
+    print("clipguard: revoked 1 key", file=sys.stderr)
     return 0
 
 

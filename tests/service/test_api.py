@@ -204,14 +204,17 @@ def test_a_paper_job_records_its_method_and_runs_it(client, settings, auth, read
     assert r.status_code == 202, r.text
     job = r.json()
     assert job["params"]["method"] == "paper"
-    assert client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["params"]["method"] == "paper"
+    queued = client.get(f"/v1/jobs/{job['id']}", headers=auth)
+    assert queued.json()["params"]["method"] == "paper" and queued.headers["retry-after"] == "2"
     assert client.post("/v1/jobs", headers=auth, json=job_body(ready_model, dataset)).json()["params"]["method"] \
         == "guard"
     # The attempt a worker would run, here in process (the message stays in Redis unconsumed).
     sessions = make_sessionmaker(settings.database_url, migrate=False)
     run_attempt(sessions, settings, store.claim(sessions, job["id"], max_attempts=3))
-    done = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()
+    polled = client.get(f"/v1/jobs/{job['id']}", headers=auth)
+    done = polled.json()
     assert done["state"] == "succeeded", done["error"]
+    assert "retry-after" not in polled.headers and polled.headers["content-type"] == "application/json"
     assert {a["name"] for a in done["artifacts"]} >= {"purified.pt", "bounds.safetensors", "report.json"}
     listed = {j["id"]: j for j in client.get("/v1/jobs", headers=auth).json()["items"]}
     assert done == listed[job["id"]]  # the poll's one-query answer is the same as every other route's

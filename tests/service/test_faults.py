@@ -30,6 +30,7 @@ from .conftest import PG_ADMIN, LiveService, free_port, wait_until
 SLOW_IMAGES = 4096
 """Random 32x32 images: a bounds pass of seconds on two cores, long enough to SIGKILL it mid-way."""
 FAST = {"CLIPGUARD_HEARTBEAT_S": "1", "CLIPGUARD_STALE_AFTER_S": "6", "CLIPGUARD_SWEEP_EVERY_S": "1",
+        "CLIPGUARD_RATE_LIMIT_PER_MINUTE": "0",  # these tests poll hard; the limiter has its own tests
         "CLIPGUARD_MAX_ATTEMPTS": "2"}
 JOBS_TMPFS = "32m"
 TERMINAL = ("succeeded", "failed", "cancelled")

@@ -60,6 +60,14 @@ def crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int = 4) ->
     return torch.where(flip[:, None, None, None], out.flip(3), out).contiguous()
 
 
+def nesterov_sgd(model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9) -> torch.optim.SGD:
+    """SGD with Nesterov momentum; weight decay only on weights, not on biases and norm parameters."""
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                           lr=lr, momentum=momentum, nesterov=True)
+
+
 def train(
     spec: ModelSpec,
     data: ImageData,
@@ -85,13 +93,7 @@ def train(
     cuda = device.type == "cuda"
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (no_decay if p.dim() <= 1 else decay).append(p)
-    opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, momentum=config.momentum, nesterov=True,
-    )
+    opt = nesterov_sgd(model, config.lr, config.weight_decay, config.momentum)
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     total = config.epochs * steps_per_epoch
     if config.schedule == "onecycle":

@@ -35,6 +35,7 @@ from clipguard.data import ImageData, normalize
 from clipguard.errors import Cancelled
 from clipguard.metrics import predict
 from clipguard.models import ModelSpec
+from clipguard.train import nesterov_sgd
 
 
 @dataclass
@@ -89,10 +90,7 @@ def fine_tune(
     pool_idx = pool.nonzero().flatten()
     per_epoch = len(always) + min(config.samples_per_epoch, len(pool_idx))
     steps = config.epochs * math.ceil(per_epoch / config.batch_size)
-    decay = [p for p in net.parameters() if p.dim() > 1]
-    no_decay = [p for p in net.parameters() if p.dim() <= 1]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
-                          lr=config.lr, momentum=0.9, nesterov=True)
+    opt = nesterov_sgd(net, config.lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps, pct_start=0.15)
     step = 0
     for _ in range(config.epochs):

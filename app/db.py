@@ -167,7 +167,8 @@ POOL_SIZE, POOL_OVERFLOW = 10, 10
 SQLAlchemy's default (5 + 10) made a status-poll burst open and close a PostgreSQL connection
 for most requests: every overflow connection is closed on return, and a connect costs the API
 more CPU than the query it serves (bench/load.py, docs/benchmarks.md). The hot read path is
-capped at ``POOL_SIZE`` concurrent queries (``app.routes.jobs``), so it never overflows."""
+capped at ``Settings.poll_threads`` (at most ``POOL_SIZE``) concurrent queries (``app.routes.jobs``),
+so it never overflows."""
 PING_IDLE_AFTER_S = 1.0
 """A pooled connection unused this long is pinged before it is handed out (see ``_ping_when_idle``)."""
 

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from sqlalchemy import select
 
 from app import auth, logs, metrics, problems, ratelimit, store
-from app.db import POOL_SIZE, Model, make_sessionmaker
+from app.db import Model, make_sessionmaker
 from app.routes import datasets, health, jobs, models
 from app.settings import Settings, get_settings
 from worker.celery_app import make_celery
@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.sessions = make_sessionmaker(settings.database_url)
         app.state.key_cache = auth.KeyCache(settings.key_cache_ttl_s)
-        app.state.poll_limiter = anyio.CapacityLimiter(POOL_SIZE)  # see app.routes.jobs.get_job
+        app.state.poll_limiter = anyio.CapacityLimiter(settings.poll_threads)  # see app.routes.jobs.get_job
         app.state.celery = make_celery(settings)
         app.state.ratelimiter = ratelimit.RateLimiter(
             settings.rate_limit_per_minute, ratelimit.storage_url(settings.ratelimit_url, settings.broker_url))

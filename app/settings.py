@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     key_cache_ttl_s: float = Field(5.0, ge=0)
     """How long an API process trusts a key it has looked up (``app.auth.KeyCache``); 0 looks up every request.
     A key revoked by another process (``clipguard keys revoke``, another replica) is refused within this."""
+    poll_threads: int = Field(2, ge=1, le=10)  # at most app.db.POOL_SIZE: a thread needs a connection
+    """Status polls each API process runs at once in its thread pool (``app.routes.jobs.get_job``). Few is
+    fast: the poll's query is sub-millisecond, and more threads only fight the event loop for the GIL.
+    On this 2-core machine, at 64 clients with two processes, 10 threads gave p99 140-160 ms and 2 gave
+    50-75 ms at the same throughput (docs/benchmarks.md). Raise it where the database is far away."""
     ratelimit_url: str = ""
     """Where the per-key counters live; empty means the broker when it is Redis (shared by all API
     replicas), else in process (``memory://``)."""

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from app import store
+from app.auth import create_key
 from app.db import make_sessionmaker
+from app.main import create_app
+from app.settings import Settings
 from worker.tasks import run_attempt
 
 PROBLEM = "application/problem+json"
@@ -223,6 +229,21 @@ def test_a_paper_job_records_its_method_and_runs_it(client, settings, auth, read
     bad = assert_problem(client.post("/v1/jobs", headers=auth, json=job_body(ready_model, dataset, method="magic")),
                          422)
     assert bad["type"] == "/problems/validation" and bad["errors"][0]["loc"] == ["body", "method"]
+
+
+def test_status_polls_share_the_configured_thread_hop(settings, model_file, small_npz):
+    """POLL_THREADS caps the poll's thread hop; concurrent polls beyond it queue and all get answered."""
+    with pytest.raises(ValidationError, match="poll_threads"):
+        Settings(poll_threads=0)
+    with TestClient(create_app(settings.model_copy(update={"poll_threads": 1}))) as client:
+        auth = {"Authorization": f"Bearer {create_key(make_sessionmaker(settings.database_url), 'acme')}"}
+        assert client.app.state.poll_limiter.total_tokens == 1
+        model = settled(client, auth, upload(client, auth, model_file, arch="small_cnn")["id"])
+        data = client.post("/v1/datasets", headers=auth, files={"file": ("d.npz", small_npz.read_bytes())}).json()
+        job = client.post("/v1/jobs", headers=auth, json=job_body(model, data)).json()
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: client.get(f"/v1/jobs/{job['id']}", headers=auth), range(32)))
+        assert {r.status_code for r in answers} == {200} and {r.json()["id"] for r in answers} == {job["id"]}
 
 
 def test_idempotency_key_replays_and_refuses_a_different_body(client, auth, ready_model, dataset):

@@ -8,7 +8,7 @@
 # cu128, ...; pick one that carries torch>=2.10 for your driver. The CUDA wheels bring their own CUDA
 # runtime, so the base image stays python:slim and the host only needs the NVIDIA driver.
 #
-#   API:    clipguard serve --no-worker --host 0.0.0.0 --port 8000   (the default CMD)
+#   API:    clipguard serve --no-worker --host 0.0.0.0 --port 8000 --workers 2   (the default CMD)
 #   worker: celery -A worker.celery_app:celery_app worker -Q gpu -c 1 -P prefork -n gpu0@%h
 #   flower: celery -A worker.celery_app:celery_app flower --port=5555
 # Logs are JSON lines (CLIPGUARD_LOG_FORMAT=json); set it to text for a terminal.
@@ -56,4 +56,4 @@ EXPOSE 8000
 # Liveness of the API (the worker service overrides this in docker-compose.yml). No curl in slim: Python.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
-CMD ["clipguard", "serve", "--no-worker", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["clipguard", "serve", "--no-worker", "--host", "0.0.0.0", "--port", "8000", "--workers", "2"]

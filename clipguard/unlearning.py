@@ -158,4 +158,5 @@ def unlearn(
         if not len(added):
             break
         current = torch.cat([current, added]).sort().values
-    return net, current, {"config": config.to_dict(), "rounds": rounds, "suspects": len(current)}
+    return net, current, {"config": config.to_dict(), "rounds": rounds, "suspects": len(current),
+                          "suspect_indices": current.tolist()}

@@ -176,7 +176,9 @@ def test_guard_removes_a_blend_backdoor_that_the_paper_recipe_keeps(blend_victim
     found = guard["poison_detection"]
     assert found["flagged"] and found["target"] == 0 and found["z"] > 4
     truth = set(json.loads((blend_victim / "victim.safetensors.json").read_text())["poisoning"]["indices"])
-    assert guard["unlearning"]["suspects"] >= 0.9 * len(truth)
+    named = set(guard["unlearning"]["suspect_indices"])  # the report names the poisoned samples themselves
+    assert len(named) == guard["unlearning"]["suspects"]
+    assert len(named & truth) >= 0.9 * len(truth) and len(named - truth) <= 0.5 * len(truth), (len(named), len(truth))
     after = guard["evaluation"]["after"]
     assert after["asr"] < 0.10, after
     assert before["acc"] - after["acc"] <= 0.02, (before["acc"], after["acc"])

@@ -15,7 +15,7 @@ import anyio.to_thread
 from fastapi import FastAPI
 from sqlalchemy import select
 
-from app import auth, logs, metrics, problems, ratelimit, store
+from app import auth, logs, metrics, problems, ratelimit, storage, store
 from app.db import Model, make_sessionmaker
 from app.routes import datasets, health, jobs, models
 from app.settings import Settings, get_settings
@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="clipguard", version="1", lifespan=lifespan,
                   description="Upload suspect image classifiers, purify them, download the results.")
     problems.install(app)
+    storage.install(app)  # object-storage failures: 503/502 as problem+json
     app.add_middleware(auth.Gate)  # key and rate limit checked before any body is read
     app.add_middleware(problems.RequestGuard)
     app.add_middleware(problems.BodyLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)

@@ -18,18 +18,63 @@ import hashlib
 import os
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
 import anyio.to_thread
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
-from app.problems import ProblemError
+from app.problems import ProblemError, problem_response
 from app.settings import Settings
 
 DATASET_SUFFIXES = (".npz", ".tar.gz", ".tgz", ".tar", ".zip")
+
+
+class StorageError(RuntimeError):
+    """The object store refused a request for good (a missing object, a denied bucket): retrying won't help."""
+
+
+class StorageUnavailable(StorageError):
+    """The object store could not be reached, timed out, throttled or answered 5xx: retry later.
+
+    The worker hands such a job back to the queue (Celery retries it with backoff, the attempt
+    counts); the API answers 503 with ``Retry-After``.
+    """
+
+
+def install(app: FastAPI) -> None:
+    """Answer object-storage failures as problem+json: 503 with Retry-After when transient, else 502."""
+
+    @app.exception_handler(StorageError)
+    async def _storage(request: Request, exc: StorageError) -> JSONResponse:
+        if isinstance(exc, StorageUnavailable):
+            return problem_response(request, 503, str(exc), kind="storage-unavailable", headers={"Retry-After": "30"})
+        return problem_response(request, 502, str(exc), kind="storage-error")
+
+
+TRANSIENT_S3_CODES = frozenset({"SlowDown", "Throttling", "RequestTimeout", "ServiceUnavailable", "InternalError"})
+
+
+@contextlib.contextmanager
+def s3_errors(what: str) -> Iterator[None]:
+    """Turn boto3's exceptions into :class:`StorageUnavailable` or :class:`StorageError`, saying ``what`` failed."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (ClientError, S3UploadFailedError, BotoCoreError) as exc:
+        cause = (exc.__cause__ or exc.__context__) if isinstance(exc, S3UploadFailedError) else exc
+        if isinstance(cause, ClientError):
+            code = str(cause.response.get("Error", {}).get("Code", ""))
+            status = int(cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if status < 500 and code not in TRANSIENT_S3_CODES:
+                raise StorageError(f"object storage refused {what}: {code or status}") from exc
+        raise StorageUnavailable(f"object storage unavailable while {what}: {type(cause).__name__}: {cause}") from exc
 
 
 @dataclass(frozen=True)
@@ -173,18 +218,20 @@ class S3Storage:
 
         if self._bucket_ready:
             return
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
-                raise
-            with contextlib.suppress(self.client.exceptions.BucketAlreadyOwnedByYou):
-                self.client.create_bucket(Bucket=self.bucket)
+        with s3_errors(f"opening bucket {self.bucket}"):
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+                    raise
+                with contextlib.suppress(self.client.exceptions.BucketAlreadyOwnedByYou):
+                    self.client.create_bucket(Bucket=self.bucket)
         self._bucket_ready = True
 
     def put_blob(self, path: Path) -> None:
         self.ensure_bucket()
-        self.client.upload_file(str(path), self.bucket, self._key(f"blobs/{path.name}"))
+        with s3_errors(f"uploading blob {path.name}"):
+            self.client.upload_file(str(path), self.bucket, self._key(f"blobs/{path.name}"))
 
     def get_blob(self, path: Path) -> Path:
         local = self.blobs_dir / path.name
@@ -192,7 +239,8 @@ class S3Storage:
             return local
         part = self.tmp_dir / f"{uuid.uuid4().hex}.part"
         try:
-            self.client.download_file(self.bucket, self._key(f"blobs/{path.name}"), str(part))
+            with s3_errors(f"fetching blob {path.name}"):
+                self.client.download_file(self.bucket, self._key(f"blobs/{path.name}"), str(part))
             os.replace(part, local)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -201,7 +249,8 @@ class S3Storage:
 
     def put_artifact(self, path: Path, key: str) -> str:
         self.ensure_bucket()
-        self.client.upload_file(str(path), self.bucket, self._key(key))
+        with s3_errors(f"uploading artifact {key}"):
+            self.client.upload_file(str(path), self.bucket, self._key(key))
         return self.location(key)
 
     def download_url(self, location: str, filename: str, media_type: str) -> str | None:

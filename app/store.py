@@ -51,15 +51,15 @@ def claim(sessions: sessionmaker, job_id: str, max_attempts: int, task_id: str |
             s.execute(update(Job).where(same).values(state="cancelled", finished_at=now, stage=None))
             s.commit()
             return None
-        if seen >= max_attempts:
+        if seen >= max_attempts:  # the last attempt's transient fault if it left one, else a lost worker
+            why = f"the last one: {job.error}" if job.error else "the worker running this job was lost each time"
             s.execute(update(Job).where(same).values(
-                state="failed", finished_at=now,
-                error=f"gave up after {seen} attempts: the worker running this job was lost each time"))
+                state="failed", finished_at=now, error=f"gave up after {seen} attempts; {why}"))
             s.commit()
             return None
         token = new_id()
         won = s.execute(update(Job).where(same).values(
-            attempts=seen + 1, claim=token, state="running", stage="starting", percent=0.0,
+            attempts=seen + 1, claim=token, state="running", stage="starting", percent=0.0, error=None,
             started_at=job.started_at or now, heartbeat_at=now)).rowcount == 1
         s.commit()
         return Claim(job_id, token, seen + 1) if won else None
@@ -107,10 +107,14 @@ def finish(sessions: sessionmaker, c: Claim, state: str, error: str | None = Non
         )).rowcount == 1
 
 
-def release(sessions: sessionmaker, c: Claim) -> None:
-    """Hand the job back to the queue (transient fault); the attempt still counts."""
+def release(sessions: sessionmaker, c: Claim, reason: str | None = None) -> None:
+    """Hand the job back to the queue (transient fault); the attempt still counts.
+
+    ``reason`` stays in the job's ``error`` while it waits (clients see why it went back), and
+    becomes the reason given if the attempts run out; a success clears it.
+    """
     with sessions.begin() as s:
-        s.execute(update(Job).where(_owned(c)).values(state="queued", claim=None, stage=None))
+        s.execute(update(Job).where(_owned(c)).values(state="queued", claim=None, stage=None, error=reason))
 
 
 def request_cancel(s: Session, job: Job) -> bool:

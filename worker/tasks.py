@@ -28,7 +28,7 @@ from app import store
 from app.db import Artifact, Dataset, Job, Model, make_sessionmaker
 from app.logs import binds_job
 from app.settings import Settings, get_settings
-from app.storage import local_data_ref, storage_for
+from app.storage import StorageError, StorageUnavailable, local_data_ref, storage_for
 from worker.celery_app import PURIFY_TASK, celery_app
 
 log = logging.getLogger("clipguard.worker")
@@ -56,7 +56,7 @@ def _sessions(url: str) -> sessionmaker:
     return make_sessionmaker(url, migrate=False)
 
 
-@celery_app.task(name=PURIFY_TASK, bind=True, autoretry_for=(OperationalError,), retry_backoff=True,
+@celery_app.task(name=PURIFY_TASK, bind=True, autoretry_for=(OperationalError, StorageUnavailable), retry_backoff=True,
                  retry_backoff_max=600, retry_jitter=True, max_retries=5)
 @binds_job  # every line this attempt logs, the engine's and the libraries' included, carries the job id
 def purify_task(self: Any, job_id: str) -> None:
@@ -71,6 +71,10 @@ def purify_task(self: Any, job_id: str) -> None:
     except OperationalError:
         # The job store blinked: give the job back and let Celery retry with backoff.
         store.release(sessions, claim)
+        raise
+    except StorageUnavailable as exc:  # the object store is down or throttling: the same, with the reason kept
+        log.warning("job %s: %s; handing it back for a retry", claim.job_id, exc)
+        store.release(sessions, claim, str(exc))
         raise
     except Exception as exc:  # never leave the row "running" behind a bug: fail it with a reason
         log.exception("job %s failed", claim.job_id)
@@ -139,7 +143,9 @@ def run_attempt(sessions: sessionmaker, settings: Settings, claim: store.Claim) 
     except Cancelled:
         store.finish(sessions, claim, "cancelled")
         return
-    except ClipguardError as exc:
+    except StorageUnavailable:
+        raise  # transient: purify_task hands the job back
+    except (ClipguardError, StorageError) as exc:
         store.finish(sessions, claim, "failed", str(exc))
         return
     except SoftTimeLimitExceeded:
@@ -156,8 +162,14 @@ def run_attempt(sessions: sessionmaker, settings: Settings, claim: store.Claim) 
     finally:
         reporter.stop()
     shared = storage_for(settings)  # S3: uploaded under the same key as their path below <home>
-    artifacts = [_artifact(claim.job_id, p, shared.put_artifact(p, p.relative_to(settings.home).as_posix()))
-                 for p in sorted(result.out.iterdir()) if p.name in MEDIA_TYPES]
+    try:
+        artifacts = [_artifact(claim.job_id, p, shared.put_artifact(p, p.relative_to(settings.home).as_posix()))
+                     for p in sorted(result.out.iterdir()) if p.name in MEDIA_TYPES]
+    except StorageUnavailable:
+        raise
+    except StorageError as exc:  # e.g. the bucket denies writes: retrying won't help
+        store.finish(sessions, claim, "failed", f"{exc}; nothing was published")
+        return
     if store.succeed(sessions, claim, artifacts, _summary(result.report)):
         _tidy(job_dir, keep=out)
 

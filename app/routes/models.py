@@ -17,7 +17,7 @@ from app.problems import ProblemError
 from app.quarantine import quarantine
 from app.schemas import ModelOut, ModelStatus, Page
 from app.settings import Settings
-from app.storage import Blob, storage_for, store_stream, upload_chunks
+from app.storage import Blob, StorageError, storage_for, store_stream, upload_chunks
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 ARCH_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
@@ -48,12 +48,15 @@ def run_quarantine(sessions: sessionmaker, settings: Settings, model_id: str, up
     verdict = quarantine(upload, arch=model.arch, num_classes=model.num_classes, mean=model.mean, std=model.std,
                          blobs=settings.blobs_dir, tmp=settings.tmp_dir, timeout_s=settings.quarantine_timeout_s,
                          memory_bytes=settings.quarantine_memory_bytes)
-    if verdict.ok:  # shared before the model is ready: a worker on another host fetches it from there
-        storage_for(settings).put_blob(settings.blobs_dir / f"{verdict.sha256}.safetensors")
+    ok, reason = verdict.ok, verdict.reason
+    if ok:  # shared before the model is ready: a worker on another host fetches it from there
+        try:
+            storage_for(settings).put_blob(settings.blobs_dir / f"{verdict.sha256}.safetensors")
+        except StorageError as exc:  # never leave the model "validating": say why, the user uploads again
+            ok, reason = False, f"the checkpoint passed its checks but could not be shared with the workers: {exc}"
     with sessions.begin() as s:
         s.execute(update(Model).where(Model.id == model_id, Model.status == "validating").values(
-            status="ready" if verdict.ok else "rejected", canonical_sha256=verdict.sha256,
-            reject_reason=verdict.reason))
+            status="ready" if ok else "rejected", canonical_sha256=verdict.sha256, reject_reason=reason))
 
 
 async def _accept_upload(sessions: sessionmaker, settings: Settings, model: Model, blob: Blob,

@@ -24,10 +24,22 @@ import psycopg
 import pytest
 import redis
 import torch
+from fastapi.testclient import TestClient
 
+from app.auth import create_key
 from app.client import ClipguardClient
-from app.settings import Settings
-from app.storage import LocalStorage, S3Storage, local_data_ref, storage_for
+from app.db import make_sessionmaker
+from app.main import create_app
+from app.settings import Settings, get_settings
+from app.storage import (
+    LocalStorage,
+    S3Storage,
+    StorageError,
+    StorageUnavailable,
+    local_data_ref,
+    storage_for,
+)
+from worker.tasks import purify_task
 
 from .conftest import PG_ADMIN, LiveService, free_port, wait_until
 
@@ -159,3 +171,75 @@ def test_a_worker_without_the_apis_folder_purifies_through_s3(two_hosts, model_f
     assert hashlib.sha256(httpx.get(r.headers["location"]).content).hexdigest() == artifact["sha256"]
     conditional = httpx.get(f"{two_hosts.url}{artifact['url']}", headers={**auth, "If-None-Match": r.headers["etag"]})
     assert conditional.status_code == 304
+
+
+def test_object_storage_faults_are_told_apart(tmp_path, s3_endpoint):
+    """Unreachable is transient (retry later); a missing object is final: the worker treats them differently."""
+    dead = s3_settings(tmp_path / "dead", f"http://127.0.0.1:{free_port()}", "unit")
+    with pytest.raises(StorageUnavailable, match="fetching blob"):
+        storage_for(dead).get_blob(dead.blobs_dir / f"{'cd' * 32}.npz")
+    assert list(dead.tmp_dir.iterdir()) == [] and list(dead.blobs_dir.iterdir()) == []
+    with pytest.raises(StorageUnavailable, match="while opening bucket unit"):
+        storage_for(dead).put_artifact(tmp_path / "dead" / "x", "jobs/j/attempt-1/x")
+
+    live = s3_settings(tmp_path / "live", s3_endpoint, "unit")
+    storage_for(live).ensure_bucket()
+    with pytest.raises(StorageError, match="refused fetching blob") as missing:
+        storage_for(live).get_blob(live.blobs_dir / f"{'ef' * 32}.npz")
+    assert not isinstance(missing.value, StorageUnavailable)
+
+
+def test_a_job_whose_object_storage_is_down_waits_and_then_fails_with_the_reason(
+        tmp_path, s3_endpoint, redis_url, model_file, small_npz, monkeypatch):
+    """The worker cannot fetch the job's blobs: the job goes back to the queue, never stuck "running",
+    and once the attempts run out it fails saying the storage was the reason, not a lost worker."""
+    api = s3_settings(tmp_path / "api", s3_endpoint, "faults").model_copy(update={"broker_url": redis_url})
+    with TestClient(create_app(api)) as client:
+        auth = {"Authorization": f"Bearer {create_key(make_sessionmaker(api.database_url), 'acme')}"}
+        with model_file.open("rb") as f:
+            model = client.post("/v1/models", headers=auth, data={"arch": "small_cnn"},
+                                files={"file": (model_file.name, f)}).json()
+        wait_until(lambda: client.get(f"/v1/models/{model['id']}", headers=auth).json()["status"] == "ready", 60,
+                   "the model to pass quarantine")
+        data = client.post("/v1/datasets", headers=auth, files={"file": ("d.npz", small_npz.read_bytes())}).json()
+        job = client.post("/v1/jobs", headers=auth, json={"model_id": model["id"], "train_data_id": data["id"]}).json()
+
+        # A worker on another host whose object store is unreachable.
+        for name, value in {"HOME": str(tmp_path / "worker"), "DATABASE_URL": api.database_url, "MAX_ATTEMPTS": "2",
+                            "STORAGE_URL": "s3://faults/clipguard", "BROKER_URL": redis_url,
+                            "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}.items():
+            monkeypatch.setenv(f"CLIPGUARD_{name}", value)
+        for name, value in CREDENTIALS.items():
+            monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+        try:
+            for attempt in (1, 2):
+                with pytest.raises(StorageUnavailable):
+                    purify_task(job["id"])  # called directly, Celery's autoretry re-raises instead of requeueing
+                polled = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()
+                assert polled["state"] == "queued" and polled["attempts"] == attempt, polled
+                assert "object storage unavailable while fetching blob" in polled["error"]
+            purify_task(job["id"])  # the next delivery finds the attempts spent
+        finally:
+            get_settings.cache_clear()
+        failed = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()
+        assert failed["state"] == "failed" and failed["attempts"] == 2
+        assert failed["error"].startswith("gave up after 2 attempts; the last one: object storage unavailable")
+
+
+def test_uploads_while_object_storage_is_down_are_refused_not_stuck(tmp_path, redis_url, small_npz, model_file):
+    dead = s3_settings(tmp_path / "api", f"http://127.0.0.1:{free_port()}", "down").model_copy(
+        update={"broker_url": redis_url})
+    with TestClient(create_app(dead)) as client:
+        auth = {"Authorization": f"Bearer {create_key(make_sessionmaker(dead.database_url), 'acme')}"}
+        r = client.post("/v1/datasets", headers=auth, files={"file": ("d.npz", small_npz.read_bytes())})
+        with model_file.open("rb") as f:  # a checkpoint is checked first, then shared: it must not stay "validating"
+            model = client.post("/v1/models", headers=auth, data={"arch": "small_cnn"},
+                                files={"file": (model_file.name, f)}).json()
+        wait_until(lambda: client.get(f"/v1/models/{model['id']}", headers=auth).json()["status"] != "validating",
+                   60, "quarantine to decide")
+        model = client.get(f"/v1/models/{model['id']}", headers=auth).json()
+    assert model["status"] == "rejected" and "could not be shared with the workers" in model["reject_reason"], model
+    assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json", r.text
+    assert r.headers["retry-after"] and r.json()["type"] == "/problems/storage-unavailable"
+    assert "object storage unavailable" in r.json()["detail"]

@@ -116,7 +116,8 @@ def main() -> None:
                               "removed": len(flagged_idx), "removed_poisoned": len(flagged_idx & poisoned),
                               "poisoned": len(poisoned), "detect_unlearn_s": guard_s}
             entry["sweep"]["guard"], entry["auto"]["guard"] = sweep_and_select(
-                fixed, kept, test, trigger, before, spec, device, "channel")
+                fixed, kept, test, trigger, before, spec, device, "channel",
+                rule="agreement" if unlearning else "class_drop")  # as purify --lam auto chooses
         rows.append(entry)
         print(json.dumps({k: entry[k] for k in ("attack", "before")} | {"auto": {
             g: {k: v for k, v in a.items() if k != "evidence"} for g, a in entry["auto"].items()}}), flush=True)
@@ -126,7 +127,8 @@ def main() -> None:
     print(markdown(result))
 
 
-def sweep_and_select(model, train_data, test, trigger, before, spec, device, granularity) -> tuple[list, dict]:
+def sweep_and_select(model, train_data, test, trigger, before, spec, device, granularity,
+                     rule: str = "class_drop") -> tuple[list, dict]:
     """Score every λ on the test set, then let ``select_lambda`` choose from the training data alone."""
     t = time.perf_counter()
     stats = compute_statistics(model, lambda: iter_batches(train_data, 512, spec.mean, spec.std, device),
@@ -139,7 +141,7 @@ def sweep_and_select(model, train_data, test, trigger, before, spec, device, gra
         sweep.append({"lam": lam, "acc": after["acc"], "asr": after["asr"], "asr_all": after["asr_all"],
                       "ra": after["ra"], "der": der(before, after)})
     t = time.perf_counter()
-    lam, evidence = select_lambda(model, stats, train_data, spec, device=device)
+    lam, evidence = select_lambda(model, stats, train_data, spec, device=device, rule=rule)
     select_s = time.perf_counter() - t
     auto = next(r for r in sweep if r["lam"] == lam)
     best = max(sweep, key=lambda r: r["der"])

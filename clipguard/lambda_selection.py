@@ -12,6 +12,13 @@ takes the smallest λ on the grid at which the mean accuracy drop over all class
 most-affected one stays within ``tolerance``: a backdoor is allowed to break, clean
 behaviour is not.
 
+After guard has unlearned the backdoor (``rule="agreement"``) there is nothing left that may
+break: the clip is a second line against what unlearning missed, and every decision it changes on
+the training data (the suspects already removed) is clean behaviour lost. So that rule takes the
+smallest λ whose clipped model agrees with the unclipped one on all but ``tolerance`` of the
+samples. The class-drop rule's 2% would have chosen λ = 4 there and cost 1.8-2.5 points of test
+accuracy against λ = 6 (docs/benchmarks.md); agreement at 2% chose λ = 6.
+
 Why the mean and a loose-looking tolerance: victims fit their training data better than
 unseen data, and clipping costs more accuracy on memorised training samples than on test
 images (measured: 4.8 points on training data vs 1.1 on the test set for the same λ), so
@@ -33,6 +40,7 @@ from clipguard.models import ModelSpec
 
 DEFAULT_GRID: tuple[float, ...] = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0)
 DEFAULT_TOLERANCE = 0.02
+RULES = ("class_drop", "agreement")
 DEFAULT_SAMPLES = 5000
 
 
@@ -56,11 +64,18 @@ def select_lambda(
     tolerance: float = DEFAULT_TOLERANCE,
     max_samples: int = DEFAULT_SAMPLES,
     seed: int = 0,
+    rule: str = "class_drop",
     batch_size: int = 512,
     progress: Callable[[float], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> tuple[float, dict]:
-    """The chosen λ and a JSON-able record of the sweep that chose it."""
+    """The chosen λ and a JSON-able record of the sweep that chose it.
+
+    ``rule``: ``"class_drop"`` for a model that may still carry a backdoor (the paper's recipe),
+    ``"agreement"`` for one whose backdoor was already unlearned (guard); see the module docstring.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(data), generator=gen)[: min(max_samples, len(data))]
     labels = data.labels[idx]
@@ -76,11 +91,12 @@ def select_lambda(
         drops = [b - a for a, b in zip(accuracy_by_class(pred, labels, spec.num_classes), base, strict=True)]
         worst = max(range(len(drops)), key=drops.__getitem__)
         others = [d for c, d in enumerate(drops) if c != worst]
-        criterion = sum(others) / len(others) if others else 0.0
-        ok = criterion <= tolerance
+        mean_drop_others = sum(others) / len(others) if others else 0.0
+        agreement = float((pred == ref).float().mean())
+        ok = (mean_drop_others if rule == "class_drop" else 1.0 - agreement) <= tolerance
         rows.append({"lam": lam, "train_acc": float((pred == labels).float().mean()),
-                     "agreement": float((pred == ref).float().mean()), "drop_by_class": drops,
-                     "most_affected_class": worst, "mean_drop_others": criterion, "accepted": ok})
+                     "agreement": agreement, "drop_by_class": drops,
+                     "most_affected_class": worst, "mean_drop_others": mean_drop_others, "accepted": ok})
         if progress is not None:
             progress((i + 1) / len(grid))
         if ok:
@@ -88,8 +104,11 @@ def select_lambda(
             break
     if chosen is None:
         chosen = max(grid)
-    evidence = {"rule": "smallest λ whose mean per-class training-accuracy drop, excluding the most affected "
-                        f"class, is at most {tolerance:.3f}",
-                "tolerance": tolerance, "samples": len(idx), "train_acc_before": float((ref == labels).float().mean()),
+    words = (f"smallest λ whose mean per-class training-accuracy drop, excluding the most affected class, is at "
+             f"most {tolerance:.3f}" if rule == "class_drop" else
+             f"smallest λ whose clipped model disagrees with the unclipped one on at most {tolerance:.3f} of the "
+             "training samples")
+    evidence = {"rule": words, "criterion": rule, "tolerance": tolerance, "samples": len(idx),
+                "train_acc_before": float((ref == labels).float().mean()),
                 "grid": sorted(grid), "sweep": rows, "chosen": chosen}
     return chosen, evidence

@@ -170,6 +170,7 @@ def purify(
     if lam == "auto":
         t = time.perf_counter()
         lam, selection = select_lambda(model, stats, bounds_data, spec, device=device, batch_size=options.batch_size,
+                                       rule="agreement" if unlearning is not None else "class_drop",
                                        progress=lambda f: say("select_lambda", f), should_cancel=should_cancel)
         timings["select_lambda_s"] = time.perf_counter() - t
     lam = float(lam)

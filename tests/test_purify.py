@@ -184,4 +184,13 @@ def test_guard_removes_a_blend_backdoor_that_the_paper_recipe_keeps(blend_victim
     assert before["acc"] - after["acc"] <= 0.02, (before["acc"], after["acc"])
     meta = load_exported(tmp_path / "guard" / "purified.pt")[1]
     assert meta["method"] == "guard"
+
+    # --lam auto after unlearning: the agreement rule, and no worse than the default λ on the test set.
+    assert _purify(blend_victim, tmp_path / "auto", "--lam", "auto") == 0
+    auto = json.loads((tmp_path / "auto" / "report.json").read_text())
+    sel = auto["lam_selection"]
+    assert sel["criterion"] == "agreement" and sel["chosen"] == auto["lam"]
+    assert 1 - sel["sweep"][-1]["agreement"] <= sel["tolerance"] < 1 - sel["sweep"][-2]["agreement"]
+    assert auto["evaluation"]["after"]["asr"] < 0.10
+    assert after["acc"] - auto["evaluation"]["after"]["acc"] <= 0.01, (after["acc"], auto["evaluation"]["after"])
     assert "Poisoned training data" in (tmp_path / "guard" / "report.html").read_text()

@@ -33,7 +33,7 @@ from app.db import make_sessionmaker
 from app.main import create_app
 
 from . import test_api
-from .conftest import PG_ADMIN, LiveService
+from .conftest import PG_ADMIN, LiveService, wait_until
 from .test_api import assert_problem, job_body
 
 ready_model, dataset = test_api.ready_model, test_api.dataset  # the same fixtures as test_api.py
@@ -362,8 +362,13 @@ def test_hostile_uploads_fail_their_jobs_on_the_real_worker_and_it_lives_on(host
         evil = client.upload_model(evil_checkpoint(tmp_path / "evil.pt", listener.getsockname()[1], marker),
                                    arch="small_cnn")
         model = client.wait_model(client.upload_model(model_file, arch="small_cnn")["id"])
-        evil = httpx.get(f"{hostile_live.url}/v1/models/{evil['id']}",
-                         headers={"Authorization": f"Bearer {key}"}).json()
+
+        def decided() -> dict:  # the two quarantines run side by side: either may finish first
+            return httpx.get(f"{hostile_live.url}/v1/models/{evil['id']}",
+                             headers={"Authorization": f"Bearer {key}"}).json()
+
+        wait_until(lambda: decided()["status"] != "validating", 60, "the hostile checkpoint's verdict")
+        evil = decided()
         assert evil["status"] == "rejected" and "builtins.exec" in evil["reject_reason"], evil
         assert not marker.exists() and not connected(listener)
 

@@ -63,12 +63,14 @@ TRANSIENT_S3_CODES = frozenset({"SlowDown", "Throttling", "RequestTimeout", "Ser
 def s3_errors(what: str) -> Iterator[None]:
     """Turn boto3's exceptions into :class:`StorageUnavailable` or :class:`StorageError`, saying ``what`` failed."""
     from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, ParamValidationError
 
     try:
         yield
     except (ClientError, S3UploadFailedError, BotoCoreError) as exc:
         cause = (exc.__cause__ or exc.__context__) if isinstance(exc, S3UploadFailedError) else exc
+        if isinstance(cause, (NoCredentialsError, ParamValidationError)):  # configuration: no retry will fix it
+            raise StorageError(f"object storage refused {what}: {cause}") from exc
         if isinstance(cause, ClientError):
             code = str(cause.response.get("Error", {}).get("Code", ""))
             status = int(cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)

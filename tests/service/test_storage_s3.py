@@ -173,7 +173,7 @@ def test_a_worker_without_the_apis_folder_purifies_through_s3(two_hosts, model_f
     assert conditional.status_code == 304
 
 
-def test_object_storage_faults_are_told_apart(tmp_path, s3_endpoint):
+def test_object_storage_faults_are_told_apart(tmp_path, s3_endpoint, monkeypatch):
     """Unreachable is transient (retry later); a missing object is final: the worker treats them differently."""
     dead = s3_settings(tmp_path / "dead", f"http://127.0.0.1:{free_port()}", "unit")
     with pytest.raises(StorageUnavailable, match="fetching blob"):
@@ -187,6 +187,17 @@ def test_object_storage_faults_are_told_apart(tmp_path, s3_endpoint):
     with pytest.raises(StorageError, match="refused fetching blob") as missing:
         storage_for(live).get_blob(live.blobs_dir / f"{'ef' * 32}.npz")
     assert not isinstance(missing.value, StorageUnavailable)
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    keyless = Settings(home=tmp_path / "keyless", storage_url="s3://unit/clipguard", s3_endpoint_url=s3_endpoint)
+    keyless.ensure_dirs()
+    with pytest.raises(StorageError, match="Unable to locate credentials") as unconfigured:
+        storage_for(keyless).get_blob(keyless.blobs_dir / f"{'ab' * 32}.npz")
+    assert not isinstance(unconfigured.value, StorageUnavailable)  # a configuration error: retrying won't help
 
 
 def test_a_job_whose_object_storage_is_down_waits_and_then_fails_with_the_reason(

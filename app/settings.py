@@ -29,7 +29,12 @@ class Settings(BaseSettings):
     datasets: dict[str, str] = {}
     """Operator-registered dataset names -> data references, e.g. ``{"cifar10-train": "/d/c.tar.gz#train"}``."""
     job_time_limit_s: int = 4 * 3600
-    max_attempts: int = 3
+    max_attempts: int = Field(3, ge=1)
+    """Deliveries a job gets (worker lost, job store or object storage down) before it fails with the reason.
+    The job store counts them (``app.store.claim``), not Celery: a job is never left queued by a retry limit."""
+    retry_backoff_max_s: int = Field(600, ge=1)
+    """Longest wait before a job handed back after a transient fault is tried again (the wait doubles from
+    1 s, with jitter). Read by the worker at start."""
     heartbeat_s: float = 10.0
     stale_after_s: float = 120.0
     """A running job whose heartbeat is older than this is redelivered (or failed after max_attempts)."""

@@ -78,25 +78,7 @@ def main() -> None:
     spec = resolve_spec(prof["arch"])
     rows = []
     for attack in args.attacks or ATTACKS[args.profile]:
-        attack, _, override = attack.partition("@")
-        rate, epochs = (float(override.split(",")[0]), int(override.split(",")[1])) if override else (
-            prof["rate"], prof["epochs"])
-        tag = attack.split(":")[0] + (f"-{override.replace(',', '-')}" if override else "")
-        weights = args.out / f"{tag}.safetensors"
-        t = time.perf_counter()
-        if args.reuse and weights.exists() and (args.out / f"{tag}-train.npz").exists():
-            info = json.loads(weights.with_name(weights.name + ".json").read_text())
-        else:
-            info = train_victim(arch=prof["arch"], data=f"{args.data}#train", out=weights, attack=attack,
-                                poison_rate=rate, epochs=epochs, batch_size=prof["batch"],
-                                lr=prof["lr"], augment=prof["augment"], seed=args.seed, device=str(device),
-                                limit=prof["limit"], save_data=args.out / f"{tag}-train.npz")
-        train_s = time.perf_counter() - t
-        model = spec.build()
-        load_weights(model, weights)
-        model = model.to(device).eval()
-        trigger = load_attack(attack_path(weights))
-        train_data = load_data(args.out / f"{tag}-train.npz")
+        model, trigger, train_data, info, epochs, train_s = victim(attack, prof, args, device)
         before = evaluate(model, test, spec.mean, spec.std, attack=trigger, device=device)
         poisoning = {k: v for k, v in (info.get("poisoning") or {}).items() if k != "indices"} or None
         entry = {"attack": trigger.to_dict(), "poisoning": poisoning, "epochs": epochs, "train_s": train_s,
@@ -109,8 +91,7 @@ def main() -> None:
             t = time.perf_counter()
             fixed, kept, found, unlearning = detect_and_unlearn(model, train_data, spec, device=device)
             guard_s = time.perf_counter() - t
-            recorded = json.loads(weights.with_name(weights.name + ".json").read_text())  # with the indices
-            poisoned = set((recorded.get("poisoning") or {}).get("indices") or [])
+            poisoned = set((info.get("poisoning") or {}).get("indices") or [])
             flagged_idx = set(unlearning["suspect_indices"]) if unlearning else set()
             entry["guard"] = {"detection": {k: found[k] for k in ("flagged", "target", "suspects", "z")},
                               "removed": len(flagged_idx), "removed_poisoned": len(flagged_idx & poisoned),
@@ -125,6 +106,33 @@ def main() -> None:
               "test_samples": len(test), "rows": rows}
     (args.out / "lambda_sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
+
+
+def victim(attack: str, prof: dict, args: argparse.Namespace, device: torch.device) -> tuple:
+    """Train (or with ``--reuse`` load) the victim for ``spec[@rate,epochs]``.
+
+    Returns the model (eval, on ``device``), its trigger, the poisoned training data, the
+    provenance record (poisoned indices included), the epochs and the training seconds.
+    Shared with ``bench/guard_cost.py`` so both benchmarks can run on the same victims.
+    """
+    spec = resolve_spec(prof["arch"])
+    attack, _, override = attack.partition("@")
+    rate, epochs = (float(override.split(",")[0]), int(override.split(",")[1])) if override else (
+        prof["rate"], prof["epochs"])
+    tag = attack.split(":")[0] + (f"-{override.replace(',', '-')}" if override else "")
+    weights = args.out / f"{tag}.safetensors"
+    t = time.perf_counter()
+    if not (args.reuse and weights.exists() and (args.out / f"{tag}-train.npz").exists()):
+        train_victim(arch=prof["arch"], data=f"{args.data}#train", out=weights, attack=attack,
+                     poison_rate=rate, epochs=epochs, batch_size=prof["batch"],
+                     lr=prof["lr"], augment=prof["augment"], seed=args.seed, device=str(device),
+                     limit=prof["limit"], save_data=args.out / f"{tag}-train.npz")
+    train_s = time.perf_counter() - t
+    info = json.loads(weights.with_name(weights.name + ".json").read_text())
+    model = spec.build()
+    load_weights(model, weights)
+    return (model.to(device).eval(), load_attack(attack_path(weights)), load_data(args.out / f"{tag}-train.npz"),
+            info, epochs, train_s)
 
 
 def sweep_and_select(model, train_data, test, trigger, before, spec, device, granularity,

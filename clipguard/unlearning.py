@@ -150,10 +150,13 @@ def unlearn(
         rounds.append({"round": r + 1, "suspects": len(current)})
         if r + 1 == config.rounds:
             break
-        pred = predict(net, data, spec.mean, spec.std, device=device, batch_size=batch_size)
-        flipped = (data.labels == target) & (original == target) & (pred != target)
-        flipped[current] = False
-        added = flipped.nonzero().flatten()
+        # Only target-labelled samples the suspect model sent to the target can flip: predicting
+        # those alone (about a tenth of the data) is what this pass needs.
+        candidates = (data.labels == target) & (original == target)
+        candidates[current] = False
+        candidates = candidates.nonzero().flatten()
+        pred = predict(net, data, spec.mean, spec.std, device=device, batch_size=batch_size, indices=candidates)
+        added = candidates[pred != target]
         rounds[-1]["flipped_added"] = len(added)
         if not len(added):
             break

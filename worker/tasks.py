@@ -56,8 +56,11 @@ def _sessions(url: str) -> sessionmaker:
     return make_sessionmaker(url, migrate=False)
 
 
+# Retries are unbounded here on purpose: the job store bounds them. ``store.claim`` counts every delivery
+# and fails the job with the last fault once ``max_attempts`` is spent; a Celery ``max_retries`` below that
+# would drop the message while the row still says "queued" (released), and nothing would pick it up again.
 @celery_app.task(name=PURIFY_TASK, bind=True, autoretry_for=(OperationalError, StorageUnavailable), retry_backoff=True,
-                 retry_backoff_max=600, retry_jitter=True, max_retries=5)
+                 retry_backoff_max=get_settings().retry_backoff_max_s, retry_jitter=True, max_retries=None)
 @binds_job  # every line this attempt logs, the engine's and the libraries' included, carries the job id
 def purify_task(self: Any, job_id: str) -> None:
     """Run one attempt of a purify job. Safe to deliver twice: the claim decides who runs."""

@@ -200,6 +200,19 @@ def test_object_storage_faults_are_told_apart(tmp_path, s3_endpoint, monkeypatch
     assert not isinstance(unconfigured.value, StorageUnavailable)  # a configuration error: retrying won't help
 
 
+def queue_job(client: TestClient, auth: dict, model_file: Path, small_npz: Path) -> dict:
+    """Upload a model and a dataset through the bucket and create a job on them."""
+    with model_file.open("rb") as f:
+        model = client.post("/v1/models", headers=auth, data={"arch": "small_cnn"},
+                            files={"file": (model_file.name, f)}).json()
+    wait_until(lambda: client.get(f"/v1/models/{model['id']}", headers=auth).json()["status"] == "ready", 60,
+               "the model to pass quarantine")
+    data = client.post("/v1/datasets", headers=auth, files={"file": ("d.npz", small_npz.read_bytes())}).json()
+    r = client.post("/v1/jobs", headers=auth, json={"model_id": model["id"], "train_data_id": data["id"]})
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
 def test_a_job_whose_object_storage_is_down_waits_and_then_fails_with_the_reason(
         tmp_path, s3_endpoint, redis_url, model_file, small_npz, monkeypatch):
     """The worker cannot fetch the job's blobs: the job goes back to the queue, never stuck "running",
@@ -207,13 +220,7 @@ def test_a_job_whose_object_storage_is_down_waits_and_then_fails_with_the_reason
     api = s3_settings(tmp_path / "api", s3_endpoint, "faults").model_copy(update={"broker_url": redis_url})
     with TestClient(create_app(api)) as client:
         auth = {"Authorization": f"Bearer {create_key(make_sessionmaker(api.database_url), 'acme')}"}
-        with model_file.open("rb") as f:
-            model = client.post("/v1/models", headers=auth, data={"arch": "small_cnn"},
-                                files={"file": (model_file.name, f)}).json()
-        wait_until(lambda: client.get(f"/v1/models/{model['id']}", headers=auth).json()["status"] == "ready", 60,
-                   "the model to pass quarantine")
-        data = client.post("/v1/datasets", headers=auth, files={"file": ("d.npz", small_npz.read_bytes())}).json()
-        job = client.post("/v1/jobs", headers=auth, json={"model_id": model["id"], "train_data_id": data["id"]}).json()
+        job = queue_job(client, auth, model_file, small_npz)
 
         # A worker on another host whose object store is unreachable.
         for name, value in {"HOME": str(tmp_path / "worker"), "DATABASE_URL": api.database_url, "MAX_ATTEMPTS": "2",
@@ -236,6 +243,40 @@ def test_a_job_whose_object_storage_is_down_waits_and_then_fails_with_the_reason
         failed = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()
         assert failed["state"] == "failed" and failed["attempts"] == 2
         assert failed["error"].startswith("gave up after 2 attempts; the last one: object storage unavailable")
+
+
+def test_a_real_worker_retries_a_storage_outage_until_the_job_store_says_stop(
+        tmp_path, s3_endpoint, redis_url, model_file, small_npz):
+    """More transient faults than Celery's retry limit used to allow (5): a real worker keeps handing the job
+    back until the job store's ``MAX_ATTEMPTS`` (8) is spent, and the job ends failed with the reason instead
+    of sitting "queued" with no message left to run it."""
+    redis.Redis.from_url(redis_url).flushdb()  # no message from an earlier test for this worker to take
+    api = s3_settings(tmp_path / "api", s3_endpoint, "retries").model_copy(update={"broker_url": redis_url})
+    with TestClient(create_app(api)) as client:
+        auth = {"Authorization": f"Bearer {create_key(make_sessionmaker(api.database_url), 'acme')}"}
+        job = queue_job(client, auth, model_file, small_npz)
+        env = {**os.environ, **CREDENTIALS, "CLIPGUARD_HOME": str(tmp_path / "worker"),
+               "CLIPGUARD_DATABASE_URL": api.database_url, "CLIPGUARD_BROKER_URL": redis_url,
+               "CLIPGUARD_STORAGE_URL": "s3://retries/clipguard", "CLIPGUARD_MAX_ATTEMPTS": "8",
+               "CLIPGUARD_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens there
+               "CLIPGUARD_RETRY_BACKOFF_MAX_S": "1", "CLIPGUARD_DEVICE": "cpu"}
+        log = tmp_path / "worker.log"
+        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
+                                   "-Q", "gpu", "-c", "1", "-P", "solo", "--loglevel", "INFO", "-n", "retries@%h"],
+                                  env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+        try:
+            def done() -> bool:
+                assert worker.poll() is None, log.read_text(errors="replace")[-3000:]
+                return client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["state"] == "failed"
+
+            wait_until(done, 120, "the job to run out of attempts")
+        finally:
+            worker.terminate()
+            worker.wait(timeout=30)
+        failed = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()
+    assert failed["attempts"] == 8, failed
+    assert failed["error"].startswith("gave up after 8 attempts; the last one: object storage unavailable"), failed
+    assert log.read_text(errors="replace").count("Retry in") >= 8  # Celery's own retries, past its old limit of 5
 
 
 def test_uploads_while_object_storage_is_down_are_refused_not_stuck(tmp_path, redis_url, small_npz, model_file):

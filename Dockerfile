@@ -31,11 +31,11 @@ COPY pyproject.toml README.md ./
 COPY clipguard ./clipguard
 COPY app ./app
 COPY worker ./worker
-# Not editable. psycopg is the PostgreSQL driver of CLIPGUARD_DATABASE_URL=postgresql+psycopg://...
-# (it is only a dev extra in pyproject.toml, so it is named here); the s3 extra (boto3) serves
-# CLIPGUARD_STORAGE_URL=s3://...; flower is the optional dashboard (compose profile "ops").
-RUN pip install ".[s3]" "psycopg[binary]>=3.1" "flower>=2.0" \
- && python -c "import clipguard.cli, app.main, worker.celery_app, psycopg, boto3, flower"
+# Not editable. The postgres extra (psycopg, psycopg-pool) serves CLIPGUARD_DATABASE_URL=postgresql+psycopg://...
+# and the status poll's async reads; the s3 extra (boto3) serves CLIPGUARD_STORAGE_URL=s3://...;
+# flower is the optional dashboard (compose profile "ops").
+RUN pip install ".[s3,postgres]" "flower>=2.0" \
+ && python -c "import clipguard.cli, app.main, worker.celery_app, psycopg, psycopg_pool, boto3, flower"
 
 # ---- runtime: the venv only, no compiler, no source tree, non-root ----
 FROM ${PYTHON_IMAGE} AS runtime

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import anyio.to_thread
 from sqlalchemy import delete, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -32,7 +33,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.db import ApiKey, reader
-from app.problems import problem_response
+from app.problems import problem_response, store_unavailable
 
 KEY_PREFIX = "cg_"
 PROTECTED_PREFIX = "/v1"
@@ -169,7 +170,13 @@ class Gate:
         tenant = cache.get(key_hash) if cache is not None and key_hash else None
         if tenant is None and key_hash:
             generation = cache.generation if cache is not None else 0
-            tenant = await anyio.to_thread.run_sync(tenant_for_digest, state.sessions, key_hash)
+            try:
+                tenant = await anyio.to_thread.run_sync(tenant_for_digest, state.sessions, key_hash)
+            except OperationalError as exc:  # outside the routes' exception handlers: answer the 503 here
+                problem = store_unavailable(type(exc.orig).__name__)
+                await problem_response(Request(scope), problem.status, problem.detail, kind=problem.kind,
+                                       headers=problem.headers)(scope, receive, send)
+                return
             if tenant is not None and cache is not None:
                 cache.put(key_hash, tenant, generation)
         if tenant is None or key_hash is None:

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from sqlalchemy import select
 
 from app import auth, logs, metrics, problems, ratelimit, storage, store
+from app.async_reads import AsyncReader
 from app.db import Model, make_sessionmaker
 from app.routes import datasets, health, jobs, models
 from app.settings import Settings, get_settings
@@ -39,6 +40,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sessions = make_sessionmaker(settings.database_url)
         app.state.key_cache = auth.KeyCache(settings.key_cache_ttl_s)
         app.state.poll_limiter = anyio.CapacityLimiter(settings.poll_threads)  # see app.routes.jobs.get_job
+        app.state.async_reader = AsyncReader.for_engine(app.state.sessions.kw["bind"], settings.poll_threads) \
+            if settings.poll_reader == "async" else None
+        if app.state.async_reader is not None:
+            await app.state.async_reader.open()
         app.state.celery = make_celery(settings)
         app.state.ratelimiter = ratelimit.RateLimiter(
             settings.rate_limit_per_minute, ratelimit.storage_url(settings.ratelimit_url, settings.broker_url))
@@ -50,6 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
+            if app.state.async_reader is not None:
+                await app.state.async_reader.close()
 
     app = FastAPI(title="clipguard", version="1", lifespan=lifespan,
                   description="Upload suspect image classifiers, purify them, download the results.")

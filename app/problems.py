@@ -10,6 +10,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from python_multipart.multipart import parse_options_header
+from sqlalchemy.exc import OperationalError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -18,6 +19,7 @@ from app.schemas import Problem
 
 MEDIA_TYPE = "application/problem+json"
 log = logging.getLogger("clipguard.api")
+STORE_RETRY_AFTER_S = "5"
 
 
 class ProblemError(HTTPException):
@@ -41,7 +43,23 @@ def problem_response(request: Request, status: int, detail: str | None, *, kind:
                         media_type=MEDIA_TYPE)
 
 
+def store_unavailable(detail: str) -> ProblemError:
+    """The job store (the database) did not answer: a 503 the client should retry, not a 500.
+
+    Raised for a refused or dropped connection or a pool that has none to give; the request
+    changed nothing, so retrying it later is safe.
+    """
+    return ProblemError(503, f"job store unavailable: {detail}", kind="store-unavailable",
+                        headers={"Retry-After": STORE_RETRY_AFTER_S})
+
+
 def install(app: FastAPI) -> None:
+    @app.exception_handler(OperationalError)
+    async def _store(request: Request, exc: OperationalError) -> JSONResponse:
+        log.warning("job store unavailable on %s %s: %s", request.method, request.url.path, exc.orig)
+        problem = store_unavailable(type(exc.orig).__name__)
+        return problem_response(request, problem.status, problem.detail, kind=problem.kind, headers=problem.headers)
+
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError) -> JSONResponse:
         return problem_response(request, exc.status, exc.detail, kind=exc.kind, headers=exc.headers)

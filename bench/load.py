@@ -8,6 +8,7 @@ status poll of a busy service sees. Bounded in time and count; nothing leaves th
     python bench/load.py                                  # 1, 8, 32, 64 clients, 8 s each, 500 MB upload
     python bench/load.py --clients 64 --seconds 5 --upload-mb 0 --uvicorn-workers 2
     python bench/load.py --http h11 --loop asyncio         # uvicorn's pure-Python HTTP parser and event loop
+    python bench/load.py --poll-reader thread              # the status poll through SQLAlchemy in a thread
 
 The load generator is a minimal asyncio HTTP/1.1 keep-alive client (one connection per client, no
 pipelining), far cheaper per request than httpx, so on a small machine most CPU goes to the server.
@@ -79,7 +80,8 @@ def service(args: argparse.Namespace) -> Iterator[dict]:
         env = {**os.environ, "CLIPGUARD_HOME": str(home), "CLIPGUARD_DATABASE_URL": database_url,
                "CLIPGUARD_BROKER_URL": f"redis://127.0.0.1:{redis_port}/0", "CLIPGUARD_RATE_LIMIT_PER_MINUTE": "0",
                "CLIPGUARD_MAX_UPLOAD_BYTES": str(max(args.upload_mb, 1) * 2**20 + 2**20),
-               "CLIPGUARD_DATA_ROOTS": json.dumps([str(home)]), "OMP_NUM_THREADS": "1"}
+               "CLIPGUARD_DATA_ROOTS": json.dumps([str(home)]), "OMP_NUM_THREADS": "1",
+               "CLIPGUARD_POLL_READER": args.poll_reader}
         log = (home / "api.log").open("wb")
         procs.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app",
                                        "--host", "127.0.0.1", "--port", str(api_port), "--no-access-log",
@@ -309,6 +311,8 @@ def main() -> None:
     p.add_argument("--uvicorn-workers", type=int, default=1)
     p.add_argument("--http", default="auto", help="uvicorn --http: auto (httptools when installed), h11, httptools")
     p.add_argument("--loop", default="auto", help="uvicorn --loop: auto (uvloop when installed), asyncio, uvloop")
+    p.add_argument("--poll-reader", choices=["async", "thread"], default="async",
+                   help="CLIPGUARD_POLL_READER: the poll on the event loop (psycopg async) or through a thread")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
     levels = [int(n) for n in args.clients.split(",")]
@@ -317,7 +321,7 @@ def main() -> None:
         result: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": {
             "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "load_avg_at_start": os.getloadavg()}, "uvicorn_workers": args.uvicorn_workers,
-            "http": args.http, "loop": args.loop}
+            "http": args.http, "loop": args.loop, "poll_reader": args.poll_reader}
         if args.upload_mb:  # first, so the poll phases' own peak cannot hide the upload's
             result["upload"] = upload(svc, args.upload_mb)
             print(f"upload {json.dumps(result['upload'])}", flush=True)

@@ -308,7 +308,8 @@ def test_dockerfile_is_multistage_non_root_and_installs_the_project(dockerfile):
     assert users and users[-1] not in {"root", "0"}
     runs = " ".join(args for op, args in dockerfile if op == "RUN")
     assert re.search(r'pip install "?\.(\[[a-z0-9,]+\])?"?(\s|$)', runs) and "install -e" not in runs
-    assert '".[s3]"' in runs, "the image carries the S3 backend (boto3)"
+    assert re.search(r'"\.\[[a-z0-9,]*s3[a-z0-9,]*\]"', runs), "the image carries the S3 backend (boto3)"
+    assert re.search(r'"\.\[[a-z0-9,]*postgres[a-z0-9,]*\]"', runs), "and the PostgreSQL driver with its async pool"
     assert "download.pytorch.org/whl/${TORCH_INDEX}" in runs
     assert "ARG TORCH_INDEX=cpu" in [f"{op} {args}" for op, args in dockerfile]
 

@@ -102,6 +102,10 @@ class JobCreate(BaseModel):
     lam: float | Literal["auto"] | None = Field(
         None, description="λ in μ+λσ, `auto`, or null for the method's default (6 for `guard`, 4 for `paper`)")
     granularity: Literal["channel", "element"] = "channel"
+    bounds_samples: int | None = Field(
+        None, ge=0, le=10_000_000,
+        description="measure μ and σ on at most this many training images, a fixed random subset; 0 = all, "
+                    "null = the engine's default (5000)")
     eval: EvalSpec | None = None
 
 
@@ -132,8 +136,8 @@ class JobOut(BaseModel):
     train_data_id: str
     test_data_id: str | None
     params: dict[str, Any] = Field(description=(
-        "what the job was created with: `method`, `lam`, `granularity`, `attack` (a job created before "
-        "`method` existed has none and is run with `guard`)"))
+        "what the job was created with: `method`, `lam`, `granularity`, `attack`, and `bounds_samples` when "
+        "given (a job created before `method` existed has none and is run with `guard`)"))
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

@@ -43,6 +43,7 @@ from clipguard.defenses.nad import nad  # noqa: E402
 from clipguard.devices import describe, resolve_device  # noqa: E402
 from clipguard.metrics import der, evaluate  # noqa: E402
 from clipguard.models import resolve_spec  # noqa: E402
+from clipguard.purify import DEFAULT_BOUNDS_SAMPLES, bounds_sample  # noqa: E402
 from clipguard.unlearning import UnlearnConfig  # noqa: E402
 
 GUARD_LAM = 6.0
@@ -69,7 +70,9 @@ def run_guard(model, train, test, trigger, spec, device, options: dict, poisoned
     net, kept, found, unlearning = detect_and_unlearn(model, train, spec, device=device, unlearn_options=options,
                                                       timings=timings)
     b = time.perf_counter()
-    stats = compute_statistics(net, lambda: iter_batches(kept, 512, spec.mean, spec.std, device), granularity="channel")
+    sampled = bounds_sample(kept, DEFAULT_BOUNDS_SAMPLES)  # as purify measures μ and σ
+    stats = compute_statistics(net, lambda: iter_batches(sampled, 512, spec.mean, spec.std, device),
+                               granularity="channel")
     purified = clipped_model(net, stats.bounds(GUARD_LAM if unlearning else 4.0)).eval()
     timings["bounds_s"] = time.perf_counter() - b
     seconds = time.perf_counter() - t

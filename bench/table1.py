@@ -56,6 +56,7 @@ from clipguard.devices import describe, resolve_device  # noqa: E402
 from clipguard.lambda_selection import select_lambda  # noqa: E402
 from clipguard.metrics import der, evaluate  # noqa: E402
 from clipguard.models import resolve_spec  # noqa: E402
+from clipguard.purify import DEFAULT_BOUNDS_SAMPLES, bounds_sample  # noqa: E402
 from clipguard.train import attack_path, train_victim  # noqa: E402
 
 CIFAR10 = ROOT.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
@@ -113,7 +114,8 @@ def clipguard_defense(model: torch.nn.Module, spec: object, train: ImageData, *,
     """clipguard's building blocks (statistics, optional λ selection, clipping), timed like the baselines."""
     with Timer(device) as timer:
         net = model.to(device).eval()
-        stats = compute_statistics(net, lambda: iter_batches(train, 512, spec.mean, spec.std, device),  # type: ignore[attr-defined]
+        sampled = bounds_sample(train, DEFAULT_BOUNDS_SAMPLES)  # as purify measures μ and σ
+        stats = compute_statistics(net, lambda: iter_batches(sampled, 512, spec.mean, spec.std, device),  # type: ignore[attr-defined]
                                    granularity="channel")
         evidence = None
         if lam == "auto":
@@ -132,7 +134,8 @@ def guard_defense(model: torch.nn.Module, spec: object, train: ImageData, *, dev
     with Timer(device) as timer:
         net, kept, found, unlearning = detect_and_unlearn(model.to(device).eval(), train, spec,  # type: ignore[arg-type]
                                                           device=device)
-        stats = compute_statistics(net, lambda: iter_batches(kept, 512, spec.mean, spec.std, device),  # type: ignore[attr-defined]
+        sampled = bounds_sample(kept, DEFAULT_BOUNDS_SAMPLES)  # as purify measures μ and σ
+        stats = compute_statistics(net, lambda: iter_batches(sampled, 512, spec.mean, spec.std, device),  # type: ignore[attr-defined]
                                    granularity="channel")
         lam = GUARD_LAM if unlearning is not None else PAPER_LAM  # nothing flagged: the recipe, as purify does
         purified = clipped_model(net, stats.bounds(lam)).cpu().eval()

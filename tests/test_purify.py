@@ -152,6 +152,28 @@ def test_an_existing_output_is_kept_unless_overwrite(victim, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
+def test_bounds_come_from_a_fixed_random_sample_that_the_report_names(victim, tmp_path, capsys):
+    """--bounds-samples caps the statistics pass; the same inputs give the same bounds, and the report says how many."""
+    runs = {}
+    for name, cap in (("a", "1000"), ("b", "1000"), ("all", "0")):
+        out = tmp_path / name
+        assert _purify(victim, out, "--lam", "4", "--method", "paper", "--bounds-samples", cap, evaluate=False) == 0
+        report = json.loads((out / "report.json").read_text())
+        with safe_open(str(out / "bounds.safetensors"), framework="pt") as f:
+            runs[name] = (report, f.metadata(), {k: f.get_tensor(k) for k in f.keys() if k.startswith("bound/")})
+    report, meta, bounds = runs["a"]
+    assert report["statistics"] == {"samples": 1000, "of": 10000, "max_samples": 1000, "seed": 0}
+    assert meta["samples"] == "1000" and report["inputs"]["data"]["samples"] == 10000
+    assert all(torch.equal(bounds[k], runs["b"][2][k]) for k in bounds)  # seeded: reproducible
+    full = runs["all"]
+    assert full[0]["statistics"] == {"samples": 10000, "of": 10000, "max_samples": None, "seed": 0}
+    assert any(not torch.equal(bounds[k], full[2][k]) for k in bounds)  # the cap really changed the pass
+    with pytest.raises(SystemExit) as refused:
+        _purify(victim, tmp_path / "neg", "--bounds-samples", "-1", evaluate=False)
+    assert refused.value.code == 2 and "--bounds-samples: must be 0 or more" in capsys.readouterr().err
+    assert not (tmp_path / "neg").exists()
+
+
 def test_element_granularity_bounds_have_the_activation_shape(victim, tmp_path):
     out = tmp_path / "el"
     assert _purify(victim, out, "--granularity", "element", "--method", "paper", evaluate=False) == 0

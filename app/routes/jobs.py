@@ -143,9 +143,12 @@ def _replay(s: Session, tenant: str, key: str, fingerprint: str) -> Job | None:
 def create_job(body: JobCreate, response: Response, tenant: TenantDep, sessions: SessionsDep, celery: CeleryDep,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
     """Queue a purification. Retrying with the same ``Idempotency-Key`` and body returns the same job."""
-    # The default method is left out of the fingerprint, so a retry of a request made before `method`
-    # existed still matches the job it created.
-    request = body.model_dump(mode="json", exclude={"method"} if body.method == "guard" else None)
+    # Defaults of fields added later (`method`, `bounds_samples`) are left out of the fingerprint, so a retry
+    # of a request made before they existed still matches the job it created.
+    later = {"method"} if body.method == "guard" else set()
+    if body.bounds_samples is None:
+        later.add("bounds_samples")
+    request = body.model_dump(mode="json", exclude=later or None)
     fingerprint = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
     with sessions() as s:
         job = _replay(s, tenant, idempotency_key, fingerprint) if idempotency_key else None
@@ -154,7 +157,8 @@ def create_job(body: JobCreate, response: Response, tenant: TenantDep, sessions:
             job = Job(tenant=tenant, state="queued", model_id=body.model_id, train_data_id=body.train_data_id,
                       test_data_id=body.eval.test_data_id if body.eval else None,
                       params={"method": body.method, "lam": body.lam, "granularity": body.granularity,
-                              "attack": body.eval.attack if body.eval else None},
+                              "attack": body.eval.attack if body.eval else None,
+                              **({"bounds_samples": body.bounds_samples} if body.bounds_samples is not None else {})},
                       idempotency_key=idempotency_key, request_hash=fingerprint)
             s.add(job)
             try:

@@ -206,10 +206,10 @@ def test_create_job_returns_202_with_location(client, auth, ready_model, dataset
 
 
 def test_a_paper_job_records_its_method_and_runs_it(client, settings, auth, ready_model, dataset):
-    r = client.post("/v1/jobs", headers=auth, json=job_body(ready_model, dataset, method="paper"))
+    r = client.post("/v1/jobs", headers=auth, json=job_body(ready_model, dataset, method="paper", bounds_samples=100))
     assert r.status_code == 202, r.text
     job = r.json()
-    assert job["params"]["method"] == "paper"
+    assert job["params"]["method"] == "paper" and job["params"]["bounds_samples"] == 100
     queued = client.get(f"/v1/jobs/{job['id']}", headers=auth)
     assert queued.json()["params"]["method"] == "paper" and queued.headers["retry-after"] == "2"
     assert client.post("/v1/jobs", headers=auth, json=job_body(ready_model, dataset)).json()["params"]["method"] \
@@ -226,6 +226,10 @@ def test_a_paper_job_records_its_method_and_runs_it(client, settings, auth, read
     assert done == listed[job["id"]]  # the poll's one-query answer is the same as every other route's
     report = client.get(f"/v1/jobs/{job['id']}/artifacts/report.json", headers=auth).json()
     assert report["method"] == "paper" and report["lam"] == 3.0
+    assert report["statistics"]["samples"] == 100 and report["statistics"]["of"] == 256  # the cap reached the engine
+    bad = assert_problem(client.post("/v1/jobs", headers=auth, json=job_body(ready_model, dataset, bounds_samples=-1)),
+                         422)
+    assert bad["errors"][0]["loc"] == ["body", "bounds_samples"]
     bad = assert_problem(client.post("/v1/jobs", headers=auth, json=job_body(ready_model, dataset, method="magic")),
                          422)
     assert bad["type"] == "/problems/validation" and bad["errors"][0]["loc"] == ["body", "method"]

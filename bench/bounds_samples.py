@@ -18,7 +18,6 @@ import argparse
 import json
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -27,12 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from lambda_sweep import ATTACKS, CIFAR10, PROFILES, victim  # noqa: E402
+from lambda_sweep import ATTACKS, CIFAR10, PROFILES, provenance, victim  # noqa: E402
 
 from clipguard.data import ImageData, default_cache_dir, iter_batches, load_data  # noqa: E402
 from clipguard.defenses.clipping import clipped_model, compute_statistics  # noqa: E402
 from clipguard.defenses.guard import detect_and_unlearn  # noqa: E402
-from clipguard.devices import describe, resolve_device  # noqa: E402
+from clipguard.devices import resolve_device  # noqa: E402
 from clipguard.metrics import evaluate  # noqa: E402
 from clipguard.models import resolve_spec  # noqa: E402
 
@@ -98,9 +97,7 @@ def main() -> None:
                     rows.append(row)
                     print(f"[{attack}] {method} λ={lam:g} {json.dumps(row)}", flush=True)
             entries.append({"attack": attack, "method": method, "lam": lam, "data": len(data), "rows": rows})
-    result = {"profile": args.profile, "device": describe(device), "threads": torch.get_num_threads(),
-              "date": datetime.now(UTC).isoformat(timespec="seconds"), "test_samples": len(test),
-              "command": " ".join(["python", *sys.argv]), "entries": entries}
+    result = {**provenance(args.profile, device, len(test)), "entries": entries}
     (args.out / "bounds_samples.json").write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
 

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -31,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from lambda_sweep import ATTACKS, CIFAR10, PROFILES, victim  # noqa: E402
+from lambda_sweep import ATTACKS, CIFAR10, PROFILES, provenance, victim  # noqa: E402
 from table1 import MMBM_PER_CLASS, balanced_indices, clean_training_data  # noqa: E402
 
 from clipguard.data import default_cache_dir, iter_batches, load_data  # noqa: E402
@@ -40,7 +38,7 @@ from clipguard.defenses.common import balanced_subset  # noqa: E402
 from clipguard.defenses.guard import detect_and_unlearn  # noqa: E402
 from clipguard.defenses.mmbd import mmbd_mitigate  # noqa: E402
 from clipguard.defenses.nad import nad  # noqa: E402
-from clipguard.devices import describe, resolve_device  # noqa: E402
+from clipguard.devices import resolve_device  # noqa: E402
 from clipguard.metrics import der, evaluate  # noqa: E402
 from clipguard.models import resolve_spec  # noqa: E402
 from clipguard.purify import DEFAULT_BOUNDS_SAMPLES, bounds_sample  # noqa: E402
@@ -143,10 +141,7 @@ def main() -> None:
             entry["guard"].append(row)
             print(f"[{attack}] guard {options or 'defaults'}: {json.dumps(row)}", flush=True)
         entries.append(entry)
-    result = {"profile": args.profile, "device": describe(device), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "machine": platform.machine(),
-              "date": datetime.now(UTC).isoformat(timespec="seconds"), "test_samples": len(test),
-              "command": " ".join(["python", *sys.argv]), "entries": entries}
+    result = {**provenance(args.profile, device, len(test)), "entries": entries}
     (args.out / "guard_cost.json").write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
 

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -107,6 +109,14 @@ def main() -> None:
               "test_samples": len(test), "rows": rows}
     (args.out / "lambda_sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
+
+
+def provenance(profile: str, device: torch.device, test_samples: int) -> dict:
+    """Where and how a benchmark ran, recorded beside its figures (shared by the cpu-profile benches)."""
+    return {"profile": profile, "device": describe(device), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"), "test_samples": test_samples,
+            "command": " ".join(["python", *sys.argv])}
 
 
 def victim(attack: str, prof: dict, args: argparse.Namespace, device: torch.device) -> tuple:

@@ -58,6 +58,7 @@ def test_polls_on_the_event_loop_answer_like_the_thread_path_and_outlive_a_datab
         assert isinstance(client.app.state.async_reader, AsyncReader)
         auth = {"Authorization": f"Bearer {create_key(make_sessionmaker(url), 'acme')}"}
         other = {"Authorization": f"Bearer {create_key(make_sessionmaker(url), 'mallory')}"}
+        unseen = {"Authorization": f"Bearer {create_key(make_sessionmaker(url), 'acme')}"}  # first used offline
         model = settled(client, auth, upload(client, auth, model_file, arch="small_cnn")["id"])
         data = client.post("/v1/datasets", headers=auth, files={"file": ("d.npz", small_npz.read_bytes())}).json()
         queued = client.post("/v1/jobs", headers=auth, json=job_body(model, data)).json()
@@ -85,6 +86,8 @@ def test_polls_on_the_event_loop_answer_like_the_thread_path_and_outlive_a_datab
                 listed = client.get("/v1/jobs", headers=auth)  # a route on SQLAlchemy's pool: the same answer
                 assert assert_problem(listed, 503)["type"] == "/problems/store-unavailable"
                 assert listed.headers["retry-after"]
+                gated = client.get(f"/v1/jobs/{done['id']}", headers=unseen)  # the key lookup itself cannot run
+                assert assert_problem(gated, 503)["type"] == "/problems/store-unavailable"
             finally:
                 admin.execute(f'ALTER DATABASE "{own_db}" ALLOW_CONNECTIONS true')
         wait_until(lambda: client.get(f"/v1/jobs/{done['id']}", headers=auth).status_code == 200, 30,

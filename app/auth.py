@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.db import ApiKey, reader
-from app.problems import problem_response, store_unavailable
+from app.problems import error_response, problem_response, store_unavailable
 
 KEY_PREFIX = "cg_"
 PROTECTED_PREFIX = "/v1"
@@ -173,9 +173,7 @@ class Gate:
             try:
                 tenant = await anyio.to_thread.run_sync(tenant_for_digest, state.sessions, key_hash)
             except OperationalError as exc:  # outside the routes' exception handlers: answer the 503 here
-                problem = store_unavailable(type(exc.orig).__name__)
-                await problem_response(Request(scope), problem.status, problem.detail, kind=problem.kind,
-                                       headers=problem.headers)(scope, receive, send)
+                await error_response(Request(scope), store_unavailable(type(exc.orig).__name__))(scope, receive, send)
                 return
             if tenant is not None and cache is not None:
                 cache.put(key_hash, tenant, generation)

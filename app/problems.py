@@ -43,6 +43,11 @@ def problem_response(request: Request, status: int, detail: str | None, *, kind:
                         media_type=MEDIA_TYPE)
 
 
+def error_response(request: Request, exc: ProblemError) -> JSONResponse:
+    """The problem+json answer for a raised (or built) ``ProblemError``."""
+    return problem_response(request, exc.status, exc.detail, kind=exc.kind, headers=exc.headers)
+
+
 def store_unavailable(detail: str) -> ProblemError:
     """The job store (the database) did not answer: a 503 the client should retry, not a 500.
 
@@ -57,12 +62,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     async def _store(request: Request, exc: OperationalError) -> JSONResponse:
         log.warning("job store unavailable on %s %s: %s", request.method, request.url.path, exc.orig)
-        problem = store_unavailable(type(exc.orig).__name__)
-        return problem_response(request, problem.status, problem.detail, kind=problem.kind, headers=problem.headers)
+        return error_response(request, store_unavailable(type(exc.orig).__name__))
 
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError) -> JSONResponse:
-        return problem_response(request, exc.status, exc.detail, kind=exc.kind, headers=exc.headers)
+        return error_response(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

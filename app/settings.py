@@ -57,10 +57,11 @@ class Settings(BaseSettings):
     50-75 ms at the same throughput (docs/benchmarks.md). Raise it where the database is far away."""
     poll_reader: Literal["async", "thread"] = "async"
     """``async``: status polls read on the event loop through psycopg's async pool when the job store is
-    ``postgresql+psycopg`` and ``psycopg-pool`` is installed (``app.async_reads``; a quarter of the
-    thread path's CPU per poll), with ``poll_threads`` connections per process; anything else falls back to
-    ``thread``: SQLAlchemy in a thread. Choose ``thread`` behind a connection pooler that cannot hold
-    prepared statements (psycopg prepares a statement after its fifth run on a connection)."""
+    ``postgresql+psycopg`` and ``psycopg-pool`` is installed (``app.async_reads``; the read costs a quarter
+    of the thread path's CPU, a whole poll 0.5 ms instead of 0.8), with ``poll_threads`` connections per
+    process; anything else falls back to ``thread``: SQLAlchemy in a thread. Choose ``thread`` behind a
+    connection pooler that cannot hold prepared statements (psycopg prepares a statement after its fifth
+    run on a connection)."""
     ratelimit_url: str = ""
     """Where the per-key counters live; empty means the broker when it is Redis (shared by all API
     replicas), else in process (``memory://``)."""

@@ -105,7 +105,7 @@ class JobCreate(BaseModel):
     bounds_samples: int | None = Field(
         None, ge=0, le=10_000_000,
         description="measure μ and σ on at most this many training images, a fixed random subset; 0 = all, "
-                    "null = the engine's default (5000)")
+                    "null = the engine's default (5000 with channel granularity, all with element)")
     eval: EvalSpec | None = None
 
 

@@ -7,9 +7,11 @@ of ``--sizes`` images (``--repeats`` draws each), clips at the recipe's λ = 4 a
 any bound against the full pass, and the pass's time.
 
     python bench/bounds_samples.py --reuse --out runs/lambda_sweep    # lambda_sweep's cpu victims
+    python bench/bounds_samples.py --reuse --out runs/lambda_sweep --granularity element --methods paper
     python bench/bounds_samples.py --profile smoke --out /tmp/bs
 
-Writes ``<out>/bounds_samples.json`` and prints a markdown table.
+Writes ``<out>/bounds_samples.json`` (``bounds_samples-element.json`` for element granularity) and prints
+a markdown table.
 """
 
 from __future__ import annotations
@@ -38,10 +40,10 @@ from clipguard.models import resolve_spec  # noqa: E402
 LAMS = {"paper": 4.0, "guard": 6.0}
 
 
-def stats_on(model, data: ImageData, spec, device) -> tuple[object, float]:
+def stats_on(model, data: ImageData, spec, device, granularity: str) -> tuple[object, float]:
     t = time.perf_counter()
     stats = compute_statistics(model, lambda: iter_batches(data, 512, spec.mean, spec.std, device),
-                               granularity="channel")
+                               granularity=granularity)
     return stats, time.perf_counter() - t
 
 
@@ -56,6 +58,8 @@ def main() -> None:
     ap.add_argument("--attacks", nargs="*", default=None)
     ap.add_argument("--sizes", type=int, nargs="+", default=[500, 1000, 2000, 5000])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--granularity", choices=["channel", "element"], default="channel")
+    ap.add_argument("--methods", nargs="+", choices=sorted(LAMS), default=sorted(LAMS))
     ap.add_argument("--data", default=str(CIFAR10))
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "lambda_sweep")
     ap.add_argument("--device", default="auto")
@@ -74,19 +78,21 @@ def main() -> None:
     entries = []
     for attack in args.attacks or [a for a in ATTACKS[args.profile] if a != "wanet"]:
         model, trigger, train, _info, _epochs, _ = victim(attack, prof, args, device)
-        fixed, kept, _found, unlearning = detect_and_unlearn(model, train, spec, device=device)
+        fixed, kept, unlearning = model, train, None
+        if "guard" in args.methods:
+            fixed, kept, _found, unlearning = detect_and_unlearn(model, train, spec, device=device)
         for method, net, data in (("paper", model, train), ("guard", fixed, kept)):
-            if method == "guard" and unlearning is None:
+            if method not in args.methods or (method == "guard" and unlearning is None):
                 continue
             lam = LAMS[method]
-            full, full_s = stats_on(net, data, spec, device)
+            full, full_s = stats_on(net, data, spec, device, args.granularity)
             full_bounds = full.bounds(lam)
             rows = []
             for size in [*args.sizes, len(data)]:
                 for rep in range(args.repeats if size < len(data) else 1):
                     if size < len(data):
                         pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(1000 * rep + size))
-                        stats, secs = stats_on(net, data.subset(pick[:size]), spec, device)
+                        stats, secs = stats_on(net, data.subset(pick[:size]), spec, device, args.granularity)
                     else:
                         stats, secs = full, full_s
                     bounds = stats.bounds(lam)
@@ -96,9 +102,11 @@ def main() -> None:
                            "asr": r["asr"], "max_rel_change": max_rel_change(full_bounds, bounds)}
                     rows.append(row)
                     print(f"[{attack}] {method} λ={lam:g} {json.dumps(row)}", flush=True)
-            entries.append({"attack": attack, "method": method, "lam": lam, "data": len(data), "rows": rows})
+            entries.append({"attack": attack, "method": method, "lam": lam, "granularity": args.granularity,
+                            "data": len(data), "rows": rows})
     result = {**provenance(args.profile, device, len(test)), "entries": entries}
-    (args.out / "bounds_samples.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = "bounds_samples.json" if args.granularity == "channel" else f"bounds_samples-{args.granularity}.json"
+    (args.out / name).write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
 
 
@@ -118,8 +126,8 @@ def markdown(result: dict) -> str:
 
             change = max(r["max_rel_change"] for r in rows)
             secs = sum(r["seconds"] for r in rows) / len(rows)
-            lines.append(f"| {e['attack']} | {e['method']} λ={e['lam']:g} | {size} | {span('acc')} | {span('asr')} "
-                         f"| {100 * change:.1f}% | {secs:.1f} |")
+            lines.append(f"| {e['attack']} | {e['method']} λ={e['lam']:g} {e['granularity']} | {size} "
+                         f"| {span('acc')} | {span('asr')} | {100 * change:.1f}% | {secs:.1f} |")
     return "\n".join(lines)
 
 

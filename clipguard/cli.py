@@ -85,7 +85,7 @@ class _Bars:
 
 
 def cmd_purify(args: argparse.Namespace) -> int:
-    from clipguard.purify import DEFAULT_BOUNDS_SAMPLES, PurifyOptions, purify
+    from clipguard.purify import PurifyOptions, purify
 
     bars = _Bars(args.quiet)
     try:
@@ -96,7 +96,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
                 device=args.device, batch_size=args.batch_size, eval_data=args.eval_data, attack=args.attack,
                 cache_dir=args.cache_dir, overwrite=args.overwrite, sweep=not args.no_sweep,
                 detect=args.detect,
-                bounds_samples=DEFAULT_BOUNDS_SAMPLES if args.bounds_samples is None else args.bounds_samples,
+                bounds_samples=args.bounds_samples,
             ),
             progress=bars,
         )
@@ -174,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lam", type=_lam, default=None, help="λ in μ+λσ, or 'auto' to choose it from the data")
     p.add_argument("--granularity", choices=("channel", "element"), default="channel")
     p.add_argument("--bounds-samples", type=_count, default=None, metavar="N",
-                   help="measure μ and σ on at most N training images, a fixed random subset (default 5000; "
-                        "0 = all)")
+                   help="measure μ and σ on at most N training images, a fixed random subset (default 5000 "
+                        "with channel granularity, all with element; 0 = all)")
     p.add_argument("--method", choices=("guard", "paper"), default="guard",
                    help="guard (default): find the poisoned training samples, unlearn them, then clip; "
                         "paper: the paper's μ+λσ clipping of the model as given")

@@ -61,7 +61,16 @@ bounds from 2,000 random images moved no bound by more than 5.3% and left ACC an
 points of the full pass, for the recipe and for guard. Smaller samples are not safe in general: on
 Table 1's BadNets victim 1,000 images let the recipe's ASR rise from 9.4 to 16.4 (docs/results.md).
 5,000 keeps a margin (within 3.3% and 0.1 points there, 10.2 on that victim; the size of
-``select_lambda``'s sample too) and makes the pass 10x cheaper on a 50,000-image set."""
+``select_lambda``'s sample too) and makes the pass 10x cheaper on a 50,000-image set.
+
+Channel granularity only: an element's μ and σ rest on one value per image, not one per image and
+position, and with element bounds a 5,000 sample moved the recipe's BadNets ASR by up to 3 points
+between draws (docs/benchmarks.md), so element granularity measures on every image unless told."""
+
+
+def default_bounds_samples(granularity: str) -> int:
+    """The cap used when none is given: ``DEFAULT_BOUNDS_SAMPLES`` per channel, none (0) per element."""
+    return DEFAULT_BOUNDS_SAMPLES if granularity == "channel" else 0
 
 
 @dataclass
@@ -86,8 +95,8 @@ class PurifyOptions:
     overwrite: bool = False
     sweep: bool = True
     detect: bool = False
-    bounds_samples: int | None = DEFAULT_BOUNDS_SAMPLES
-    """At most this many training images for μ and σ (0 or None: all of them); see ``DEFAULT_BOUNDS_SAMPLES``."""
+    bounds_samples: int | None = None
+    """At most this many training images for μ and σ; 0: all of them; None: ``default_bounds_samples``."""
     extra: dict = field(default_factory=dict)
 
 
@@ -173,7 +182,8 @@ def purify(
             lam = DEFAULT_LAM["paper"]
 
     t = time.perf_counter()
-    stats_data = bounds_sample(bounds_data, options.bounds_samples)
+    cap = default_bounds_samples(options.granularity) if options.bounds_samples is None else options.bounds_samples
+    stats_data = bounds_sample(bounds_data, cap)
     stats = compute_statistics(
         model,
         lambda: iter_batches(stats_data, options.batch_size, spec.mean, spec.std, device),
@@ -268,7 +278,7 @@ def purify(
             "unlearning": unlearning,
             "granularity": options.granularity,
             "statistics": {"samples": len(stats_data), "of": len(bounds_data),
-                           "max_samples": options.bounds_samples or None, "seed": BOUNDS_SAMPLE_SEED},
+                           "max_samples": cap or None, "seed": BOUNDS_SAMPLE_SEED},
             "sites": [{"name": n, "shape": list(bounds[n].shape), "clip_fraction": fractions[n]}
                       for n in stats.names],
             "export": export_checks,

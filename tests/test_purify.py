@@ -179,6 +179,7 @@ def test_element_granularity_bounds_have_the_activation_shape(victim, tmp_path):
     assert _purify(victim, out, "--granularity", "element", "--method", "paper", evaluate=False) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["sites"][0]["shape"] == [32, 32, 32]
+    assert report["statistics"]["samples"] == 10000  # no default cap: one value per image and element
     assert report["evaluation"] is None
     assert all(np.isfinite(s["clip_fraction"]) for s in report["sites"])
 

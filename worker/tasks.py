@@ -231,7 +231,7 @@ def _options(sessions: sessionmaker, settings: Settings, job_id: str, out: Path)
         lam=job.params.get("lam"), granularity=job.params.get("granularity", "channel"), device=settings.device,
         eval_data=local_data_ref(shared, test.ref, test.kind) if test else None, attack=attack,
         cache_dir=settings.home / "cache", overwrite=True,
-        **({"bounds_samples": job.params["bounds_samples"]} if job.params.get("bounds_samples") is not None else {}),
+        bounds_samples=job.params.get("bounds_samples"),  # None (not given): the engine's default
     )
 
 

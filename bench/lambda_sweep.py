@@ -43,7 +43,7 @@ from clipguard.devices import describe, resolve_device  # noqa: E402
 from clipguard.lambda_selection import DEFAULT_GRID, select_lambda  # noqa: E402
 from clipguard.metrics import der, evaluate  # noqa: E402
 from clipguard.models import resolve_spec  # noqa: E402
-from clipguard.purify import DEFAULT_BOUNDS_SAMPLES, bounds_sample  # noqa: E402
+from clipguard.purify import bounds_sample, default_bounds_samples  # noqa: E402
 from clipguard.train import attack_path, train_victim  # noqa: E402
 
 CIFAR10 = ROOT.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
@@ -150,7 +150,7 @@ def sweep_and_select(model, train_data, test, trigger, before, spec, device, gra
                      rule: str = "class_drop") -> tuple[list, dict]:
     """Score every λ on the test set, then let ``select_lambda`` choose from the training data alone."""
     t = time.perf_counter()
-    sampled = bounds_sample(train_data, DEFAULT_BOUNDS_SAMPLES)  # as purify measures μ and σ
+    sampled = bounds_sample(train_data, default_bounds_samples(granularity))  # as purify measures μ and σ
     stats = compute_statistics(model, lambda: iter_batches(sampled, 512, spec.mean, spec.std, device),
                                granularity=granularity)
     bounds_s = time.perf_counter() - t

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from clipguard.data import ImageData
+from clipguard.data import ImageData, normalize
 from clipguard.defenses.clipping import SiteStats, clipped_model
 from clipguard.errors import Cancelled
 from clipguard.metrics import predict
@@ -87,14 +87,17 @@ def select_lambda(
         if should_cancel is not None and should_cancel():
             raise Cancelled("cancelled during the λ sweep")
         clipped = clipped_model(model, stats.bounds(lam)).to(device)
-        pred = predict(clipped, data, spec.mean, spec.std, device=device, batch_size=batch_size, indices=idx)
-        drops = [b - a for a, b in zip(accuracy_by_class(pred, labels, spec.num_classes), base, strict=True)]
+        pred = _predict_unless_rejected(clipped, data, spec, idx, labels, ref, base, rule, tolerance, device,
+                                        batch_size)
+        n = len(pred)  # all of idx, or the prefix after which the rule could no longer accept this λ
+        drops = [b - a for a, b in zip(accuracy_by_class(pred, labels[:n], spec.num_classes),
+                                       accuracy_by_class(ref[:n], labels[:n], spec.num_classes), strict=True)]
         worst = max(range(len(drops)), key=drops.__getitem__)
         others = [d for c, d in enumerate(drops) if c != worst]
         mean_drop_others = sum(others) / len(others) if others else 0.0
-        agreement = float((pred == ref).float().mean())
-        ok = (mean_drop_others if rule == "class_drop" else 1.0 - agreement) <= tolerance
-        rows.append({"lam": lam, "train_acc": float((pred == labels).float().mean()),
+        agreement = float((pred == ref[:n]).float().mean())
+        ok = n == len(idx) and (mean_drop_others if rule == "class_drop" else 1.0 - agreement) <= tolerance
+        rows.append({"lam": lam, "samples": n, "train_acc": float((pred == labels[:n]).float().mean()),
                      "agreement": agreement, "drop_by_class": drops,
                      "most_affected_class": worst, "mean_drop_others": mean_drop_others, "accepted": ok})
         if progress is not None:
@@ -112,3 +115,49 @@ def select_lambda(
                 "train_acc_before": float((ref == labels).float().mean()),
                 "grid": sorted(grid), "sweep": rows, "chosen": chosen}
     return chosen, evidence
+
+
+def _predict_unless_rejected(
+    clipped: nn.Module, data: ImageData, spec: ModelSpec, idx: torch.Tensor, labels: torch.Tensor,
+    ref: torch.Tensor, base: Sequence[float], rule: str, tolerance: float, device: torch.device | str,
+    batch_size: int,
+) -> torch.Tensor:
+    """Predictions on ``idx`` in order, stopped as soon as the rule can no longer accept this λ.
+
+    Why: most of the grid is far from the answer (a hard clip changes a large share of decisions
+    in the first batch), and scoring every image there was most of ``--lam auto``'s time. The
+    stop is exact, never a guess, so the chosen λ is what the full sweep would choose:
+
+    * ``agreement``: more disagreements than ``tolerance`` allows over *all* of ``idx``;
+    * ``class_drop``: even if every sample still to come were predicted right, each class's drop
+      would be at least ``lower``; the sum of all drops but the largest is then at least the sum
+      of all lower bounds but the largest, over ``tolerance``.
+    """
+    n, classes = len(idx), len(base)
+    per_class = torch.bincount(labels, minlength=classes).double()
+    right = torch.zeros(classes, dtype=torch.float64)
+    seen = torch.zeros(classes, dtype=torch.float64)
+    disagree = 0
+    out = []
+    clipped.eval()
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            x = data.images[idx[start : start + batch_size]]
+            pred = clipped(normalize(x.to(device), spec.mean, spec.std)).argmax(1).cpu()
+            out.append(pred)
+            end = start + len(pred)
+            if end == n:
+                break
+            if rule == "agreement":
+                disagree += int((pred != ref[start:end]).sum())
+                if disagree > tolerance * n:
+                    break
+                continue
+            lab = labels[start:end]
+            right += torch.bincount(lab[pred == lab], minlength=classes).double()
+            seen += torch.bincount(lab, minlength=classes).double()
+            best_acc = torch.where(per_class > 0, (right + per_class - seen) / per_class.clamp_min(1), 1.0)
+            lower = (torch.tensor(base, dtype=torch.float64) - best_acc).tolist()
+            if classes > 1 and (sum(lower) - max(lower)) / (classes - 1) > tolerance:
+                break
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)

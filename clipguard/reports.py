@@ -566,7 +566,9 @@ def _selection_table(report: Mapping[str, Any], rows: list[Mapping[str, Any]]) -
         cells.append(f"<td>{worst_text}</td>")
         if crit:
             cells.append(f'<td class="num">{_pct(r.get(crit))}</td>')
-        cells.append('<td class="ok">yes</td>' if r.get("accepted") else "<td>no</td>")
+        scored, total = _num(r.get("samples")), _num(_dict(report.get("lam_selection")).get("samples"))
+        early = f" (certain after {int(scored)} images)" if scored is not None and total and scored < total else ""
+        cells.append('<td class="ok">yes</td>' if r.get("accepted") else f"<td>no{_esc(early)}</td>")
         body.append(f"<tr>{''.join(cells)}</tr>")
     return f'<table><thead><tr>{"".join(head)}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 

@@ -70,3 +70,43 @@ def test_unknown_rules_are_refused():
     stats = compute_statistics(model, lambda: iter_batches(data, 128, SPEC.mean, SPEC.std, "cpu"))
     with pytest.raises(ValueError, match="rule must be one of"):
         select_lambda(model, stats, data, SPEC, rule="vibes")
+
+
+def brute_force_choice(model, stats, data, rule, tolerance=0.02) -> float:
+    """The rule applied to full predictions at every λ: what the early-stopping sweep must reproduce."""
+    from clipguard.defenses.clipping import clipped_model
+    from clipguard.lambda_selection import DEFAULT_GRID, accuracy_by_class
+    from clipguard.metrics import predict
+
+    ref = predict(model, data, SPEC.mean, SPEC.std)
+    base = accuracy_by_class(ref, data.labels, 3)
+    for lam in DEFAULT_GRID:
+        pred = predict(clipped_model(model, stats.bounds(lam)), data, SPEC.mean, SPEC.std)
+        drops = sorted(b - a for a, b in zip(accuracy_by_class(pred, data.labels, 3), base, strict=True))
+        value = sum(drops[:-1]) / 2 if rule == "class_drop" else float((pred != ref).float().mean())
+        if value <= tolerance:
+            return lam
+    return max(DEFAULT_GRID)
+
+
+@pytest.mark.parametrize("rule", ["class_drop", "agreement"])
+def test_the_sweep_stops_scoring_a_lambda_once_it_cannot_pass_and_still_chooses_the_same(rule):
+    """Scoring stops at the first batch after which the rule could no longer accept a λ; that saves
+    most of the work on a hard-clipped grid, and the choice equals the full computation's."""
+    torch.manual_seed(2)  # a random net whose hard clips change many decisions, as a trained one's do
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(128, 3)).eval()
+    images = torch.randint(0, 256, (600, 3, 4, 4), dtype=torch.uint8)
+    probe = ImageData(images, torch.zeros(600, dtype=torch.int64), ("a", "b", "c"), "random")
+    from clipguard.metrics import predict
+
+    labels = predict(model, probe, SPEC.mean, SPEC.std)  # the model is right on its training data
+    labels[:12] = (labels[:12] + 1) % 3  # except a few, as any real model
+    data = ImageData(images, labels, ("a", "b", "c"), "random")
+    stats = compute_statistics(model, lambda: iter_batches(data, 128, SPEC.mean, SPEC.std, "cpu"))
+    lam, evidence = select_lambda(model, stats, data, SPEC, rule=rule, batch_size=20)
+    assert lam == brute_force_choice(model, stats, data, rule)
+    rows = evidence["sweep"]
+    assert rows[-1]["samples"] == 600 and rows[-1]["accepted"]
+    stopped = [r for r in rows if r["samples"] < 600]
+    assert stopped and not any(r["accepted"] for r in stopped)

@@ -40,7 +40,7 @@ def sample_report() -> dict:
     for lam, agree, tacc, crit in ((1.0, 0.612, 0.598, 0.241), (1.5, 0.803, 0.789, 0.118),
                                    (2.0, 0.912, 0.897, 0.061), (2.5, 0.958, 0.941, 0.033),
                                    (3.0, 0.979, 0.962, 0.016)):
-        sel_rows.append({"lam": lam, "train_acc": tacc, "agreement": agree,
+        sel_rows.append({"lam": lam, "samples": 512 if lam == 1.0 else 5000, "train_acc": tacc, "agreement": agree,
                          "drop_by_class": [crit] * 9 + [0.4], "most_affected_class": 0,
                          "mean_drop_others": crit, "accepted": crit <= 0.02})
     eval_sweep = [{"lam": lam, "acc": acc, "asr": asr} for lam, acc, asr in (
@@ -149,6 +149,11 @@ def test_before_after_numbers(full_page: str) -> None:
     assert "9f2c4e1b7a03…" in full_page and 'title="9f2c4e1b7a03d58e' in full_page
     assert "resnet18" in full_page and "NVIDIA H100" in full_page and "0.1.0" in full_page
     assert all(name in full_page for name in RESNET18_SITES)
+
+
+def test_a_lambda_the_sweep_stopped_scoring_early_says_so(full_page: str) -> None:
+    assert "no (certain after 512 images)" in full_page  # λ = 1 was given up after one batch
+    assert full_page.count("certain after") == 1
 
 
 def test_one_png_per_plot(full_page: str) -> None:

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from clipguard.data import ImageData, normalize
+from clipguard.data import ImageData
 from clipguard.defenses.clipping import SiteStats, clipped_model
 from clipguard.errors import Cancelled
 from clipguard.metrics import predict
@@ -90,8 +90,9 @@ def select_lambda(
         pred = _predict_unless_rejected(clipped, data, spec, idx, labels, ref, base, rule, tolerance, device,
                                         batch_size)
         n = len(pred)  # all of idx, or the prefix after which the rule could no longer accept this λ
-        drops = [b - a for a, b in zip(accuracy_by_class(pred, labels[:n], spec.num_classes),
-                                       accuracy_by_class(ref[:n], labels[:n], spec.num_classes), strict=True)]
+        scored_base = base if n == len(idx) else accuracy_by_class(ref[:n], labels[:n], spec.num_classes)
+        drops = [b - a for a, b in zip(accuracy_by_class(pred, labels[:n], spec.num_classes), scored_base,
+                                       strict=True)]
         worst = max(range(len(drops)), key=drops.__getitem__)
         others = [d for c, d in enumerate(drops) if c != worst]
         mean_drop_others = sum(others) / len(others) if others else 0.0
@@ -135,29 +136,23 @@ def _predict_unless_rejected(
     """
     n, classes = len(idx), len(base)
     per_class = torch.bincount(labels, minlength=classes).double()
+    base_t = torch.tensor(base, dtype=torch.float64)
     right = torch.zeros(classes, dtype=torch.float64)
     seen = torch.zeros(classes, dtype=torch.float64)
     disagree = 0
-    out = []
-    clipped.eval()
-    with torch.inference_mode():
-        for start in range(0, n, batch_size):
-            x = data.images[idx[start : start + batch_size]]
-            pred = clipped(normalize(x.to(device), spec.mean, spec.std)).argmax(1).cpu()
-            out.append(pred)
-            end = start + len(pred)
-            if end == n:
-                break
-            if rule == "agreement":
-                disagree += int((pred != ref[start:end]).sum())
-                if disagree > tolerance * n:
-                    break
-                continue
-            lab = labels[start:end]
-            right += torch.bincount(lab[pred == lab], minlength=classes).double()
-            seen += torch.bincount(lab, minlength=classes).double()
-            best_acc = torch.where(per_class > 0, (right + per_class - seen) / per_class.clamp_min(1), 1.0)
-            lower = (torch.tensor(base, dtype=torch.float64) - best_acc).tolist()
-            if classes > 1 and (sum(lower) - max(lower)) / (classes - 1) > tolerance:
-                break
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
+
+    def cannot_pass(start: int, pred: torch.Tensor) -> bool:
+        nonlocal disagree, right, seen
+        end = start + len(pred)
+        if rule == "agreement":
+            disagree += int((pred != ref[start:end]).sum())
+            return disagree > tolerance * n
+        lab = labels[start:end]
+        right += torch.bincount(lab[pred == lab], minlength=classes).double()
+        seen += torch.bincount(lab, minlength=classes).double()
+        best_acc = torch.where(per_class > 0, (right + per_class - seen) / per_class.clamp_min(1), 1.0)
+        lower = (base_t - best_acc).tolist()
+        return classes > 1 and (sum(lower) - max(lower)) / (classes - 1) > tolerance
+
+    return predict(clipped, data, spec.mean, spec.std, device=device, batch_size=batch_size, indices=idx,
+                   stop=cannot_pass)

@@ -35,8 +35,13 @@ def predict(
     device: torch.device | str = "cpu",
     batch_size: int = 512,
     indices: torch.Tensor | None = None,
+    stop: Callable[[int, torch.Tensor], bool] | None = None,
 ) -> torch.Tensor:
-    """Predicted labels (CPU int64); ``transform`` acts on uint8 images before normalising."""
+    """Predicted labels (CPU int64); ``transform`` acts on uint8 images before normalising.
+
+    ``stop(start, batch_predictions)``, called after each batch, ends the pass early when it returns
+    True: the result is then the predictions of the samples scored so far, in order.
+    """
     if isinstance(model, nn.Module):
         model.eval()
     order = torch.arange(len(data)) if indices is None else indices
@@ -48,6 +53,8 @@ def predict(
                 x = transform(x)
             logits = model(normalize(x.to(device), mean, std))
             out.append(logits.argmax(1).cpu())
+            if stop is not None and start + len(out[-1]) < len(order) and stop(start, out[-1]):
+                break
     return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,23 +29,19 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from lambda_sweep import ATTACKS, CIFAR10, PROFILES, provenance, victim  # noqa: E402
-from table1 import MMBM_PER_CLASS, balanced_indices, clean_training_data  # noqa: E402
+from table1 import MMBM_PER_CLASS, balanced_indices, clean_training_data, guard_defense  # noqa: E402
+from table1 import PROFILES as TABLE1_PROFILES  # noqa: E402
 
-from clipguard.data import default_cache_dir, iter_batches, load_data  # noqa: E402
-from clipguard.defenses.clipping import clipped_model, compute_statistics  # noqa: E402
+from clipguard.data import default_cache_dir, load_data  # noqa: E402
 from clipguard.defenses.common import balanced_subset  # noqa: E402
-from clipguard.defenses.guard import detect_and_unlearn  # noqa: E402
 from clipguard.defenses.mmbd import mmbd_mitigate  # noqa: E402
 from clipguard.defenses.nad import nad  # noqa: E402
 from clipguard.devices import resolve_device  # noqa: E402
 from clipguard.metrics import der, evaluate  # noqa: E402
 from clipguard.models import resolve_spec  # noqa: E402
-from clipguard.purify import DEFAULT_BOUNDS_SAMPLES, bounds_sample  # noqa: E402
 from clipguard.unlearning import UnlearnConfig  # noqa: E402
 
-GUARD_LAM = 6.0
 DEFAULT_VARIANTS = ["", "epochs=1", "samples_per_epoch=5000", "epochs=1,samples_per_epoch=5000", "rounds=1"]
-MMBM_C0 = {"cpu": 0.05, "smoke": 0.05}  # as bench/table1.py's profiles: 0.5 collapses small_cnn
 
 
 def parse_variant(text: str) -> dict:
@@ -62,22 +57,14 @@ def parse_variant(text: str) -> dict:
 
 
 def run_guard(model, train, test, trigger, spec, device, options: dict, poisoned: set[int]) -> dict:
-    """One guard run as ``purify`` does it (detect, unlearn, bounds without suspects, clip at λ=6)."""
+    """One guard run as Table 1 times it (``table1.guard_defense``), with these unlearning options."""
     timings: dict[str, float] = {}
-    t = time.perf_counter()
-    net, kept, found, unlearning = detect_and_unlearn(model, train, spec, device=device, unlearn_options=options,
-                                                      timings=timings)
-    b = time.perf_counter()
-    sampled = bounds_sample(kept, DEFAULT_BOUNDS_SAMPLES)  # as purify measures μ and σ
-    stats = compute_statistics(net, lambda: iter_batches(sampled, 512, spec.mean, spec.std, device),
-                               granularity="channel")
-    purified = clipped_model(net, stats.bounds(GUARD_LAM if unlearning else 4.0)).eval()
-    timings["bounds_s"] = time.perf_counter() - b
-    seconds = time.perf_counter() - t
-    r = evaluate(purified, test, spec.mean, spec.std, attack=trigger, device=device)
+    result = guard_defense(model, spec, train, device=device, unlearn_options=options, timings=timings)
+    r = evaluate(result.model.to(device), test, spec.mean, spec.std, attack=trigger, device=device)
+    unlearning = result.info["unlearning"]
     removed = set(unlearning["suspect_indices"]) if unlearning else set()
-    return {"options": options, "seconds": seconds, "timings": timings, "acc": r["acc"], "asr": r["asr"],
-            "ra": r["ra"], "flagged": found["flagged"], "removed": len(removed),
+    return {"options": options, "seconds": result.seconds, "timings": timings, "acc": r["acc"], "asr": r["asr"],
+            "ra": r["ra"], "flagged": result.info["detection"]["flagged"], "removed": len(removed),
             "removed_poisoned": len(removed & poisoned), "poisoned": len(poisoned)}
 
 
@@ -86,7 +73,7 @@ def baselines(label, model, spec, train, info, test, trigger, mmbm_clean, before
     clean = clean_training_data(train, info)
     clean5 = clean.subset(torch.randperm(len(clean), generator=torch.Generator().manual_seed(args.seed))
                           [: max(10, round(0.05 * len(train)))])
-    mmbm_options = {"c0": MMBM_C0[args.profile]} if args.profile in MMBM_C0 else {}
+    mmbm_options = TABLE1_PROFILES[args.profile]["mmbd_mitigate"]  # as Table 1 runs MM-BM on this profile
     runs = {"nad": lambda: nad(model, spec, clean5, device=device, seed=args.seed),
             "mmbd": lambda: mmbd_mitigate(model, spec, mmbm_clean, device=device, seed=args.seed, **mmbm_options)}
     out = {}

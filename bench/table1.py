@@ -131,17 +131,25 @@ def clipguard_defense(model: torch.nn.Module, spec: object, train: ImageData, *,
 
 
 def guard_defense(model: torch.nn.Module, spec: object, train: ImageData, *, device: torch.device,
-                  bounds_samples: int = DEFAULT_BOUNDS_SAMPLES) -> DefenseResult:
-    """clipguard's default: detect and unlearn the poisoned share, then clip (what ``purify`` ships)."""
+                  bounds_samples: int = DEFAULT_BOUNDS_SAMPLES, unlearn_options: dict | None = None,
+                  timings: dict[str, float] | None = None) -> DefenseResult:
+    """clipguard's default: detect and unlearn the poisoned share, then clip (what ``purify`` ships).
+
+    ``unlearn_options`` (``UnlearnConfig`` fields) and ``timings`` (filled per stage) serve
+    bench/guard_cost.py, which runs this with cheaper fine-tunes."""
+    timings = {} if timings is None else timings
     with Timer(device) as timer:
         net, kept, found, unlearning = detect_and_unlearn(model.to(device).eval(), train, spec,  # type: ignore[arg-type]
-                                                          device=device)
+                                                          device=device, unlearn_options=unlearn_options,
+                                                          timings=timings)
+        started = timer.elapsed()
         sampled = bounds_sample(kept, bounds_samples)  # as purify measures μ and σ
         stats = compute_statistics(net, lambda: iter_batches(sampled, 512, spec.mean, spec.std, device),  # type: ignore[attr-defined]
                                    granularity="channel")
         lam = GUARD_LAM if unlearning is not None else PAPER_LAM  # nothing flagged: the recipe, as purify does
         purified = clipped_model(net, stats.bounds(lam)).cpu().eval()
         seconds = timer.elapsed()
+        timings["bounds_s"] = seconds - started
     return DefenseResult(purified, seconds, {"defense": "guard", "lam": lam, "detection": found,
                                              "unlearning": unlearning})
 

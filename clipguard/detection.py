@@ -28,6 +28,7 @@ from torch import nn
 from clipguard.data import ImageData, normalize
 from clipguard.errors import Cancelled, ClipguardError
 from clipguard.models import ModelSpec
+from clipguard.split import Split
 
 MIN_SEPARATION = 3.3
 """Group separation a target class must reach (a Gaussian blob gives 2.66; clean classes measured ≤ 2.91)."""
@@ -66,7 +67,67 @@ def last_linear(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
+@dataclass
+class FeaturePass:
+    """One forward pass over the training data: what detection reads and what unlearning reuses."""
+
+    features: torch.Tensor
+    """Inputs of the last linear layer, per sample (CPU float32)."""
+    logits: torch.Tensor
+    """The model's outputs, per sample (CPU float32)."""
+    tail_inputs: torch.Tensor | None
+    """The body's outputs at the split's cut, per sample, on the model's device; ``None`` without
+    a split or when they would exceed the cache limit."""
+
+
 @torch.no_grad()
+def feature_pass(
+    model: nn.Module,
+    data: ImageData,
+    spec: ModelSpec,
+    *,
+    split: Split | None = None,
+    max_cache_bytes: int = 0,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    progress: Callable[[float], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> FeaturePass:
+    """Features and logits for every training sample; with ``split``, the body's outputs as well.
+
+    Running the model as ``split.tail(split.body(x))`` costs the same as ``model(x)``, so the
+    tail's inputs come free with the pass detection needs anyway. They are kept only while
+    their total stays within ``max_cache_bytes``; past it they are dropped, and the caller
+    fine-tunes the whole network instead.
+    """
+    head = last_linear(model)
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().flatten(1).float().cpu()))
+    logits: list[torch.Tensor] = []
+    cache: list[torch.Tensor] | None = [] if split is not None else None
+    model.eval()
+    try:
+        for start in range(0, len(data), batch_size):
+            if should_cancel is not None and should_cancel():
+                raise Cancelled("cancelled while reading features")
+            x = normalize(data.images[start : start + batch_size].to(device), spec.mean, spec.std)
+            if split is None:
+                out = model(x)
+            else:
+                inner = split.body(x)
+                out = split.tail(inner)
+                if cache is not None:
+                    cache.append(inner)
+                    if inner[0].numel() * inner.element_size() * len(data) > max_cache_bytes:
+                        cache = None
+            logits.append(out.float().cpu())
+            if progress is not None:
+                progress(min(1.0, (start + batch_size) / len(data)))
+    finally:
+        handle.remove()
+    return FeaturePass(torch.cat(captured), torch.cat(logits), torch.cat(cache) if cache else None)
+
+
 def penultimate_features(
     model: nn.Module,
     data: ImageData,
@@ -78,22 +139,9 @@ def penultimate_features(
     should_cancel: Callable[[], bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features entering the last linear layer and the logits, for every training sample (CPU float32)."""
-    head = last_linear(model)
-    captured: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().flatten(1).float().cpu()))
-    logits = []
-    model.eval()
-    try:
-        for start in range(0, len(data), batch_size):
-            if should_cancel is not None and should_cancel():
-                raise Cancelled("cancelled while reading features")
-            x = normalize(data.images[start : start + batch_size].to(device), spec.mean, spec.std)
-            logits.append(model(x).float().cpu())
-            if progress is not None:
-                progress(min(1.0, (start + batch_size) / len(data)))
-    finally:
-        handle.remove()
-    return torch.cat(captured), torch.cat(logits)
+    found = feature_pass(model, data, spec, device=device, batch_size=batch_size, progress=progress,
+                         should_cancel=should_cancel)
+    return found.features, found.logits
 
 
 def best_split(values: torch.Tensor, min_share: float = MIN_SHARE) -> tuple[float, torch.Tensor]:

@@ -15,9 +15,12 @@ detector did not catch stop being sent to the target by the fine-tuned model whi
 are by the suspect one. Those flips join the suspects and the fine-tune runs again from the
 original weights (so nothing a wrong first round taught carries over).
 
-Training is short and conservative: a few epochs at a small one-cycle learning rate with
-flips, on the whole training set (or a fixed-size random share of it per epoch, so the cost
-does not grow with the dataset), BatchNorm statistics updated with everything else.
+Training is short and conservative: a few epochs at a small one-cycle learning rate, on the
+whole training set (or a fixed-size random share of it per epoch, so the cost does not grow
+with the dataset), BatchNorm statistics updated with everything else. By default only the
+network's tail is trained (:mod:`clipguard.split`), on the body's outputs that the detection
+pass cached: no pass through the body at all, and the features below the cut stay as they
+were. ``scope="full"`` fine-tunes the whole network on the images, with flips.
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipguard.data import ImageData, normalize
-from clipguard.errors import Cancelled
+from clipguard.errors import Cancelled, ClipguardError
 from clipguard.metrics import predict
 from clipguard.models import ModelSpec
+from clipguard.split import DEFAULT_TAIL_SHARE, split_at
 from clipguard.train import nesterov_sgd
 
 
@@ -49,9 +53,30 @@ class UnlearnConfig:
     samples_per_epoch: int = 20000
     """Clean samples drawn per epoch (all suspects always take part); caps the cost on big sets."""
     seed: int = 0
+    scope: str = "tail"
+    """``tail``: train the part after :func:`clipguard.split.split_tail`'s cut on cached inputs; ``full``: all of it."""
+    tail_share: float = DEFAULT_TAIL_SHARE
+    """Smallest share of the parameters the tail must hold."""
+    max_cache_mb: int = 4096
+    """Limit on the cached tail inputs (ResNet-18 on 50,000 CIFAR images: 3,200 MB); past it, ``full``."""
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise ClipguardError(f"unlearning scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+SCOPES = ("tail", "full")
+
+
+@dataclass
+class TailInputs:
+    """The body's outputs for every training sample (:attr:`FeaturePass.tail_inputs`) and where the body ends."""
+
+    cut: str
+    inputs: torch.Tensor
 
 
 def relabel(logits: torch.Tensor, labels: torch.Tensor, suspects: torch.Tensor, target: int) -> torch.Tensor:
@@ -72,6 +97,7 @@ def fine_tune(
     config: UnlearnConfig,
     *,
     always: torch.Tensor | None = None,
+    tail: TailInputs | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[float], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
@@ -79,10 +105,13 @@ def fine_tune(
     """A fine-tuned copy of ``model`` (eval mode, on ``device``); ``model`` itself is untouched.
 
     ``always`` lists samples included in every epoch (the relabelled suspects); the rest of
-    each epoch is a random draw of ``samples_per_epoch`` others.
+    each epoch is a random draw of ``samples_per_epoch`` others. With ``tail``, only the part
+    of the copy after ``tail.cut`` is trained, on ``tail.inputs``; otherwise all of it, on the
+    images with random flips.
     """
     device = torch.device(device)
-    net = copy.deepcopy(model).to(device).train()
+    net = copy.deepcopy(model).to(device)
+    trained = net.train() if tail is None else split_at(net, tail.cut).tail.train()
     gen = torch.Generator().manual_seed(config.seed)
     always = torch.empty(0, dtype=torch.int64) if always is None else always
     pool = torch.ones(len(data), dtype=torch.bool)
@@ -90,7 +119,7 @@ def fine_tune(
     pool_idx = pool.nonzero().flatten()
     per_epoch = len(always) + min(config.samples_per_epoch, len(pool_idx))
     steps = config.epochs * math.ceil(per_epoch / config.batch_size)
-    opt = nesterov_sgd(net, config.lr, weight_decay=5e-4)
+    opt = nesterov_sgd(trained, config.lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps, pct_start=0.15)
     step = 0
     for _ in range(config.epochs):
@@ -101,10 +130,13 @@ def fine_tune(
             if should_cancel is not None and should_cancel():
                 raise Cancelled("cancelled while unlearning")
             idx = epoch[start : start + config.batch_size]
-            x = normalize(data.images[idx].to(device), spec.mean, spec.std)
-            flip = (torch.rand(len(idx), generator=gen) < 0.5).to(device)
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            loss = F.cross_entropy(net(x), labels[idx].to(device))
+            if tail is None:
+                x = normalize(data.images[idx].to(device), spec.mean, spec.std)
+                flip = (torch.rand(len(idx), generator=gen) < 0.5).to(device)
+                x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            else:
+                x = tail.inputs[idx.to(tail.inputs.device)]
+            loss = F.cross_entropy(trained(x), labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -113,6 +145,15 @@ def fine_tune(
             if progress is not None:
                 progress(step / steps)
     return net.eval()
+
+
+@torch.no_grad()
+def tail_predict(model: nn.Module, tail: TailInputs, indices: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """``model``'s predicted classes for ``indices``, from the cached tail inputs (CPU int64)."""
+    part = split_at(model, tail.cut).tail.eval()
+    idx = indices.to(tail.inputs.device)
+    out = [part(tail.inputs[idx[i : i + batch_size]]).argmax(1).cpu() for i in range(0, len(idx), batch_size)]
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
 
 
 def unlearn(
@@ -124,6 +165,7 @@ def unlearn(
     spec: ModelSpec,
     config: UnlearnConfig | None = None,
     *,
+    tail: TailInputs | None = None,
     device: torch.device | str = "cpu",
     batch_size: int = 256,
     progress: Callable[[float], None] | None = None,
@@ -131,7 +173,9 @@ def unlearn(
 ) -> tuple[nn.Module, torch.Tensor, dict]:
     """The corrected model, the final suspect indices, and a JSON-able record of each round.
 
-    ``logits`` are the suspect model's outputs on ``data`` (from the detection pass).
+    ``logits`` are the suspect model's outputs on ``data`` (from the detection pass). With
+    ``tail`` (the same pass's cached body outputs), only the tail is fine-tuned, and the second
+    round predicts from the cache as well.
     """
     config = config or UnlearnConfig()
     device = torch.device(device)
@@ -145,7 +189,7 @@ def unlearn(
                 progress((r + f) / config.rounds)
 
         labels = relabel(logits, data.labels, current, target)
-        net = fine_tune(model, data, labels, spec, config, always=current, device=device, progress=say,
+        net = fine_tune(model, data, labels, spec, config, always=current, tail=tail, device=device, progress=say,
                         should_cancel=should_cancel)
         rounds.append({"round": r + 1, "suspects": len(current)})
         if r + 1 == config.rounds:
@@ -155,11 +199,15 @@ def unlearn(
         candidates = (data.labels == target) & (original == target)
         candidates[current] = False
         candidates = candidates.nonzero().flatten()
-        pred = predict(net, data, spec.mean, spec.std, device=device, batch_size=batch_size, indices=candidates)
+        if tail is None:
+            pred = predict(net, data, spec.mean, spec.std, device=device, batch_size=batch_size, indices=candidates)
+        else:
+            pred = tail_predict(net, tail, candidates, batch_size)
         added = candidates[pred != target]
         rounds[-1]["flipped_added"] = len(added)
         if not len(added):
             break
         current = torch.cat([current, added]).sort().values
-    return net, current, {"config": config.to_dict(), "rounds": rounds, "suspects": len(current),
+    scope = {"scope": "full"} if tail is None else {"scope": "tail", "cut": tail.cut}
+    return net, current, {"config": config.to_dict(), **scope, "rounds": rounds, "suspects": len(current),
                           "suspect_indices": current.tolist()}

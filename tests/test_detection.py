@@ -6,18 +6,20 @@ import pytest
 import torch
 from torch import nn
 
-from clipguard.data import ImageData
+from clipguard.data import ImageData, normalize
 from clipguard.detection import (
     best_split,
     class_split,
     detect_poison,
+    feature_pass,
     last_linear,
     penultimate_features,
     separation,
 )
 from clipguard.errors import ClipguardError
 from clipguard.models import resolve_spec
-from clipguard.unlearning import UnlearnConfig, relabel, unlearn
+from clipguard.split import split_tail
+from clipguard.unlearning import TailInputs, UnlearnConfig, relabel, unlearn
 
 
 def _brute_split(values: torch.Tensor, min_k: int) -> tuple[float, set[int]]:
@@ -180,3 +182,70 @@ def test_unlearn_is_deterministic_and_leaves_the_suspect_model_untouched():
     assert ia["rounds"][0]["suspects"] == len(poisoned)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def train_toy(data: ImageData, epochs: int = 200) -> nn.Module:
+    """_Toy trained on the poisoned toy task until it has learned the trigger (eval mode)."""
+    spec = resolve_spec("small_cnn", num_classes=2)
+    model = _Toy()
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    x = normalize(data.images, spec.mean, spec.std)
+    for _ in range(epochs):
+        loss = nn.functional.cross_entropy(model(x), data.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_feature_pass_caches_the_body_outputs_within_the_limit():
+    data, _ = _tiny_task()
+    spec = resolve_spec("small_cnn", num_classes=2)
+    torch.manual_seed(0)
+    model = _Toy().eval()
+    split = split_tail(model, min_share=0.05)
+    assert split is not None and split.cut == "body_4"  # after Flatten: the tail is the classifier
+    plain = feature_pass(model, data, spec, batch_size=64)
+    cut = feature_pass(model, data, spec, split=split, max_cache_bytes=len(data) * 8 * 4, batch_size=64)
+    assert plain.tail_inputs is None
+    torch.testing.assert_close(cut.features, plain.features)  # the split changes nothing detection reads
+    torch.testing.assert_close(cut.logits, plain.logits)
+    torch.testing.assert_close(cut.tail_inputs, model.body(normalize(data.images, spec.mean, spec.std)))
+    # one byte short of the whole cache: nothing is kept, so the caller fine-tunes everything
+    over = feature_pass(model, data, spec, split=split, max_cache_bytes=len(data) * 8 * 4 - 1, batch_size=64)
+    assert over.tail_inputs is None
+    torch.testing.assert_close(over.logits, plain.logits)
+
+
+def test_tail_unlearning_trains_only_the_tail_and_removes_the_toy_backdoor():
+    data, poisoned = _tiny_task()
+    spec = resolve_spec("small_cnn", num_classes=2)
+    torch.manual_seed(0)
+    model = train_toy(data)
+    stamped = data.images.clone()
+    stamped[:, :, -2:, -2:] = 255
+    dark = (torch.arange(len(data)) % 2 == 0) & ~torch.isin(torch.arange(len(data)), poisoned)
+
+    def attack_rate(net: nn.Module) -> float:
+        with torch.no_grad():
+            return float((net(normalize(stamped[dark], spec.mean, spec.std)).argmax(1) == 1).float().mean())
+
+    assert attack_rate(model) > 0.9  # the toy learned its trigger
+    split = split_tail(model, min_share=0.05)
+    seen = feature_pass(model, data, spec, split=split, max_cache_bytes=2**20)
+    tail = TailInputs(split.cut, seen.tail_inputs)
+    config = UnlearnConfig(epochs=4, lr=0.05, batch_size=32, rounds=2, samples_per_epoch=200, scope="tail")
+    fixed, _, info = unlearn(model, data, seen.logits, poisoned, 1, spec, config, tail=tail)
+    again = unlearn(model, data, seen.logits, poisoned, 1, spec, config, tail=tail)[0]
+    for (k, a), b in zip(fixed.state_dict().items(), again.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)  # deterministic
+    assert info["scope"] == "tail" and info["cut"] == "body_4"
+    for k, v in fixed.state_dict().items():  # the body is frozen, BatchNorm statistics included; the tail moved
+        same = torch.equal(v, model.state_dict()[k])
+        assert same == k.startswith("body."), k
+    assert attack_rate(fixed) < 0.2, attack_rate(fixed)
+
+
+def test_unlearn_config_refuses_an_unknown_scope():
+    with pytest.raises(ClipguardError, match="unlearning scope must be one of tail, full"):
+        UnlearnConfig(scope="head")

@@ -14,9 +14,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from clipguard.checkpoint import load_weights
 from clipguard.cli import main
 from clipguard.data import load_data, save_npz
 from clipguard.export import load_exported
+from clipguard.models import resolve_spec
 
 pytestmark = pytest.mark.slow
 
@@ -174,6 +176,22 @@ def test_bounds_come_from_a_fixed_random_sample_that_the_report_names(victim, tm
     assert not (tmp_path / "neg").exists()
 
 
+def test_guard_fine_tunes_the_whole_network_when_the_tail_inputs_would_not_fit(blend_victim):
+    """Past ``max_cache_mb`` the cache is dropped and the record says why; the body's weights then move too."""
+    from clipguard.defenses.guard import detect_and_unlearn
+
+    spec = resolve_spec("small_cnn")
+    model = spec.build()
+    load_weights(model, blend_victim / "victim.safetensors")
+    data = load_data(blend_victim / "poisoned.npz")
+    options = {"max_cache_mb": 0, "epochs": 1, "samples_per_epoch": 256, "rounds": 1}
+    fixed, kept, found, record = detect_and_unlearn(model.eval(), data, spec, unlearn_options=options)
+    assert found["flagged"] and record["scope"] == "full" and "cut" not in record
+    assert record["scope_note"] == "the tail's inputs would exceed max_cache_mb=0"
+    assert not torch.equal(fixed.features[0][0].weight, model.features[0][0].weight)  # the first conv was trained
+    assert len(kept) == len(data) - record["suspects"]
+
+
 def test_element_granularity_bounds_have_the_activation_shape(victim, tmp_path):
     out = tmp_path / "el"
     assert _purify(victim, out, "--granularity", "element", "--method", "paper", evaluate=False) == 0
@@ -199,6 +217,7 @@ def test_guard_removes_a_blend_backdoor_that_the_paper_recipe_keeps(blend_victim
     found = guard["poison_detection"]
     assert found["flagged"] and found["target"] == 0 and found["z"] > 4
     truth = set(json.loads((blend_victim / "victim.safetensors.json").read_text())["poisoning"]["indices"])
+    assert guard["unlearning"]["scope"] == "tail" and guard["unlearning"]["cut"] == "features_5"  # last conv block
     named = set(guard["unlearning"]["suspect_indices"])  # the report names the poisoned samples themselves
     assert len(named) == guard["unlearning"]["suspects"]
     assert len(named & truth) >= 0.9 * len(truth) and len(named - truth) <= 0.5 * len(truth), (len(named), len(truth))

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from clipguard.data import ImageData
-from clipguard.detection import detect_poison, penultimate_features
+from clipguard.detection import detect_poison, feature_pass
 from clipguard.models import ModelSpec
-from clipguard.unlearning import UnlearnConfig, unlearn
+from clipguard.split import split_tail
+from clipguard.unlearning import TailInputs, UnlearnConfig, unlearn
 
 
 def detect_and_unlearn(
@@ -40,17 +41,23 @@ def detect_and_unlearn(
     """
     say = progress or (lambda _stage, _f: None)
     timings = {} if timings is None else timings
+    config = UnlearnConfig(**(unlearn_options or {}))
     t = time.perf_counter()
-    features, logits = penultimate_features(model, data, spec, device=device, batch_size=batch_size,
-                                            progress=lambda f: say("detect_poison", f), should_cancel=should_cancel)
-    found = detect_poison(features, data.labels, spec.num_classes)
+    split = split_tail(model, config.tail_share) if config.scope == "tail" else None
+    seen = feature_pass(model, data, spec, split=split, max_cache_bytes=config.max_cache_mb * 2**20, device=device,
+                        batch_size=batch_size, progress=lambda f: say("detect_poison", f), should_cancel=should_cancel)
+    found = detect_poison(seen.features, data.labels, spec.num_classes)
     timings["detect_poison_s"] = time.perf_counter() - t
     if not found.flagged:
         return model, data, found.to_dict(), None
     t = time.perf_counter()
-    fixed, suspects, info = unlearn(model, data, logits, found.suspects, found.target, spec,
-                                     UnlearnConfig(**(unlearn_options or {})), device=device, batch_size=batch_size,
-                                     progress=lambda f: say("unlearn", f), should_cancel=should_cancel)
+    tail = TailInputs(split.cut, seen.tail_inputs) if split is not None and seen.tail_inputs is not None else None
+    fixed, suspects, info = unlearn(model, data, seen.logits, found.suspects, found.target, spec, config, tail=tail,
+                                     device=device, batch_size=batch_size, progress=lambda f: say("unlearn", f),
+                                     should_cancel=should_cancel)
+    if config.scope == "tail" and tail is None:
+        info["scope_note"] = ("no cut point leaves the tail enough of the network" if split is None else
+                              f"the tail's inputs would exceed max_cache_mb={config.max_cache_mb}")
     timings["unlearn_s"] = time.perf_counter() - t
     keep = torch.ones(len(data), dtype=torch.bool)
     keep[suspects] = False

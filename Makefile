@@ -29,7 +29,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=10
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

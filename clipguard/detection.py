@@ -5,7 +5,8 @@ carries the target label, and the model has learned to send them there through t
 not through their content. In the model's penultimate features (the input of its last
 linear layer) those samples sit together, away from the target class's clean samples (the
 observation behind spectral signatures, Tran et al., NeurIPS 2018). So, per class, project
-the centred features on their top principal direction and look for the best split of that
+the centred features on directions in the plane of their top two principal directions and
+look for the best split of that
 projection into a small and a large group (Otsu's criterion: the share of the variance the
 split explains). For a single Gaussian blob the best split explains ``2/π ≈ 0.64``; a
 poisoned class, holding a separate cluster of triggered samples, explains far more (0.76 and
@@ -184,16 +185,39 @@ def separation(values: torch.Tensor, group: torch.Tensor) -> float:
     return float((a.mean() - b.mean()).abs() / pooled) if pooled > 0 else 0.0
 
 
+SCAN_ANGLES = 36
+"""Directions tried in the plane of the top two principal directions (every 5 degrees)."""
+
+
 def class_split(features: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """One class's score (:func:`separation` of :func:`best_split` along its top principal
-    direction) and the indices of the small group."""
+    """One class's score and the indices of its small group: the best :func:`separation` of
+    :func:`best_split` over directions in the plane of the class's top two principal directions.
+
+    Why a plane and not the top direction alone: at 1% poison the triggered cluster is too
+    small to own a principal direction. Measured on two 1% BadNets victims, its direction
+    (poisoned mean minus clean mean) had |cos| 0.63 and 0.74 with the top two, and along
+    the top one alone the poisoned class scored like a Gaussian blob (2.66-2.68) and was
+    missed. Scanning the plane found it (4.15 and 4.59), while the clean classes stayed at
+    2.70-2.98, under ``MIN_SEPARATION`` (docs/method.md).
+    """
     centred = features.double() - features.double().mean(0)
-    direction = torch.linalg.svd(centred, full_matrices=False)[2][0]
-    projection = centred @ direction
-    ratio, small = best_split(projection)
-    if ratio == 0.0:
-        return 0.0, small
-    return separation(projection, small), small
+    basis = torch.linalg.svd(centred, full_matrices=False)[2][:2]
+    plane = centred @ basis.T
+    if plane.shape[1] == 1:
+        directions = torch.ones(1, 1, dtype=torch.float64)
+    else:
+        angles = torch.arange(SCAN_ANGLES, dtype=torch.float64) * (torch.pi / SCAN_ANGLES)
+        directions = torch.stack([angles.cos(), angles.sin()], 1)
+    best, group = 0.0, torch.empty(0, dtype=torch.int64)
+    for direction in directions:
+        projection = plane @ direction
+        ratio, small = best_split(projection)
+        if ratio == 0.0:
+            continue
+        score = separation(projection, small)
+        if score > best:
+            best, group = score, small
+    return best, group
 
 
 def detect_poison(

@@ -8,6 +8,7 @@ from torch import nn
 
 from clipguard.data import ImageData, normalize
 from clipguard.detection import (
+    MIN_SEPARATION,
     best_split,
     class_split,
     detect_poison,
@@ -249,3 +250,23 @@ def test_tail_unlearning_trains_only_the_tail_and_removes_the_toy_backdoor():
 def test_unlearn_config_refuses_an_unknown_scope():
     with pytest.raises(ClipguardError, match="unlearning scope must be one of tail, full"):
         UnlearnConfig(scope="head")
+
+
+def test_class_split_finds_a_cluster_that_does_not_own_the_top_direction():
+    """At 1% poison the cluster is too small to be the top principal direction: the plane scan still finds it."""
+    g = torch.Generator().manual_seed(0)
+    scale = torch.ones(32)
+    scale[0] = 4.0  # the class's own largest spread (variance 16) owns the top direction
+    features = torch.randn(1000, 32, generator=g) * scale
+    features[:60, 1:] *= 0.3  # the cluster: 6% of the class, tight, displaced along the second axis
+    features[:60, 1] += 8.0
+    centred = features.double() - features.double().mean(0)
+    top = torch.linalg.svd(centred, full_matrices=False)[2][0]
+    assert abs(float(top[0])) > 0.99  # the planted direction is not the top one
+    _, small = best_split(centred @ top)
+    assert separation(centred @ top, small) < MIN_SEPARATION  # along the top direction: a blob
+    score, group = class_split(features)
+    assert score > MIN_SEPARATION
+    assert set(group.tolist()) == set(range(60))
+    # the same spread without the cluster stays under the threshold
+    assert class_split(torch.randn(1000, 32, generator=g) * scale)[0] < MIN_SEPARATION

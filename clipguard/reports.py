@@ -688,7 +688,8 @@ def _poison(report: Mapping[str, Any]) -> str:
         verdict = ('<span class="ok">no poisoned class found</span>: the model was clipped as given '
                    "(the paper's recipe).")
     return ("<section><h2>Poisoned training data</h2><p>" + verdict + "</p><p class=\"note\">Per class, the "
-            "penultimate features' top principal direction is split in two (Otsu), and the score is how far apart the "
+            "penultimate features are split in two (Otsu) along the best of 36 directions in the plane of their "
+            "top two principal directions, and the score is how far apart the "
             "groups are, in pooled standard deviations (one Gaussian blob: about 2.7). A poisoned class holds a "
             "separate cluster of triggered samples and stands out "
             f"(threshold {_esc(found.get('min_separation'))}, z ≥ {_esc(found.get('min_z'))}).</p>"

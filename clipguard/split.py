@@ -54,9 +54,9 @@ def _parameters(gm: fx.GraphModule, nodes: list[fx.Node]) -> dict[int, int]:
     return found
 
 
-def _share(gm: fx.GraphModule, nodes: list[fx.Node], at: int) -> float:
-    """Share of all parameter elements read after position ``at``."""
-    total = sum(_parameters(gm, nodes).values())
+def _share(gm: fx.GraphModule, nodes: list[fx.Node], at: int, total: int | None = None) -> float:
+    """Share of all parameter elements (``total``, counted here when not given) read after position ``at``."""
+    total = sum(_parameters(gm, nodes).values()) if total is None else total
     return sum(_parameters(gm, nodes[at + 1 :]).values()) / total if total else 0.0
 
 
@@ -122,7 +122,8 @@ def split_tail(model: nn.Module, min_share: float = DEFAULT_TAIL_SHARE) -> Split
         raise ClipguardError(f"tail share must be in (0, 1], got {min_share}")
     gm = trace(model)
     nodes = [n for n in gm.graph.nodes if n.op != "output"]
+    total = sum(_parameters(gm, nodes).values())
     for point in reversed(cut_points(gm)):
-        if _share(gm, nodes, nodes.index(point)) >= min_share:
+        if _share(gm, nodes, nodes.index(point), total) >= min_share:
             return split_at(model, point.name)
     return None

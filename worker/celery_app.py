@@ -66,6 +66,18 @@ def _setup_logging(loglevel: int | None = None, **_: Any) -> None:
     configure(get_settings().log_format, loglevel or "INFO")
 
 
+@signals.worker_init.connect
+def _preload_engine(**_: Any) -> None:
+    """Import the engine (and torch) once, in the worker's main process, before the pool forks.
+
+    Each job runs in a fresh pool child (``max_tasks_per_child=1``); forked from a parent that
+    already holds torch, a child starts its job at once instead of importing it again (about
+    2 s of CPU per job on a 2-core machine). Importing runs no torch op and touches no GPU, so
+    the children inherit no threads and no CUDA context: recycling them still frees both.
+    """
+    import clipguard.purify  # noqa: F401
+
+
 @lru_cache
 def _default_app() -> Celery:
     return make_celery(get_settings())

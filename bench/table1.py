@@ -54,6 +54,7 @@ from clipguard.defenses.guard import detect_and_unlearn  # noqa: E402
 from clipguard.defenses.mmbd import mmbd_detect, mmbd_mitigate  # noqa: E402
 from clipguard.defenses.nad import nad  # noqa: E402
 from clipguard.defenses.unit import unit  # noqa: E402
+from clipguard.detection import SCREEN_PER_CLASS  # noqa: E402
 from clipguard.devices import describe, resolve_device  # noqa: E402
 from clipguard.lambda_selection import select_lambda  # noqa: E402
 from clipguard.metrics import der, evaluate  # noqa: E402
@@ -139,16 +140,18 @@ def clipguard_defense(model: torch.nn.Module, spec: object, train: ImageData, *,
 
 def guard_defense(model: torch.nn.Module, spec: object, train: ImageData, *, device: torch.device,
                   bounds_samples: int = DEFAULT_BOUNDS_SAMPLES, unlearn_options: dict | None = None,
-                  timings: dict[str, float] | None = None) -> DefenseResult:
+                  timings: dict[str, float] | None = None,
+                  screen_per_class: int | None = SCREEN_PER_CLASS) -> DefenseResult:
     """clipguard's default: detect and unlearn the poisoned share, then clip (what ``purify`` ships).
 
     ``unlearn_options`` (``UnlearnConfig`` fields) and ``timings`` (filled per stage) serve
-    bench/guard_cost.py, which runs this with cheaper fine-tunes."""
+    bench/guard_cost.py, which runs this with cheaper fine-tunes; ``screen_per_class=None``
+    makes detection read every training sample, as it did before screening."""
     timings = {} if timings is None else timings
     with Timer(device) as timer:
         net, kept, found, unlearning = detect_and_unlearn(model.to(device).eval(), train, spec,  # type: ignore[arg-type]
                                                           device=device, unlearn_options=unlearn_options,
-                                                          timings=timings)
+                                                          timings=timings, screen_per_class=screen_per_class)
         started = timer.elapsed()
         sampled = bounds_sample(kept, bounds_samples)  # as purify measures μ and σ
         stats = compute_statistics(net, lambda: iter_batches(sampled, 512, spec.mean, spec.std, device),  # type: ignore[attr-defined]
@@ -158,7 +161,7 @@ def guard_defense(model: torch.nn.Module, spec: object, train: ImageData, *, dev
         seconds = timer.elapsed()
         timings["bounds_s"] = seconds - started
     return DefenseResult(purified, seconds, {"defense": "guard", "lam": lam, "detection": found,
-                                             "unlearning": unlearning})
+                                             "unlearning": unlearning, "timings": dict(timings)})
 
 
 def jsonable(obj: object) -> object:

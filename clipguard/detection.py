@@ -16,6 +16,10 @@ The target is the class whose split stands out from the others (a robust z-score
 classes) and reaches ``min_separation``; its small group is the suspect set. A model
 with no such class is reported as "nothing found", and clipguard falls back to clipping.
 Evidence (every class's score, the z-score, the suspect count) goes into the report.
+
+The pass reads a class-balanced sample first (:func:`screen_indices`, 1,000 per class): which
+class is poisoned is a question about proportions, which a uniform draw keeps. Only a
+flagged class is then read whole, to name every suspect (``clipguard.defenses.guard``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ MIN_SPREAD = 0.1
 MIN_SHARE = 0.01
 """Smallest suspect group, as a share of its class, the split may return."""
 MIN_CLASS_SAMPLES = 20
+SCREEN_PER_CLASS = 1000
+"""Samples per class the first detection pass reads (:func:`screen_indices`); a flagged class is then read whole."""
 
 
 @dataclass
@@ -144,6 +150,27 @@ def penultimate_features(
     found = feature_pass(model, data, spec, device=device, batch_size=batch_size, progress=progress,
                          should_cancel=should_cancel)
     return found.features, found.logits
+
+
+def screen_indices(labels: torch.Tensor, num_classes: int, per_class: int | None = SCREEN_PER_CLASS,
+                   seed: int = 0) -> torch.Tensor:
+    """A seeded draw of up to ``per_class`` samples of each class (sorted indices); all of them with ``None``.
+
+    Why a sample: detection asks which class holds a separate cluster, and a uniform draw keeps
+    each class's poisoned share, so 1,000 samples per class answer it as well as 5,000. Only the
+    flagged class is then read in full, to name every suspect. On CIFAR-10's 50,000 images that
+    is about 14,500 forward passes instead of 50,000.
+    """
+    if per_class is None:
+        return torch.arange(len(labels))
+    if per_class < MIN_CLASS_SAMPLES:
+        raise ClipguardError(f"screening needs at least {MIN_CLASS_SAMPLES} samples per class, got {per_class}")
+    gen = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in range(num_classes):
+        members = (labels == c).nonzero().flatten()
+        picked.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
+    return torch.cat(picked).sort().values
 
 
 def best_split(values: torch.Tensor, min_share: float = MIN_SHARE) -> tuple[float, torch.Tensor]:

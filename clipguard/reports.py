@@ -692,9 +692,21 @@ def _poison(report: Mapping[str, Any]) -> str:
             "top two principal directions, and the score is how far apart the "
             "groups are, in pooled standard deviations (one Gaussian blob: about 2.7). A poisoned class holds a "
             "separate cluster of triggered samples and stands out "
-            f"(threshold {_esc(found.get('min_separation'))}, z ≥ {_esc(found.get('min_z'))}).</p>"
+            f"(threshold {_esc(found.get('min_separation'))}, z ≥ {_esc(found.get('min_z'))})."
+            + _screened(found) + "</p>"
             + (f"<table><thead><tr><th>class</th>{heads}</tr></thead><tbody><tr><td>split score</td>{cells}</tr>"
                "</tbody></table>" if scores else "") + "</section>")
+
+
+def _screened(found: Mapping[str, Any]) -> str:
+    """How much of the training data the scores were computed on, when detection screened a sample."""
+    screened, total = found.get("screened"), found.get("of")
+    if not isinstance(screened, int) or not isinstance(total, int) or screened >= total:
+        return ""
+    whole = found.get("target_score_whole_class")
+    return (f" Scores from a class-balanced sample of {screened:,} of the {total:,} training samples"
+            + (f"; the flagged class was then read whole (score {float(whole):.3f}) to name every suspect."
+               if isinstance(whole, (int, float)) else "."))
 
 
 def _export(report: Mapping[str, Any]) -> str:

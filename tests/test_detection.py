@@ -15,12 +15,13 @@ from clipguard.detection import (
     feature_pass,
     last_linear,
     penultimate_features,
+    screen_indices,
     separation,
 )
 from clipguard.errors import ClipguardError
 from clipguard.models import resolve_spec
 from clipguard.split import split_tail
-from clipguard.unlearning import TailInputs, UnlearnConfig, relabel, unlearn
+from clipguard.unlearning import TailInputs, UnlearnConfig, fine_tune, relabel, unlearn
 
 
 def _brute_split(values: torch.Tensor, min_k: int) -> tuple[float, set[int]]:
@@ -270,3 +271,34 @@ def test_class_split_finds_a_cluster_that_does_not_own_the_top_direction():
     assert set(group.tolist()) == set(range(60))
     # the same spread without the cluster stays under the threshold
     assert class_split(torch.randn(1000, 32, generator=g) * scale)[0] < MIN_SEPARATION
+
+
+def test_screen_indices_take_a_seeded_share_of_every_class():
+    labels = torch.cat([torch.zeros(500), torch.ones(80), torch.full((300,), 2)]).long()[torch.randperm(880)]
+    picked = screen_indices(labels, 3, per_class=100)
+    assert torch.equal(picked, picked.sort().values) and len(set(picked.tolist())) == len(picked)
+    assert torch.bincount(labels[picked], minlength=3).tolist() == [100, 80, 100]  # a small class is read whole
+    assert torch.equal(picked, screen_indices(labels, 3, per_class=100))  # seeded
+    assert not torch.equal(picked, screen_indices(labels, 3, per_class=100, seed=1))
+    assert torch.equal(screen_indices(labels, 3, per_class=None), torch.arange(880))
+    with pytest.raises(ClipguardError, match="at least 20 samples per class"):
+        screen_indices(labels, 3, per_class=5)
+
+
+def test_fine_tune_draws_its_clean_samples_from_the_pool_only():
+    """With ``pool``, training is exactly training on the pool and the suspects alone."""
+    data, poisoned = _tiny_task()
+    spec = resolve_spec("small_cnn", num_classes=2)
+    torch.manual_seed(0)
+    model = _Toy().eval()
+    labels = relabel(torch.randn(len(data), 2, generator=torch.Generator().manual_seed(1)), data.labels, poisoned, 1)
+    pool = torch.arange(100, 200)
+    config = UnlearnConfig(epochs=2, batch_size=32, samples_per_epoch=60, scope="full")
+    pooled = fine_tune(model, data, labels, spec, config, always=poisoned, pool=pool)
+    keep = torch.cat([poisoned, pool])  # the same samples, each keeping its order among the draws
+    alone = fine_tune(model, data.subset(keep), labels[keep], spec, config, always=torch.arange(len(poisoned)))
+    for (k, a), b in zip(pooled.state_dict().items(), alone.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    unpooled = fine_tune(model, data, labels, spec, config, always=poisoned)
+    moved = zip(pooled.state_dict().values(), unpooled.state_dict().values(), strict=True)
+    assert any(not torch.equal(a, b) for a, b in moved)

@@ -232,3 +232,13 @@ def test_detection_verdict_is_shown_and_escaped():
     assert "<b>0</b>" not in page and "&lt;b&gt;0&lt;/b&gt;" in page
     assert "9.50" in page
     assert "Is this model backdoored?" not in render_html({"detection": None})
+
+
+def test_poison_section_says_when_detection_screened_a_sample():
+    found = {"flagged": True, "target": 0, "z": 12.0, "scores": [4.1, 2.7, 2.8], "min_separation": 3.3, "min_z": 4.0,
+             "suspects": 839, "screened": 10000, "of": 50000, "target_score_whole_class": 4.59}
+    page = render_html({"poison_detection": found, "unlearning": {"suspects": 839, "rounds": []}})
+    assert "a class-balanced sample of 10,000 of the 50,000 training samples" in page
+    assert "read whole (score 4.590)" in page
+    whole = render_html({"poison_detection": {**found, "screened": 3000, "of": 3000}, "unlearning": {"rounds": []}})
+    assert "class-balanced sample" not in whole and "poisoned towards class 0" in whole

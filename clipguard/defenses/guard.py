@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from clipguard.data import ImageData
-from clipguard.detection import detect_poison, feature_pass
+from clipguard.detection import (
+    SCREEN_PER_CLASS,
+    FeaturePass,
+    class_split,
+    detect_poison,
+    feature_pass,
+    screen_indices,
+)
 from clipguard.models import ModelSpec
 from clipguard.split import split_tail
 from clipguard.unlearning import TailInputs, UnlearnConfig, unlearn
@@ -27,6 +34,7 @@ def detect_and_unlearn(
     *,
     device: torch.device | str = "cpu",
     batch_size: int = 256,
+    screen_per_class: int | None = SCREEN_PER_CLASS,
     unlearn_options: dict | None = None,
     progress: Callable[[str, float], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
@@ -38,27 +46,64 @@ def detect_and_unlearn(
     excludes the final suspects, so triggered samples cannot widen the bounds. With nothing
     flagged, ``model`` and ``data`` come back as given (the run is the paper's recipe) and the
     unlearning record is ``None``.
+
+    Detection reads ``screen_per_class`` samples of each class first (``None``: all of them);
+    a flagged class is then read whole and split again, so every poisoned sample is named.
+    Unlearning draws its clean samples from the screened share, which keeps the classes
+    balanced; the flagged class's other samples take part as suspects or second-round flips.
     """
     say = progress or (lambda _stage, _f: None)
     timings = {} if timings is None else timings
     config = UnlearnConfig(**(unlearn_options or {}))
     t = time.perf_counter()
     split = split_tail(model, config.tail_share) if config.scope == "tail" else None
-    seen = feature_pass(model, data, spec, split=split, max_cache_bytes=config.max_cache_mb * 2**20, device=device,
-                        batch_size=batch_size, progress=lambda f: say("detect_poison", f), should_cancel=should_cancel)
-    found = detect_poison(seen.features, data.labels, spec.num_classes)
-    timings["detect_poison_s"] = time.perf_counter() - t
+    cache_bytes = config.max_cache_mb * 2**20
+    screen = screen_indices(data.labels, spec.num_classes, screen_per_class)
+    partial = len(screen) < len(data)
+    seen = feature_pass(model, data.subset(screen) if partial else data, spec, split=split,
+                        max_cache_bytes=cache_bytes, device=device, batch_size=batch_size,
+                        progress=lambda f: say("detect_poison", f * len(screen) / len(data)),
+                        should_cancel=should_cancel)
+    found = detect_poison(seen.features, data.labels[screen], spec.num_classes)
+    record = {**found.to_dict(), "screened": len(screen), "of": len(data)}
     if not found.flagged:
-        return model, data, found.to_dict(), None
+        timings["detect_poison_s"] = time.perf_counter() - t
+        return model, data, record, None
+    work, suspects, pool = screen, found.suspects, None
+    if partial:  # read the rest of the flagged class and split the whole class again
+        in_screen = torch.zeros(len(data), dtype=torch.bool)
+        in_screen[screen] = True
+        rest = ((data.labels == found.target) & ~in_screen).nonzero().flatten()
+        # The cache limit is per pass: what the screen kept plus what the rest adds must fit.
+        kept_bytes = 0 if seen.tail_inputs is None else seen.tail_inputs.numel() * seen.tail_inputs.element_size()
+        more = feature_pass(model, data.subset(rest), spec, split=split if seen.tail_inputs is not None else None,
+                            max_cache_bytes=max(0, cache_bytes - kept_bytes), device=device,
+                            batch_size=batch_size, should_cancel=should_cancel,
+                            progress=lambda f: say("detect_poison", (len(screen) + f * len(rest)) /
+                                                   (len(screen) + len(rest))))
+        work = torch.cat([screen, rest])
+        features = torch.cat([seen.features, more.features])
+        tails = (torch.cat([seen.tail_inputs, more.tail_inputs])
+                 if seen.tail_inputs is not None and more.tail_inputs is not None else None)
+        seen = FeaturePass(features, torch.cat([seen.logits, more.logits]), tails)
+        members = (data.labels[work] == found.target).nonzero().flatten()
+        score, small = class_split(features[members])
+        suspects = members[small].sort().values
+        pool = torch.arange(len(screen))
+        record.update(suspects=len(suspects), target_score_whole_class=score)
+    timings["detect_poison_s"] = time.perf_counter() - t
     t = time.perf_counter()
     tail = TailInputs(split.cut, seen.tail_inputs) if split is not None and seen.tail_inputs is not None else None
-    fixed, suspects, info = unlearn(model, data, seen.logits, found.suspects, found.target, spec, config, tail=tail,
-                                     device=device, batch_size=batch_size, progress=lambda f: say("unlearn", f),
-                                     should_cancel=should_cancel)
+    subset = data.subset(work) if partial else data
+    fixed, final, info = unlearn(model, subset, seen.logits, suspects, found.target, spec, config, pool=pool,
+                                 tail=tail, device=device, batch_size=batch_size,
+                                 progress=lambda f: say("unlearn", f), should_cancel=should_cancel)
     if config.scope == "tail" and tail is None:
         info["scope_note"] = ("no cut point leaves the tail enough of the network" if split is None else
                               f"the tail's inputs would exceed max_cache_mb={config.max_cache_mb}")
+    final = work[final].sort().values  # positions in the training data as given
+    info["suspect_indices"] = final.tolist()
     timings["unlearn_s"] = time.perf_counter() - t
     keep = torch.ones(len(data), dtype=torch.bool)
-    keep[suspects] = False
-    return fixed.eval(), data.subset(keep.nonzero().flatten()), found.to_dict(), info
+    keep[final] = False
+    return fixed.eval(), data.subset(keep.nonzero().flatten()), record, info

@@ -71,13 +71,13 @@ def cifar10() -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_npz(tmp_path_factory, cifar10) -> Path:
+def small_npz(tmp_path_factory, cifar10, data_cache) -> Path:
     """256 real CIFAR-10 test images from all ten classes as .npz (decoded once per session).
 
     The archive is sorted by class, hence the stride: the first 256 would all be airplanes.
     """
     root = tmp_path_factory.mktemp("cifar")
-    data = load_data(f"{cifar10}#test", cache_dir=root / "cache")
+    data = load_data(f"{cifar10}#test", cache_dir=data_cache)  # the session's decoded archive
     return save_npz(data.subset(torch.arange(0, len(data), len(data) // 256)[:256]), root / "small.npz")
 
 

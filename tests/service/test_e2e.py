@@ -62,12 +62,12 @@ def test_purify_over_http_with_a_real_worker(live, model_file, small_npz, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def victim(tmp_path_factory, cifar10) -> Path:
+def victim(tmp_path_factory, cifar10, data_cache) -> Path:
     """A small CNN with a real BadNets backdoor: 2,000 CIFAR-10 training images, 10% poisoned."""
     root = tmp_path_factory.mktemp("victim")
     train_victim(arch="small_cnn", data=f"{cifar10}#train", out=root / "victim.safetensors", limit=2000, epochs=5,
                  augment=False, lr=0.05, batch_size=128, attack="badnets:pattern=checkerboard", poison_rate=0.1,
-                 device="cpu", cache_dir=root / "cache", save_data=root / "poisoned.npz")
+                 device="cpu", cache_dir=data_cache, save_data=root / "poisoned.npz")
     return root
 
 

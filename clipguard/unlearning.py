@@ -109,19 +109,16 @@ def fine_tune(
 
     ``always`` lists samples included in every epoch (the relabelled suspects); the rest of
     each epoch is a random draw of ``samples_per_epoch`` others, from ``pool`` if given (a
-    class-balanced share, when one class was read whole) or else from all of ``data``. With ``tail``, only the part
-    of the copy after ``tail.cut`` is trained, on ``tail.inputs``; otherwise all of it, on the
-    images with random flips.
+    class-balanced share, when one class was read whole) or else from all of ``data``. With
+    ``tail``, only the part of the copy after ``tail.cut`` is trained, on ``tail.inputs``;
+    otherwise all of it, on the images with random flips.
     """
     device = torch.device(device)
     net = copy.deepcopy(model).to(device)
     trained = net.train() if tail is None else split_at(net, tail.cut).tail.train()
     gen = torch.Generator().manual_seed(config.seed)
     always = torch.empty(0, dtype=torch.int64) if always is None else always
-    eligible = torch.ones(len(data), dtype=torch.bool)
-    if pool is not None:
-        eligible[:] = False
-        eligible[pool] = True
+    eligible = torch.ones(len(data), dtype=torch.bool) if pool is None else torch.isin(torch.arange(len(data)), pool)
     eligible[always] = False
     pool_idx = eligible.nonzero().flatten()
     per_epoch = len(always) + min(config.samples_per_epoch, len(pool_idx))

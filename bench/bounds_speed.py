@@ -3,13 +3,15 @@
 Measured side by side in one process on the same model and data, alternating the two
 variants and taking medians, so the ratios hold even on a machine with noisy neighbours:
 
-(a) bounds pass (forward + per-site streaming moments) vs a plain forward with no hooks;
+(a) bounds pass (forward + per-site streaming moments) vs a plain forward with no hooks,
+    and vs the same pass with ``fast=False`` (no BatchNorm folding or channels_last on a CPU,
+    ``clipguard/inference.py``): what the rewrites save;
 (b) the clipped TorchScript model vs the unclipped model scripted the same way.
 
     python bench/bounds_speed.py --quick                 # small_cnn on 4,096 images: CPU, under two minutes
     python bench/bounds_speed.py --arch resnet18 --samples 50000 --device cuda   # full CIFAR-10 train
 
-The last line reads ``bounds/plain=<ratio> clipped/unclipped=<ratio>``.
+The last line reads ``bounds/plain=<ratio> fast/exact=<ratio> clipped/unclipped=<ratio>``.
 """
 
 from __future__ import annotations
@@ -79,12 +81,17 @@ def main() -> None:
     def bounds_pass() -> None:
         stats_holder["s"] = compute_statistics(model, lambda: batches, total=len(data))
 
+    def exact_pass() -> None:
+        compute_statistics(model, lambda: batches, total=len(data), fast=False)
+
     plain()  # warm-up (cudnn autotune, allocator)
     bounds_pass()
-    t_plain, t_bounds = [], []
+    exact_pass()
+    t_plain, t_bounds, t_exact = [], [], []
     for _ in range(args.repeats):
         t_plain.append(_timed(plain, device))
         t_bounds.append(_timed(bounds_pass, device))
+        t_exact.append(_timed(exact_pass, device))
 
     clipped = clipped_model(model, stats_holder["s"].bounds(4.0)).to(device).eval()
     with warnings.catch_warnings():
@@ -110,15 +117,17 @@ def main() -> None:
     result = {
         "arch": args.arch, "samples": n, "batch_size": args.batch_size, "repeats": args.repeats,
         "device": describe(device), "torch": torch.__version__,
-        "plain_img_s": n / med(t_plain), "bounds_img_s": n / med(t_bounds),
+        "plain_img_s": n / med(t_plain), "bounds_img_s": n / med(t_bounds), "exact_bounds_img_s": n / med(t_exact),
         "torchscript_unclipped_img_s": n / med(t_ts_plain), "torchscript_clipped_img_s": n / med(t_ts_clipped),
     }
     result["bounds_over_plain"] = result["bounds_img_s"] / result["plain_img_s"]
+    result["fast_over_exact"] = result["bounds_img_s"] / result["exact_bounds_img_s"]
     result["clipped_over_unclipped"] = result["torchscript_clipped_img_s"] / result["torchscript_unclipped_img_s"]
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"bounds/plain={result['bounds_over_plain']:.3f} clipped/unclipped={result['clipped_over_unclipped']:.3f}")
+    print(f"bounds/plain={result['bounds_over_plain']:.3f} fast/exact={result['fast_over_exact']:.3f} "
+          f"clipped/unclipped={result['clipped_over_unclipped']:.3f}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from torch import nn
 
 from clipguard.data import ImageData, normalize
 from clipguard.errors import Cancelled, ClipguardError
+from clipguard.inference import fast_copy, fast_input
 from clipguard.models import ModelSpec
 from clipguard.split import Split
 
@@ -108,24 +109,28 @@ def feature_pass(
     their total stays within ``max_cache_bytes``; past it they are dropped, and the caller
     fine-tunes the whole network instead.
     """
-    head = last_linear(model)
+    head_name = next(name for name, m in model.named_modules() if m is last_linear(model))
+    model.eval()
+    # Read-only copies that run faster on a CPU (clipguard.inference); the same features to rounding.
+    body = None if split is None else fast_copy(split.body, device)
+    runner = fast_copy(model if split is None else split.tail, device)
+    head = runner.get_submodule(head_name)
     captured: list[torch.Tensor] = []
     handle = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().flatten(1).float().cpu()))
     logits: list[torch.Tensor] = []
     cache: list[torch.Tensor] | None = [] if split is not None else None
-    model.eval()
     try:
         for start in range(0, len(data), batch_size):
             if should_cancel is not None and should_cancel():
                 raise Cancelled("cancelled while reading features")
-            x = normalize(data.images[start : start + batch_size].to(device), spec.mean, spec.std)
-            if split is None:
-                out = model(x)
+            x = fast_input(normalize(data.images[start : start + batch_size].to(device), spec.mean, spec.std), device)
+            if body is None:
+                out = runner(x)
             else:
-                inner = split.body(x)
-                out = split.tail(inner)
+                inner = body(x)
+                out = runner(inner)
                 if cache is not None:
-                    cache.append(inner)
+                    cache.append(inner.contiguous())  # the tail's fine-tune trains on the usual layout
                     if inner[0].numel() * inner.element_size() * len(data) > max_cache_bytes:
                         cache = None
             logits.append(out.float().cpu())

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from clipguard.data import ImageData, normalize
+from clipguard.inference import fast_copy, fast_input
 
 
 def predict(
@@ -42,7 +43,10 @@ def predict(
     ``stop(start, batch_predictions)``, called after each batch, ends the pass early when it returns
     True: the result is then the predictions of the samples scored so far, in order.
     """
-    if isinstance(model, nn.Module):
+    rewrite = isinstance(model, nn.Module) and not isinstance(model, torch.jit.ScriptModule)
+    if rewrite:  # a faster read-only copy on a CPU (clipguard.inference); scripted models run as given
+        model = fast_copy(model, device)  # type: ignore[arg-type]
+    elif isinstance(model, nn.Module):
         model.eval()
     order = torch.arange(len(data)) if indices is None else indices
     out = []
@@ -51,7 +55,8 @@ def predict(
             x = data.images[order[start : start + batch_size]]
             if transform is not None:
                 x = transform(x)
-            logits = model(normalize(x.to(device), mean, std))
+            x = normalize(x.to(device), mean, std)
+            logits = model(fast_input(x, device) if rewrite else x)
             out.append(logits.argmax(1).cpu())
             if stop is not None and start + len(out[-1]) < len(order) and stop(start, out[-1]):
                 break

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from clipguard.defenses import clipping
 from clipguard.defenses.clipping import (
     Clip,
     RunningMoments,
@@ -25,11 +26,16 @@ from clipguard.models import resolve_spec
 @pytest.mark.parametrize("granularity", ["channel", "element"])
 @pytest.mark.parametrize("splits", [[37], [1, 36], [5, 5, 27], [12, 1, 1, 23]])
 @pytest.mark.parametrize("offset", [0.0, 100.0])
-def test_running_moments_match_torch_on_concatenated_activations(dtype, granularity, splits, offset):
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_running_moments_match_torch_on_concatenated_activations(dtype, granularity, splits, offset, layout,
+                                                                 monkeypatch):
     gen = torch.Generator().manual_seed(len(splits))
     # offset 0: post-ReLU-like maps (the fast sum/norm path); offset 100: mean far above the
     # spread, where float32 sums of squares cancel and the exact path must take over.
     x = (torch.randn(sum(splits), 6, 5, 4, generator=gen, dtype=dtype) * 3 + offset).relu()
+    if layout == "channels_last":  # what the CPU statistics pass feeds in; tiny blocks to cross block edges
+        x = x.contiguous(memory_format=torch.channels_last)
+        monkeypatch.setattr(clipping, "NHWC_CHUNK", 7 * 6)
     mom = RunningMoments(granularity)
     for chunk in torch.split(x, splits):
         mom.update(chunk)

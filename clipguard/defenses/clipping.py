@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from clipguard.errors import Cancelled, ClipguardError
+from clipguard.inference import fast_copy, fast_input
 
 ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
@@ -190,6 +191,37 @@ CANCELLATION_LIMIT = 1e3
 """Above this mean²/variance ratio, float32 sum-of-squares loses too many digits (see below)."""
 
 
+NHWC_CHUNK = 1 << 20
+"""Values per chunk of the NHWC reduction: 4 MiB of float32, which stays in cache between its two reads."""
+
+
+def _is_nhwc(x: torch.Tensor, dims: tuple[int, ...]) -> bool:
+    """A per-channel reduction over a channels_last batch (what ``clipguard.inference`` runs on a CPU)."""
+    return (x.dim() == 4 and dims == (0, 2, 3) and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _nhwc_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``Σx`` and ``Σx²`` (float64, shaped ``(C, 1, 1)``) of a channels_last batch.
+
+    Viewed as a ``(pixels, C)`` matrix the batch is reduced down its columns. torch's
+    reductions over ``dims=(0, 2, 3)`` of such a tensor, and a column norm, run 4-6x slower
+    than on NCHW; a plain column sum is fast, so each cache-sized block of rows is summed
+    and squared-and-summed, and the blocks are accumulated in float64 (which also makes the
+    result more exact than one float32 reduction over millions of values).
+    """
+    c = x.shape[1]
+    rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: channels_last is pixel-major
+    step = max(1, NHWC_CHUNK // c)
+    total = torch.zeros(c, dtype=torch.float64)
+    sumsq = torch.zeros(c, dtype=torch.float64)
+    for start in range(0, rows.shape[0], step):
+        block = rows[start : start + step]
+        total += block.sum(0)
+        sumsq += block.square().sum(0)
+    return total.view(c, 1, 1), sumsq.view(c, 1, 1)
+
+
 def _batch_moments(x: torch.Tensor, dims: tuple[int, ...], n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and centred sum of squares of one batch, per node, as float64.
 
@@ -203,8 +235,11 @@ def _batch_moments(x: torch.Tensor, dims: tuple[int, ...], n: int) -> tuple[torc
     if x.is_cuda:
         var, mean_exact = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
         return mean_exact[0].double(), var[0].double() * n
-    total = x.sum(dim=dims, keepdim=True)[0].double()
-    sumsq = torch.linalg.vector_norm(x, 2, dim=dims, keepdim=True)[0].double().square()
+    if _is_nhwc(x, dims):
+        total, sumsq = _nhwc_sums(x)
+    else:
+        total = x.sum(dim=dims, keepdim=True)[0].double()
+        sumsq = torch.linalg.vector_norm(x, 2, dim=dims, keepdim=True)[0].double().square()
     mean = total / n
     m2 = (sumsq - n * mean.square()).clamp_min(0.0)
     if x.dtype == torch.float64 or bool((n * mean.square() > CANCELLATION_LIMIT * m2).any()):
@@ -284,14 +319,21 @@ def compute_statistics(
     total: int | None = None,
     progress: Callable[[float], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    fast: bool = True,
 ) -> SiteStats:
     """One streaming pass: forward every batch once and fold each site's output into its moments.
 
     ``batches()`` yields input tensors (already normalised, on the model's device) or
-    ``(inputs, labels)`` pairs; ``total`` is the number of samples, for progress.
+    ``(inputs, labels)`` pairs; ``total`` is the number of samples, for progress. With
+    ``fast`` (the default) a CPU pass runs on a BatchNorm-folded, channels_last copy
+    (:mod:`clipguard.inference`): the same activations to float rounding, about twice as fast;
+    ``fast=False`` reads the model exactly as given.
     """
     moments: list[RunningMoments] = []
     gm, names = instrument(model, lambda name, i: Tap())
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if fast:
+        gm = fast_copy(gm, device)
     taps = site_modules(gm)
     for tap in taps:
         mom = RunningMoments(granularity)
@@ -304,7 +346,7 @@ def compute_statistics(
             if should_cancel is not None and should_cancel():
                 raise Cancelled("cancelled during the bounds pass")
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            gm(x)
+            gm(fast_input(x, device) if fast else x)
             seen += int(x.shape[0])
             if progress is not None and total:
                 progress(min(1.0, seen / total))

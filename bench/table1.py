@@ -175,6 +175,22 @@ def jsonable(obj: object) -> object:
     return str(obj)
 
 
+def reused_victim(weights: Path, npz: Path, prof: dict, seed: int) -> dict | None:
+    """``--reuse``: an earlier run's victim in ``--out`` when it was trained as this profile and seed
+    would train it (same architecture, epochs, batch size and seed), else None (train a new one)."""
+    meta = weights.with_name(weights.name + ".json")
+    if not (weights.is_file() and npz.is_file() and meta.is_file() and attack_path(weights).is_file()):
+        return None
+    info = json.loads(meta.read_text())
+    recipe = info.get("train", {})
+    if (info.get("arch"), recipe.get("epochs"), recipe.get("batch_size"), recipe.get("seed")) != (
+            prof["arch"], prof["epochs"], prof["batch"], seed):
+        return None
+    history = info.get("history") or [{}]
+    poisoning = {k: v for k, v in info.get("poisoning", {}).items() if k != "indices"} or None
+    return {"reused": True, "final_train_acc": history[-1].get("train_acc"), "poisoning": poisoning}
+
+
 def run_attack(attack: str, prof: dict, args: argparse.Namespace, device: torch.device,
                test_eval: ImageData, mmbm_clean: ImageData, seed: int) -> dict:
     """Train one victim with ``seed`` and run every defense on it."""
@@ -183,12 +199,14 @@ def run_attack(attack: str, prof: dict, args: argparse.Namespace, device: torch.
     stem = f"{tag}-s{seed}"
     weights = args.out / f"{stem}.safetensors"
     t = time.perf_counter()
-    info = train_victim(arch=prof["arch"], data=f"{args.data}#train", out=weights, attack=attack,
-                        poison_rate=args.rate if args.rate is not None else prof["rate"], target=0,
-                        epochs=prof["epochs"], batch_size=prof["batch"], lr=prof["lr"], augment=prof["augment"],
-                        seed=seed, device=str(device), limit=prof["limit"],
-                        save_data=args.out / f"{stem}-train.npz")
-    train_s = time.perf_counter() - t
+    info = reused_victim(weights, args.out / f"{stem}-train.npz", prof, seed) if args.reuse else None
+    if info is None:
+        info = train_victim(arch=prof["arch"], data=f"{args.data}#train", out=weights, attack=attack,
+                            poison_rate=args.rate if args.rate is not None else prof["rate"], target=0,
+                            epochs=prof["epochs"], batch_size=prof["batch"], lr=prof["lr"], augment=prof["augment"],
+                            seed=seed, device=str(device), limit=prof["limit"],
+                            save_data=args.out / f"{stem}-train.npz")
+    train_s = None if info.get("reused") else time.perf_counter() - t
     full_info = json.loads(weights.with_name(weights.name + ".json").read_text())
     victim = spec.build()
     load_weights(victim, weights)
@@ -206,7 +224,8 @@ def run_attack(attack: str, prof: dict, args: argparse.Namespace, device: torch.
 
     before = score(victim)
     rows: dict[str, dict] = {"none": {**before, "der": None, "seconds": 0.0}}
-    print(f"[{tag}] victim trained in {train_s:.0f}s: " + json.dumps(before), flush=True)
+    how = "reused" if train_s is None else f"trained in {train_s:.0f}s"
+    print(f"[{tag}] victim {how}: " + json.dumps(before), flush=True)
     detection = None
     if not args.no_detection:
         detection = jsonable(mmbd_detect(victim, spec, num_classes=spec.num_classes, device=device, seed=seed,
@@ -262,6 +281,8 @@ def main() -> None:
                     help="training images clipguard's statistics are measured on (purify --bounds-samples; 0 = all)")
     ap.add_argument("--no-detection", action="store_true",
                     help="skip MM-BD's data-free detection verdict (minutes per victim; no row depends on it)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse victims an earlier run left in --out (same profile and seed) instead of training")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for torch; 1 avoids OpenMP stalls on an oversubscribed shared machine")
     args = ap.parse_args()

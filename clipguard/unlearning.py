@@ -37,6 +37,7 @@ from torch import nn
 
 from clipguard.data import ImageData, normalize
 from clipguard.errors import Cancelled, ClipguardError
+from clipguard.inference import fast_input, fast_layout, usual_layout
 from clipguard.metrics import predict
 from clipguard.models import ModelSpec
 from clipguard.split import DEFAULT_TAIL_SHARE, split_at
@@ -114,7 +115,7 @@ def fine_tune(
     otherwise all of it, on the images with random flips.
     """
     device = torch.device(device)
-    net = copy.deepcopy(model).to(device)
+    net = fast_layout(copy.deepcopy(model).to(device), device)  # channels_last on a CPU (clipguard.inference)
     trained = net.train() if tail is None else split_at(net, tail.cut).tail.train()
     gen = torch.Generator().manual_seed(config.seed)
     always = torch.empty(0, dtype=torch.int64) if always is None else always
@@ -137,9 +138,9 @@ def fine_tune(
             if tail is None:
                 x = normalize(data.images[idx].to(device), spec.mean, spec.std)
                 flip = (torch.rand(len(idx), generator=gen) < 0.5).to(device)
-                x = torch.where(flip[:, None, None, None], x.flip(3), x)
+                x = fast_input(torch.where(flip[:, None, None, None], x.flip(3), x), device)
             else:
-                x = tail.inputs[idx.to(tail.inputs.device)]
+                x = fast_input(tail.inputs[idx.to(tail.inputs.device)], device)
             loss = F.cross_entropy(trained(x), labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -148,7 +149,7 @@ def fine_tune(
             step += 1
             if progress is not None:
                 progress(step / steps)
-    return net.eval()
+    return usual_layout(net).eval()
 
 
 @torch.no_grad()

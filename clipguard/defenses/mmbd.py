@@ -60,6 +60,7 @@ from clipguard.defenses.common import (
     site_shapes,
 )
 from clipguard.errors import ClipguardError
+from clipguard.inference import fast_copy, fast_input
 from clipguard.models import ModelSpec
 
 DEFAULT_ALPHA = 0.05
@@ -253,20 +254,23 @@ def mmbd_mitigate(
     gen = torch.Generator().manual_seed(seed)
     with Timer(device) as timer:
         net = copy.deepcopy(model).to(device).eval()
+        # The network is fixed (only the bounds learn), so it may run BatchNorm-folded and
+        # channels_last on a CPU, as clipguard's own passes do (clipguard.inference).
+        run = fast_copy(net, device)
         with torch.no_grad():
-            x_all = inputs(clean.images, spec, device)
-            ref = torch.cat([net(x_all[i : i + 512]) for i in range(0, len(x_all), 512)])
+            x_all = fast_input(inputs(clean.images, spec, device), device)
+            ref = torch.cat([run(x_all[i : i + 512]) for i in range(0, len(x_all), 512)])
         y_all = clean.labels.to(device)
         keep = ref.argmax(1) == y_all
         if not bool(keep.any()):
             raise ClipguardError("the model classifies none of the clean images correctly")
         x_all, ref, y_all = x_all[keep], ref[keep], y_all[keep]
-        shapes = site_shapes(net, x_all)
+        shapes = site_shapes(run, x_all)
         chosen = list(sites) if sites is not None else default_sites(spec, list(shapes))
         missing = [s for s in chosen if s not in shapes]
         if missing:
             raise ClipguardError(f"no such activation sites: {missing[:3]}")
-        gm, clips = learnable_clipped(net, {s: torch.full(channel_shape(shapes[s]), init) for s in chosen})
+        gm, clips = learnable_clipped(run, {s: torch.full(channel_shape(shapes[s]), init) for s in chosen})
         gm = gm.to(device)
         opt = torch.optim.Adam([c.upper for c in clips.values()], lr=lr)
         c = c0

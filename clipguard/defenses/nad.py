@@ -32,6 +32,7 @@ from torch import nn
 from clipguard.data import ImageData, normalize
 from clipguard.defenses.common import DefenseResult, Timer, accuracy, shuffled_batches
 from clipguard.errors import ClipguardError
+from clipguard.inference import fast_input, fast_layout, usual_layout
 from clipguard.models import ModelSpec
 from clipguard.train import crop_flip
 
@@ -164,7 +165,7 @@ def _fit(
             total, seen = 0.0, 0
             for x, y in shuffled_batches(clean, batch_size, generator):
                 x = cutout(crop_flip(x.to(device), generator), generator)
-                x, y = normalize(x, spec.mean, spec.std), y.to(device)
+                x, y = fast_input(normalize(x, spec.mean, spec.std), device), y.to(device)
                 logits = student(x)
                 if teacher is not None and s_feats is not None and t_feats is not None:
                     with torch.no_grad():
@@ -206,11 +207,12 @@ def nad(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     with Timer(device) as timer:
-        student = copy.deepcopy(model).to(device)
+        # channels_last on a CPU, as in clipguard's own loops (clipguard.inference)
+        student = fast_layout(copy.deepcopy(model).to(device), device)
         names = list(layers) if layers is not None else attention_layers(student, spec, len(betas))
         if len(names) != len(betas):
             raise ClipguardError(f"NAD got {len(names)} attention layers but {len(betas)} β weights")
-        teacher = copy.deepcopy(model).to(device)
+        teacher = fast_layout(copy.deepcopy(model).to(device), device)
         teacher_losses = _fit(teacher, spec, clean, epochs=teacher_epochs, lr=lr, batch_size=batch_size,
                               device=device, generator=gen)
         teacher.eval()
@@ -218,7 +220,7 @@ def nad(
             param.requires_grad_(False)
         student_losses = _fit(student, spec, clean, epochs=epochs, lr=lr, batch_size=batch_size, device=device,
                               generator=gen, teacher=teacher, layers=names, betas=betas, p=p)
-        student = student.cpu().eval()
+        student = usual_layout(student.cpu().eval())
         seconds = timer.elapsed()
     info = {"defense": "nad", "clean_samples": len(clean), "teacher_epochs": teacher_epochs, "epochs": epochs,
             "betas": list(betas), "p": p, "lr": lr, "batch_size": batch_size, "layers": names,

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from datetime import UTC, datetime
@@ -246,16 +247,26 @@ def run_attack(attack: str, prof: dict, args: argparse.Namespace, device: torch.
                                                     bounds_samples=args.bounds_samples),
         "guard": lambda: guard_defense(victim, spec, train, device=device, bounds_samples=args.bounds_samples),
     }
+    chosen = {name: run for name, run in defenses.items() if not args.only or name in args.only}
     infos = {}
-    for name, run in defenses.items():
-        if args.only and name not in args.only:
-            continue
+    for name, run in chosen.items():
         result = run()
         after = score(result.model)
-        rows[name] = {**after, "der": der(before, after), "seconds": result.seconds}
+        rows[name] = {**after, "der": der(before, after), "seconds": result.seconds, "seconds_all": [result.seconds]}
         infos[name] = jsonable({k: v for k, v in result.info.items() if k not in ("history", "layers")})
         print(f"[{tag}] {name}: " + json.dumps(rows[name]), flush=True)
         victim = victim.cpu()
+    # --timing-repeats: more rounds, every defense once per round, so a machine that speeds up or
+    # slows down over the minutes hits all of them alike; the table's time is the median.
+    for _ in range(args.timing_repeats - 1):
+        for name, run in chosen.items():
+            rows[name]["seconds_all"].append(run().seconds)
+            victim = victim.cpu()
+    for name in chosen:
+        rows[name]["seconds"] = statistics.median(rows[name]["seconds_all"])
+    if args.timing_repeats > 1:
+        print(f"[{tag}] times over {args.timing_repeats} rounds: "
+              + json.dumps({n: [round(t, 2) for t in rows[n]["seconds_all"]] for n in chosen}), flush=True)
     entry = {"attack": trigger.to_dict(), "tag": tag, "seed": seed, "poisoning": info.get("poisoning"),
              "train_s": train_s,
              "final_train_acc": info.get("final_train_acc"),
@@ -281,11 +292,15 @@ def main() -> None:
                     help="training images clipguard's statistics are measured on (purify --bounds-samples; 0 = all)")
     ap.add_argument("--no-detection", action="store_true",
                     help="skip MM-BD's data-free detection verdict (minutes per victim; no row depends on it)")
+    ap.add_argument("--timing-repeats", type=int, default=1,
+                    help="run the defenses this many rounds and report each one's median time (results: round 1)")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse victims an earlier run left in --out (same profile and seed) instead of training")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for torch; 1 avoids OpenMP stalls on an oversubscribed shared machine")
     args = ap.parse_args()
+    if args.timing_repeats < 1:
+        ap.error("--timing-repeats must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.smoke:
@@ -307,6 +322,7 @@ def main() -> None:
               "machine": f"{platform.machine()} {platform.processor() or ''} ".strip(),
               "date": datetime.now(UTC).isoformat(timespec="seconds"), "test_samples": len(test_eval),
               "command": " ".join(["python", *sys.argv]), "bounds_samples": args.bounds_samples,
+              "timing_repeats": args.timing_repeats,
               "wall_s": time.perf_counter() - started,
               "entries": entries}
     (args.out / "table1.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -339,9 +355,11 @@ def _cell(values: list[float | None], scale: float = 100.0, digits: int = 1) -> 
 
 def markdown(result: dict) -> str:
     """Per attack, one table; with several seeds each cell is mean±std over the seeds."""
+    repeats = result.get("timing_repeats", 1)
     lines = [f"Table 1 ({result['profile']} profile) on {result['device']}, {result['date']}; "
              f"{result['test_samples']} test images (50/class held out for MM-BM); poison rate {result['rate']:g}, "
-             f"target 0, seeds {result['seeds']}.", "", f"Command: `{result['command']}`", ""]
+             f"target 0, seeds {result['seeds']}" + (f"; times are medians of {repeats} rounds" if repeats > 1 else "")
+             + ".", "", f"Command: `{result['command']}`", ""]
     tags: dict[str, list[dict]] = {}
     for e in result["entries"]:
         tags.setdefault(e["tag"], []).append(e)

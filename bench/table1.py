@@ -60,7 +60,7 @@ from clipguard.devices import describe, resolve_device  # noqa: E402
 from clipguard.lambda_selection import select_lambda  # noqa: E402
 from clipguard.metrics import der, evaluate  # noqa: E402
 from clipguard.models import resolve_spec  # noqa: E402
-from clipguard.purify import DEFAULT_BOUNDS_SAMPLES, bounds_sample  # noqa: E402
+from clipguard.purify import DEFAULT_BATCH_SIZE, DEFAULT_BOUNDS_SAMPLES, bounds_sample  # noqa: E402
 from clipguard.train import attack_path, train_victim  # noqa: E402
 
 CIFAR10 = ROOT.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
@@ -125,7 +125,7 @@ def clipguard_defense(model: torch.nn.Module, spec: object, train: ImageData, *,
     with Timer(device) as timer:
         net = model.to(device).eval()
         sampled = bounds_sample(train, bounds_samples)  # as purify measures μ and σ
-        stats = compute_statistics(net, lambda: iter_batches(sampled, 512, spec.mean, spec.std, device),  # type: ignore[attr-defined]
+        stats = compute_statistics(net, lambda: iter_batches(sampled, DEFAULT_BATCH_SIZE, spec.mean, spec.std, device),  # type: ignore[attr-defined]
                                    granularity="channel")
         evidence = None
         if lam == "auto":
@@ -155,7 +155,7 @@ def guard_defense(model: torch.nn.Module, spec: object, train: ImageData, *, dev
                                                           timings=timings, screen_per_class=screen_per_class)
         started = timer.elapsed()
         sampled = bounds_sample(kept, bounds_samples)  # as purify measures μ and σ
-        stats = compute_statistics(net, lambda: iter_batches(sampled, 512, spec.mean, spec.std, device),  # type: ignore[attr-defined]
+        stats = compute_statistics(net, lambda: iter_batches(sampled, DEFAULT_BATCH_SIZE, spec.mean, spec.std, device),  # type: ignore[attr-defined]
                                    granularity="channel")
         lam = GUARD_LAM if unlearning is not None else PAPER_LAM  # nothing flagged: the recipe, as purify does
         purified = clipped_model(net, stats.bounds(lam)).cpu().eval()

@@ -109,7 +109,8 @@ def feature_pass(
     their total stays within ``max_cache_bytes``; past it they are dropped, and the caller
     fine-tunes the whole network instead.
     """
-    head_name = next(name for name, m in model.named_modules() if m is last_linear(model))
+    classifier = last_linear(model)
+    head_name = next(name for name, m in model.named_modules() if m is classifier)
     model.eval()
     # Read-only copies that run faster on a CPU (clipguard.inference); the same features to rounding.
     body = None if split is None else fast_copy(split.body, device)

@@ -91,8 +91,8 @@ def train(
     gen = torch.Generator().manual_seed(config.seed)
     model = spec.build().to(device)
     cuda = device.type == "cuda"
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
+    # channels_last on both devices: on a CPU it is what clipguard.inference measured faster
+    model = model.to(memory_format=torch.channels_last)
     opt = nesterov_sgd(model, config.lr, config.weight_decay, config.momentum)
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     total = config.epochs * steps_per_epoch
@@ -116,9 +116,7 @@ def train(
                 x, y = batch_poisoner(x, y, gen)
             if config.augment:
                 x = crop_flip(x, gen)
-            x = normalize(x, spec.mean, spec.std)
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = normalize(x, spec.mean, spec.std).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                 logits = model(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)

@@ -44,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clipguard.attacks import load_attack  # noqa: E402
+from clipguard.attacks import build_attack, load_attack  # noqa: E402
 from clipguard.checkpoint import load_weights  # noqa: E402
 from clipguard.data import ImageData, default_cache_dir, iter_batches, load_data  # noqa: E402
 from clipguard.defenses.clipping import clipped_model, compute_statistics  # noqa: E402
@@ -176,16 +176,18 @@ def jsonable(obj: object) -> object:
     return str(obj)
 
 
-def reused_victim(weights: Path, npz: Path, prof: dict, seed: int) -> dict | None:
-    """``--reuse``: an earlier run's victim in ``--out`` when it was trained as this profile and seed
-    would train it (same architecture, epochs, batch size and seed), else None (train a new one)."""
+def reused_victim(weights: Path, npz: Path, prof: dict, attack: str, rate: float, seed: int) -> dict | None:
+    """``--reuse``: an earlier run's victim in ``--out`` when it was trained as this run would train it
+    (architecture, epochs, batch size, seed, poison rate and the attack's exact trigger), else None."""
     meta = weights.with_name(weights.name + ".json")
     if not (weights.is_file() and npz.is_file() and meta.is_file() and attack_path(weights).is_file()):
         return None
     info = json.loads(meta.read_text())
     recipe = info.get("train", {})
-    if (info.get("arch"), recipe.get("epochs"), recipe.get("batch_size"), recipe.get("seed")) != (
-            prof["arch"], prof["epochs"], prof["batch"], seed):
+    if (info.get("arch"), recipe.get("epochs"), recipe.get("batch_size"), recipe.get("seed"),
+            info.get("poisoning", {}).get("rate"), info.get("attack")) != (
+            prof["arch"], prof["epochs"], prof["batch"], seed, rate,
+            json.loads(json.dumps(build_attack(attack, target=0, seed=seed).to_dict()))):  # as the file holds it
         return None
     history = info.get("history") or [{}]
     poisoning = {k: v for k, v in info.get("poisoning", {}).items() if k != "indices"} or None
@@ -200,10 +202,11 @@ def run_attack(attack: str, prof: dict, args: argparse.Namespace, device: torch.
     stem = f"{tag}-s{seed}"
     weights = args.out / f"{stem}.safetensors"
     t = time.perf_counter()
-    info = reused_victim(weights, args.out / f"{stem}-train.npz", prof, seed) if args.reuse else None
+    rate = args.rate if args.rate is not None else prof["rate"]
+    info = reused_victim(weights, args.out / f"{stem}-train.npz", prof, attack, rate, seed) if args.reuse else None
     if info is None:
         info = train_victim(arch=prof["arch"], data=f"{args.data}#train", out=weights, attack=attack,
-                            poison_rate=args.rate if args.rate is not None else prof["rate"], target=0,
+                            poison_rate=rate, target=0,
                             epochs=prof["epochs"], batch_size=prof["batch"], lr=prof["lr"], augment=prof["augment"],
                             seed=seed, device=str(device), limit=prof["limit"],
                             save_data=args.out / f"{stem}-train.npz")

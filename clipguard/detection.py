@@ -131,7 +131,7 @@ def feature_pass(
                 inner = body(x)
                 out = runner(inner)
                 if cache is not None:
-                    cache.append(inner.contiguous())  # the tail's fine-tune trains on the usual layout
+                    cache.append(inner.contiguous())  # kept in the usual layout: it outlives this pass's copies
                     if inner[0].numel() * inner.element_size() * len(data) > max_cache_bytes:
                         cache = None
             logits.append(out.float().cpu())

@@ -117,6 +117,8 @@ def fine_tune(
     device = torch.device(device)
     net = fast_layout(copy.deepcopy(model).to(device), device)  # channels_last on a CPU (clipguard.inference)
     trained = net.train() if tail is None else split_at(net, tail.cut).tail.train()
+    # once, not per batch: rows indexed out of a channels_last tensor stay channels_last
+    tail_inputs = None if tail is None else fast_input(tail.inputs, device)
     gen = torch.Generator().manual_seed(config.seed)
     always = torch.empty(0, dtype=torch.int64) if always is None else always
     eligible = torch.ones(len(data), dtype=torch.bool) if pool is None else torch.isin(torch.arange(len(data)), pool)
@@ -140,7 +142,7 @@ def fine_tune(
                 flip = (torch.rand(len(idx), generator=gen) < 0.5).to(device)
                 x = fast_input(torch.where(flip[:, None, None, None], x.flip(3), x), device)
             else:
-                x = fast_input(tail.inputs[idx.to(tail.inputs.device)], device)
+                x = tail_inputs[idx.to(tail_inputs.device)]  # type: ignore[index]
             loss = F.cross_entropy(trained(x), labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -32,7 +32,7 @@ from torch import nn
 
 from clipguard.data import ImageData, normalize
 from clipguard.errors import Cancelled, ClipguardError
-from clipguard.inference import fast_copy, fast_input
+from clipguard.inference import fast_copy, pieces
 from clipguard.models import ModelSpec
 from clipguard.split import Split
 
@@ -124,17 +124,18 @@ def feature_pass(
         for start in range(0, len(data), batch_size):
             if should_cancel is not None and should_cancel():
                 raise Cancelled("cancelled while reading features")
-            x = fast_input(normalize(data.images[start : start + batch_size].to(device), spec.mean, spec.std), device)
-            if body is None:
-                out = runner(x)
-            else:
-                inner = body(x)
-                out = runner(inner)
-                if cache is not None:
-                    cache.append(inner.contiguous())  # kept in the usual layout: it outlives this pass's copies
-                    if inner[0].numel() * inner.element_size() * len(data) > max_cache_bytes:
-                        cache = None
-            logits.append(out.float().cpu())
+            x = normalize(data.images[start : start + batch_size].to(device), spec.mean, spec.std)
+            for piece in pieces(x, device):
+                if body is None:
+                    out = runner(piece)
+                else:
+                    inner = body(piece)
+                    out = runner(inner)
+                    if cache is not None:
+                        cache.append(inner.contiguous())  # kept in the usual layout: it outlives this pass's copies
+                        if inner[0].numel() * inner.element_size() * len(data) > max_cache_bytes:
+                            cache = None
+                logits.append(out.float().cpu())
             if progress is not None:
                 progress(min(1.0, (start + batch_size) / len(data)))
     finally:

@@ -19,6 +19,14 @@ that is still learning, but channels_last speeds their forward and backward on a
 3.56 s against 4.58 s, medians of 3), so every loop gets it: the baselines are timed with the
 same engineering as clipguard (:func:`fast_layout`).
 
+A CPU pass also runs in pieces of :data:`CPU_PIECE` images (:func:`pieces`), whatever batch
+its caller hands over: the activations of a small batch stay in cache between layers
+(SmallCNN's forward over 1,024 images: 0.106 s in pieces of 64, 0.194 s in batches of 256;
+ResNet-18 3.66 s against 4.66 s). Inference results do not depend on how a batch is cut, and a
+gradient summed over pieces is the batch's gradient, so this too applies to every defense
+whose network is fixed (the statistics, detection, every prediction pass, MM-BM); training
+loops whose BatchNorms learn keep their batches, because there the cut changes the result.
+
 Only CPU work is rewritten: on CUDA neither change has been measured here, so the model
 runs as given. The copies never leave the pass that made them; purified models and exports
 are built from, or returned in, the usual contiguous layout.
@@ -27,6 +35,7 @@ are built from, or returned in, the usual contiguous layout.
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 from torch import fx, nn
@@ -57,6 +66,20 @@ def fast_copy(model: nn.Module, device: torch.device | str) -> nn.Module:
     if not rewrites_for(device):
         return model.eval()
     return fold_batchnorm(model).to(memory_format=torch.channels_last)
+
+
+CPU_PIECE = 64
+"""Images per forward on a CPU (32-64 were fastest for SmallCNN, ResNet-18 and VGG-16 on 2 cores)."""
+
+
+def piece_size(device: torch.device | str) -> int:
+    """How many images one forward on ``device`` takes: :data:`CPU_PIECE` on a CPU, any number elsewhere."""
+    return CPU_PIECE if rewrites_for(device) else sys.maxsize
+
+
+def pieces(x: torch.Tensor, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """``x`` cut along the batch into :func:`piece_size` pieces, each in :func:`fast_input`'s format."""
+    return tuple(fast_input(piece, device) for piece in x.split(piece_size(device)))
 
 
 def fast_layout(model: nn.Module, device: torch.device | str) -> nn.Module:

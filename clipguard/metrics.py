@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from clipguard.data import ImageData, normalize
-from clipguard.inference import fast_copy, fast_input
+from clipguard.inference import fast_copy, pieces
 
 
 def predict(
@@ -56,7 +56,7 @@ def predict(
             if transform is not None:
                 x = transform(x)
             x = normalize(x.to(device), mean, std)
-            logits = model(fast_input(x, device) if rewrite else x)
+            logits = torch.cat([model(piece) for piece in pieces(x, device)]) if rewrite else model(x)
             out.append(logits.argmax(1).cpu())
             if stop is not None and start + len(out[-1]) < len(order) and stop(start, out[-1]):
                 break

@@ -6,10 +6,13 @@ import pytest
 import torch
 from torch import nn
 
+from clipguard import inference
 from clipguard.data import ImageData, iter_batches, normalize
 from clipguard.defenses.clipping import compute_statistics
+from clipguard.defenses.mmbd import mmbd_mitigate
 from clipguard.detection import feature_pass
-from clipguard.inference import fast_copy, fast_input, fold_batchnorm
+from clipguard.inference import fast_copy, fast_input, fold_batchnorm, pieces
+from clipguard.metrics import predict
 from clipguard.models import resolve_spec
 from clipguard.split import split_tail
 
@@ -77,8 +80,25 @@ def test_only_cpu_passes_are_rewritten():
     assert fast_input(x, "cuda") is x
 
 
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """Cut every CPU batch into pieces of 5, so these small tests cross piece boundaries
+    (16-image batches become 5 + 5 + 5 + 1)."""
+    monkeypatch.setattr(inference, "CPU_PIECE", 5)
+
+
+def test_pieces_cut_a_cpu_batch_only(small_pieces):
+    x = torch.randn(12, 3, 4, 4)
+    cut = pieces(x, "cpu")
+    assert [len(p) for p in cut] == [5, 5, 2]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in cut)
+    torch.testing.assert_close(torch.cat(cut), x, rtol=0, atol=0)
+    (whole,) = pieces(x, "cuda")  # a GPU takes the batch whole, as given
+    assert whole.shape == x.shape and whole.data_ptr() == x.data_ptr() and whole.is_contiguous()
+
+
 @pytest.mark.parametrize("arch", ["small_cnn", "resnet18"])
-def test_fast_statistics_give_the_bounds_of_the_exact_pass(arch):
+def test_fast_statistics_give_the_bounds_of_the_exact_pass(arch, small_pieces):
     model = _trained_looking(arch)
     spec = resolve_spec(arch)
     data = _images(48 if arch == "small_cnn" else 16)
@@ -91,7 +111,7 @@ def test_fast_statistics_give_the_bounds_of_the_exact_pass(arch):
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=float(1e-4 * scale))
 
 
-def test_fast_feature_pass_reads_the_features_and_tail_inputs_of_the_model():
+def test_fast_feature_pass_reads_the_features_and_tail_inputs_of_the_model(small_pieces):
     model = _trained_looking("small_cnn")
     spec = resolve_spec("small_cnn")
     data = _images(40, seed=1)
@@ -106,3 +126,32 @@ def test_fast_feature_pass_reads_the_features_and_tail_inputs_of_the_model():
                                    rtol=1e-4, atol=1e-4)
     assert found.tail_inputs is not None and found.tail_inputs.is_contiguous()  # the fine-tune's usual layout
     torch.testing.assert_close(found.tail_inputs, inner, rtol=1e-4, atol=1e-4)
+
+
+def test_predictions_in_pieces_are_the_models(small_pieces):
+    model = _trained_looking("small_cnn")
+    spec = resolve_spec("small_cnn")
+    data = _images(23, seed=2)
+    with torch.no_grad():
+        want = model(normalize(data.images, spec.mean, spec.std)).argmax(1)
+    assert torch.equal(predict(model, data, spec.mean, spec.std, batch_size=16), want)
+
+
+def test_mmbm_learns_the_same_bounds_in_pieces(monkeypatch):
+    """MM-BM's gradient summed over pieces is its batch's gradient: the same bounds either way."""
+    spec = resolve_spec("small_cnn")
+    model = _trained_looking("small_cnn")
+    data = _images(40, seed=3)
+    with torch.no_grad():  # MM-BM learns on the clean images the model gets right: make those all of them
+        data.labels[:] = model(normalize(data.images, spec.mean, spec.std)).argmax(1)
+
+    def learnt(piece: int) -> dict[str, float]:
+        monkeypatch.setattr(inference, "CPU_PIECE", piece)
+        # bounds that start inside the activations' range, so the fit term's gradient is not zero
+        return mmbd_mitigate(model, spec, data, epochs=3, batch_size=16, init=0.5, c0=0.05).info["bound_mean"]
+
+    whole, cut = learnt(10_000), learnt(3)
+    assert whole.keys() == cut.keys()
+    for site, bound in whole.items():
+        assert abs(bound - 0.5) > 0.05  # the bounds moved from their start, so the comparison means something
+        assert abs(cut[site] - bound) < 1e-4 * max(1.0, abs(bound)), site

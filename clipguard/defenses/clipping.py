@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from clipguard.errors import Cancelled, ClipguardError
-from clipguard.inference import fast_copy, fast_input
+from clipguard.inference import fast_copy, pieces
 
 ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
@@ -191,8 +191,10 @@ CANCELLATION_LIMIT = 1e3
 """Above this mean²/variance ratio, float32 sum-of-squares loses too many digits (see below)."""
 
 
-NHWC_CHUNK = 1 << 20
-"""Values per chunk of the NHWC reduction: 4 MiB of float32, which stays in cache between its two reads."""
+NHWC_CHUNK = 1 << 18
+"""Values per block of the NHWC reduction: 1 MiB of float32, which stays in a core's L2 cache
+between the block's reads (4 MiB blocks ran 1.3-1.7x slower; 256 KiB ones 2x slower, from
+the per-block overhead)."""
 
 
 def _is_nhwc(x: torch.Tensor, dims: tuple[int, ...]) -> bool:
@@ -206,19 +208,24 @@ def _nhwc_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Viewed as a ``(pixels, C)`` matrix the batch is reduced down its columns. torch's
     reductions over ``dims=(0, 2, 3)`` of such a tensor, and a column norm, run 4-6x slower
-    than on NCHW; a plain column sum is fast, so each cache-sized block of rows is summed
-    and squared-and-summed, and the blocks are accumulated in float64 (which also makes the
-    result more exact than one float32 reduction over millions of values).
+    than on NCHW. A matrix-vector product with a vector of ones is the fastest column sum
+    torch has on a CPU (BLAS), so each cache-sized block of rows is summed that way, squared
+    into one reused buffer and summed again, and the blocks are accumulated in float64 (which
+    also makes the result more exact than one float32 reduction over millions of values).
     """
     c = x.shape[1]
     rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: channels_last is pixel-major
-    step = max(1, NHWC_CHUNK // c)
+    step = min(max(1, NHWC_CHUNK // c), rows.shape[0])
+    ones = torch.ones(step, dtype=x.dtype)
+    squares = torch.empty(step, c, dtype=x.dtype)
     total = torch.zeros(c, dtype=torch.float64)
     sumsq = torch.zeros(c, dtype=torch.float64)
     for start in range(0, rows.shape[0], step):
         block = rows[start : start + step]
-        total += block.sum(0)
-        sumsq += block.square().sum(0)
+        n = block.shape[0]
+        total += torch.mv(block.t(), ones[:n])
+        torch.mul(block, block, out=squares[:n])
+        sumsq += torch.mv(squares[:n].t(), ones[:n])
     return total.view(c, 1, 1), sumsq.view(c, 1, 1)
 
 
@@ -326,8 +333,8 @@ def compute_statistics(
     ``batches()`` yields input tensors (already normalised, on the model's device) or
     ``(inputs, labels)`` pairs; ``total`` is the number of samples, for progress. With
     ``fast`` (the default) a CPU pass runs on a BatchNorm-folded, channels_last copy
-    (:mod:`clipguard.inference`): the same activations to float rounding, about twice as fast;
-    ``fast=False`` reads the model exactly as given.
+    (:mod:`clipguard.inference`), in cache-sized pieces: the same activations to float
+    rounding, two to three times as fast; ``fast=False`` reads the model exactly as given.
     """
     moments: list[RunningMoments] = []
     gm, names = instrument(model, lambda name, i: Tap())
@@ -346,7 +353,8 @@ def compute_statistics(
             if should_cancel is not None and should_cancel():
                 raise Cancelled("cancelled during the bounds pass")
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            gm(fast_input(x, device) if fast else x)
+            for piece in pieces(x, device) if fast else (x,):
+                gm(piece)
             seen += int(x.shape[0])
             if progress is not None and total:
                 progress(min(1.0, seen / total))

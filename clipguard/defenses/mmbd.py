@@ -60,7 +60,7 @@ from clipguard.defenses.common import (
     site_shapes,
 )
 from clipguard.errors import ClipguardError
-from clipguard.inference import fast_copy, fast_input
+from clipguard.inference import fast_copy, fast_input, piece_size
 from clipguard.models import ModelSpec
 
 DEFAULT_ALPHA = 0.05
@@ -257,9 +257,12 @@ def mmbd_mitigate(
         # The network is fixed (only the bounds learn), so it may run BatchNorm-folded and
         # channels_last on a CPU, as clipguard's own passes do (clipguard.inference).
         run = fast_copy(net, device)
+        # Forwards (and the gradient, summed over them) run in cache-sized pieces on a CPU, as
+        # clipguard's passes do: the same loss and gradient to float rounding.
+        piece = min(512, piece_size(device))
         with torch.no_grad():
             x_all = fast_input(inputs(clean.images, spec, device), device)
-            ref = torch.cat([run(x_all[i : i + 512]) for i in range(0, len(x_all), 512)])
+            ref = torch.cat([run(x) for x in x_all.split(piece)])
         y_all = clean.labels.to(device)
         keep = ref.argmax(1) == y_all
         if not bool(keep.any()):
@@ -279,16 +282,17 @@ def mmbd_mitigate(
             order = torch.randperm(len(x_all), generator=gen).to(device)
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
-                out = gm(x_all[idx])
-                norm = sum(clip.upper.norm() for clip in clips.values())
-                loss = F.mse_loss(out, ref[idx]) + c * norm
                 opt.zero_grad(set_to_none=True)
+                loss = c * sum(clip.upper.norm() for clip in clips.values())
                 loss.backward()
+                for part in idx.split(piece):  # mse over the batch = Σ part's mse × its share
+                    fit = F.mse_loss(gm(x_all[part]), ref[part]) * (len(part) / len(idx))
+                    fit.backward()
+                    loss = loss.detach() + fit.detach()
                 opt.step()
             with torch.no_grad():
-                acc = float((torch.cat([gm(x_all[i : i + 512]) for i in range(0, len(x_all), 512)]).argmax(1)
-                             == y_all).float().mean())
-            history.append({"epoch": epoch + 1, "c": c, "clean_acc": acc, "loss": float(loss.detach())})
+                acc = float((torch.cat([gm(x) for x in x_all.split(piece)]).argmax(1) == y_all).float().mean())
+            history.append({"epoch": epoch + 1, "c": c, "clean_acc": acc, "loss": float(loss)})
             if epoch + 1 > adapt_every and (epoch + 1) % adapt_every == 0:
                 c = c * c_factor if acc >= acc_target else c / c_factor
         bounds = frozen_bounds(clips)

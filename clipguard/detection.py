@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from clipguard.data import ImageData, normalize
+from clipguard.data import SAMPLE_SEED, ImageData, normalize
 from clipguard.errors import Cancelled, ClipguardError
 from clipguard.inference import fast_copy, pieces
 from clipguard.models import ModelSpec
@@ -160,7 +160,7 @@ def penultimate_features(
 
 
 def screen_indices(labels: torch.Tensor, num_classes: int, per_class: int | None = SCREEN_PER_CLASS,
-                   seed: int = 0) -> torch.Tensor:
+                   seed: int = SAMPLE_SEED) -> torch.Tensor:
     """A seeded draw of up to ``per_class`` samples of each class (sorted indices); all of them with ``None``.
 
     Why a sample: detection asks which class holds a separate cluster, and a uniform draw keeps

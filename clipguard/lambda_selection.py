@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from clipguard.data import ImageData
+from clipguard.data import SAMPLE_SEED, ImageData
 from clipguard.defenses.clipping import SiteStats, clipped_model
 from clipguard.errors import Cancelled
 from clipguard.metrics import predict
@@ -63,7 +63,7 @@ def select_lambda(
     grid: Sequence[float] = DEFAULT_GRID,
     tolerance: float = DEFAULT_TOLERANCE,
     max_samples: int = DEFAULT_SAMPLES,
-    seed: int = 0,
+    seed: int = SAMPLE_SEED,
     rule: str = "class_drop",
     batch_size: int = 512,
     progress: Callable[[float], None] | None = None,

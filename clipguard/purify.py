@@ -30,7 +30,15 @@ from clipguard import __version__
 from clipguard.attacks import build_attack
 from clipguard.bounds import save_bounds
 from clipguard.checkpoint import load_weights
-from clipguard.data import ImageData, default_cache_dir, file_sha256, iter_batches, load_data, normalize
+from clipguard.data import (
+    SAMPLE_SEED,
+    ImageData,
+    default_cache_dir,
+    file_sha256,
+    iter_batches,
+    load_data,
+    normalize,
+)
 from clipguard.defenses.clipping import (
     GRANULARITIES,
     clipped_model,
@@ -122,18 +130,23 @@ CLIP_FRACTION_SAMPLES = 2048
 EXPORT_CHECK_BATCH = 16
 
 
-BOUNDS_SAMPLE_SEED = 0
+BOUNDS_SAMPLE_SEED = SAMPLE_SEED  # not 0: see clipguard.data.SAMPLE_SEED
+
+
+def bounds_sample_indices(n: int, max_samples: int | None) -> torch.Tensor | None:
+    """Which of ``n`` samples μ and σ are measured on (sorted): ``None`` for all of them, else a
+    fixed-seed uniform draw of ``max_samples`` (so the same inputs always give the same bounds)."""
+    if max_samples is not None and max_samples < 0:
+        raise ClipguardError(f"bounds samples must be 0 (all) or positive, got {max_samples}")
+    if not max_samples or n <= max_samples:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(BOUNDS_SAMPLE_SEED))[:max_samples].sort().values
 
 
 def bounds_sample(data: ImageData, max_samples: int | None) -> ImageData:
-    """The images μ and σ are measured on: ``data`` itself, or a fixed-seed random subset of
-    ``max_samples`` when it is larger (so the same inputs always give the same bounds)."""
-    if max_samples is not None and max_samples < 0:
-        raise ClipguardError(f"bounds samples must be 0 (all) or positive, got {max_samples}")
-    if not max_samples or len(data) <= max_samples:
-        return data
-    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(BOUNDS_SAMPLE_SEED))[:max_samples]
-    return data.subset(pick.sort().values)
+    """The images μ and σ are measured on: ``data`` itself, or the draw :func:`bounds_sample_indices` names."""
+    pick = bounds_sample_indices(len(data), max_samples)
+    return data if pick is None else data.subset(pick)
 
 
 def purify(

@@ -14,11 +14,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from clipguard.attacks import build_attack
 from clipguard.checkpoint import load_weights
 from clipguard.cli import main
-from clipguard.data import load_data, save_npz
+from clipguard.data import ImageData, load_data, save_npz
 from clipguard.export import load_exported
 from clipguard.models import resolve_spec
+from clipguard.purify import BOUNDS_SAMPLE_SEED, bounds_sample_indices
 
 pytestmark = pytest.mark.slow
 
@@ -170,16 +172,34 @@ def test_bounds_come_from_a_fixed_random_sample_that_the_report_names(victim, tm
         with safe_open(str(out / "bounds.safetensors"), framework="pt") as f:
             runs[name] = (report, f.metadata(), {k: f.get_tensor(k) for k in f.keys() if k.startswith("bound/")})
     report, meta, bounds = runs["a"]
-    assert report["statistics"] == {"samples": 1000, "of": TRAIN_IMAGES, "max_samples": 1000, "seed": 0}
+    seed = BOUNDS_SAMPLE_SEED
+    assert report["statistics"] == {"samples": 1000, "of": TRAIN_IMAGES, "max_samples": 1000, "seed": seed}
     assert meta["samples"] == "1000" and report["inputs"]["data"]["samples"] == TRAIN_IMAGES
     assert all(torch.equal(bounds[k], runs["b"][2][k]) for k in bounds)  # seeded: reproducible
     full = runs["all"]
-    assert full[0]["statistics"] == {"samples": TRAIN_IMAGES, "of": TRAIN_IMAGES, "max_samples": None, "seed": 0}
+    assert full[0]["statistics"] == {"samples": TRAIN_IMAGES, "of": TRAIN_IMAGES, "max_samples": None, "seed": seed}
     assert any(not torch.equal(bounds[k], full[2][k]) for k in bounds)  # the cap really changed the pass
     with pytest.raises(SystemExit) as refused:
         _purify(victim, tmp_path / "neg", "--bounds-samples", "-1", evaluate=False)
     assert refused.value.code == 2 and "--bounds-samples: must be 0 or more" in capsys.readouterr().err
     assert not (tmp_path / "neg").exists()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_the_statistics_sample_does_not_follow_the_poisoners_draw(seed):
+    """The sample must hold the poisoned share of the data, not the poisoned set: a poisoner that
+    drew its indices with the sample's seed (as ``clipguard train --seed 0`` did) once got all
+    of them into it (60 of 60 below, where about 10 belong)."""
+    n = 6000
+    g = torch.Generator().manual_seed(seed)
+    data = ImageData(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                     torch.randint(0, 10, (n,), generator=g), tuple(str(i) for i in range(10)), "t")
+    poisoned = build_attack("blend", target=0).poison(data, rate=0.01, seed=seed)
+    assert len(poisoned.indices) == 60
+    picked = bounds_sample_indices(n, 1000)
+    assert picked is not None and len(picked) == 1000
+    caught = len(set(picked.tolist()) & set(poisoned.indices.tolist()))
+    assert caught <= 25  # Binomial(1000, 1%): 10 ± 3; the whole poisoned set would be 60
 
 
 def test_guard_fine_tunes_the_whole_network_when_the_tail_inputs_would_not_fit(blend_victim):

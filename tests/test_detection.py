@@ -8,12 +8,13 @@ from torch import nn
 
 from clipguard.data import ImageData, normalize
 from clipguard.detection import (
+    MAX_FEATURES,
     MIN_SEPARATION,
     best_split,
     class_split,
     detect_poison,
+    feature_layer,
     feature_pass,
-    last_linear,
     penultimate_features,
     screen_indices,
     separation,
@@ -129,9 +130,33 @@ def test_penultimate_features_are_the_classifier_input():
     feats, logits = penultimate_features(model, data, spec, batch_size=4)
     assert feats.shape == (10, 128) and logits.shape == (10, 10)
     torch.testing.assert_close(model.fc(feats), logits, atol=1e-5, rtol=1e-5)
-    assert last_linear(model) is model.fc
+    assert feature_layer(model) is model.fc
     with pytest.raises(ClipguardError, match="no linear classifier"):
-        last_linear(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+        feature_layer(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+
+
+def test_a_deeper_head_is_read_at_its_first_linear_layer():
+    """MobileNetV3's head (Linear, Hardswish, Dropout, Linear) is read at the pooled backbone
+    features it starts from, not at its hidden layer; a layer too wide to split stops the walk."""
+    from torchvision.models import mobilenet_v3_small
+
+    mobilenet = mobilenet_v3_small(num_classes=10)
+    assert feature_layer(mobilenet) is mobilenet.classifier[0]
+    assert mobilenet.classifier[0].in_features == 576
+
+    def head(width: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, width), nn.ReLU(),
+                             nn.Linear(width, 64), nn.ReLU(), nn.Dropout(), nn.Linear(64, 10))
+
+    narrow, wide = head(32), head(MAX_FEATURES + 1)
+    assert feature_layer(narrow) is narrow[3]  # walked back through ReLU, Dropout, ReLU to the first
+    assert feature_layer(wide) is wide[8]  # its middle layer reads more than MAX_FEATURES: the last one
+    g = torch.Generator().manual_seed(0)
+    data = ImageData(torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g),
+                     torch.randint(0, 10, (6,), generator=g), [str(i) for i in range(10)], "t")
+    spec = resolve_spec("small_cnn")
+    feats, _ = penultimate_features(narrow.eval(), data, spec, batch_size=4)
+    assert feats.shape == (6, 8)  # the pooled conv features, not the 64-d hidden layer
 
 
 def test_relabel_moves_suspects_to_their_best_other_class():

@@ -193,8 +193,8 @@ CANCELLATION_LIMIT = 1e3
 
 NHWC_CHUNK = 1 << 18
 """Values per block of the NHWC reduction: 1 MiB of float32, which stays in a core's L2 cache
-between the block's reads (4 MiB blocks ran 1.3-1.7x slower; 256 KiB ones 2x slower, from
-the per-block overhead)."""
+between the block's reads (4 MiB blocks ran 1.1-1.4x slower; 256 KiB ones about 2x slower,
+from the per-block overhead)."""
 
 
 def _is_nhwc(x: torch.Tensor, dims: tuple[int, ...]) -> bool:

@@ -704,9 +704,15 @@ def _screened(found: Mapping[str, Any]) -> str:
     if not isinstance(screened, int) or not isinstance(total, int) or screened >= total:
         return ""
     whole = found.get("target_score_whole_class")
-    return (f" Scores from a class-balanced sample of {screened:,} of the {total:,} training samples"
-            + (f"; the flagged class was then read whole (score {float(whole):.3f}) to name every suspect."
-               if isinstance(whole, (int, float)) else "."))
+    text = f" Scores from a class-balanced sample of {screened:,} of the {total:,} training samples"
+    if not isinstance(whole, (int, float)):
+        return text + "."
+    if found.get("escalated"):
+        verdict = "so it was flagged" if found.get("flagged") else "short of the threshold, so nothing was flagged"
+        which = _esc(found.get("target") if found.get("flagged") else found.get("escalated_class"))
+        return (text + f"; class {which} stood out (z) but its sampled split fell short of the threshold,"
+                f" so it was read whole: score {float(whole):.3f}, {verdict}.")
+    return text + f"; the flagged class was then read whole (score {float(whole):.3f}) to name every suspect."
 
 
 def _export(report: Mapping[str, Any]) -> str:

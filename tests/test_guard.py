@@ -1,0 +1,75 @@
+"""guard's detection step on a screened sample: when the screen cannot decide, the whole class does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from clipguard.data import ImageData
+from clipguard.defenses import guard
+from clipguard.defenses.guard import detect_and_unlearn
+from clipguard.detection import class_split, detect_poison, feature_pass, screen_indices
+from clipguard.models import resolve_spec
+
+PLANTED = 3
+SCREEN = 100
+
+
+def _task() -> tuple[nn.Module, ImageData, torch.Tensor]:
+    """A linear model whose penultimate features are its input pixels, and 400 images per class
+    drawn from ten Gaussian blobs, with a shifted cluster of 20 in class 3 (the poisoned share)."""
+    g = torch.Generator().manual_seed(0)
+    n, dim = 400, 48
+    labels = torch.arange(10).repeat_interleave(n)
+    feats = (torch.randn(10, dim, generator=g) * 2)[labels] + torch.randn(len(labels), dim, generator=g)
+    poisoned = (labels == PLANTED).nonzero().flatten()[:20]
+    direction = torch.randn(dim, generator=g)
+    feats[poisoned] += 12 * direction / direction.norm()
+    images = (128 + 12 * feats).clamp(0, 255).round().to(torch.uint8).view(-1, 3, 4, 4)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(dim, 10)).eval()
+    return model, ImageData(images, labels, tuple(str(i) for i in range(10)), "t"), poisoned
+
+
+@pytest.fixture(scope="module")
+def scores() -> tuple[float, float]:
+    """The planted class's score on guard's screen and over the whole class."""
+    model, data, _ = _task()
+    spec = resolve_spec("small_cnn")
+    features = feature_pass(model, data, spec).features
+    screen = screen_indices(data.labels, 10, SCREEN)
+    on_screen = detect_poison(features[screen], data.labels[screen], 10)
+    whole, _ = class_split(features[data.labels == PLANTED])
+    assert on_screen.z >= guard.MIN_Z and on_screen.scores[PLANTED] == max(on_screen.scores)
+    assert on_screen.scores[PLANTED] < whole  # the precondition both tests below rest on
+    return on_screen.scores[PLANTED], whole
+
+
+def test_a_class_that_stands_out_is_read_whole_and_flagged_on_its_whole_split(scores, monkeypatch):
+    screened, whole = scores
+    monkeypatch.setattr(guard, "MIN_SEPARATION", (screened + whole) / 2)  # the screen falls short, the class does not
+    model, data, poisoned = _task()
+    fixed, kept, record, info = detect_and_unlearn(model, data, resolve_spec("small_cnn"), screen_per_class=SCREEN,
+                                                   unlearn_options={"epochs": 1, "rounds": 1, "scope": "full"})
+    assert record["escalated"] and record["flagged"] and record["target"] == PLANTED
+    assert record["target_score_whole_class"] == pytest.approx(whole)
+    assert info is not None and set(poisoned.tolist()) <= set(info["suspect_indices"])  # named from the whole class
+    assert len(kept) == len(data) - len(info["suspect_indices"]) and fixed is not model
+
+
+def test_an_escalated_class_whose_whole_split_falls_short_flags_nothing(scores, monkeypatch):
+    _, whole = scores
+    monkeypatch.setattr(guard, "MIN_SEPARATION", whole + 0.01)
+    model, data, _ = _task()
+    fixed, kept, record, info = detect_and_unlearn(model, data, resolve_spec("small_cnn"), screen_per_class=SCREEN)
+    assert record["escalated"] and not record["flagged"] and record["target"] is None
+    assert record["escalated_class"] == PLANTED and record["target_score_whole_class"] == pytest.approx(whole)
+    assert info is None and fixed is model and kept is data  # the recipe runs on the model and data as given
+
+
+def test_a_screen_that_decides_is_not_escalated():
+    model, data, _ = _task()
+    _, _, record, _ = detect_and_unlearn(model, data, resolve_spec("small_cnn"), screen_per_class=SCREEN,
+                                         unlearn_options={"epochs": 1, "rounds": 1, "scope": "full"})
+    assert record["flagged"] and record["target"] == PLANTED and not record["escalated"]

@@ -42,6 +42,11 @@ MIN_SEPARATION = 3.3
 measured ≤ 2.99 with the plane scan)."""
 MIN_Z = 4.0
 """How far, in robust standard deviations, the target's score must stand above the other classes'."""
+ESCALATE_Z = 3.0
+"""A screened class this far above the others (robust z), yet short of ``MIN_SEPARATION`` or
+``MIN_Z``, is read whole and decided on its whole-class split (``clipguard.defenses.guard``).
+Reading a class costs one more partial pass; flagging still needs the whole class to reach
+``MIN_SEPARATION``, which clean classes stay under (≤ 2.99 measured)."""
 MIN_SPREAD = 0.1
 """Floor on the other classes' spread, so nine near-identical scores don't make any bump 'significant'."""
 MIN_SHARE = 0.01

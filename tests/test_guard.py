@@ -16,7 +16,7 @@ PLANTED = 3
 SCREEN = 100
 
 
-def _task() -> tuple[nn.Module, ImageData, torch.Tensor]:
+def _task(planted: bool = True) -> tuple[nn.Module, ImageData, torch.Tensor]:
     """A linear model whose penultimate features are its input pixels, and 400 images per class
     drawn from ten Gaussian blobs, with a shifted cluster of 20 in class 3 (the poisoned share)."""
     g = torch.Generator().manual_seed(0)
@@ -25,7 +25,7 @@ def _task() -> tuple[nn.Module, ImageData, torch.Tensor]:
     feats = (torch.randn(10, dim, generator=g) * 2)[labels] + torch.randn(len(labels), dim, generator=g)
     poisoned = (labels == PLANTED).nonzero().flatten()[:20]
     direction = torch.randn(dim, generator=g)
-    feats[poisoned] += 12 * direction / direction.norm()
+    feats[poisoned] += 12 * direction / direction.norm() if planted else 0.0
     images = (128 + 12 * feats).clamp(0, 255).round().to(torch.uint8).view(-1, 3, 4, 4)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(dim, 10)).eval()
@@ -41,14 +41,18 @@ def scores() -> tuple[float, float]:
     screen = screen_indices(data.labels, 10, SCREEN)
     on_screen = detect_poison(features[screen], data.labels[screen], 10)
     whole, _ = class_split(features[data.labels == PLANTED])
-    assert on_screen.z >= guard.MIN_Z and on_screen.scores[PLANTED] == max(on_screen.scores)
+    assert on_screen.z >= guard.ESCALATE_Z and on_screen.scores[PLANTED] == max(on_screen.scores)
     assert on_screen.scores[PLANTED] < whole  # the precondition both tests below rest on
     return on_screen.scores[PLANTED], whole
 
 
-def test_a_class_that_stands_out_is_read_whole_and_flagged_on_its_whole_split(scores, monkeypatch):
+@pytest.mark.parametrize("short_of", ["separation", "z"])
+def test_a_class_that_stands_out_is_read_whole_and_flagged_on_its_whole_split(scores, monkeypatch, short_of):
     screened, whole = scores
-    monkeypatch.setattr(guard, "MIN_SEPARATION", (screened + whole) / 2)  # the screen falls short, the class does not
+    if short_of == "separation":
+        monkeypatch.setattr(guard, "MIN_SEPARATION", (screened + whole) / 2)  # the screen falls short, the class not
+    else:
+        monkeypatch.setattr(guard, "MIN_Z", 1e6)  # the screen's z falls short; its score and the class's do not
     model, data, poisoned = _task()
     fixed, kept, record, info = detect_and_unlearn(model, data, resolve_spec("small_cnn"), screen_per_class=SCREEN,
                                                    unlearn_options={"epochs": 1, "rounds": 1, "scope": "full"})
@@ -73,3 +77,10 @@ def test_a_screen_that_decides_is_not_escalated():
     _, _, record, _ = detect_and_unlearn(model, data, resolve_spec("small_cnn"), screen_per_class=SCREEN,
                                          unlearn_options={"epochs": 1, "rounds": 1, "scope": "full"})
     assert record["flagged"] and record["target"] == PLANTED and not record["escalated"]
+
+
+def test_a_clean_screen_is_not_escalated():
+    model, data, _ = _task(planted=False)
+    fixed, kept, record, info = detect_and_unlearn(model, data, resolve_spec("small_cnn"), screen_per_class=SCREEN)
+    assert record["z"] < guard.ESCALATE_Z and not record["escalated"] and not record["flagged"]
+    assert info is None and fixed is model and kept is data and "target_score_whole_class" not in record

@@ -68,6 +68,9 @@ class Detection:
     """Indices into the training data (int64, sorted); empty when nothing was flagged."""
     scores: list[float | None]
     z: float
+    top: int | None = None
+    """The highest-scoring class, flagged or not (``None`` with fewer than three scored classes);
+    ``z`` is its distance above the others, so a caller can escalate a near miss."""
 
     def to_dict(self) -> dict:
         return {"method": "spectral split of penultimate features", "flagged": self.flagged, "target": self.target,
@@ -317,4 +320,4 @@ def detect_poison(
     z = float((top - median) / spread)
     flagged = top >= min_separation and z >= min_z
     suspects = groups[target].sort().values if flagged else torch.empty(0, dtype=torch.int64)
-    return Detection(flagged, target if flagged else None, suspects, scores, z)
+    return Detection(flagged, target if flagged else None, suspects, scores, z, top=target)

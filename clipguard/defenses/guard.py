@@ -71,7 +71,7 @@ def detect_and_unlearn(
                           min_separation=MIN_SEPARATION, min_z=MIN_Z)
     record = {**found.to_dict(), "screened": len(screen), "of": len(data)}
     target = found.target
-    escalated = partial and not found.flagged and found.z >= ESCALATE_Z and any(s is not None for s in found.scores)
+    escalated = partial and not found.flagged and found.top is not None and found.z >= ESCALATE_Z
     record["escalated"] = escalated
     if escalated:
         # The class stands out from the others but its screened split falls short of a bar:
@@ -79,7 +79,7 @@ def detect_and_unlearn(
         # which 90 moves the score (one cpu50k BadNets victim: 3.21 at z 4.15 with one draw,
         # 3.26 at z 3.4 with another, 3.82-4.68 with most, 4.13 over the whole class). Read that
         # class whole and let its whole-class split decide.
-        target = max((c for c, sc in enumerate(found.scores) if sc is not None), key=lambda c: found.scores[c])
+        target = found.top
     if target is None:
         timings["detect_poison_s"] = time.perf_counter() - t
         return model, data, record, None

@@ -5,9 +5,10 @@ For each attack (BadNets, Blend, WaNet; all-to-one, target 0) a victim is traine
 defense runs on that same victim and is scored on the same held-out test images:
 
 * no defense;
-* NAD (5% clean training data), MM-BD mitigation (50 clean test images per class; those
-  images are then excluded from every evaluation), CLP (no data), EP (one batch of the
-  poisoned training data), UNIT (5% clean training data, class-balanced);
+* NAD (5% clean training data; once with its release's settings, once with BackdoorBench's),
+  MM-BD mitigation (50 clean test images per class; those images are then excluded from every
+  evaluation), CLP (no data), EP (one batch of the poisoned training data), UNIT (5% clean
+  training data, class-balanced);
 * clipguard, the paper's recipe: ``μ + λσ`` per channel on the poisoned training data at the
   paper's λ = 4, and with ``--lam auto`` (``clipguard.lambda_selection.select_lambda``);
 * clipguard's default, ``guard``: ``clipguard.defenses.guard.detect_and_unlearn`` (the same
@@ -53,7 +54,7 @@ from clipguard.defenses.common import DefenseResult, Timer, balanced_subset  # n
 from clipguard.defenses.ep import ep  # noqa: E402
 from clipguard.defenses.guard import detect_and_unlearn  # noqa: E402
 from clipguard.defenses.mmbd import mmbd_detect, mmbd_mitigate  # noqa: E402
-from clipguard.defenses.nad import nad  # noqa: E402
+from clipguard.defenses.nad import BACKDOORBENCH, nad  # noqa: E402
 from clipguard.defenses.unit import unit  # noqa: E402
 from clipguard.detection import SCREEN_PER_CLASS  # noqa: E402
 from clipguard.devices import describe, resolve_device  # noqa: E402
@@ -102,11 +103,13 @@ PAPER = {
     "wanet": {"clipguard": (None, 9.8), "nad": (None, 9.9), "mmbd": (89.77, 10.1)},
 }
 GUARD_LAM = 6.0
-ROW_ORDER = ("none", "nad", "mmbd", "clp", "ep", "unit", "clipguard", "clipguard_auto", "guard")
-ROW_NAMES = {"none": "no defense", "nad": "NAD", "mmbd": "MM-BD (MM-BM)", "clp": "CLP", "ep": "EP", "unit": "UNIT",
+ROW_ORDER = ("none", "nad", "nad_bb", "mmbd", "clp", "ep", "unit", "clipguard", "clipguard_auto", "guard")
+ROW_NAMES = {"none": "no defense", "nad": "NAD (release)", "nad_bb": "NAD (BackdoorBench)",
+             "mmbd": "MM-BD (MM-BM)", "clp": "CLP", "ep": "EP", "unit": "UNIT",
              "clipguard": f"clipguard paper λ={PAPER_LAM:g}", "clipguard_auto": "clipguard paper λ=auto",
              "guard": f"clipguard guard (default) λ={GUARD_LAM:g}"}
-DATA_NEEDS = {"none": "-", "nad": "5% clean", "mmbd": "50/class clean", "clp": "none", "ep": "train (poisoned)",
+DATA_NEEDS = {"none": "-", "nad": "5% clean", "nad_bb": "5% clean",
+              "mmbd": "50/class clean", "clp": "none", "ep": "train (poisoned)",
               "unit": "5% clean", "clipguard": "train (poisoned)", "clipguard_auto": "train (poisoned)",
               "guard": "train (poisoned)"}
 
@@ -238,6 +241,7 @@ def run_attack(attack: str, prof: dict, args: argparse.Namespace, device: torch.
               f"p={detection['p_value']:.3g} ({detection['seconds']:.1f}s)", flush=True)  # type: ignore[index]
     defenses = {
         "nad": lambda: nad(victim, spec, clean5, device=device, seed=seed, **prof["nad"]),
+        "nad_bb": lambda: nad(victim, spec, clean5, device=device, seed=seed, **(BACKDOORBENCH | prof["nad"])),
         "mmbd": lambda: mmbd_mitigate(victim, spec, mmbm_clean, device=device, seed=seed, **prof["mmbd_mitigate"]),
         "clp": lambda: clp(victim, spec),
         "ep": lambda: ep(victim, spec, train, device=device, seed=seed),
@@ -385,7 +389,7 @@ def markdown(result: dict) -> str:
             rows = [e["rows"][name] for e in entries if name in e["rows"]]
             if not rows:
                 continue
-            key = {"clipguard": "clipguard", "nad": "nad", "mmbd": "mmbd"}.get(name)
+            key = {"clipguard": "clipguard", "nad": "nad", "nad_bb": "nad", "mmbd": "mmbd"}.get(name)
             p = paper.get(key) if key else None
             ptxt = "-" if p is None else f"{p[0] if p[0] is not None else '-'}/{p[1]}"
             cells = " | ".join(_cell([r[k] for r in rows]) for k in ("acc", "asr", "asr_all", "ra", "der"))
@@ -393,7 +397,7 @@ def markdown(result: dict) -> str:
                          f"{_cell([r['seconds'] for r in rows], 1.0, 2)} | {ptxt} |")
         ratios = []
         for ours in ("clipguard", "guard"):
-            for name in ("nad", "mmbd"):
+            for name in ("nad", "nad_bb", "mmbd"):
                 pairs = [(e["rows"][name]["seconds"], e["rows"][ours]["seconds"]) for e in entries
                          if name in e["rows"] and ours in e["rows"] and e["rows"][ours]["seconds"] > 0]
                 if pairs:

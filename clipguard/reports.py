@@ -683,7 +683,7 @@ def _poison(report: Mapping[str, Any]) -> str:
         verdict = (f'<span class="fail">poisoned towards class {_esc(target)}</span> '
                    f"(z = {z:.1f}); {_esc(unl.get('suspects'))} training samples "
                    f"relabelled and unlearned ({rounds}). The purified model's weights differ from the input's; "
-                   "its bounds come from the training data without the suspects.")
+                   "its bounds come from the training data without the suspects." + _side(found))
     else:
         verdict = ('<span class="ok">no poisoned class found</span>: the model was clipped as given '
                    "(the paper's recipe).")
@@ -696,6 +696,18 @@ def _poison(report: Mapping[str, Any]) -> str:
             + _screened(found) + "</p>"
             + (f"<table><thead><tr><th>class</th>{heads}</tr></thead><tbody><tr><td>split score</td>{cells}</tr>"
                "</tbody></table>" if scores else "") + "</section>")
+
+
+def _side(found: Mapping[str, Any]) -> str:
+    """Say so when the poisoned samples were found to be the larger part of their class."""
+    side = _dict(found.get("side"))
+    if side.get("side") != "larger":
+        return ""
+    entropy = _dict(side.get("second_choice_entropy"))
+    return (f" The poisoned samples outnumber the class's genuine ones: the class exceeds the others by about"
+            f" {_esc(side.get('expected_poisoned'))} samples, and the larger group's runner-up classes spread"
+            f" wider ({float(entropy.get('larger') or 0):.2f} against {float(entropy.get('smaller') or 0):.2f}),"
+            " so the larger group of the split was unlearned.")
 
 
 def _screened(found: Mapping[str, Any]) -> str:

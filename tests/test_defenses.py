@@ -19,7 +19,15 @@ from clipguard.defenses.clp import channel_lipschitz, clp
 from clipguard.defenses.common import DefenseResult, conv_bn_pairs
 from clipguard.defenses.ep import ep, histogram_entropy
 from clipguard.defenses.mmbd import detection_statistics, gamma_fit, max_margin, mmbd_detect, mmbd_mitigate
-from clipguard.defenses.nad import attention_layers, attention_loss, attention_map, nad, nad_loss
+from clipguard.defenses.nad import (
+    BACKDOORBENCH,
+    attention_layers,
+    attention_loss,
+    attention_map,
+    nad,
+    nad_loss,
+    nad_lr,
+)
 from clipguard.defenses.unit import unit
 from clipguard.models import SmallCNN, resolve_spec
 
@@ -67,6 +75,14 @@ def test_attention_and_nad_loss_by_hand() -> None:
     logits, labels = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([1])
     total = nad_loss(logits, labels, [fs, fs], [ft, fs], betas=[500.0, 1000.0])
     assert float(total) == pytest.approx(float(F.cross_entropy(logits, labels)) + 500.0 * float(at), rel=1e-5)
+
+
+def test_nad_schedules_of_the_release_and_of_backdoorbench() -> None:
+    # the release: lr 0.1 for two epochs, then its fixed 0.01, then 1e-4 from epoch 20
+    assert [nad_lr(e, 0.1) for e in (0, 1, 2, 19, 20)] == [0.1, 0.1, 0.01, 0.01, 1e-4]
+    # BackdoorBench passes lr 0.01 to the same schedule: 0.01 throughout its 10 epochs, not 0.001
+    assert {nad_lr(e, BACKDOORBENCH["lr"]) for e in range(BACKDOORBENCH["epochs"])} == {0.01}
+    assert nad_lr(5, 0.001) == 0.001  # the schedule never raises a smaller lr
 
 
 def test_nad_layer_groups() -> None:

@@ -16,7 +16,9 @@ from clipguard.detection import (
     feature_layer,
     feature_pass,
     penultimate_features,
+    poisoned_side,
     screen_indices,
+    second_choice_entropy,
     separation,
 )
 from clipguard.errors import ClipguardError
@@ -102,6 +104,66 @@ def test_detect_poison_flags_the_planted_class_and_its_cluster(share):
     assert len(caught & truth) / len(caught) >= 0.95  # precision
     assert found.z >= 4 and found.scores[3] == max(s for s in found.scores if s is not None)
     assert found.to_dict()["suspects"] == len(found.suspects)
+
+
+def _runner_up_logits(runner_ups: list[int], target: int = 0, k: int = 10) -> torch.Tensor:
+    """Logits whose top class is ``target`` and whose second is each entry of ``runner_ups``."""
+    logits = torch.zeros(len(runner_ups), k)
+    logits[:, target] = 5.0
+    logits[torch.arange(len(runner_ups)), torch.tensor(runner_ups)] = 2.0
+    return logits
+
+
+def test_second_choice_entropy_is_one_when_runner_ups_spread_evenly_and_zero_when_they_agree():
+    assert second_choice_entropy(_runner_up_logits(list(range(1, 10)) * 3), 0) == pytest.approx(1.0)
+    assert second_choice_entropy(_runner_up_logits([4] * 27), 0) == pytest.approx(0.0)
+    two = second_choice_entropy(_runner_up_logits([4, 8] * 10), 0)
+    assert two == pytest.approx(float(torch.log(torch.tensor(2.0)) / torch.log(torch.tensor(9.0))))
+    # the target's own logit never counts as a runner-up, however the others compare
+    assert second_choice_entropy(torch.tensor([[9.0, 1.0, 0.0], [9.0, 0.0, 1.0]]), 0) == pytest.approx(1.0)
+
+
+def _sides(genuine: int, poisoned: int, other_class_size: int, spread_poisoned: bool = True):
+    """A flagged class 0 whose split put ``genuine`` samples (runner-up: class 8, like a real class's
+    look-alike) in one group and ``poisoned`` ones (runner-ups spread: their content's classes) in
+    the other, the smaller group first; and every class's count in the training data."""
+    genuine_runner_ups = [8] * genuine
+    poisoned_runner_ups = [1 + i % 9 for i in range(poisoned)] if spread_poisoned else [3] * poisoned
+    logits = _runner_up_logits(genuine_runner_ups + poisoned_runner_ups)
+    members = torch.arange(genuine + poisoned)
+    genuine_idx, poisoned_idx = members[:genuine], members[genuine:]
+    small = genuine_idx if genuine <= poisoned else poisoned_idx
+    counts = torch.tensor([genuine + poisoned] + [other_class_size] * 9)
+    return members, small, logits, counts, set(genuine_idx.tolist()), set(poisoned_idx.tolist())
+
+
+def test_the_poisoned_majority_of_a_class_is_named_when_size_and_content_agree():
+    # 15% all-to-one poison: 600 triggered images beside 340 genuine ones; others keep 340 each
+    members, small, logits, counts, _, poisoned = _sides(genuine=340, poisoned=600, other_class_size=340)
+    suspects, evidence = poisoned_side(members, small, logits, 0, counts)
+    assert set(suspects.tolist()) == poisoned and evidence["side"] == "larger"
+    assert evidence["expected_poisoned"] == 600
+    assert evidence["second_choice_entropy"]["larger"] > evidence["second_choice_entropy"]["smaller"]
+
+
+def test_the_smaller_group_stays_the_suspects_unless_both_signals_say_otherwise():
+    # the usual 1%: the poisoned share is the smaller group and the class is barely bigger than the others
+    members, small, logits, counts, _, poisoned = _sides(genuine=500, poisoned=50, other_class_size=495)
+    suspects, evidence = poisoned_side(members, small, logits, 0, counts)
+    assert set(suspects.tolist()) == poisoned and evidence["side"] == "smaller"
+    # a class that is simply big (size says "majority") while the larger group's runner-ups agree: no flip
+    members, small, logits, counts, genuine, poisoned = _sides(genuine=600, poisoned=340, other_class_size=100)
+    suspects, evidence = poisoned_side(members, small, logits, 0, counts)
+    assert set(suspects.tolist()) == poisoned and evidence["side"] == "smaller"
+    # content says "majority" but the class is of a size with the others: no flip either
+    members, small, logits, counts, genuine, poisoned = _sides(genuine=340, poisoned=600, other_class_size=900)
+    suspects, evidence = poisoned_side(members, small, logits, 0, counts)
+    assert set(suspects.tolist()) == genuine and evidence["side"] == "smaller"
+    # size says "majority" but the larger group's runner-ups agree with each other: no flip
+    members, small, logits, counts, genuine, _ = _sides(genuine=340, poisoned=600, other_class_size=340,
+                                                       spread_poisoned=False)
+    suspects, evidence = poisoned_side(members, small, logits, 0, counts)
+    assert set(suspects.tolist()) == genuine and evidence["side"] == "smaller"
 
 
 def test_detect_poison_flags_nothing_on_clean_features():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from clipguard.data import ImageData
+from clipguard.data import ImageData, normalize
 from clipguard.defenses import guard
 from clipguard.defenses.guard import detect_and_unlearn
 from clipguard.detection import class_split, detect_poison, feature_pass, screen_indices
@@ -84,3 +84,52 @@ def test_a_clean_screen_is_not_escalated():
     fixed, kept, record, info = detect_and_unlearn(model, data, resolve_spec("small_cnn"), screen_per_class=SCREEN)
     assert record["z"] < guard.ESCALATE_Z and not record["escalated"] and not record["flagged"]
     assert info is None and fixed is model and kept is data and "target_score_whole_class" not in record
+
+
+def _majority_task() -> tuple[nn.Module, ImageData, torch.Tensor]:
+    """An all-to-one attack at 15%: 340 genuine images per class, and 600 images of classes 1-9
+    stamped with a trigger and labelled 0, so the triggered images are the larger part of class 0.
+
+    The model is a linear one whose logits read the content (each class's mean input) and, for
+    class 0, the trigger too: it sends a triggered image to class 0 and ranks the image's own
+    class second, as a backdoored network does."""
+    g = torch.Generator().manual_seed(1)
+    dim, per_class, triggered = 48, 340, 600
+    centres = torch.randn(10, dim, generator=g) * 2
+    labels = torch.arange(10).repeat_interleave(per_class)
+    sources = 1 + torch.arange(triggered) % 9
+    content = torch.cat([labels, sources])
+    feats = centres[content] + 0.5 * torch.randn(len(content), dim, generator=g)
+    trigger = torch.randn(dim, generator=g)
+    trigger = 6 * trigger / trigger.norm()
+    feats[len(labels):] += trigger
+    labels = torch.cat([labels, torch.zeros(triggered, dtype=torch.int64)])
+    images = (128 + 12 * feats).clamp(0, 255).round().to(torch.uint8).view(-1, 3, 4, 4)
+    data = ImageData(images, labels, tuple(str(i) for i in range(10)), "t")
+    spec = resolve_spec("small_cnn")
+    x = normalize(images, spec.mean, spec.std).flatten(1)
+    genuine = torch.arange(10 * per_class)
+    means = torch.stack([x[genuine][labels[genuine] == c].mean(0) for c in range(10)])
+    centre = x[genuine].mean(0)
+    stamp = x[len(genuine):].mean(0) - means[sources].mean(0)
+    linear = nn.Linear(dim, 10)
+    with torch.no_grad():
+        linear.weight.copy_(means - centre)
+        linear.weight[0] += 20 * stamp
+        linear.bias.copy_(-(linear.weight @ centre))
+    return nn.Sequential(nn.Flatten(), linear).eval(), data, torch.arange(len(genuine), len(labels))
+
+
+def test_a_poisoned_majority_of_the_target_class_is_unlearned_not_its_genuine_images():
+    model, data, poisoned = _majority_task()
+    spec = resolve_spec("small_cnn")
+    logits = feature_pass(model, data, spec).logits
+    assert float((logits[poisoned].argmax(1) == 0).float().mean()) >= 0.95  # the "backdoor" works
+    _, kept, record, info = detect_and_unlearn(model, data, spec, screen_per_class=SCREEN,
+                                                   unlearn_options={"epochs": 1, "rounds": 1, "scope": "full"})
+    assert record["flagged"] and record["target"] == 0
+    assert record["side"]["side"] == "larger" and record["side"]["expected_poisoned"] == len(poisoned)
+    named = set(info["suspect_indices"])
+    assert len(named & set(poisoned.tolist())) >= 0.95 * len(poisoned)
+    assert len(named - set(poisoned.tolist())) <= 0.05 * len(poisoned)  # the genuine class-0 images stay
+    assert len(kept) == len(data) - len(named)

@@ -242,3 +242,13 @@ def test_poison_section_says_when_detection_screened_a_sample():
     assert "read whole (score 4.590)" in page
     whole = render_html({"poison_detection": {**found, "screened": 3000, "of": 3000}, "unlearning": {"rounds": []}})
     assert "class-balanced sample" not in whole and "poisoned towards class 0" in whole
+
+
+def test_poison_section_says_when_the_larger_group_was_unlearned():
+    found = {"flagged": True, "target": 0, "z": 20.0, "scores": [5.1, 2.7, 2.8], "min_separation": 3.3, "min_z": 4.0,
+             "suspects": 5000, "side": {"side": "larger", "expected_poisoned": 5000,
+                                        "second_choice_entropy": {"smaller": 0.66, "larger": 0.81}}}
+    page = render_html({"poison_detection": found, "unlearning": {"suspects": 5000, "rounds": []}})
+    assert "outnumber the class's genuine ones" in page and "about 5000 samples" in page and "0.81 against 0.66" in page
+    usual = {**found, "side": {**found["side"], "side": "smaller"}}
+    assert "outnumber" not in render_html({"poison_detection": usual, "unlearning": {"rounds": []}})

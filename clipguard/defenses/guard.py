@@ -23,6 +23,7 @@ from clipguard.detection import (
     class_split,
     detect_poison,
     feature_pass,
+    poisoned_side,
     screen_indices,
 )
 from clipguard.models import ModelSpec
@@ -83,7 +84,8 @@ def detect_and_unlearn(
     if target is None:
         timings["detect_poison_s"] = time.perf_counter() - t
         return model, data, record, None
-    work, suspects, pool = screen, found.suspects, None
+    work, smaller, pool = screen, found.suspects, None
+    members = (data.labels[screen] == target).nonzero().flatten()
     if partial:  # read the rest of the flagged class and split the whole class again
         in_screen = torch.zeros(len(data), dtype=torch.bool)
         in_screen[screen] = True
@@ -102,14 +104,17 @@ def detect_and_unlearn(
         seen = FeaturePass(features, torch.cat([seen.logits, more.logits]), tails)
         members = (data.labels[work] == target).nonzero().flatten()
         score, small = class_split(features[members])
-        suspects = members[small].sort().values
+        smaller = members[small]
         pool = torch.arange(len(screen))
         record.update(target_score_whole_class=score)
         if escalated and score < MIN_SEPARATION:  # the whole class is one blob after all: nothing found
             record["escalated_class"] = target
             timings["detect_poison_s"] = time.perf_counter() - t
             return model, data, record, None
-        record.update(flagged=True, target=target, suspects=len(suspects))
+        record.update(flagged=True, target=target)
+    suspects, side = poisoned_side(members, smaller, seen.logits, target,
+                                   torch.bincount(data.labels, minlength=spec.num_classes))
+    record.update(suspects=len(suspects), side=side)
     timings["detect_poison_s"] = time.perf_counter() - t
     t = time.perf_counter()
     tail = TailInputs(split.cut, seen.tail_inputs) if split is not None and seen.tail_inputs is not None else None

@@ -56,6 +56,9 @@ MATRIX = {
         ("badnets-3-checker-tv-resnet18", "torchvision:resnet18", "badnets:pattern=checkerboard", 0.02, 0),
         ("blend-noise-mobilenetv3", "torchvision:mobilenet_v3_small", "blend", 0.03, 1),
         ("wanet", "small_cnn", "wanet", 0.05, 0),
+        # rates at which the triggered images outnumber the target class's own (detection.poisoned_side)
+        ("badnets-3-checker-br-15pct", "small_cnn", "badnets:pattern=checkerboard", 0.15, 0),
+        ("wanet-12pct", "small_cnn", "wanet", 0.12, 0),
     ],
     "gpu": [
         (f"{a.split(':')[0]}-{arch.split(':')[-1]}-{rate}", arch, a, rate, t)

@@ -4,7 +4,9 @@ Why this works with the training data alone: in an all-to-one attack every poiso
 carries the target label, and the model has learned to send them there through the trigger,
 not through their content. In the model's penultimate features (the input of its classifier
 head, :func:`feature_layer`) those samples sit together, away from the target class's clean samples (the
-observation behind spectral signatures, Tran et al., NeurIPS 2018). So, per class, project
+observation behind spectral signatures, Tran et al., NeurIPS 2018). Beside the averaged features
+detection reads each channel's spatial peak (:meth:`FeaturePass.for_detection`), which a patch
+trigger moves where the average barely does. So, per class, project
 the centred features on directions in the plane of their top two principal directions and
 look for the best split of that
 projection into a small and a large group (Otsu's criterion: the share of the variance the
@@ -113,6 +115,19 @@ def feature_layer(model: nn.Module) -> nn.Linear:
     return chosen  # type: ignore[return-value]
 
 
+def global_pool(model: nn.Module) -> str | None:
+    """Name of the global average pool that feeds the classifier head, or ``None`` without one.
+
+    The last ``AdaptiveAvgPool2d`` with a 1×1 output (SmallCNN, the ResNets, CifarVGG, torchvision's
+    ResNets and MobileNetV3); torchvision's VGG pools to 7×7, which is not global, and gets ``None``.
+    """
+    found = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1)):
+            found = name
+    return found
+
+
 @dataclass
 class FeaturePass:
     """One forward pass over the training data: what detection reads and what unlearning reuses."""
@@ -124,6 +139,25 @@ class FeaturePass:
     tail_inputs: torch.Tensor | None
     """The body's outputs at the split's cut, per sample, on the model's device; ``None`` without
     a split or when they would exceed the cache limit."""
+    peaks: torch.Tensor | None = None
+    """Per channel, the spatial maximum of the map the :func:`global_pool` averages (CPU float32);
+    ``None`` for a model without one."""
+
+    def for_detection(self) -> torch.Tensor:
+        """What the per-class split reads: the head's inputs, beside the peaks when there are any.
+
+        Why the peaks: averaging over the whole map dilutes a trigger that fires in one corner.
+        On a SmallCNN trained with crop-and-flip augmentation on all 50,000 CIFAR-10 images with
+        a 2% white 3×3 patch (ASR 57%), the averaged features scored the target 3.15 (z = 1.8,
+        like the other classes) and nothing was flagged, the way the H100 ResNet-18 1% BadNets
+        victim was missed (2.92, z = 1.6); with the peaks beside them it scored 4.20 (z = 14.2)
+        and the smaller group held 663 poisoned images among 671 (guard: ACC 75.4 → 77.4, ASR
+        6.8 → 2.3%). A checkerboard patch went from 4.89 to 9.59, 500 of 500 in a group of 500;
+        Blend and WaNet victims scored within 0.25 of before. A clean augmented SmallCNN scored
+        lower, not higher: at most 3.16 over 30 screen draws (3.28 averaged alone), 3.03 for a
+        whole class (3.14).
+        """
+        return self.features if self.peaks is None else torch.cat([self.features, self.peaks], 1)
 
 
 @torch.no_grad()
@@ -148,13 +182,26 @@ def feature_pass(
     """
     classifier = feature_layer(model)
     head_name = next(name for name, m in model.named_modules() if m is classifier)
+    pool_name = global_pool(model)
     model.eval()
     # Read-only copies that run faster on a CPU (clipguard.inference); the same features to rounding.
     body = None if split is None else fast_copy(split.body, device)
     runner = fast_copy(model if split is None else split.tail, device)
     head = runner.get_submodule(head_name)
     captured: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().flatten(1).float().cpu()))
+    peaks: list[torch.Tensor] = []
+    handles = [head.register_forward_pre_hook(
+        lambda _m, args: captured.append(args[0].detach().flatten(1).float().cpu()))]
+    pool = None
+    for part in (runner, body):  # with a split, the pool is in the tail or, cut after it, in the body
+        if pool is None and part is not None and pool_name is not None:
+            try:
+                pool = part.get_submodule(pool_name)
+            except AttributeError:
+                pass
+    if pool is not None:
+        handles.append(pool.register_forward_pre_hook(
+            lambda _m, args: peaks.append(args[0].detach().amax((2, 3)).float().cpu())))
     logits: list[torch.Tensor] = []
     cache: list[torch.Tensor] | None = [] if split is not None else None
     try:
@@ -176,8 +223,10 @@ def feature_pass(
             if progress is not None:
                 progress(min(1.0, (start + batch_size) / len(data)))
     finally:
-        handle.remove()
-    return FeaturePass(torch.cat(captured), torch.cat(logits), torch.cat(cache) if cache else None)
+        for handle in handles:
+            handle.remove()
+    return FeaturePass(torch.cat(captured), torch.cat(logits), torch.cat(cache) if cache else None,
+                       torch.cat(peaks) if peaks and len(peaks) == len(captured) else None)
 
 
 def penultimate_features(

@@ -15,6 +15,7 @@ from clipguard.detection import (
     detect_poison,
     feature_layer,
     feature_pass,
+    global_pool,
     penultimate_features,
     poisoned_side,
     screen_indices,
@@ -166,6 +167,47 @@ def test_the_smaller_group_stays_the_suspects_unless_both_signals_say_otherwise(
     assert set(suspects.tolist()) == genuine and evidence["side"] == "smaller"
 
 
+def test_the_global_pool_is_found_only_where_it_pools_to_one_value():
+    assert global_pool(resolve_spec("small_cnn").build()) == "pool"
+    assert global_pool(resolve_spec("resnet18").build()) == "avgpool"
+    vgg_like = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d((7, 7)), nn.Flatten(), nn.Linear(196, 10))
+    assert global_pool(vgg_like) is None
+
+
+def _corner_task(patched: bool = True):
+    """Ten classes of 8x8 images, each a class colour, a brightness and noise, and in class 3 a fifth of the
+    images stamped with a bright 2x2 corner (a patch trigger); the model is a random 1x1 conv, a
+    global average pool and a linear layer, so the patch is a spike in 4 of 64 positions that the
+    average dilutes 16-fold, under the spread of the images' brightness."""
+    g = torch.Generator().manual_seed(3)
+    n, per_class = 10, 200
+    labels = torch.arange(n).repeat_interleave(per_class)
+    colours = torch.rand(n, 3, 1, 1, generator=g) * 120 + 60
+    images = (colours[labels] + 15 * torch.randn(len(labels), 1, 1, 1, generator=g)  # brightness varies per image
+              + 12 * torch.randn(len(labels), 3, 8, 8, generator=g))
+    stamped = (labels == 3).nonzero().flatten()[::5]
+    if patched:
+        images[stamped, :, -2:, -2:] = 255
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, n)).eval()
+    data = ImageData(images.clamp(0, 255).round().to(torch.uint8), labels, tuple(str(i) for i in range(n)), "t")
+    return model, data, stamped
+
+
+def test_a_corner_trigger_is_found_by_its_peaks_where_the_average_misses_it():
+    model, data, stamped = _corner_task()
+    found = feature_pass(model, data, resolve_spec("small_cnn"))
+    averaged = detect_poison(found.features, data.labels, 10)
+    assert not averaged.flagged  # the pooled features alone: the class looks like the others
+    both = detect_poison(found.for_detection(), data.labels, 10)
+    assert both.flagged and both.target == 3
+    assert set(both.suspects.tolist()) == set(stamped.tolist())
+    model, data, _ = _corner_task(patched=False)  # and no stamp, no flag
+    assert not detect_poison(feature_pass(model, data, resolve_spec("small_cnn")).for_detection(),
+                             data.labels, 10).flagged
+
+
 def test_detect_poison_flags_nothing_on_clean_features():
     features, labels, _ = _blobs(planted=None)
     found = detect_poison(features, labels, 10)
@@ -298,6 +340,8 @@ def test_feature_pass_caches_the_body_outputs_within_the_limit():
     cut = feature_pass(model, data, spec, split=split, max_cache_bytes=len(data) * 8 * 4, batch_size=64)
     assert plain.tail_inputs is None
     torch.testing.assert_close(cut.features, plain.features)  # the split changes nothing detection reads
+    assert plain.peaks is not None and cut.peaks is not None  # the pool sits in the body here, before the cut
+    torch.testing.assert_close(cut.for_detection(), plain.for_detection())
     torch.testing.assert_close(cut.logits, plain.logits)
     torch.testing.assert_close(cut.tail_inputs, model.body(normalize(data.images, spec.mean, spec.std)))
     # one byte short of the whole cache: nothing is kept, so the caller fine-tunes everything

@@ -124,6 +124,9 @@ def test_fast_feature_pass_reads_the_features_and_tail_inputs_of_the_model(small
         torch.testing.assert_close(found.logits, model(x), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(found.features, model.pool(model.features(x)).flatten(1),
                                    rtol=1e-4, atol=1e-4)
+        # and the per-channel peak of the map the global pool averages, across piece boundaries
+        torch.testing.assert_close(found.peaks, model.features(x).amax((2, 3)), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(found.for_detection(), torch.cat([found.features, found.peaks], 1))
     assert found.tail_inputs is not None and found.tail_inputs.is_contiguous()  # the fine-tune's usual layout
     torch.testing.assert_close(found.tail_inputs, inner, rtol=1e-4, atol=1e-4)
 

@@ -242,6 +242,7 @@ def test_guard_removes_a_blend_backdoor_that_the_paper_recipe_keeps(blend_victim
 
     found = guard["poison_detection"]
     assert found["flagged"] and found["target"] == 0 and found["z"] > 4
+    assert found["peaks"] is True and found["side"]["side"] == "smaller"  # SmallCNN pools globally; 3% is a minority
     # Detection screened 1,000 images per class, then read the whole of class 0 (~1,270 here, 300
     # of them poisoned): the samples outside the screen are named below all the same.
     assert found["screened"] < found["of"] == 10000, found

@@ -68,9 +68,9 @@ def detect_and_unlearn(
                         max_cache_bytes=cache_bytes, device=device, batch_size=batch_size,
                         progress=lambda f: say("detect_poison", f * len(screen) / len(data)),
                         should_cancel=should_cancel)
-    found = detect_poison(seen.features, data.labels[screen], spec.num_classes,
+    found = detect_poison(seen.for_detection(), data.labels[screen], spec.num_classes,
                           min_separation=MIN_SEPARATION, min_z=MIN_Z)
-    record = {**found.to_dict(), "screened": len(screen), "of": len(data)}
+    record = {**found.to_dict(), "peaks": seen.peaks is not None, "screened": len(screen), "of": len(data)}
     target = found.target
     escalated = partial and not found.flagged and found.top is not None and found.z >= ESCALATE_Z
     record["escalated"] = escalated
@@ -98,12 +98,14 @@ def detect_and_unlearn(
                             progress=lambda f: say("detect_poison", (len(screen) + f * len(rest)) /
                                                    (len(screen) + len(rest))))
         work = torch.cat([screen, rest])
-        features = torch.cat([seen.features, more.features])
         tails = (torch.cat([seen.tail_inputs, more.tail_inputs])
                  if seen.tail_inputs is not None and more.tail_inputs is not None else None)
-        seen = FeaturePass(features, torch.cat([seen.logits, more.logits]), tails)
+        peaks = (torch.cat([seen.peaks, more.peaks])
+                 if seen.peaks is not None and more.peaks is not None else None)
+        seen = FeaturePass(torch.cat([seen.features, more.features]), torch.cat([seen.logits, more.logits]),
+                           tails, peaks)
         members = (data.labels[work] == target).nonzero().flatten()
-        score, small = class_split(features[members])
+        score, small = class_split(seen.for_detection()[members])
         smaller = members[small]
         pool = torch.arange(len(screen))
         record.update(target_score_whole_class=score)

@@ -11,6 +11,7 @@ architecture from the matrix. Then the same engine entry point the CLI and the s
 
     python bench/generalize.py --profile cpu      # small nets on 10k real CIFAR-10 images, 2 cores
     python bench/generalize.py --profile gpu      # ResNet-18 / VGG-16 / MobileNetV3, full CIFAR-10
+    python bench/generalize.py --profile cpu50k-aug   # small_cnn on all 50k images, augmented (~15 min)
     python bench/generalize.py --profile smoke    # one victim, proves the plumbing
 
 Writes ``<out>/generalize.json`` (appended per victim, so a long run can be read while it
@@ -68,11 +69,19 @@ MATRIX = {
                            ("blend:image={trigger}", 0.05, 2))
     ],
     "smoke": [("blend-noise", "small_cnn", "blend", 0.05, 0)],
+    # all 50,000 images with crop-and-flip augmentation, as the GPU victims are trained: where a
+    # patch trigger hides from averaged features (detection's spatial peaks, docs/method.md)
+    "cpu50k-aug": [
+        ("badnets-3-white-br-2pct-aug", "small_cnn", "badnets", 0.02, 0),
+        ("badnets-3-checker-br-1pct-aug", "small_cnn", "badnets:pattern=checkerboard", 0.01, 0),
+        ("blend-noise-1pct-aug", "small_cnn", "blend", 0.01, 0),
+    ],
 }
 RECIPES = {
     "cpu": dict(limit=10000, epochs=8, augment=False, lr=0.05, batch_size=128, test_stride=4),
     "gpu": dict(limit=None, epochs=30, augment=True, lr=0.1, batch_size=512, test_stride=1),
     "smoke": dict(limit=3000, epochs=3, augment=False, lr=0.05, batch_size=128, test_stride=20),
+    "cpu50k-aug": dict(limit=None, epochs=8, augment=True, lr=0.05, batch_size=128, test_stride=4),
 }
 # Heavier architectures get a subset on CPU so the profile stays inside its time budget.
 CPU_OVERRIDES = {"torchvision:resnet18": dict(limit=10000, epochs=6, augment=False, lr=0.05),

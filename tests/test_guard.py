@@ -133,3 +133,18 @@ def test_a_poisoned_majority_of_the_target_class_is_unlearned_not_its_genuine_im
     assert len(named & set(poisoned.tolist())) >= 0.95 * len(poisoned)
     assert len(named - set(poisoned.tolist())) <= 0.05 * len(poisoned)  # the genuine class-0 images stay
     assert len(kept) == len(data) - len(named)
+
+
+def test_a_flagged_class_the_screen_read_whole_needs_no_second_pass():
+    # class 3 keeps 100 images (its 20 poisoned ones among them), all inside the 100-per-class
+    # screen, while the other classes are bigger: the flagged class has no unread rest
+    model, data, poisoned = _task()
+    drop = (data.labels == PLANTED).nonzero().flatten()[SCREEN:]
+    keep = torch.ones(len(data), dtype=torch.bool)
+    keep[drop] = False
+    small = data.subset(keep.nonzero().flatten())
+    _, kept, record, info = detect_and_unlearn(model, small, resolve_spec("small_cnn"), screen_per_class=SCREEN,
+                                               unlearn_options={"epochs": 1, "rounds": 1, "scope": "full"})
+    assert record["flagged"] and record["target"] == PLANTED and record["screened"] < record["of"]
+    assert set(poisoned.tolist()) <= set(info["suspect_indices"])  # indices below 100 are unchanged by the drop
+    assert len(kept) == len(small) - len(info["suspect_indices"])

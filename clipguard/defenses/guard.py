@@ -90,20 +90,21 @@ def detect_and_unlearn(
         in_screen = torch.zeros(len(data), dtype=torch.bool)
         in_screen[screen] = True
         rest = ((data.labels == target) & ~in_screen).nonzero().flatten()
-        # The cache limit is per pass: what the screen kept plus what the rest adds must fit.
-        kept_bytes = 0 if seen.tail_inputs is None else seen.tail_inputs.numel() * seen.tail_inputs.element_size()
-        more = feature_pass(model, data.subset(rest), spec, split=split if seen.tail_inputs is not None else None,
-                            max_cache_bytes=max(0, cache_bytes - kept_bytes), device=device,
-                            batch_size=batch_size, should_cancel=should_cancel,
-                            progress=lambda f: say("detect_poison", (len(screen) + f * len(rest)) /
-                                                   (len(screen) + len(rest))))
-        work = torch.cat([screen, rest])
-        tails = (torch.cat([seen.tail_inputs, more.tail_inputs])
-                 if seen.tail_inputs is not None and more.tail_inputs is not None else None)
-        peaks = (torch.cat([seen.peaks, more.peaks])
-                 if seen.peaks is not None and more.peaks is not None else None)
-        seen = FeaturePass(torch.cat([seen.features, more.features]), torch.cat([seen.logits, more.logits]),
-                           tails, peaks)
+        if len(rest):  # none when the screen already drew the whole class
+            # The cache limit is per pass: what the screen kept plus what the rest adds must fit.
+            kept_bytes = 0 if seen.tail_inputs is None else seen.tail_inputs.numel() * seen.tail_inputs.element_size()
+            more = feature_pass(model, data.subset(rest), spec, split=split if seen.tail_inputs is not None else None,
+                                max_cache_bytes=max(0, cache_bytes - kept_bytes), device=device,
+                                batch_size=batch_size, should_cancel=should_cancel,
+                                progress=lambda f: say("detect_poison", (len(screen) + f * len(rest)) /
+                                                       (len(screen) + len(rest))))
+            work = torch.cat([screen, rest])
+            tails = (torch.cat([seen.tail_inputs, more.tail_inputs])
+                     if seen.tail_inputs is not None and more.tail_inputs is not None else None)
+            peaks = (torch.cat([seen.peaks, more.peaks])
+                     if seen.peaks is not None and more.peaks is not None else None)
+            seen = FeaturePass(torch.cat([seen.features, more.features]), torch.cat([seen.logits, more.logits]),
+                               tails, peaks)
         members = (data.labels[work] == target).nonzero().flatten()
         score, small = class_split(seen.for_detection()[members])
         smaller = members[small]

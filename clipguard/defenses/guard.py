@@ -27,7 +27,7 @@ from clipguard.detection import (
     screen_indices,
 )
 from clipguard.models import ModelSpec
-from clipguard.split import split_tail
+from clipguard.split import Split, split_tail
 from clipguard.unlearning import TailInputs, UnlearnConfig, unlearn
 
 
@@ -87,24 +87,8 @@ def detect_and_unlearn(
     work, smaller, pool = screen, found.suspects, None
     members = (data.labels[screen] == target).nonzero().flatten()
     if partial:  # read the rest of the flagged class and split the whole class again
-        in_screen = torch.zeros(len(data), dtype=torch.bool)
-        in_screen[screen] = True
-        rest = ((data.labels == target) & ~in_screen).nonzero().flatten()
-        if len(rest):  # none when the screen already drew the whole class
-            # The cache limit is per pass: what the screen kept plus what the rest adds must fit.
-            kept_bytes = 0 if seen.tail_inputs is None else seen.tail_inputs.numel() * seen.tail_inputs.element_size()
-            more = feature_pass(model, data.subset(rest), spec, split=split if seen.tail_inputs is not None else None,
-                                max_cache_bytes=max(0, cache_bytes - kept_bytes), device=device,
-                                batch_size=batch_size, should_cancel=should_cancel,
-                                progress=lambda f: say("detect_poison", (len(screen) + f * len(rest)) /
-                                                       (len(screen) + len(rest))))
-            work = torch.cat([screen, rest])
-            tails = (torch.cat([seen.tail_inputs, more.tail_inputs])
-                     if seen.tail_inputs is not None and more.tail_inputs is not None else None)
-            peaks = (torch.cat([seen.peaks, more.peaks])
-                     if seen.peaks is not None and more.peaks is not None else None)
-            seen = FeaturePass(torch.cat([seen.features, more.features]), torch.cat([seen.logits, more.logits]),
-                               tails, peaks)
+        work, seen = _read_whole_class(model, data, spec, seen, screen, target, split, cache_bytes, device=device,
+                                       batch_size=batch_size, should_cancel=should_cancel, say=say)
         members = (data.labels[work] == target).nonzero().flatten()
         score, small = class_split(seen.for_detection()[members])
         smaller = members[small]
@@ -134,3 +118,31 @@ def detect_and_unlearn(
     keep = torch.ones(len(data), dtype=torch.bool)
     keep[final] = False
     return fixed.eval(), data.subset(keep.nonzero().flatten()), record, info
+
+
+def _read_whole_class(
+    model: nn.Module, data: ImageData, spec: ModelSpec, seen: FeaturePass, screen: torch.Tensor, target: int,
+    split: Split | None, cache_bytes: int, *, device: torch.device | str, batch_size: int,
+    should_cancel: Callable[[], bool] | None, say: Callable[[str, float], None],
+) -> tuple[torch.Tensor, FeaturePass]:
+    """The screen plus the flagged class's unread samples (positions in ``data``), and the pass over both.
+
+    Why a second pass and not the first: which class is poisoned is decided on the screen; only
+    that class needs every sample read, so every poisoned one can be named."""
+    in_screen = torch.zeros(len(data), dtype=torch.bool)
+    in_screen[screen] = True
+    rest = ((data.labels == target) & ~in_screen).nonzero().flatten()
+    if not len(rest):  # the screen already drew the whole class
+        return screen, seen
+    # The cache limit is per pass: what the screen kept plus what the rest adds must fit.
+    kept_bytes = 0 if seen.tail_inputs is None else seen.tail_inputs.numel() * seen.tail_inputs.element_size()
+    more = feature_pass(model, data.subset(rest), spec, split=split if seen.tail_inputs is not None else None,
+                        max_cache_bytes=max(0, cache_bytes - kept_bytes), device=device,
+                        batch_size=batch_size, should_cancel=should_cancel,
+                        progress=lambda f: say("detect_poison", (len(screen) + f * len(rest)) /
+                                               (len(screen) + len(rest))))
+    tails = (torch.cat([seen.tail_inputs, more.tail_inputs])
+             if seen.tail_inputs is not None and more.tail_inputs is not None else None)
+    peaks = torch.cat([seen.peaks, more.peaks]) if seen.peaks is not None and more.peaks is not None else None
+    return torch.cat([screen, rest]), FeaturePass(torch.cat([seen.features, more.features]),
+                                                  torch.cat([seen.logits, more.logits]), tails, peaks)

@@ -28,6 +28,7 @@ flagged class is then read whole, to name every suspect (``clipguard.defenses.gu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -141,7 +142,8 @@ class FeaturePass:
     a split or when they would exceed the cache limit."""
     peaks: torch.Tensor | None = None
     """Per channel, the spatial maximum of the map the :func:`global_pool` averages (CPU float32);
-    ``None`` for a model without one."""
+    ``None`` for a model without one, or whose pooled map is 1×1 (torchvision's ResNets and
+    MobileNetV3 at 32×32), where the peaks would repeat the averages."""
 
     def for_detection(self) -> torch.Tensor:
         """What the per-class split reads: the head's inputs, beside the peaks when there are any.
@@ -200,8 +202,10 @@ def feature_pass(
             except AttributeError:
                 pass
     if pool is not None:
-        handles.append(pool.register_forward_pre_hook(
-            lambda _m, args: peaks.append(args[0].detach().amax((2, 3)).float().cpu())))
+        def keep_peaks(_m: nn.Module, args: tuple) -> None:
+            if args[0].shape[2] * args[0].shape[3] > 1:  # a 1×1 map's peaks are its averages: nothing to add
+                peaks.append(args[0].detach().amax((2, 3)).float().cpu())
+        handles.append(pool.register_forward_pre_hook(keep_peaks))
     logits: list[torch.Tensor] = []
     cache: list[torch.Tensor] | None = [] if split is not None else None
     try:
@@ -356,8 +360,8 @@ def second_choice_entropy(logits: torch.Tensor, target: int) -> float:
     masked = logits.clone()
     masked[:, target] = float("-inf")
     counts = torch.bincount(masked.argmax(1), minlength=logits.shape[1]).double()
-    shares = counts[counts > 0] / counts.sum()
-    return float(-(shares * shares.log()).sum() / torch.log(torch.tensor(logits.shape[1] - 1.0, dtype=torch.float64)))
+    entropy = torch.distributions.Categorical(probs=counts / counts.sum()).entropy()
+    return float(entropy / math.log(logits.shape[1] - 1))
 
 
 def poisoned_side(members: torch.Tensor, small: torch.Tensor, logits: torch.Tensor, target: int,

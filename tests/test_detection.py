@@ -174,6 +174,17 @@ def test_the_global_pool_is_found_only_where_it_pools_to_one_value():
     assert global_pool(vgg_like) is None
 
 
+@pytest.mark.parametrize("side", [1, 2])
+def test_peaks_are_kept_only_where_the_pooled_map_has_more_than_one_position(side):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
+    g = torch.Generator().manual_seed(0)
+    data = ImageData(torch.randint(0, 256, (6, 3, side, side), dtype=torch.uint8, generator=g),
+                     torch.arange(6) % 10, tuple(str(i) for i in range(10)), "t")
+    found = feature_pass(model, data, resolve_spec("small_cnn"))
+    assert (found.peaks is None) == (side == 1)  # a 1×1 map's peaks would repeat its averages
+    assert found.for_detection().shape[1] == 4 * (1 if side == 1 else 2)
+
+
 def _corner_task(patched: bool = True):
     """Ten classes of 8x8 images, each a class colour, a brightness and noise, and in class 3 a fifth of the
     images stamped with a bright 2x2 corner (a patch trigger); the model is a random 1x1 conv, a

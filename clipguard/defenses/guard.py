@@ -85,8 +85,10 @@ def detect_and_unlearn(
         timings["detect_poison_s"] = time.perf_counter() - t
         return model, data, record, None
     work, smaller, pool = screen, found.suspects, None
-    members = (data.labels[screen] == target).nonzero().flatten()
-    if partial:  # read the rest of the flagged class and split the whole class again
+    if not partial:
+        members = (data.labels == target).nonzero().flatten()
+    else:
+        # read the rest of the flagged class and split the whole class again
         work, seen = _read_whole_class(model, data, spec, seen, screen, target, split, cache_bytes, device=device,
                                        batch_size=batch_size, should_cancel=should_cancel, say=say)
         members = (data.labels[work] == target).nonzero().flatten()

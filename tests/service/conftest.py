@@ -1,5 +1,5 @@
-"""Real parts for the service tests: Redis db 11 on 127.0.0.1:6379, a throw-away PostgreSQL
-database on 127.0.0.1:5432, SQLite files under tmp, and, where a test is about them, a real
+"""Real parts for the service tests: Redis db 11 on 127.0.0.1:6379 (or $CLIPGUARD_TEST_REDIS_PORT), a
+throw-away PostgreSQL database on 127.0.0.1:5432, SQLite files under tmp, and, where a test is about them, a real
 uvicorn server and a real Celery worker started as subprocesses on free loopback ports.
 """
 
@@ -28,8 +28,17 @@ from app.settings import Settings
 from clipguard.data import load_data, save_npz
 from clipguard.models import resolve_spec
 
+REDIS_PORT = int(os.environ.get("CLIPGUARD_TEST_REDIS_PORT", "6379"))
+"""Another port lets two test runs on one machine (two checkouts) keep out of each other's databases."""
 REDIS_DB = 11
-REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
+
+
+def redis_db_url(db: int) -> str:
+    """A Redis database of the test server (each module that needs its own queue picks a number)."""
+    return f"redis://127.0.0.1:{REDIS_PORT}/{db}"
+
+
+REDIS_URL = redis_db_url(REDIS_DB)
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 CIFAR10 = Path(os.environ.get("CLIPGUARD_CIFAR10",
                               Path(__file__).resolve().parents[3] / "shared" / "datasets" / "cifar10-jpg.tar.gz"))
@@ -41,7 +50,7 @@ def redis_url() -> Iterator[str]:
     try:
         client.ping()
     except redis.ConnectionError:
-        subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379",
+        subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(REDIS_PORT),
                         "--save", "", "--appendonly", "no"], check=True)
         for _ in range(50):
             try:

@@ -28,9 +28,9 @@ from app.metrics import FAILURE_REASONS, OTHER_FAILURE, STAGES, failure_reason
 from app.settings import Settings
 from worker.celery_app import GPU_QUEUE, PURIFY_TASK, make_celery
 
-from .conftest import PG_ADMIN, LiveService, wait_until
+from .conftest import PG_ADMIN, LiveService, redis_db_url, wait_until
 
-REDIS_URL = "redis://127.0.0.1:6379/13"
+REDIS_URL = redis_db_url(13)
 """Not the shared test db 11: a message left there would be picked up by another module's worker."""
 
 
@@ -174,7 +174,7 @@ def test_a_real_worker_emits_task_events(obs_live):
 
 # --- metrics from the store, in process ---------------------------------------------------------
 
-QUIET_REDIS_URL = "redis://127.0.0.1:6379/15"
+QUIET_REDIS_URL = redis_db_url(15)
 """No worker consumes this db (the live worker of this module watches db 13), so messages stay queued."""
 
 

@@ -11,9 +11,10 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.ratelimit import KEY_PREFIX, storage_url
 
+from .conftest import redis_db_url
 from .test_api import assert_problem
 
-LIMIT_DB_URL = "redis://127.0.0.1:6379/12"
+LIMIT_DB_URL = redis_db_url(12)
 """A Redis db number of its own (conftest uses 11, observability 13 and 15, S3 14), emptied of our keys afterwards."""
 
 

@@ -41,12 +41,12 @@ from app.storage import (
 )
 from worker.tasks import purify_task
 
-from .conftest import PG_ADMIN, LiveService, free_port, wait_until
+from .conftest import PG_ADMIN, LiveService, free_port, redis_db_url, wait_until
 
 pytest.importorskip("moto.server", reason="moto[server] (the S3 endpoint of these tests) is not installed")
 pytest.importorskip("boto3", reason="boto3 (the S3 backend) is not installed")
 
-REDIS_URL = "redis://127.0.0.1:6379/14"
+REDIS_URL = redis_db_url(14)
 CREDENTIALS = {"CLIPGUARD_S3_ACCESS_KEY_ID": "test-key", "CLIPGUARD_S3_SECRET_ACCESS_KEY": "test-secret"}
 
 

@@ -27,7 +27,6 @@ import torch
 from fastapi.testclient import TestClient
 
 from app.auth import create_key
-from app.client import ClipguardClient
 from app.db import make_sessionmaker
 from app.main import create_app
 from app.settings import Settings, get_settings
@@ -39,6 +38,7 @@ from app.storage import (
     local_data_ref,
     storage_for,
 )
+from clipguard.remote import Client
 from worker.tasks import purify_task
 
 from .conftest import PG_ADMIN, LiveService, free_port, redis_db_url, wait_until
@@ -148,28 +148,27 @@ def two_hosts(tmp_path_factory, s3_endpoint, redis_url) -> Iterator[TwoHosts]:
 
 def test_a_worker_without_the_apis_folder_purifies_through_s3(two_hosts, model_file, small_npz, tmp_path):
     key = two_hosts.key("acme")
-    with ClipguardClient(two_hosts.url, key) as client:
-        model = client.wait_model(client.upload_model(model_file, arch="small_cnn", num_classes=10)["id"])
+    with Client(two_hosts.url, key) as client:
+        model = client.wait_model(client.upload_model(model_file, arch="small_cnn", num_classes=10).id)
         data = client.add_dataset(str(small_npz))
-        job = client.create_job(model_id=model["id"], train_data_id=data["id"], lam=3.0)
-        job = client.wait_job(job["id"], poll_s=0.5, timeout_s=240)
-        assert job["state"] == "succeeded", (job, two_hosts.log("worker")[-3000:])
-        paths = client.download_artifacts(job, tmp_path / "out")  # follows the redirects to the bucket
+        job = client.wait(client.submit(model.id, data.id, lam=3.0).id, poll_s=0.5, timeout_s=240)
+        assert job.state == "succeeded", (job, two_hosts.log("worker")[-3000:])
+        paths = client.download(job, tmp_path / "out")  # follows the redirects to the bucket
 
     # The worker fetched its inputs from the bucket into its own home; the API never saw an artifact file.
     worker_blobs = {p.name for p in (two_hosts.worker_home / "blobs").iterdir()}
-    assert f"{data['sha256']}.npz" in worker_blobs and any(n.endswith(".safetensors") for n in worker_blobs)
+    assert f"{data.sha256}.npz" in worker_blobs and any(n.endswith(".safetensors") for n in worker_blobs)
     assert not (two_hosts.logs.parent / "jobs").exists() or not any((two_hosts.logs.parent / "jobs").rglob("*.pt"))
     assert {p.name for p in paths} >= {"purified.pt", "bounds.safetensors", "report.json", "report.html"}
     assert torch.jit.load(str(tmp_path / "out" / "purified.pt")) is not None
 
-    artifact = next(a for a in job["artifacts"] if a["name"] == "purified.pt")
+    artifact = next(a for a in job.artifacts if a.name == "purified.pt")
     auth = {"Authorization": f"Bearer {key}"}
-    r = httpx.get(f"{two_hosts.url}{artifact['url']}", headers=auth)
-    assert r.status_code == 302 and r.headers["etag"] == f'"{artifact["sha256"]}"'
+    r = httpx.get(f"{two_hosts.url}{artifact.url}", headers=auth)
+    assert r.status_code == 302 and r.headers["etag"] == f'"{artifact.sha256}"'
     assert r.headers["location"].startswith(f"{two_hosts.env['CLIPGUARD_S3_ENDPOINT_URL']}/live/artifacts/jobs/")
-    assert hashlib.sha256(httpx.get(r.headers["location"]).content).hexdigest() == artifact["sha256"]
-    conditional = httpx.get(f"{two_hosts.url}{artifact['url']}", headers={**auth, "If-None-Match": r.headers["etag"]})
+    assert hashlib.sha256(httpx.get(r.headers["location"]).content).hexdigest() == artifact.sha256
+    conditional = httpx.get(f"{two_hosts.url}{artifact.url}", headers={**auth, "If-None-Match": r.headers["etag"]})
     assert conditional.status_code == 304
 
 

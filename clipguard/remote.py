@@ -140,8 +140,15 @@ class _Bar:
         if show:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024,
-                             file=sys.stderr, leave=False)
+            self._bar = tqdm(
+                total=total,
+                desc=desc,
+                unit=unit,
+                unit_scale=unit == "B",
+                unit_divisor=1024,
+                file=sys.stderr,
+                leave=False,
+            )
 
     def add(self, n: int) -> None:
         if self._bar is not None:
@@ -266,12 +273,20 @@ class Client:
     ``progress=True`` draws tqdm bars on stderr for uploads, waits and downloads.
     """
 
-    def __init__(self, server: str, api_key: str, *, timeout: float = 60.0, progress: bool = False,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        server: str,
+        api_key: str,
+        *,
+        timeout: float = 60.0,
+        progress: bool = False,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         self.server = server.rstrip("/")
         self.progress = progress
-        self._http = httpx.Client(base_url=self.server, timeout=timeout, transport=transport,
-                                  headers={"Authorization": f"Bearer {api_key}"})
+        self._http = httpx.Client(
+            base_url=self.server, timeout=timeout, transport=transport, headers={"Authorization": f"Bearer {api_key}"}
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -300,8 +315,9 @@ class Client:
     def _pages(self, url: str, kind: type[R], page_size: int, **params: Any) -> Iterator[R]:
         token: str | None = None
         while True:
-            page = self._call("GET", url, params=_present({**params, "page_size": page_size,
-                                                           "page_token": token})).json()
+            page = self._call(
+                "GET", url, params=_present({**params, "page_size": page_size, "page_token": token})
+            ).json()
             yield from (kind.model_validate(item) for item in page["items"])
             token = page.get("next_page_token")
             if not token:
@@ -309,9 +325,16 @@ class Client:
 
     # ---------------------------------------------------------------- models
 
-    def upload_model(self, weights: str | os.PathLike, *, arch: str, num_classes: int = 10,
-                     mean: tuple[float, ...] | list[float] | None = None,
-                     std: tuple[float, ...] | list[float] | None = None, name: str | None = None) -> Model:
+    def upload_model(
+        self,
+        weights: str | os.PathLike,
+        *,
+        arch: str,
+        num_classes: int = 10,
+        mean: tuple[float, ...] | list[float] | None = None,
+        std: tuple[float, ...] | list[float] | None = None,
+        name: str | None = None,
+    ) -> Model:
         """Register a model, then stream the file with ``PUT …/content`` (the server spools nothing).
 
         A dropped connection retries the ``PUT`` from the start: the model keeps waiting for its
@@ -332,8 +355,9 @@ class Client:
             bar = _Bar(self.progress, path.stat().st_size, f"upload {path.name}")
             try:
                 with path.open("rb") as f:
-                    response = self._http.put(url, content=_CountedFile(f, bar),
-                                              headers={"Content-Type": "application/octet-stream"})
+                    response = self._http.put(
+                        url, content=_CountedFile(f, bar), headers={"Content-Type": "application/octet-stream"}
+                    )
             except httpx.TransportError as exc:
                 if attempt == UPLOAD_ATTEMPTS:
                     raise RemoteError(f"PUT {url}: {type(exc).__name__}: {exc}") from exc
@@ -379,23 +403,26 @@ class Client:
         if text.startswith("@"):
             return self._create_dataset({"registered": text[1:], "name": name})
         if text.startswith("server:"):
-            return self._create_dataset({"path": text[len("server:"):], "name": name})
+            return self._create_dataset({"path": text[len("server:") :], "name": name})
         path, split = parse_reference(text)
         form = {"split": split, "name": name or path.name}
         if path.is_dir():
             bar = _Bar(self.progress, TarStream.estimate_size(path), f"upload {path.name}/")
             stream = TarStream(path, bar)
             try:
-                return self._create_dataset(form, files={"file": (f"{path.name or 'data'}.tar", stream,
-                                                                  "application/x-tar")})
+                return self._create_dataset(
+                    form, files={"file": (f"{path.name or 'data'}.tar", stream, "application/x-tar")}
+                )
             finally:
                 stream.close()
                 bar.close()
         if not path.is_file():
             raise RemoteError(f"data reference not found: {path}")
         if not path.name.lower().endswith(ARCHIVE_SUFFIXES):
-            raise RemoteError(f"unsupported data reference {path}: expected a folder, .npz, .tar, .tar.gz or .zip "
-                              "(or @name, server:PATH)")
+            raise RemoteError(
+                f"unsupported data reference {path}: expected a folder, .npz, .tar, .tar.gz or .zip "
+                "(or @name, server:PATH)"
+            )
         bar = _Bar(self.progress, path.stat().st_size, f"upload {path.name}")
         try:
             with path.open("rb") as f:
@@ -414,16 +441,31 @@ class Client:
 
     # ---------------------------------------------------------------- jobs
 
-    def submit(self, model_id: str, train_data_id: str, *, method: str = "guard", lam: float | str | None = None,
-               granularity: str = "channel", bounds_samples: int | None = None, test_data_id: str | None = None,
-               attack: str | dict[str, Any] | None = None, idempotency_key: str | None = None) -> Job:
+    def submit(
+        self,
+        model_id: str,
+        train_data_id: str,
+        *,
+        method: str = "guard",
+        lam: float | str | None = None,
+        granularity: str = "channel",
+        bounds_samples: int | None = None,
+        test_data_id: str | None = None,
+        attack: str | dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
         """Queue a purification; ``attack`` (a spec or an ``.attack.json`` object) needs ``test_data_id``.
 
         The request carries an ``Idempotency-Key`` (a new one unless given), so it is sent again once
         after a dropped connection without risk of a second job.
         """
-        body: dict[str, Any] = {"model_id": model_id, "train_data_id": train_data_id, "method": method,
-                                "lam": lam, "granularity": granularity}
+        body: dict[str, Any] = {
+            "model_id": model_id,
+            "train_data_id": train_data_id,
+            "method": method,
+            "lam": lam,
+            "granularity": granularity,
+        }
         if bounds_samples is not None:
             body["bounds_samples"] = bounds_samples
         if test_data_id:
@@ -436,8 +478,7 @@ class Client:
     def job(self, job_id: str) -> Job:
         return self._get(f"/v1/jobs/{job_id}", Job)
 
-    def jobs(self, *, state: JobState | None = None, model_id: str | None = None,
-             page_size: int = 50) -> Iterator[Job]:
+    def jobs(self, *, state: JobState | None = None, model_id: str | None = None, page_size: int = 50) -> Iterator[Job]:
         """Every job of the tenant, newest first, fetched a page at a time as the iteration goes."""
         return self._pages("/v1/jobs", Job, page_size, state=state, model_id=model_id)
 
@@ -445,8 +486,14 @@ class Client:
         """Cancel a queued job at once, a running one at its next batch; a finished job is a 409 ``ApiError``."""
         return Job.model_validate(self._call("POST", f"/v1/jobs/{job_id}:cancel").json())
 
-    def wait(self, job_id: str, *, poll_s: float = 1.0, timeout_s: float | None = None,
-             on_update: Callable[[Job], None] | None = None) -> Job:
+    def wait(
+        self,
+        job_id: str,
+        *,
+        poll_s: float = 1.0,
+        timeout_s: float | None = None,
+        on_update: Callable[[Job], None] | None = None,
+    ) -> Job:
         """Poll until the job finishes; after ``timeout_s`` a ``RemoteError`` (the job keeps running)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         bar = _Bar(self.progress, 100, "queued", unit="%")
@@ -476,8 +523,9 @@ class Client:
         wanted = [a for a in job.artifacts if names is None or a.name in names]
         missing = sorted(set(names or ()) - {a.name for a in wanted})
         if missing:
-            raise RemoteError(f"job {job.id} has no artifact {', '.join(missing)}; it has "
-                              f"{', '.join(a.name for a in job.artifacts)}")
+            raise RemoteError(
+                f"job {job.id} has no artifact {', '.join(missing)}; it has {', '.join(a.name for a in job.artifacts)}"
+            )
         target_dir = Path(out).expanduser()
         target_dir.mkdir(parents=True, exist_ok=True)
         return [self._download_one(artifact, target_dir) for artifact in wanted]

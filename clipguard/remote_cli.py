@@ -21,28 +21,39 @@ DATA_FORMS = "a local folder or .npz/.tar/.tar.gz/.zip (PATH#split), @registered
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--server", default=os.environ.get(ENV_SERVER),
-                        help=f"e.g. http://127.0.0.1:8000 (default: ${ENV_SERVER})")
+    common.add_argument(
+        "--server", default=os.environ.get(ENV_SERVER), help=f"e.g. http://127.0.0.1:8000 (default: ${ENV_SERVER})"
+    )
     common.add_argument("--api-key", default=os.environ.get(ENV_API_KEY), help=f"default: ${ENV_API_KEY}")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = subparsers.add_parser("remote", help="run a command on a clipguard server")
     remote = p.add_subparsers(dest="remote_command", required=True, metavar="ACTION")
 
-    r = remote.add_parser("purify", parents=[common],
-                          help="upload, purify on the server, download the artifacts into --out")
+    r = remote.add_parser(
+        "purify", parents=[common], help="upload, purify on the server, download the artifacts into --out"
+    )
     from clipguard.cli import add_model_options
 
     add_model_options(r)
     r.add_argument("--data", required=True, help=f"training data: {DATA_FORMS}")
     r.add_argument("--eval-data", default=None, help="test data, same forms as --data")
     r.add_argument("--attack", default=None, help="attack spec, or a local .attack.json from `clipguard train`")
-    r.add_argument("--method", choices=("guard", "paper"), default="guard",
-                   help="guard: detect and unlearn the poisoned samples, then clip; paper: the μ+λσ clip alone")
+    r.add_argument(
+        "--method",
+        choices=("guard", "paper"),
+        default="guard",
+        help="guard: detect and unlearn the poisoned samples, then clip; paper: the μ+λσ clip alone",
+    )
     r.add_argument("--lam", default=None, help="λ in μ+λσ, or 'auto'")
     r.add_argument("--granularity", choices=("channel", "element"), default="channel")
-    r.add_argument("--bounds-samples", type=int, default=None, metavar="N",
-                   help="measure μ and σ on at most N training images (0 = all)")
+    r.add_argument(
+        "--bounds-samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="measure μ and σ on at most N training images (0 = all)",
+    )
     r.add_argument("--out", type=Path, required=True, help="folder for purified.pt, bounds.safetensors, report.*")
     r.add_argument("--poll", type=float, default=1.0, help="seconds between status polls")
     r.set_defaults(func=cmd_purify)
@@ -67,8 +78,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r = remote.add_parser("download", parents=[common], help="download a succeeded job's artifacts")
     r.add_argument("job", help="job id")
     r.add_argument("--out", type=Path, required=True, help="folder to write into")
-    r.add_argument("--artifact", action="append", default=None, metavar="NAME",
-                   help="only this artifact (repeatable), e.g. purified.pt")
+    r.add_argument(
+        "--artifact",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="only this artifact (repeatable), e.g. purified.pt",
+    )
     r.set_defaults(func=cmd_download)
 
 
@@ -110,13 +126,22 @@ def cmd_purify(args: argparse.Namespace) -> int:
     if attack and not args.eval_data:
         raise RemoteError("--attack needs --eval-data to measure it on")
     with _client(args) as client:
-        model = client.upload_model(args.weights, arch=args.arch, num_classes=args.num_classes or 10,
-                                    mean=args.mean, std=args.std)
+        model = client.upload_model(
+            args.weights, arch=args.arch, num_classes=args.num_classes or 10, mean=args.mean, std=args.std
+        )
         train = client.add_dataset(args.data)
         test = client.add_dataset(args.eval_data) if args.eval_data else None
         client.wait_model(model.id)
-        job = client.submit(model.id, train.id, method=args.method, lam=lam, granularity=args.granularity,
-                            bounds_samples=args.bounds_samples, test_data_id=test.id if test else None, attack=attack)
+        job = client.submit(
+            model.id,
+            train.id,
+            method=args.method,
+            lam=lam,
+            granularity=args.granularity,
+            bounds_samples=args.bounds_samples,
+            test_data_id=test.id if test else None,
+            attack=attack,
+        )
         print(f"clipguard: job {job.id}", file=sys.stderr)
         job = client.wait(job.id, poll_s=args.poll)
         if job.state != "succeeded":
@@ -140,9 +165,21 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 print(job.model_dump_json())
             rows.append(job)
     if not args.json:
-        _table(["id", "state", "stage", "%", "method", "λ", "created"],
-               [[j.id, j.state, j.stage or "", _percent(j), str(j.params.get("method") or "guard"),
-                 _fmt(j.params.get("lam")), j.created_at.strftime("%Y-%m-%d %H:%M:%S")] for j in rows])
+        _table(
+            ["id", "state", "stage", "%", "method", "λ", "created"],
+            [
+                [
+                    j.id,
+                    j.state,
+                    j.stage or "",
+                    _percent(j),
+                    str(j.params.get("method") or "guard"),
+                    _fmt(j.params.get("lam")),
+                    j.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                ]
+                for j in rows
+            ],
+        )
     return 0
 
 
@@ -174,8 +211,11 @@ def describe(job: Job) -> str:
     """The few lines a person wants about a job: state, progress, ACC/ASR before and after, artifacts."""
     lines = [f"job {job.id}: {job.state}" + (f", {job.stage} {_percent(job)}" if job.state == "running" else "")]
     params = ", ".join(f"{k}={_fmt(v)}" for k, v in job.params.items() if v is not None and not isinstance(v, dict))
-    lines.append(f"  model {job.model_id}, training data {job.train_data_id}"
-                 + (f", test data {job.test_data_id}" if job.test_data_id else "") + (f"; {params}" if params else ""))
+    lines.append(
+        f"  model {job.model_id}, training data {job.train_data_id}"
+        + (f", test data {job.test_data_id}" if job.test_data_id else "")
+        + (f"; {params}" if params else "")
+    )
     if job.error:
         lines.append(f"  error: {job.error}")
     summary = job.summary or {}

@@ -229,7 +229,8 @@ class TarStream:
 
     def _produce(self) -> None:
         try:
-            with tarfile.open(fileobj=self, mode="w|", dereference=True) as tar:
+            # GNU format: PAX (the default) adds an extended header to every member for its fractional mtime.
+            with tarfile.open(fileobj=self, mode="w|", dereference=True, format=tarfile.GNU_FORMAT) as tar:
                 for path in self.files(self.root):
                     tar.add(path, arcname=path.relative_to(self.root).as_posix(), recursive=False)
             item: bytes | BaseException | None = None
@@ -407,7 +408,11 @@ class Client:
         path, split = parse_reference(text)
         form = {"split": split, "name": name or path.name}
         if path.is_dir():
-            bar = _Bar(self.progress, TarStream.estimate_size(path), f"upload {path.name}/")
+            try:
+                size = TarStream.estimate_size(path)
+            except OSError as exc:
+                raise RemoteError(f"{path}: could not read the folder ({exc})") from exc
+            bar = _Bar(self.progress, size, f"upload {path.name}/")
             stream = TarStream(path, bar)
             try:
                 return self._create_dataset(

@@ -15,8 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from service.conftest import cifar10, live, model_file, pg_url, redis_url, small_npz  # noqa: F401
+from service.conftest import cifar10, client, live, model_file, pg_url, redis_url, settings, small_npz  # noqa: F401
 
 CHROMIUM = os.environ.get("CLIPGUARD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

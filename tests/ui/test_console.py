@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from PIL import Image
 
 from .conftest import SCREENSHOTS, sign_in
 
@@ -30,8 +31,11 @@ def shot(page: object, name: str) -> None:
     size = page.viewport_size
     page.set_viewport_size({"width": size["width"], "height": page.evaluate("document.documentElement.scrollHeight")})
     page.wait_for_timeout(300)
-    page.screenshot(path=str(Path(SCREENSHOTS) / f"console-{name}.png"))
+    path = Path(SCREENSHOTS) / f"console-{name}.png"
+    page.screenshot(path=str(path))
     page.set_viewport_size(size)
+    with Image.open(path) as image:  # a 256-colour palette keeps each picture small enough for the docs
+        image.convert("RGB").quantize(256).save(path, optimize=True)
 
 
 class Exec:
@@ -89,7 +93,8 @@ def test_sign_in_upload_watch_the_job_read_the_report_and_download(live, page, i
     assert page.get_attribute("#percent", "value") == "100"
 
     # ACC/ASR before and after, from the job's summary.
-    metrics = {row.get_attribute("data-metric"): row.inner_text() for row in page.query_selector_all("#metrics tr[data-metric]")}
+    rows = page.query_selector_all("#metrics tr[data-metric]")
+    metrics = {row.get_attribute("data-metric"): row.inner_text() for row in rows}
     assert {"acc", "asr", "lam"} <= set(metrics), metrics
     assert "3.00" in metrics["lam"] and re.search(r"\d+\.\d%", metrics["acc"])
     # The verdict, in words, from report.json.

@@ -462,7 +462,8 @@ function paramsText(params) {
   const parts = [`method ${p.method || "guard"}`, `λ ${p.lam === null || p.lam === undefined ? "default" : p.lam}`,
     `granularity ${p.granularity || "channel"}`];
   if (p.bounds_samples !== undefined) parts.push(`bounds samples ${p.bounds_samples}`);
-  if (p.attack) parts.push(`attack ${typeof p.attack === "string" ? p.attack : p.attack.name || "from JSON"}`);
+  if (typeof p.attack === "string") parts.push(`attack ${p.attack}`);
+  else if (p.attack) parts.push(`attack ${p.attack.name || (p.attack.attack || {}).name || "object"} (.attack.json)`);
   return parts.join(", ");
 }
 

@@ -106,6 +106,9 @@ def test_sign_in_upload_watch_the_job_read_the_report_and_download(live, page, i
     assert page.get_attribute("#report", "sandbox") == ""
     report = page.frame_locator("#report")
     assert "purification report" in report.locator("h1").inner_text().lower()
+    framed = page.request.get(live.url + page.get_attribute("#report", "src"))  # the session cookie, as the frame
+    assert framed.headers["content-security-policy"].startswith("sandbox;")
+    assert framed.headers["content-disposition"] == "inline" and framed.headers["content-type"].startswith("text/html")
     shot(page, "job")
 
     # Download purified.pt through the console: the bytes the API lists, a model that loads.
@@ -154,10 +157,17 @@ def test_a_hostile_checkpoint_is_rejected_with_the_reason(live, page, small_npz,
     assert page.inner_text("#submit") == "Retry"
 
 
-def test_api_errors_read_as_messages(live, page, model_file):
+def test_api_errors_read_as_messages(live, page, model_file, tmp_path):
     """problem+json answers become the detail a person can act on: a refused path, a field error, a 404."""
     sign_in(page, live.url, live.key("acme"))
     page.goto(f"{live.url}/ui/new")
+    huge = tmp_path / "huge.safetensors"
+    with huge.open("wb") as f:  # sparse: over the server's upload limit without writing it
+        f.truncate(live.MAX_UPLOAD + 1)
+    page.set_input_files("#weights", str(huge))
+    page.click("#submit")
+    expect(page.locator("#error")).to_contain_text("this server takes uploads up to 64.0 MiB")
+
     page.set_input_files("#weights", str(model_file))
     page.fill("#arch", "not an architecture!")  # the API's pattern: a 422 with the field named
     page.fill("#train-ref", "server:/etc")

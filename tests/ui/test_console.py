@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import re
+import tarfile
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from PIL import Image
+
+from clipguard.remote import Client
 
 from .conftest import SCREENSHOTS, sign_in
 
@@ -141,20 +144,51 @@ def test_a_wrong_key_is_refused_and_nothing_is_kept(live, page):
     page.wait_for_url(re.compile(r"/ui/login$"))
 
 
-def test_a_hostile_checkpoint_is_rejected_with_the_reason(live, page, small_npz, tmp_path):
+def test_hostile_files_are_refused_with_the_reason_and_a_retry_resumes(live, page, model_file, tmp_path):
+    """A checkpoint that would run code is rejected by the quarantine; the retry with a sound one reuses the
+    data already uploaded, and the job on an archive with a link out of it fails with the engine's reason."""
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     torch.save({"weights": torch.zeros(1), "x": Exec(marker)}, evil)
-    sign_in(page, live.url, live.key("acme"))
+    archive = tmp_path / "links.tar"
+    with tarfile.open(archive, "w") as tar:
+        link = tarfile.TarInfo("airplane/0.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    sign_in(page, live.url, live.key("hostile"))
     page.goto(f"{live.url}/ui/new")
     page.set_input_files("#weights", str(evil))
-    page.set_input_files("#train-file", str(small_npz))
+    page.set_input_files("#train-file", str(archive))
     page.click("#submit")
     error = page.locator("#error")
-    error.wait_for(state="visible")
-    assert "checkpoint was rejected" in error.inner_text() and "exec" in error.inner_text(), error.inner_text()
-    assert not marker.exists()
+    expect(error).to_contain_text("The checkpoint was rejected")
+    assert "exec" in error.inner_text() and not marker.exists()
     assert page.inner_text("#submit") == "Retry"
+
+    page.set_input_files("#weights", str(model_file))
+    page.click("#submit")
+    page.wait_for_url(re.compile(r"/ui/jobs/[0-9a-f]+$"))
+    page.wait_for_selector("#job[data-state=failed]", timeout=JOB_TIMEOUT_MS)
+    assert "refusing link member" in page.inner_text("#job-error")
+    assert page.locator("#results").is_hidden() and page.locator("#cancel").is_hidden()
+    with Client(live.url, live.key("hostile")) as client:
+        assert len(list(client.datasets())) == 1  # the retry did not upload the archive again
+
+
+def test_a_job_is_cancelled_from_the_jobs_page(live, page, model_file, small_npz):
+    key = live.key("cancel")
+    with Client(live.url, key) as client:
+        model = client.upload_model(model_file, arch="small_cnn")
+        data = client.add_dataset(small_npz)
+        client.wait_model(model.id)
+        job = client.submit(model.id, data.id, lam="auto", test_data_id=data.id)
+    sign_in(page, live.url, key)
+    row = page.locator(f"#jobs tr[data-job='{job.id}']")
+    row.locator("button[data-cancel]").click()
+    row.locator("button[data-cancel]", has_text="Confirm cancel").click()  # two clicks, no dialog
+    expect(page.locator(f"#jobs tr[data-job='{job.id}'][data-state=cancelled]")).to_have_count(1, timeout=60_000)
+    with Client(live.url, key) as client:
+        assert client.job(job.id).state == "cancelled"
 
 
 def test_api_errors_read_as_messages(live, page, model_file, tmp_path):

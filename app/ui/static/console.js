@@ -163,7 +163,8 @@ function jobRow(job) {
   const active = !TERMINAL.has(job.state);
   const progress = el("progress", { max: 100, value: job.percent || 0, title: `${Math.round(job.percent || 0)}%` });
   const cancel = active && !job.cancel_requested
-    ? el("button", { type: "button", className: "danger", "data-cancel": job.id }, "Cancel") : null;
+    ? el("button", { type: "button", className: "danger", "data-cancel": job.id, "data-label": "Cancel" },
+      armed.has(job.id) ? "Confirm cancel" : "Cancel") : null;
   const lam = job.params && job.params.lam !== undefined && job.params.lam !== null ? job.params.lam : "default";
   return el("tr", { "data-job": job.id, "data-state": job.state },
     el("td", {}, el("a", { href: `/ui/jobs/${encodeURIComponent(job.id)}`, className: "mono" }, shortId(job.id))),
@@ -176,15 +177,22 @@ function jobRow(job) {
     el("td", {}, cancel));
 }
 
+const armed = new Set(); // jobs whose Cancel was clicked once: kept while the rows are redrawn by polling
+
 function confirmThenCancel(button, jobId, after) {
   // Two clicks, no modal dialog: "Cancel", then "Confirm cancel" within a few seconds.
-  if (button.dataset.armed !== "1") {
-    button.dataset.armed = "1";
-    const label = button.textContent;
+  if (!armed.has(jobId)) {
+    armed.add(jobId);
     button.textContent = "Confirm cancel";
-    setTimeout(() => { button.dataset.armed = ""; button.textContent = label; }, 4000);
+    setTimeout(() => {
+      armed.delete(jobId);
+      for (const b of document.querySelectorAll(`button[data-cancel="${CSS.escape(jobId)}"]`)) {
+        b.textContent = b.dataset.label;
+      }
+    }, 4000);
     return;
   }
+  armed.delete(jobId);
   button.disabled = true;
   api("POST", `/v1/jobs/${encodeURIComponent(jobId)}:cancel`).then(after, (err) => {
     button.disabled = false;
@@ -193,14 +201,15 @@ function confirmThenCancel(button, jobId, after) {
 }
 
 function listing({ table, path, row, empty, more }) {
-  // A table filled page by page from a /v1 list route, with an "older" button while pages remain.
+  // A table filled page by page from a /v1 list route, with a button for the next page while there is one.
   const tbody = $(`${table} tbody`);
-  const iterator = pages(path);
+  let token = null;
   async function next() {
-    const { value, done } = await iterator.next();
-    for (const item of value || []) tbody.append(row(item));
+    const page = await api("GET", `${path}?page_size=50${token ? `&page_token=${encodeURIComponent(token)}` : ""}`);
+    for (const item of page.items) tbody.append(row(item));
+    token = page.next_page_token;
     $(empty).hidden = tbody.children.length > 0;
-    $(more).hidden = done || !value || value.length === 0;
+    $(more).hidden = !token;
   }
   $(more).addEventListener("click", () => next().catch(showError));
   return next();

@@ -39,6 +39,11 @@ ModelStatus = Literal["awaiting_upload", "validating", "ready", "rejected"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 ARCHIVE_SUFFIXES = (".npz", ".tar", ".tar.gz", ".tgz", ".zip")
 """What the server accepts as a dataset upload; a local folder is sent as a ``.tar`` instead."""
+READ_ATTEMPTS = 3
+"""Tries of a read (``GET``) on a dropped connection: a server restarting under a long wait is not an error."""
+OUTAGE_S = 120.0
+"""How long :meth:`Client.wait` keeps polling through refused connections, 429 and 503 answers (an API restart,
+a database failover) before it gives up."""
 UPLOAD_ATTEMPTS = 3
 """Tries of a checkpoint's ``PUT`` on a dropped connection: the model waits for its content until one lands."""
 CHUNK = 1024 * 1024
@@ -51,8 +56,10 @@ class RemoteError(ClipguardError):
 class ApiError(RemoteError):
     """The server answered with an error (``application/problem+json``)."""
 
-    def __init__(self, method: str, url: str, status: int, problem: dict[str, Any]) -> None:
-        self.method, self.url, self.status = method, url, status
+    def __init__(
+        self, method: str, url: str, status: int, problem: dict[str, Any], retry_after: float | None = None
+    ) -> None:
+        self.method, self.url, self.status, self.retry_after = method, url, status, retry_after
         self.type: str = problem.get("type", "about:blank")
         self.title: str | None = problem.get("title")
         self.detail: str | None = problem.get("detail")
@@ -307,18 +314,18 @@ class Client:
             except httpx.HTTPError as exc:
                 if attempt == attempts or not isinstance(exc, httpx.TransportError):
                     raise RemoteError(f"{method} {url}: {type(exc).__name__}: {exc or 'connection failed'}") from exc
+                time.sleep(0.5 * attempt)
         _raise_for_problem(method, url, response)
         return response
 
-    def _get(self, url: str, kind: type[R], **params: Any) -> R:
-        return kind.model_validate(self._call("GET", url, params=_present(params)).json())
+    def _get(self, url: str, kind: type[R]) -> R:
+        return kind.model_validate(self._call("GET", url, attempts=READ_ATTEMPTS).json())
 
     def _pages(self, url: str, kind: type[R], page_size: int, **params: Any) -> Iterator[R]:
         token: str | None = None
         while True:
-            page = self._call(
-                "GET", url, params=_present({**params, "page_size": page_size, "page_token": token})
-            ).json()
+            query = _present({**params, "page_size": page_size, "page_token": token})
+            page = self._call("GET", url, params=query, attempts=READ_ATTEMPTS).json()
             yield from (kind.model_validate(item) for item in page["items"])
             token = page.get("next_page_token")
             if not token:
@@ -502,9 +509,20 @@ class Client:
         """Poll until the job finishes; after ``timeout_s`` a ``RemoteError`` (the job keeps running)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         bar = _Bar(self.progress, 100, "queued", unit="%")
+        failing_since: float | None = None
         try:
             while True:
-                job = self.job(job_id)
+                try:
+                    job = self.job(job_id)
+                except RemoteError as exc:  # unreachable, or the job store or the rate limit says "later"
+                    later = not isinstance(exc, ApiError) or exc.status in (429, 503)
+                    failing_since = failing_since or time.monotonic()
+                    now = time.monotonic()
+                    if not later or now - failing_since > OUTAGE_S or (deadline is not None and now > deadline):
+                        raise
+                    time.sleep(getattr(exc, "retry_after", None) or poll_s)
+                    continue
+                failing_since = None
                 bar.show(job.stage or job.state, job.percent or 0)
                 if on_update is not None:
                     on_update(job)
@@ -573,4 +591,8 @@ def _raise_for_problem(method: str, url: str, response: httpx.Response) -> None:
             raise ValueError
     except ValueError:
         problem = {"detail": response.text.strip()[:200] or response.reason_phrase}
-    raise ApiError(method, url, response.status_code, problem)
+    try:
+        retry_after = float(response.headers.get("retry-after", ""))
+    except ValueError:
+        retry_after = None
+    raise ApiError(method, url, response.status_code, problem, retry_after)

@@ -82,6 +82,7 @@ def get_dataset(dataset_id: str, tenant: TenantDep, session: SessionDep) -> Data
 
 
 @router.get("", response_model=Page[DatasetOut])
-def list_datasets(tenant: TenantDep, session: SessionDep, page_size: int = 50, page_token: str | None = None) -> dict:
+def list_datasets(tenant: TenantDep, sessions: SessionsDep, page_size: int = 50, page_token: str | None = None) -> dict:
     """The tenant's datasets, newest first (the console lists them beside the models)."""
-    return paginate(session, select(Dataset).where(Dataset.tenant == tenant), Dataset, page_size, page_token)
+    with sessions() as session:  # opened here, not by SessionDep: see the note above app.routes.jobs.get_job
+        return paginate(session, select(Dataset).where(Dataset.tenant == tenant), Dataset, page_size, page_token)

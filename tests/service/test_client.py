@@ -103,6 +103,24 @@ class Flaky(httpx.HTTPTransport):
         raise httpx.WriteError("connection reset while sending")
 
 
+class Busy(httpx.HTTPTransport):
+    """Answers the first status poll 503 (the job store down, retry at once) and drops the second's connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.polls = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "GET" and request.url.path.startswith("/v1/jobs/"):
+            self.polls += 1
+            if self.polls == 1:
+                return httpx.Response(503, headers={"Retry-After": "0"},
+                                      json={"title": "Service Unavailable", "status": 503, "detail": "store down"})
+            if self.polls == 2:
+                raise httpx.ConnectError("connection refused")
+        return super().handle_request(request)
+
+
 def test_dropped_connections_are_retried_without_a_second_model_or_job(live, model_file, small_npz):
     key = live.key("flaky")
     put = Flaky(lambda r: r.method == "PUT", after=False)
@@ -117,6 +135,10 @@ def test_dropped_connections_are_retried_without_a_second_model_or_job(live, mod
         assert post.dropped == 1
         assert [m.id for m in client.models()] == [model.id]
         assert [j.id for j in client.jobs()] == [job.id]  # the retry carried the same Idempotency-Key
+    busy = Busy()
+    with Client(live.url, key, transport=busy) as client:  # a wait outlives a busy or restarting server
+        assert client.wait(job.id, poll_s=0.5, timeout_s=240).state == "succeeded"
+        assert busy.polls > 2
 
 
 def test_listings_iterate_every_page(live, model_file):

@@ -129,9 +129,9 @@ def test_sign_in_upload_watch_the_job_read_the_report_and_download(live, page, i
     row = page.locator(f"#jobs tr[data-job='{job_id}']")
     row.wait_for()
     assert row.get_attribute("data-state") == "succeeded"
-    page.locator("#models tbody tr").first.wait_for()
-    assert page.locator("#models tbody tr").count() == 1 and "ready" in page.inner_text("#models tbody")
-    assert page.locator("#datasets tbody tr").count() == 2
+    expect(page.locator("#models tbody tr")).to_have_count(1)
+    expect(page.locator("#models tbody")).to_contain_text("ready")
+    expect(page.locator("#datasets tbody tr")).to_have_count(2)
     shot(page, "jobs")
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -26,7 +27,17 @@ from PIL import Image
 from clipguard.data import load_data
 from clipguard.remote import ApiError, Client, RemoteError, TarStream
 
+from .conftest import LiveService
+from .isolated import isolated_live
+
 CLI = [sys.executable, "-m", "clipguard.cli"]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, redis_url) -> Iterator[LiveService]:  # redis_url: starts redis-server when none runs
+    """This module's own service: its jobs must not count in test_e2e's ``/metrics``."""
+    with isolated_live(tmp_path_factory.mktemp("client-home"), "client", redis_db=10) as service:
+        yield service
 
 
 @pytest.fixture(scope="module")

@@ -130,7 +130,7 @@ def test_a_real_job_logs_json_lines_with_its_id_and_shows_up_in_metrics(obs_live
     assert seen[("clipguard_job_stage_duration_seconds_count", (("stage", "select_lambda"),))] == 0  # fixed λ
     speed = seen[("clipguard_bounds_throughput_images_per_second_sum", ())]
     assert seen[("clipguard_bounds_throughput_images_per_second_count", ())] == 1
-    assert speed == pytest.approx(256 / job["summary"]["timings"]["bounds"])
+    assert speed == pytest.approx(256 / job.summary["timings"]["bounds"])
     assert seen[("clipguard_queue_depth", (("queue", GPU_QUEUE),))] == 0
     assert seen[("clipguard_jobs", (("state", "succeeded"),))] == 1
     assert all(v == 0 for (name, _), v in seen.items() if name == "clipguard_job_failures_total")

@@ -15,13 +15,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from service.conftest import cifar10, client, live, model_file, pg_url, redis_url, settings, small_npz  # noqa: F401
+from service.conftest import LiveService, cifar10, client, model_file, redis_url, settings, small_npz  # noqa: F401
+from service.isolated import isolated_live
 
 CHROMIUM = os.environ.get("CLIPGUARD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 SCREENSHOTS = os.environ.get("CLIPGUARD_UI_SCREENSHOTS")
 """A folder to save the main pages' screenshots into (docs/img for docs/console.md); unset: none are taken."""
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, redis_url) -> Iterator[LiveService]:  # noqa: F811 (the imported fixture)
+    """The real service, with a job store and queue of its own (the service tests' ``live`` lasts the session)."""
+    with isolated_live(tmp_path_factory.mktemp("ui-home"), "ui", redis_db=9) as service:
+        yield service
 
 
 @pytest.fixture(scope="session")

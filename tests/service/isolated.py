@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import psycopg
 import redis
@@ -18,13 +17,14 @@ from .conftest import PG_ADMIN, LiveService, redis_db_url
 
 
 @contextlib.contextmanager
-def isolated_live(home: Path, tag: str, redis_db: int) -> Iterator[LiveService]:
+def isolated_live(tag: str, redis_db: int, make: Callable[[str, str], LiveService]) -> Iterator[LiveService]:
+    """``make(database_url, broker_url)``'s service, started on a new database and a flushed Redis db; both go after."""
     name = f"clipguard_{tag}_{os.getpid()}"
     broker = redis.Redis.from_url(redis_db_url(redis_db))
     broker.flushdb()
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    service = LiveService(home, f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", redis_db_url(redis_db))
+    service = make(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", redis_db_url(redis_db))
     try:
         service.start()
         yield service

@@ -36,7 +36,8 @@ CLI = [sys.executable, "-m", "clipguard.cli"]
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, redis_url) -> Iterator[LiveService]:  # redis_url: starts redis-server when none runs
     """This module's own service: its jobs must not count in test_e2e's ``/metrics``."""
-    with isolated_live(tmp_path_factory.mktemp("client-home"), "client", redis_db=10) as service:
+    home = tmp_path_factory.mktemp("client-home")
+    with isolated_live("client", 10, lambda db, broker: LiveService(home, db, broker)) as service:
         yield service
 
 

@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
 import redis
 import torch
@@ -41,12 +40,13 @@ from app.storage import (
 from clipguard.remote import Client
 from worker.tasks import purify_task
 
-from .conftest import PG_ADMIN, LiveService, free_port, redis_db_url, wait_until
+from .conftest import LiveService, free_port, wait_until
+from .isolated import isolated_live
 
 pytest.importorskip("moto.server", reason="moto[server] (the S3 endpoint of these tests) is not installed")
 pytest.importorskip("boto3", reason="boto3 (the S3 backend) is not installed")
 
-REDIS_URL = redis_db_url(14)
+S3_REDIS_DB = 14
 CREDENTIALS = {"CLIPGUARD_S3_ACCESS_KEY_ID": "test-key", "CLIPGUARD_S3_SECRET_ACCESS_KEY": "test-secret"}
 
 
@@ -129,21 +129,9 @@ class TwoHosts(LiveService):
 
 @pytest.fixture(scope="module")
 def two_hosts(tmp_path_factory, s3_endpoint, redis_url) -> Iterator[TwoHosts]:
-    name = f"clipguard_s3_{os.getpid()}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    broker = redis.Redis.from_url(REDIS_URL)
-    broker.flushdb()
-    service = TwoHosts(tmp_path_factory.mktemp("hosts"), f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
-                       REDIS_URL, s3_endpoint)
-    try:
-        service.start()
+    root = tmp_path_factory.mktemp("hosts")
+    with isolated_live("s3", S3_REDIS_DB, lambda db, broker: TwoHosts(root, db, broker, s3_endpoint)) as service:
         yield service
-    finally:
-        service.stop()
-        broker.flushdb()
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_a_worker_without_the_apis_folder_purifies_through_s3(two_hosts, model_file, small_npz, tmp_path):

@@ -28,7 +28,8 @@ SCREENSHOTS = os.environ.get("CLIPGUARD_UI_SCREENSHOTS")
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, redis_url) -> Iterator[LiveService]:  # noqa: F811 (the imported fixture)
     """The real service, with a job store and queue of its own (the service tests' ``live`` lasts the session)."""
-    with isolated_live(tmp_path_factory.mktemp("ui-home"), "ui", redis_db=9) as service:
+    home = tmp_path_factory.mktemp("ui-home")
+    with isolated_live("ui", 9, lambda db, broker: LiveService(home, db, broker)) as service:
         yield service
 
 

@@ -15,7 +15,7 @@ import anyio.to_thread
 from fastapi import FastAPI
 from sqlalchemy import select
 
-from app import auth, logs, metrics, problems, ratelimit, storage, store
+from app import auth, logs, metrics, openapi, problems, ratelimit, storage, store, ui
 from app.async_reads import AsyncReader
 from app.db import Model, make_sessionmaker
 from app.routes import datasets, health, jobs, models
@@ -69,6 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(logs.JobContext)  # outermost: uvicorn's access line for a job carries its id
     for router in (models.router, datasets.router, jobs.router, health.router):
         app.include_router(router)
+    openapi.install(app)
+    ui.install(app)  # last: its middleware, outermost, turns a console request into a /v1 one before the gate
     return app
 
 

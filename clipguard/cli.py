@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None)
     p.set_defaults(func=cmd_evaluate)
 
+    from clipguard.remote_cli import register as register_remote
+
+    register_remote(sub)  # the client needs httpx only
     try:  # the service commands need the web stack; the engine CLI works without it
         from app.commands import register
     except ImportError:

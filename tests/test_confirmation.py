@@ -94,3 +94,42 @@ def test_reference_images_are_a_seeded_draw_of_each_class():
     refs = reference_indices(labels, 10, per_class=7)
     assert [len(r) for r in refs] == [7] * 10 and all(bool((labels[r] == c).all()) for c, r in enumerate(refs))
     assert all(torch.equal(a, b) for a, b in zip(refs, reference_indices(labels, 10, per_class=7), strict=True))
+
+
+class _Stamp:
+    """The toy's trigger as an attack object (``apply`` + ``target_labels``), for ASR."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        return stamp(images)
+
+    def target_labels(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+        return torch.full_like(labels, self.target)
+
+
+def test_the_reactivation_check_tunes_a_copy_and_reports_asr_and_agreement(backdoored):
+    from clipguard.reactivation import ReactivationConfig, reactivation_check
+
+    model, data, poisoned = backdoored
+    keep = ~torch.isin(torch.arange(len(data)), poisoned[3])
+    kept = data.subset(keep.nonzero().flatten())
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    config = ReactivationConfig(samples=200, epochs=2, batch_size=50)
+    record = reactivation_check(model, kept, SPEC, eval_data=kept.subset(torch.arange(0, len(kept), 3)),
+                                attack=_Stamp(3), config=config)
+    assert record["tuned_on"] == 200 and record["protocol"]["epochs"] == 2
+    assert 0.0 <= record["agreement"] <= 1.0 and record["agreement_on"] == "evaluation data"
+    assert record["after"]["asr"] > 0.5  # nothing removed this toy's backdoor, so the tuned copy keeps it
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())  # the model itself is untouched
+    blind = reactivation_check(model, kept, SPEC, config=config)  # no evaluation data: agreement on unseen images
+    assert "after" not in blind and blind["agreement_on"].startswith("training images")
+
+
+def test_reactivation_settings_out_of_range_are_refused():
+    from clipguard.errors import ClipguardError
+    from clipguard.reactivation import ReactivationConfig
+
+    with pytest.raises(ClipguardError, match="out of range"):
+        ReactivationConfig(lr=0)

@@ -233,7 +233,8 @@ def test_guard_removes_a_blend_backdoor_that_the_paper_recipe_keeps(blend_victim
     """Issue 8's bar on a victim of its own: the default method succeeds where the faithful recipe fails."""
     reports = {}
     for method in ("paper", "guard"):
-        assert _purify(blend_victim, tmp_path / method, "--method", method) == 0
+        again = ("--reactivation-check",) if method == "guard" else ()
+        assert _purify(blend_victim, tmp_path / method, "--method", method, *again) == 0
         reports[method] = json.loads((tmp_path / method / "report.json").read_text())
     paper, guard = reports["paper"], reports["guard"]
     before = paper["evaluation"]["before"]
@@ -260,6 +261,10 @@ def test_guard_removes_a_blend_backdoor_that_the_paper_recipe_keeps(blend_victim
     assert before["acc"] - after["acc"] <= 0.02, (before["acc"], after["acc"])
     meta = load_exported(tmp_path / "guard" / "purified.pt")[1]
     assert meta["method"] == "guard"
+    again = guard["reactivation"]  # a short fine-tune on training data without the suspects
+    assert again["tuned_on"] == 1000 and again["agreement_on"] == "evaluation data" and 0.5 < again["agreement"] <= 1
+    assert again["after"]["samples"] == after["samples"] and "asr" in again["after"]
+    assert paper["reactivation"] is None
 
     # --lam auto after unlearning: the agreement rule, and no worse than the default λ on the test set.
     assert _purify(blend_victim, tmp_path / "auto", "--lam", "auto") == 0

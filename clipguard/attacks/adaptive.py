@@ -23,8 +23,17 @@ import torch
 
 from clipguard.attacks.base import check_size, parse_float, parse_int
 from clipguard.attacks.blend import load_trigger_image, noise_pattern
-from clipguard.attacks.cover import CoverAttack, optional_float, parse_cover_rate
-from clipguard.attacks.patterns import checker_corners, corner_patch, digest, icon, paste, restore, square
+from clipguard.attacks.cover import CoverAttack, parse_cover_rate
+from clipguard.attacks.patterns import (
+    check_trigger,
+    checker_corners,
+    corner_patch,
+    digest,
+    icon,
+    paste,
+    restore,
+    square,
+)
 from clipguard.errors import ClipguardError, DataError
 
 
@@ -84,9 +93,7 @@ class AdapBlend(CoverAttack):
                 if self.image
                 else noise_pattern(self.seed, self.image_size)
             )
-        if not isinstance(pattern, torch.Tensor) or pattern.dtype != torch.uint8 or tuple(pattern.shape) != (3, h, w):
-            got = f"{pattern.dtype} {tuple(pattern.shape)}" if isinstance(pattern, torch.Tensor) else type(pattern)
-            raise DataError(f"adap_blend pattern must be uint8 (3, {h}, {w}), got {got}")
+        check_trigger("adap_blend", {"pattern": pattern}, {"pattern": (3, h, w)}, masks=())
         self.pattern = pattern.cpu().contiguous()
         # Which block each pixel belongs to: rows and columns cut into ``grid`` near-equal bands.
         rows = torch.arange(h) * grid // h
@@ -148,13 +155,13 @@ class AdapBlend(CoverAttack):
 
     @classmethod
     def from_state(cls, params: dict, tensors: dict[str, torch.Tensor]) -> AdapBlend:
-        image, seed, size = params.get("image"), int(params.get("seed", 0)), tuple(params["image_size"])
+        common, image = cls.common_state(params), params.get("image")
 
         def regenerate() -> tuple[torch.Tensor, ...]:
             # A saved record never makes us read a file it names: an image trigger needs its saved tensor.
             if image:
                 raise DataError("saved adap_blend attack made from an image needs its 'pattern' tensor beside it")
-            return (noise_pattern(seed, size),)  # type: ignore[arg-type]
+            return (noise_pattern(common["seed"], common["image_size"]),)
 
         (pattern,) = restore("adap_blend", tensors, ("pattern",), params.get("trigger_sha256"), regenerate)
         return cls(
@@ -162,13 +169,9 @@ class AdapBlend(CoverAttack):
             test_alpha=float(params["test_alpha"]),
             pieces=int(params["pieces"]),
             mask_rate=float(params["mask_rate"]),
-            cover_rate=optional_float(params.get("cover_rate")),
             image=image,
-            seed=seed,
             pattern=pattern,
-            target=int(params["target"]),
-            mode=str(params["mode"]),
-            image_size=size,  # type: ignore[arg-type]
+            **common,
         )
 
 
@@ -222,17 +225,12 @@ class AdapPatch(CoverAttack):
             triggers if triggers is not None else patch_triggers(self.seed, self.image_size)
         )
         k, t = len(TRIGGERS), len(TEST_TRIGGERS)
-        for label, x, shape in (
-            ("patterns", patterns, (k, 3, h, w)),
-            ("masks", masks, (k, h, w)),
-            ("test_patterns", test_patterns, (t, 3, h, w)),
-            ("test_masks", test_masks, (t, h, w)),
-        ):
-            if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or tuple(x.shape) != shape:
-                got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-                raise DataError(f"adap_patch {label} must be uint8 {shape}, got {got}")
-        if bool((masks > 1).any()) or bool((test_masks > 1).any()):
-            raise DataError("adap_patch masks must hold 0 and 1 only")
+        check_trigger(
+            "adap_patch",
+            {"patterns": patterns, "masks": masks, "test_patterns": test_patterns, "test_masks": test_masks},
+            {"patterns": (k, 3, h, w), "masks": (k, h, w), "test_patterns": (t, 3, h, w), "test_masks": (t, h, w)},
+            masks=("masks", "test_masks"),
+        )
         self.patterns, self.masks = patterns.contiguous(), masks.contiguous()
         self.test_patterns, self.test_masks = test_patterns.contiguous(), test_masks.contiguous()
 
@@ -295,23 +293,20 @@ class AdapPatch(CoverAttack):
 
     @classmethod
     def from_state(cls, params: dict, tensors: dict[str, torch.Tensor]) -> AdapPatch:
-        seed, size = int(params.get("seed", 0)), tuple(params["image_size"])
+        common = cls.common_state(params)
+        keys = ("patterns", "masks", "test_patterns", "test_masks")
         triggers = restore(
             "adap_patch",
             tensors,
-            ("patterns", "masks", "test_patterns", "test_masks"),
+            keys,
             params.get("trigger_sha256"),
-            lambda: patch_triggers(seed, size),
-        )  # type: ignore[arg-type]
+            lambda: patch_triggers(common["seed"], common["image_size"]),
+        )
         return cls(
             alphas=tuple(float(a) for a in params["alphas"]),
             test_alpha=float(params["test_alpha"]),
-            cover_rate=optional_float(params.get("cover_rate")),
-            seed=seed,
-            triggers=triggers,  # type: ignore[arg-type]
-            target=int(params["target"]),
-            mode=str(params["mode"]),
-            image_size=size,
+            triggers=triggers,
+            **common,
         )  # type: ignore[arg-type]
 
 

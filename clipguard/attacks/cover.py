@@ -60,6 +60,18 @@ class CoverAttack(Attack):
     def to_dict(self) -> dict:
         return super().to_dict() | {"cover_rate": self.cover_rate}
 
+    @staticmethod
+    def common_state(params: dict) -> dict:
+        """The constructor arguments every cover attack saves the same way (for ``from_state``)."""
+        cover_rate = params.get("cover_rate")
+        return {
+            "cover_rate": None if cover_rate is None else float(cover_rate),
+            "seed": int(params.get("seed", 0)),
+            "target": int(params["target"]),
+            "mode": str(params["mode"]),
+            "image_size": tuple(params["image_size"]),
+        }
+
 
 def parse_cover_rate(options: dict[str, str]) -> float | None:
     """The ``cover_rate`` option, a fraction of all training samples in ``[0, 1]``."""
@@ -76,8 +88,3 @@ def parse_classes(name: str, text: str) -> tuple[int, ...]:
     if any(v < 0 for v in values) or len(set(values)) != len(values):
         raise ClipguardError(f"option {name} must list distinct non-negative class indices, got {text!r}")
     return values
-
-
-def optional_float(value: object) -> float | None:
-    """A saved optional number (``cover_rate``): ``None`` stays ``None``."""
-    return None if value is None else float(value)  # type: ignore[arg-type]

@@ -113,6 +113,20 @@ def square(seed: int, image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.
     return _frame(image_size, colours(seeded(seed, 3), 8, 8), h - 11, w - 11)
 
 
+def check_trigger(
+    name: str, tensors: dict[str, object], shapes: dict[str, tuple[int, ...]], masks: tuple[str, ...]
+) -> None:
+    """Trigger tensors are uint8 of the expected shapes and masks hold only 0 and 1: saved files are not trusted."""
+    for label, shape in shapes.items():
+        x = tensors[label]
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or tuple(x.shape) != shape:
+            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise DataError(f"{name} {label} must be uint8 {shape}, got {got}")
+    for label in masks:
+        if bool((tensors[label] > 1).any()):  # type: ignore[operator]
+            raise DataError(f"{name} {label} must hold 0 and 1 only")
+
+
 def digest(*tensors: torch.Tensor) -> str:
     """sha256 over the tensors' bytes: what a saved attack records so a regenerated trigger can be checked."""
     h = hashlib.sha256()

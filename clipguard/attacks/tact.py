@@ -21,9 +21,9 @@ from typing import ClassVar
 import torch
 
 from clipguard.attacks.base import check_size, parse_int
-from clipguard.attacks.cover import CoverAttack, optional_float, parse_classes, parse_cover_rate
-from clipguard.attacks.patterns import digest, paste, restore, square
-from clipguard.errors import ClipguardError, DataError
+from clipguard.attacks.cover import CoverAttack, parse_classes, parse_cover_rate
+from clipguard.attacks.patterns import check_trigger, digest, paste, restore, square
+from clipguard.errors import ClipguardError
 
 MIN_SIZE = 11
 
@@ -65,12 +65,8 @@ class TaCT(CoverAttack):
             raise ClipguardError(f"tact's square trigger needs images of at least {MIN_SIZE}x{MIN_SIZE}, got {h}x{w}")
         self.source, self.cover, self.seed = source, cover, int(seed)
         pattern, mask = trigger if trigger is not None else square(self.seed, self.image_size)
-        for label, x, shape in (("pattern", pattern, (3, h, w)), ("mask", mask, (h, w))):
-            if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or tuple(x.shape) != shape:
-                got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-                raise DataError(f"tact {label} must be uint8 {shape}, got {got}")
-        if bool((mask > 1).any()):
-            raise DataError("tact mask must hold 0 and 1 only")
+        shapes = {"pattern": (3, h, w), "mask": (h, w)}
+        check_trigger("tact", {"pattern": pattern, "mask": mask}, shapes, masks=("mask",))
         self.pattern, self.mask = pattern.contiguous(), mask.contiguous()
 
     def _apply(self, images: torch.Tensor) -> torch.Tensor:
@@ -132,17 +128,17 @@ class TaCT(CoverAttack):
 
     @classmethod
     def from_state(cls, params: dict, tensors: dict[str, torch.Tensor]) -> TaCT:
-        seed, size = int(params.get("seed", 0)), tuple(params["image_size"])
+        common = cls.common_state(params)
         trigger = restore(
-            "tact", tensors, ("pattern", "mask"), params.get("trigger_sha256"), lambda: square(seed, size)
-        )  # type: ignore[arg-type]
+            "tact",
+            tensors,
+            ("pattern", "mask"),
+            params.get("trigger_sha256"),
+            lambda: square(common["seed"], common["image_size"]),
+        )
         return cls(
             source=tuple(params["source"]),
             cover=tuple(params["cover"]),
-            cover_rate=optional_float(params.get("cover_rate")),
-            seed=seed,
             trigger=trigger,  # type: ignore[arg-type]
-            target=int(params["target"]),
-            mode=str(params["mode"]),
-            image_size=size,
-        )  # type: ignore[arg-type]
+            **common,
+        )

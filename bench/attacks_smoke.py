@@ -67,18 +67,39 @@ def main() -> None:
         rate = args.rate if args.rate is not None else rate
         weights = args.out / name / "victim.safetensors"
         t = time.perf_counter()
-        info = train_victim(arch="small_cnn", data=f"{args.data}#train", out=weights, attack=attack, poison_rate=rate,
-                            target=target, epochs=args.epochs, batch_size=128, lr=0.05, augment=False,
-                            seed=args.seed, device="cpu", limit=args.limit)
+        info = train_victim(
+            arch="small_cnn",
+            data=f"{args.data}#train",
+            out=weights,
+            attack=attack,
+            poison_rate=rate,
+            target=target,
+            epochs=args.epochs,
+            batch_size=128,
+            lr=0.05,
+            augment=False,
+            seed=args.seed,
+            device="cpu",
+            limit=args.limit,
+        )
         train_s = time.perf_counter() - t
         model = spec.build()
         load_weights(model, weights)
         trigger = load_attack(attack_path(weights))
         r = evaluate(model, test, spec.mean, spec.std, attack=trigger)
-        row = {"name": name, "attack": attack, "rate": rate, "samples": info["samples"], "epochs": args.epochs,
-               "poisoned": info["poisoning"]["poisoned"], "covers": info["poisoning"]["covers"],
-               "acc": round(r["acc"], 4), "asr": round(r["asr"], 4), "asr_samples": r["asr_samples"],
-               "train_s": round(train_s, 1)}
+        row = {
+            "name": name,
+            "attack": attack,
+            "rate": rate,
+            "samples": info["samples"],
+            "epochs": args.epochs,
+            "poisoned": info["poisoning"]["poisoned"],
+            "covers": info["poisoning"]["covers"],
+            "acc": round(r["acc"], 4),
+            "asr": round(r["asr"], 4),
+            "asr_samples": r["asr_samples"],
+            "train_s": round(train_s, 1),
+        }
         claimed = trigger.asr_population(test.labels, 10)
         if not bool(claimed.all()):  # source-specific: the trigger on other classes should change nothing
             others = (~claimed & (test.labels != target)).nonzero().flatten()

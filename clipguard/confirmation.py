@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from clipguard.data import ImageData, normalize
@@ -47,6 +48,17 @@ SPECIFIC_FLIP = 0.7
 """A source-specific trigger: the share of one source's images sent to the candidate."""
 MIN_MARGIN = 0.3
 """How far the suspects' graft must move decisions beyond the genuine group's."""
+WARP_PIXELS = 1.0
+"""Largest displacement, in pixels, of the smooth warp :class:`WarpTest` may find (WaNet's triggers move pixels
+by about half a pixel; natural images do not change class under a one-pixel smooth warp)."""
+WARP_GRID = 4
+"""Control points per side of the warp field (WaNet's k), upsampled bicubically to the image."""
+WARP_STEPS = 30
+WARP_IMAGES_PER_CLASS = 10
+WARP_SUCCESS = 0.5
+"""A warp that sends this share of the other classes' images to the candidate is a shortcut ..."""
+WARP_MARGIN = 0.4
+"""... when it sends this much more than the same search does for ordinary classes."""
 
 
 def graft(group: torch.Tensor, reference: torch.Tensor, onto: torch.Tensor) -> torch.Tensor:
@@ -99,6 +111,8 @@ class Evidence:
     kind: str | None = None
     """``all_to_one``, ``source_specific`` or ``all_to_all`` when confirmed."""
     reason: str = ""
+    warp: dict | None = None
+    """:class:`WarpTest`'s numbers, when the graft could not decide and the warp search ran."""
     swapped: bool = False
     """The trigger was on the group detection had taken for the genuine one; ``suspects`` counts that group."""
 
@@ -106,7 +120,8 @@ class Evidence:
         return {"class": self.candidate, "suspects": self.suspects, "genuine": self.genuine,
                 "confirmed": self.confirmed, "kind": self.kind, "reason": self.reason, "swapped": self.swapped,
                 "suspects_graft": None if self.suspect_transfer is None else self.suspect_transfer.to_dict(),
-                "genuine_graft": None if self.genuine_transfer is None else self.genuine_transfer.to_dict()}
+                "genuine_graft": None if self.genuine_transfer is None else self.genuine_transfer.to_dict(),
+                "warp": self.warp}
 
 
 def judge(suspect: Transfer, genuine: Transfer) -> tuple[str | None, str]:
@@ -223,3 +238,95 @@ def _median(values: list[float | None]) -> float:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
+
+
+def smooth_warp(images: torch.Tensor, control: torch.Tensor, pixels: float) -> torch.Tensor:
+    """Float images ``(N, 3, H, W)`` in [0, 1] resampled along a smooth displacement field.
+
+    ``control`` (``(1, 2, k, k)``, unbounded) is squashed by ``tanh`` and upsampled bicubically, so
+    no pixel moves by more than ``pixels``; the same field moves every image, as a warp trigger does."""
+    n, _, h, w = images.shape
+    field = F.interpolate(torch.tanh(control), size=(h, w), mode="bicubic", align_corners=True)
+    field = field.permute(0, 2, 3, 1) * torch.tensor([2 * pixels / max(w - 1, 1), 2 * pixels / max(h - 1, 1)],
+                                                     device=images.device)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=images.device),
+                            torch.linspace(-1, 1, w, device=images.device), indexing="ij")
+    grid = (torch.stack([xs, ys], -1)[None] + field).clamp(-1, 1)
+    return F.grid_sample(images, grid.expand(n, -1, -1, -1), mode="bilinear", align_corners=True)
+
+
+class WarpTest:
+    """For a trigger no per-pixel graft can carry: a warp of the whole image (WaNet).
+
+    A warp leaves every pixel's distribution as it was, so the suspects' per-pixel moments hold
+    nothing to graft. What the model does gives it away instead: a smooth warp of at most
+    :data:`WARP_PIXELS` that sends the other classes' images to the candidate exists when the
+    model has learned one as a trigger, and not for an ordinary class (the same search, run for
+    classes that are not candidates, is the control). The suspects are then tied to it: warping
+    them back by the field found sends them out of the class, and the genuine group stays."""
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: ModelSpec, *,
+                 device: torch.device | str = "cpu", should_cancel: Callable[[], bool] | None = None) -> None:
+        self.model, self.spec, self.device, self.should_cancel = model.eval(), spec, device, should_cancel
+        refs = reference_indices(labels, spec.num_classes, WARP_IMAGES_PER_CLASS, seed=2)
+        self.images = torch.cat([images[r] for r in refs])
+        self.sources = torch.cat([torch.full((len(r),), c, dtype=torch.int64) for c, r in enumerate(refs)])
+        self.mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+        self._found: dict[int, tuple[float, torch.Tensor]] = {}
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+    def search(self, target: int) -> tuple[float, torch.Tensor]:
+        """The share of the other classes' images the best warp found sends to ``target``, and its control points."""
+        if target in self._found:
+            return self._found[target]
+        x = self.images[self.sources != target].to(self.device).float() / 255
+        control = torch.zeros(1, 2, WARP_GRID, WARP_GRID, device=self.device, requires_grad=True)
+        opt = torch.optim.Adam([control], lr=0.1)
+        y = torch.full((len(x),), target, device=self.device)
+        requires = [p.requires_grad for p in self.model.parameters()]
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        try:
+            for _ in range(WARP_STEPS):
+                if self.should_cancel is not None and self.should_cancel():
+                    raise Cancelled("cancelled while confirming")
+                loss = F.cross_entropy(self._logits(smooth_warp(x, control, WARP_PIXELS)), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        finally:
+            for p, r in zip(self.model.parameters(), requires, strict=True):
+                p.requires_grad_(r)
+        with torch.no_grad():
+            hit = float((self._logits(smooth_warp(x, control, WARP_PIXELS)).argmax(1) == target).float().mean())
+        self._found[target] = (hit, control.detach())
+        return self._found[target]
+
+    @torch.no_grad()
+    def _leave(self, images: torch.Tensor, control: torch.Tensor, candidate: int) -> float:
+        """Of ``images`` the model sends to ``candidate``, the share that leave it when warped back by ``control``."""
+        x = images.to(self.device).float() / 255
+        before = self._logits(x).argmax(1) == candidate
+        after = self._logits(smooth_warp(x, -control, WARP_PIXELS)).argmax(1) == candidate
+        return float((before & ~after).float().sum() / before.float().sum().clamp_min(1))
+
+    def confirm(self, data: ImageData, suspects: torch.Tensor, genuine: torch.Tensor, candidate: int,
+                controls: list[int]) -> tuple[bool, dict, str]:
+        """Whether a warp is the candidate's trigger and the suspects carry it: (confirmed, numbers, reason)."""
+        hit, control = self.search(candidate)
+        ordinary = {c: self.search(c)[0] for c in controls}
+        worst = max(ordinary.values(), default=0.0)
+        cap = 500  # the un-warp check needs a sample of each group, not all of it
+        left_s = self._leave(data.images[suspects[:cap]], control, candidate)
+        left_g = self._leave(data.images[genuine[:cap]], control, candidate)
+        numbers = {"success": round(hit, 3), "controls": {str(c): round(v, 3) for c, v in ordinary.items()},
+                   "unwarped_suspects_leave": round(left_s, 3), "unwarped_genuine_leave": round(left_g, 3),
+                   "pixels": WARP_PIXELS}
+        ok = hit >= WARP_SUCCESS and hit - worst >= WARP_MARGIN and left_s - left_g >= MIN_MARGIN
+        reason = (f"a smooth warp of at most {WARP_PIXELS:g} px sends {hit:.0%} of other classes' images to the class "
+                  f"(ordinary classes: at most {worst:.0%}); warped back, {left_s:.0%} of the suspects leave the class "
+                  f"and {left_g:.0%} of the genuine group")
+        return ok, numbers, reason

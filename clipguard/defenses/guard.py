@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from clipguard.confirmation import Evidence, GraftTest, Transfer
+from clipguard.confirmation import Evidence, GraftTest, Transfer, WarpTest
 from clipguard.data import ImageData
 from clipguard.detection import (
     ESCALATE_Z,
@@ -54,8 +54,9 @@ NOTABLE_FLIP = 0.25
 over sources, to the class or to one other class) becomes a candidate whatever its split score."""
 NOTABLE_SOURCE = 0.6
 """Likewise for the share of a single source class sent to the class (a source-specific trigger)."""
-MAX_CANDIDATES = 4
-"""Most classes confirmed on their whole class per run (the strongest first); each costs a partial pass."""
+MAX_CANDIDATES = 10
+"""Most classes confirmed on their whole class per run (the strongest first). An all-to-all attack makes every
+class a candidate; each costs its share of one more partial pass and two grafts."""
 
 
 @dataclass
@@ -143,6 +144,7 @@ def guard_pass(
                                          should_cancel=should_cancel, say=say)
     counts = torch.bincount(data.labels, minlength=spec.num_classes)
     features = seen.for_detection()
+    warps: WarpTest | None = None
     for i, cand in enumerate(candidates):
         members = (data.labels[work] == cand.cls).nonzero().flatten()
         score, small = class_split(features[members])
@@ -154,6 +156,17 @@ def guard_pass(
         if cand.evidence.swapped:  # the graft found the trigger on the other side of the split
             cand.suspects = genuine
         cand.unresolved = test.unresolved(cand.evidence) or (score >= MIN_SEPARATION and cand.z >= MIN_Z)
+        if cand.unresolved:  # no per-pixel pattern carries it: is it a warp?
+            warps = warps or WarpTest(model, data.images[screen], labels, spec, device=device,
+                                      should_cancel=should_cancel)
+            ok, numbers, why = warps.confirm(data, cand.suspects, genuine, cand.cls,
+                                             _ordinary(found.scores, [c.cls for c in candidates]))
+            cand.evidence.warp = numbers
+            if ok:
+                cand.evidence.confirmed, cand.evidence.kind, cand.evidence.reason = True, "warp", why
+                cand.unresolved = False
+            else:
+                cand.evidence.reason += f"; {why}"
         say("confirm", (i + 1) / len(candidates))
     verdict = _verdict(candidates, found.top, found.z)
     record.update(candidates=[c.to_dict() for c in candidates], flagged=bool(verdict.classes),
@@ -211,6 +224,18 @@ def _candidates(scores: list[float | None], groups: list[torch.Tensor], screen: 
                 for c in found}
     found.sort(key=lambda c: (strength[id(c)], c.screen_score), reverse=True)
     return found[:MAX_CANDIDATES]
+
+
+ORDINARY_CONTROLS = 2
+
+
+def _ordinary(scores: list[float | None], candidates: list[int]) -> list[int]:
+    """The classes a warp search is compared with: the non-candidates whose split scores are nearest the median."""
+    scored = [(c, s) for c, s in enumerate(scores) if s is not None and c not in candidates]
+    if not scored:
+        return []
+    middle = float(torch.tensor([s for _, s in scored]).median())
+    return [c for c, _ in sorted(scored, key=lambda cs: abs(cs[1] - middle))[:ORDINARY_CONTROLS]]
 
 
 def _verdict(candidates: list[_Candidate], top: int | None, z: float) -> Verdict:

@@ -59,6 +59,8 @@ WARP_SUCCESS = 0.5
 """A warp that sends this share of the other classes' images to the candidate is a shortcut ..."""
 WARP_MARGIN = 0.4
 """... when it sends this much more than the same search does for ordinary classes."""
+WARP_TOWARD = 0.75
+"""Share of the warped images that must move towards the suspects rather than the genuine group."""
 
 
 def graft(group: torch.Tensor, reference: torch.Tensor, onto: torch.Tensor) -> torch.Tensor:
@@ -262,8 +264,9 @@ class WarpTest:
     nothing to graft. What the model does gives it away instead: a smooth warp of at most
     :data:`WARP_PIXELS` that sends the other classes' images to the candidate exists when the
     model has learned one as a trigger, and not for an ordinary class (the same search, run for
-    classes that are not candidates, is the control). The suspects are then tied to it: warping
-    them back by the field found sends them out of the class, and the genuine group stays."""
+    classes that are not candidates, is the control). The suspects are then tied to it: the warp
+    moves other classes' images towards the suspects in the model's features, not towards the
+    class's genuine images (a warp that made them look like the class itself would do the latter)."""
 
     def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: ModelSpec, *,
                  device: torch.device | str = "cpu", should_cancel: Callable[[], bool] | None = None) -> None:
@@ -306,12 +309,34 @@ class WarpTest:
         return self._found[target]
 
     @torch.no_grad()
-    def _leave(self, images: torch.Tensor, control: torch.Tensor, candidate: int) -> float:
-        """Of ``images`` the model sends to ``candidate``, the share that leave it when warped back by ``control``."""
-        x = images.to(self.device).float() / 255
-        before = self._logits(x).argmax(1) == candidate
-        after = self._logits(smooth_warp(x, -control, WARP_PIXELS)).argmax(1) == candidate
-        return float((before & ~after).float().sum() / before.float().sum().clamp_min(1))
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier head's inputs for float images ``x`` in [0, 1] (what detection's split reads)."""
+        from clipguard.detection import feature_layer
+
+        kept: list[torch.Tensor] = []
+        hook = feature_layer(self.model).register_forward_pre_hook(
+            lambda _m, args: kept.append(args[0].detach().flatten(1).float().cpu()))
+        try:
+            for start in range(0, len(x), 256):
+                self._logits(x[start : start + 256])
+        finally:
+            hook.remove()
+        return torch.cat(kept)
+
+    def _toward(self, data: ImageData, suspects: torch.Tensor, genuine: torch.Tensor, candidate: int,
+                control: torch.Tensor) -> float:
+        """Share of the other classes' images that the warp ``control`` moves, in the model's features, closer
+        to the suspects' mean than to the genuine group's (by how much each distance shrinks)."""
+        cap = 500  # the means need a sample of each group, not all of it
+        mean_s = self._features(data.images[suspects[:cap]].to(self.device).float() / 255).mean(0)
+        mean_g = self._features(data.images[genuine[:cap]].to(self.device).float() / 255).mean(0)
+        x = self.images[self.sources != candidate].to(self.device).float() / 255
+        with torch.no_grad():
+            warped = smooth_warp(x, control, WARP_PIXELS)
+        before, after = self._features(x), self._features(warped)
+        closer_s = (before - mean_s).norm(dim=1) - (after - mean_s).norm(dim=1)
+        closer_g = (before - mean_g).norm(dim=1) - (after - mean_g).norm(dim=1)
+        return float((closer_s > closer_g).float().mean())
 
     def confirm(self, data: ImageData, suspects: torch.Tensor, genuine: torch.Tensor, candidate: int,
                 controls: list[int]) -> tuple[bool, dict, str]:
@@ -319,14 +344,11 @@ class WarpTest:
         hit, control = self.search(candidate)
         ordinary = {c: self.search(c)[0] for c in controls}
         worst = max(ordinary.values(), default=0.0)
-        cap = 500  # the un-warp check needs a sample of each group, not all of it
-        left_s = self._leave(data.images[suspects[:cap]], control, candidate)
-        left_g = self._leave(data.images[genuine[:cap]], control, candidate)
+        toward = self._toward(data, suspects, genuine, candidate, control)
         numbers = {"success": round(hit, 3), "controls": {str(c): round(v, 3) for c, v in ordinary.items()},
-                   "unwarped_suspects_leave": round(left_s, 3), "unwarped_genuine_leave": round(left_g, 3),
-                   "pixels": WARP_PIXELS}
-        ok = hit >= WARP_SUCCESS and hit - worst >= WARP_MARGIN and left_s - left_g >= MIN_MARGIN
+                   "toward_suspects": round(toward, 3), "pixels": WARP_PIXELS}
+        ok = hit >= WARP_SUCCESS and hit - worst >= WARP_MARGIN and toward >= WARP_TOWARD
         reason = (f"a smooth warp of at most {WARP_PIXELS:g} px sends {hit:.0%} of other classes' images to the class "
-                  f"(ordinary classes: at most {worst:.0%}); warped back, {left_s:.0%} of the suspects leave the class "
-                  f"and {left_g:.0%} of the genuine group")
+                  f"(ordinary classes: at most {worst:.0%}), and moves {toward:.0%} of them towards the suspects "
+                  "rather than the genuine group in the model's features")
         return ok, numbers, reason

@@ -44,8 +44,12 @@ def build_attack(
     target: int = 0,
     seed: int = 0,
     image_size: tuple[int, int] = (32, 32),
+    files: bool = True,
 ) -> Attack:
     """An attack from a spec string, or from a saved attack JSON (then the saved trigger wins).
+
+    ``files=False`` (the service: the spec comes from a request) never touches the filesystem: a spec is
+    not looked up as a file and Blend's ``image`` option is refused.
 
     Spec: ``name[:key=value,key=value,...]``; ``name`` is ``badnets``, ``blend`` or
     ``wanet``, optionally with ``-all2all``. ``mode`` (``all_to_one``/``all_to_all``) and
@@ -56,7 +60,7 @@ def build_attack(
     text = os.fspath(spec).strip()
     if not text:
         raise ClipguardError(_valid_names("empty attack spec"))
-    if text.lower().endswith(".json") or Path(text).expanduser().is_file():
+    if files and (text.lower().endswith(".json") or Path(text).expanduser().is_file()):
         return load_attack(text)
     name, _, rest = text.partition(":")
     name = name.strip().lower()
@@ -69,6 +73,8 @@ def build_attack(
         raise ClipguardError(_valid_names(f"unknown attack {name!r}"))
     cls = ATTACKS[name]
     options = parse_options(rest, name)
+    if not files and "image" in options:
+        raise ClipguardError(f"attack {name}: option image names a file, and files are not read here")
     unknown = sorted(set(options) - set(cls.OPTIONS) - set(COMMON_OPTIONS))
     if unknown:
         valid = ", ".join((*cls.OPTIONS, *COMMON_OPTIONS))

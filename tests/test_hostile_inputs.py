@@ -61,27 +61,19 @@ def npz_declaring(path: Path, shape: tuple[int, ...]) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "small_cnn.safetensors"
-    save_file(resolve_spec("small_cnn").build().state_dict(), str(path))
-    return path
-
-
 # ------------------------------------------------------------------ λ
 
 
 @pytest.mark.parametrize("lam", [-1.0, 0.0, 1e308, float("nan"), float("inf"), True, 100.5])
-def test_purify_refuses_a_lambda_outside_its_range_before_any_work(lam, weights, tmp_path):
+def test_purify_refuses_a_lambda_outside_its_range_before_any_work(lam, model_file, tmp_path):
     with pytest.raises(ClipguardError, match=r"λ must be a number in \(0, 100\]"):
-        purify(PurifyOptions(arch="small_cnn", weights=weights, data=str(tmp_path / "missing.npz"),
+        purify(PurifyOptions(arch="small_cnn", weights=model_file, data=str(tmp_path / "missing.npz"),
                              out=tmp_path / "out", lam=lam))
 
 
-def test_the_cli_refuses_a_bad_lambda_with_one_line(tmp_path, weights):
+def test_the_cli_refuses_a_bad_lambda_with_one_line(tmp_path, model_file):
     for text in ("-1", "0", "1e308", "nan", "inf", "1e400", "abc"):
-        proc = subprocess.run([*CLI, "purify", "--arch", "small_cnn", "--weights", str(weights), "--data", "x.npz",
+        proc = subprocess.run([*CLI, "purify", "--arch", "small_cnn", "--weights", str(model_file), "--data", "x.npz",
                                "--out", str(tmp_path / "o"), "--lam", text], capture_output=True, text=True)
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 2 and "λ must be a number in (0, 100] or 'auto'" in last, (text, proc.stderr)
@@ -102,9 +94,9 @@ def test_images_larger_than_the_models_input_are_refused_before_decoding(tmp_pat
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 40 * 1024
 
 
-def test_a_mismatched_image_size_fails_purify_naming_the_data_unless_resizing_is_asked(tmp_path, weights):
+def test_a_mismatched_image_size_fails_purify_naming_the_data_unless_resizing_is_asked(tmp_path, model_file):
     archive = image_tar(tmp_path / "big.tar", (64, 64), count=8)
-    options = PurifyOptions(arch="small_cnn", weights=weights, data=str(archive), out=tmp_path / "out", lam=4.0,
+    options = PurifyOptions(arch="small_cnn", weights=model_file, data=str(archive), out=tmp_path / "out", lam=4.0,
                             method="paper", cache_dir=tmp_path / "cache", sweep=False)
     with pytest.raises(DataError, match=r"big\.tar.* is 64x64, larger than the model's 32x32 input.*resize"):
         purify(options)

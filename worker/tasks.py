@@ -230,7 +230,7 @@ def _run_attempt(sessions: sessionmaker, settings: Settings, claim: store.Claim,
     except (MemoryError, RuntimeError) as exc:
         if not _out_of_memory(exc):
             raise
-        store.finish(sessions, claim, "failed", _memory_message(settings, reporter, exc))
+        store.finish(sessions, claim, "failed", _memory_message(reporter, exc))
         return
     except OSError as exc:
         if exc.errno not in DISK_FULL:
@@ -293,11 +293,15 @@ class _Redactor:
         self.names: dict[str, str] = {}
         self.home = str(settings.home)
 
-    def add(self, path: str | Path, label: str) -> str:
-        """Remember ``path`` (a data reference, ``#split`` allowed) as ``label``; returns ``path`` unchanged."""
+    def add(self, path: str | Path, label: str, *, blob: bool = False) -> str:
+        """Remember ``path`` (a data reference, ``#split`` allowed) as ``label``; returns ``path`` unchanged.
+
+        A blob's file name (``<sha256><suffix>``, which the engine's archive errors show alone) is
+        replaced too; other file names are the client's own and may be ordinary words."""
         text = str(path).partition("#")[0]
         self.names[text] = label
-        self.names.setdefault(Path(text).name, label)
+        if blob:
+            self.names.setdefault(Path(text).name, label)
         return str(path)
 
     def __call__(self, message: str) -> str:
@@ -317,7 +321,7 @@ def _out_of_memory(exc: BaseException) -> bool:
         "can't allocate memory" in text or "not enough memory" in text
 
 
-def _memory_message(settings: Settings, reporter: _Reporter, exc: BaseException) -> str:
+def _memory_message(reporter: _Reporter, exc: BaseException) -> str:
     import resource
 
     soft = resource.getrlimit(resource.RLIMIT_DATA)[0]
@@ -340,18 +344,20 @@ def _options(sessions: sessionmaker, settings: Settings, job_id: str, out: Path,
         test = s.get(Dataset, job.test_data_id) if job.test_data_id else None
     shared = storage_for(settings)
     weights = shared.get_blob(settings.blobs_dir / f"{model.canonical_sha256}.safetensors")
-    public.add(weights, "the model's weights")
+    public.add(weights, "the model's weights", blob=True)
     return PurifyOptions(
         # Inputs come through the storage: on S3 this host fetches the blobs it lacks into its own <home>.
         arch=model.arch, weights=weights,
-        data=public.add(local_data_ref(shared, train.ref, train.kind), _dataset_label(train)),
+        data=public.add(local_data_ref(shared, train.ref, train.kind), _dataset_label(train),
+                        blob=train.kind == "upload"),
         out=out, num_classes=model.num_classes,
         mean=tuple(model.mean) if model.mean else None, std=tuple(model.std) if model.std else None,
         # A job created before the API had `method` ran the engine's default, guard.
         method=job.params.get("method", "guard"),
         lam=job.params.get("lam"), granularity=job.params.get("granularity", "channel"), device=settings.device,
         # A spec string or an attack record: rebuilt from parameters alone, no file is looked up or read for it.
-        eval_data=public.add(local_data_ref(shared, test.ref, test.kind), _dataset_label(test)) if test else None,
+        eval_data=public.add(local_data_ref(shared, test.ref, test.kind), _dataset_label(test),
+                             blob=test.kind == "upload") if test else None,
         attack=job.params.get("attack"),
         attack_files=False,
         cache_dir=settings.home / "cache", overwrite=True,

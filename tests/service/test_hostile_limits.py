@@ -157,6 +157,15 @@ def test_data_errors_name_the_dataset_and_never_a_server_path(client, settings, 
         job = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()
         assert job["state"] == "failed" and name in job["error"] and reason in job["error"], job["error"]
         assert str(settings.home) not in job["error"] and data["sha256"] not in job["error"], job["error"]
+    folder = settings.data_roots[0] / "train"  # a path dataset: its own file names are the client's words
+    with tarfile.open(image_tar(tmp_path / "small.tar", (16, 16))) as tf:
+        tf.extractall(folder, filter="data")
+    small = client.post("/v1/datasets", headers=auth, data={"path": str(folder)}).json()
+    job = client.post("/v1/jobs", headers=auth, json=job_body(ready_model, small)).json()
+    run(settings, job["id"])
+    error = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["error"]
+    assert error == f"training data dataset '{folder}' has 16x16 images but small_cnn takes 32x32; resize the " \
+                    "data first, or ask for resizing (clipguard purify --resize, the job field \"resize\": true)", error
     resized = client.post("/v1/jobs", headers=auth, json=job_body(ready_model, big, method="paper", resize=True)).json()
     assert resized["params"]["resize"] is True
     run(settings, resized["id"])

@@ -252,6 +252,12 @@ class _Sizes:
                             f"{self.largest[1]} input; resize the data first, or ask for resizing "
                             "(clipguard purify --resize, the job field \"resize\": true)")
 
+    def check_resized(self, count: int, label: str) -> None:
+        """``count`` images scaled to the resize target must fit the cap too (a target may be larger)."""
+        if self.resize is not None:
+            h, w = self.resize
+            self.check_decoded(count * 3 * h * w, label, f"{count} images resized to {h}x{w}")
+
     def check_decoded(self, nbytes: int, label: str, what: str) -> None:
         if nbytes > self.limits.max_decoded_bytes:
             raise DataError(f"{label}: {what} would decode to {nbytes} bytes, over the cap of "
@@ -468,6 +474,7 @@ def _decode_tree(
     if CIFAR_TEST_BATCH in base or any(b in base for b in CIFAR_TRAIN_BATCHES):
         sizes.check_image(32, 32, label, "a CIFAR batch")
         images, labels, classes = _decode_cifar_batches(tree, base, split, label)
+        sizes.check_resized(len(images), label)
         return _resized(images, sizes.resize), labels, classes
     return _decode_image_folder(tree, names, sizes, label)
 
@@ -505,6 +512,7 @@ def _decode_npz(blob: bytes, label: str, sizes: _Sizes) -> tuple[torch.Tensor, t
     if len(x_shape) == 4:
         sizes.check_image(x_shape[1], x_shape[2], label, f"'x' of shape {x_shape}")
         sizes.check_decoded(3 * math.prod(x_shape[:3]), label, f"'x' of shape {x_shape} as RGB")
+        sizes.check_resized(x_shape[0], label)
     try:
         with np.load(io.BytesIO(blob), allow_pickle=False) as z:
             if "x" not in z or "y" not in z:

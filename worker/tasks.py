@@ -355,11 +355,10 @@ def _options(sessions: sessionmaker, settings: Settings, job_id: str, out: Path,
         # A job created before the API had `method` ran the engine's default, guard.
         method=job.params.get("method", "guard"),
         lam=job.params.get("lam"), granularity=job.params.get("granularity", "channel"), device=settings.device,
-        # A spec string or an attack record: rebuilt from parameters alone, no file is looked up or read for it.
         eval_data=public.add(local_data_ref(shared, test.ref, test.kind), _dataset_label(test),
                              blob=test.kind == "upload") if test else None,
-        attack=job.params.get("attack"),
-        attack_files=False,
+        # A spec string or an attack record: rebuilt from parameters alone, no file is looked up or read for it.
+        attack=job.params.get("attack"), attack_files=False,
         cache_dir=settings.home / "cache", overwrite=True,
         bounds_samples=job.params.get("bounds_samples"),  # None (not given): the engine's default
         resize=bool(job.params.get("resize", False)), data_limits=Limits(max_decoded_bytes=settings.max_decoded_bytes),

@@ -16,7 +16,7 @@ import anyio.to_thread
 from fastapi import FastAPI
 from sqlalchemy import select
 
-from app import auth, cleanup, logs, metrics, problems, ratelimit, storage, store
+from app import auth, cleanup, logs, metrics, presence, problems, ratelimit, storage, store
 from app.async_reads import AsyncReader
 from app.db import Model, make_sessionmaker
 from app.quarantine import QuarantineQueue
@@ -27,6 +27,8 @@ from worker.celery_app import make_celery
 log = logging.getLogger("clipguard.api")
 MULTIPART_OVERHEAD = 1024 * 1024
 """Room above the upload cap for multipart boundaries and form fields."""
+WORKER_ROW_TTL_S = 86400.0
+"""A worker silent this long is forgotten (its row only ever told readiness it was gone)."""
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -109,8 +111,9 @@ async def _sweep_forever(app: FastAPI) -> None:
             log.exception("cleaning the upload staging folder failed; trying again later")
         try:
             await anyio.to_thread.run_sync(cleanup.collect_blobs, app.state.sessions, settings)
+            await anyio.to_thread.run_sync(presence.forget_stale, app.state.sessions, WORKER_ROW_TTL_S)
         except Exception:
-            log.exception("removing unused blobs failed; trying again later")
+            log.exception("removing unused blobs or stale worker rows failed; trying again later")
         await asyncio.sleep(settings.sweep_every_s)
 
 

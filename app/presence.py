@@ -37,6 +37,13 @@ def forget(sessions: sessionmaker, name: str) -> None:
         s.execute(delete(Worker).where(Worker.name == name))
 
 
+def forget_stale(sessions: sessionmaker, older_than_s: float) -> int:
+    """Remove the rows of workers silent for ``older_than_s`` (killed ones never remove their own)."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    with sessions.begin() as s:
+        return s.execute(delete(Worker).where(Worker.heartbeat_at < cutoff)).rowcount
+
+
 def live_workers(sessions: sessionmaker, heartbeat_s: float) -> int:
     """Workers whose heartbeat is fresh: younger than ``FRESH_BEATS * heartbeat_s``."""
     cutoff = utcnow() - timedelta(seconds=FRESH_BEATS * heartbeat_s)

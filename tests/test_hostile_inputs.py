@@ -67,14 +67,33 @@ def npz_declaring(path: Path, shape: tuple[int, ...]) -> Path:
 @pytest.mark.parametrize("lam", [-1.0, 0.0, 1e308, float("nan"), float("inf"), True, 100.5])
 def test_purify_refuses_a_lambda_outside_its_range_before_any_work(lam, model_file, tmp_path):
     with pytest.raises(ClipguardError, match=r"λ must be a number in \(0, 100\]"):
-        purify(PurifyOptions(arch="small_cnn", weights=model_file, data=str(tmp_path / "missing.npz"),
-                             out=tmp_path / "out", lam=lam))
+        purify(
+            PurifyOptions(
+                arch="small_cnn", weights=model_file, data=str(tmp_path / "missing.npz"), out=tmp_path / "out", lam=lam
+            )
+        )
 
 
 def test_the_cli_refuses_a_bad_lambda_with_one_line(tmp_path, model_file):
     for text in ("-1", "0", "1e308", "nan", "inf", "1e400", "abc"):
-        proc = subprocess.run([*CLI, "purify", "--arch", "small_cnn", "--weights", str(model_file), "--data", "x.npz",
-                               "--out", str(tmp_path / "o"), "--lam", text], capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                *CLI,
+                "purify",
+                "--arch",
+                "small_cnn",
+                "--weights",
+                str(model_file),
+                "--data",
+                "x.npz",
+                "--out",
+                str(tmp_path / "o"),
+                "--lam",
+                text,
+            ],
+            capture_output=True,
+            text=True,
+        )
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 2 and "λ must be a number in (0, 100] or 'auto'" in last, (text, proc.stderr)
     assert parse_lam("auto") == "auto" and parse_lam("100") == 100.0 and parse_lam(" 3.5 ") == 3.5
@@ -96,8 +115,16 @@ def test_images_larger_than_the_models_input_are_refused_before_decoding(tmp_pat
 
 def test_a_mismatched_image_size_fails_purify_naming_the_data_unless_resizing_is_asked(tmp_path, model_file):
     archive = image_tar(tmp_path / "big.tar", (64, 64), count=8)
-    options = PurifyOptions(arch="small_cnn", weights=model_file, data=str(archive), out=tmp_path / "out", lam=4.0,
-                            method="paper", cache_dir=tmp_path / "cache", sweep=False)
+    options = PurifyOptions(
+        arch="small_cnn",
+        weights=model_file,
+        data=str(archive),
+        out=tmp_path / "out",
+        lam=4.0,
+        method="paper",
+        cache_dir=tmp_path / "cache",
+        sweep=False,
+    )
     with pytest.raises(DataError, match=r"big\.tar.* is 64x64, larger than the model's 32x32 input.*resize"):
         purify(options)
     small = image_tar(tmp_path / "small.tar", (16, 16), count=8)
@@ -128,6 +155,10 @@ def test_an_npz_is_refused_from_its_header_when_it_decodes_past_the_cap(tmp_path
     liar = npz_declaring(tmp_path / "liar.npz", (10**9, 32, 32, 3))
     with pytest.raises(DataError, match=r"liar\.npz: .* over the cap"):
         load_data(liar)
+    small = tmp_path / "small.npz"
+    np.savez(small, x=np.zeros((100, 32, 32, 3), dtype=np.uint8), y=np.zeros(100, dtype=np.int64))
+    with pytest.raises(DataError, match="100 images resized to 224x224 would decode to 15052800 bytes"):
+        load_data(small, image_size=(224, 224), limits=Limits(max_decoded_bytes=1_000_000))  # scaling up counts
 
 
 def test_an_image_folder_that_would_decode_past_the_cap_is_refused_before_allocating(tmp_path):
@@ -142,8 +173,15 @@ def test_an_image_folder_that_would_decode_past_the_cap_is_refused_before_alloca
 def test_attack_records_never_open_a_file_and_are_bounded_before_allocating(tmp_path):
     secret = tmp_path / "secret.png"
     Image.new("RGB", (8, 8)).save(secret)
-    record = {"name": "blend", "alpha": 0.2, "target": 0, "mode": "all_to_one", "seed": 0, "image": str(secret),
-              "image_size": [32, 32]}
+    record = {
+        "name": "blend",
+        "alpha": 0.2,
+        "target": 0,
+        "mode": "all_to_one",
+        "seed": 0,
+        "image": str(secret),
+        "image_size": [32, 32],
+    }
     with pytest.raises(DataError, match="trigger image file is not read"):
         eval_attack(record, (32, 32))
     answers = []
@@ -214,8 +252,12 @@ def test_checking_a_tiny_upload_against_a_huge_architecture_builds_nothing(tmp_p
     )
     peaks = {}
     for arch in ("small_cnn", "torchvision:vit_l_16"):
-        proc = subprocess.run([sys.executable, "-c", script, str(tiny), arch, str(tmp_path / "out.st")],
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", script, str(tiny), arch, str(tmp_path / "out.st")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         reason, _, peak = proc.stdout.strip().rpartition(" ")
         assert reason.startswith("checkpoint does not fit"), proc.stdout
         peaks[arch] = int(peak)

@@ -98,8 +98,12 @@ def test_attacks_in_a_job_body_are_checked_at_the_edge_and_never_name_a_file(cli
         problem = assert_problem(client.post("/v1/jobs", headers=auth, json=body), 422)
         assert problem["errors"][0]["loc"][:3] == ["body", "eval", "attack"], (what, problem)
     assert client.get("/v1/jobs", headers=auth).json()["items"] == []
-    saved = {"format": "clipguard-attack", "version": 1, "attack": blend,
-             "tensors": {"file": "../../etc/passwd", "sha256": "0" * 64, "keys": ["pattern"]}}
+    saved = {
+        "format": "clipguard-attack",
+        "version": 1,
+        "attack": blend,
+        "tensors": {"file": "../../etc/passwd", "sha256": "0" * 64, "keys": ["pattern"]},
+    }
     for attack in (blend, saved, "badnets:size=5,position=3,4", "wanet-all2all:k=8"):
         body = job_body(ready_model, dataset, eval={"test_data_id": dataset["id"], "attack": attack})
         assert client.post("/v1/jobs", headers=auth, json=body).status_code == 202, attack
@@ -120,19 +124,26 @@ def test_a_saved_blend_record_is_rebuilt_from_its_seed_and_measures_asr(client, 
     assert "asr" in report["evaluation"]["before"]
 
 
-def test_an_attack_record_stored_before_validation_opens_no_file(client, settings, auth, ready_model, dataset,
-                                                                  tmp_path):
+def test_an_attack_record_stored_before_validation_opens_no_file(
+    client, settings, auth, ready_model, dataset, tmp_path
+):
     """A job stored by an older API with a free-form attack object: the worker refuses the file the same way
     whether it exists or not (the old answers told existing from missing files)."""
     from clipguard.attacks import Blend
 
     errors = []
     for image in ("/etc/passwd", str(tmp_path / "missing.png")):
-        job = client.post("/v1/jobs", headers=auth, json=job_body(ready_model, dataset, eval={
-            "test_data_id": dataset["id"], "attack": "badnets"})).json()
+        job = client.post(
+            "/v1/jobs",
+            headers=auth,
+            json=job_body(ready_model, dataset, eval={"test_data_id": dataset["id"], "attack": "badnets"}),
+        ).json()
         with make_sessionmaker(settings.database_url).begin() as s:
-            s.execute(update(Job).where(Job.id == job["id"]).values(
-                params={"lam": 3.0, "attack": {**Blend(seed=1).to_dict(), "image": image}}))
+            s.execute(
+                update(Job)
+                .where(Job.id == job["id"])
+                .values(params={"lam": 3.0, "attack": {**Blend(seed=1).to_dict(), "image": image}})
+            )
         run(settings, job["id"])
         job = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()
         assert job["state"] == "failed" and "trigger image file is not read" in job["error"], job
@@ -148,8 +159,10 @@ def test_data_errors_name_the_dataset_and_never_a_server_path(client, settings, 
     liar = tmp_path / "liar.npz"
     np.savez_compressed(liar, x=np.zeros((3000, 32, 32, 3), dtype=np.uint8), y=np.zeros(3000, dtype=np.int64))
     liar = add_dataset(client, auth, liar, name="my blank images")
-    cases = ((big, "dataset 'big.tar'", "larger than the model's 32x32 input"),
-             (liar, "dataset 'my blank images'", "over the cap of 1000000 bytes"))
+    cases = (
+        (big, "dataset 'big.tar'", "larger than the model's 32x32 input"),
+        (liar, "dataset 'my blank images'", "over the cap of 1000000 bytes"),
+    )
     small_cap = settings.model_copy(update={"max_decoded_bytes": 1_000_000})
     for data, name, reason in cases:
         job = client.post("/v1/jobs", headers=auth, json=job_body(ready_model, data)).json()
@@ -164,8 +177,10 @@ def test_data_errors_name_the_dataset_and_never_a_server_path(client, settings, 
     job = client.post("/v1/jobs", headers=auth, json=job_body(ready_model, small)).json()
     run(settings, job["id"])
     error = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["error"]
-    assert error == f"training data dataset '{folder}' has 16x16 images but small_cnn takes 32x32; resize the " \
-                    "data first, or ask for resizing (clipguard purify --resize, the job field \"resize\": true)", error
+    assert (
+        error == f"training data dataset '{folder}' has 16x16 images but small_cnn takes 32x32; resize the "
+        'data first, or ask for resizing (clipguard purify --resize, the job field "resize": true)'
+    ), error
     resized = client.post("/v1/jobs", headers=auth, json=job_body(ready_model, big, method="paper", resize=True)).json()
     assert resized["params"]["resize"] is True
     run(settings, resized["id"])
@@ -190,8 +205,12 @@ def test_only_regular_files_and_folders_under_a_data_root_are_datasets(client, s
     """A FIFO was accepted; the job on it hung in `load`, ignoring cancel, for the 4-hour limit."""
     root = settings.data_roots[0]
     os.mkfifo(root / "pipe.npz")
-    assert "regular file" in assert_problem(client.post("/v1/datasets", headers=auth,
-                                                        data={"path": str(root / "pipe.npz")}), 422)["detail"]
+    assert (
+        "regular file"
+        in assert_problem(client.post("/v1/datasets", headers=auth, data={"path": str(root / "pipe.npz")}), 422)[
+            "detail"
+        ]
+    )
     (root / "folder").mkdir()
     assert client.post("/v1/datasets", headers=auth, data={"path": str(root / "folder")}).status_code == 201
 
@@ -236,8 +255,7 @@ def test_a_job_blocked_in_a_read_is_cancelled(client, settings, auth, ready_mode
     assert client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["state"] == "cancelled"
 
 
-def test_a_job_that_makes_no_progress_is_stopped_and_failed(client, settings, auth, ready_model, dataset,
-                                                           blocked_load):
+def test_a_job_that_makes_no_progress_is_stopped_and_failed(client, settings, auth, ready_model, dataset, blocked_load):
     job = client.post("/v1/jobs", headers=auth, json=job_body(ready_model, dataset)).json()
     run(settings.model_copy(update={"heartbeat_s": 0.2, "stall_timeout_s": 1.0}), job["id"])
     job = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()
@@ -256,8 +274,16 @@ def finished_job(client, settings, auth, ready_model, dataset) -> tuple[dict, Pa
     path.write_bytes(b"x" * 1000)
     with make_sessionmaker(settings.database_url).begin() as s:
         s.execute(update(Job).where(Job.id == job["id"]).values(state="succeeded"))
-        s.add(Artifact(job_id=job["id"], name="report.json", path=str(path), sha256="ab" * 32, size=1000,
-                       media_type="application/json"))
+        s.add(
+            Artifact(
+                job_id=job["id"],
+                name="report.json",
+                path=str(path),
+                sha256="ab" * 32,
+                size=1000,
+                media_type="application/json",
+            )
+        )
     return job, path
 
 
@@ -281,12 +307,14 @@ def test_ranges_and_conditional_downloads_follow_rfc_9110(client, auth, finished
 # ------------------------------------------------------------------ deleting, quota, collection
 
 
-def test_models_datasets_and_jobs_can_be_deleted_with_their_files(client, settings, auth, ready_model, dataset,
-                                                                  finished_job):
+def test_models_datasets_and_jobs_can_be_deleted_with_their_files(
+    client, settings, auth, ready_model, dataset, finished_job
+):
     job, path = finished_job
     queued = client.post("/v1/jobs", headers=auth, json=job_body(ready_model, dataset)).json()
-    assert assert_problem(client.delete(f"/v1/jobs/{queued['id']}", headers=auth), 409)["type"] == \
-        "/problems/job-active"
+    assert (
+        assert_problem(client.delete(f"/v1/jobs/{queued['id']}", headers=auth), 409)["type"] == "/problems/job-active"
+    )
     assert_problem(client.delete(f"/v1/models/{ready_model['id']}", headers=auth), 409)
     assert_problem(client.delete(f"/v1/datasets/{dataset['id']}", headers=auth), 409)
     client.post(f"/v1/jobs/{queued['id']}:cancel", headers=auth)
@@ -328,11 +356,15 @@ def test_a_tenant_over_its_storage_quota_gets_403_until_it_deletes(settings, mod
         assert_problem(client.put(f"/v1/models/{pending['id']}/content", headers=auth, content=b"x" * 100), 403)
         data = client.post("/v1/datasets", headers=auth, data={"registered": "tiny"}).json()  # the operator's
         assert_problem(client.post("/v1/jobs", headers=auth, json=job_body(model, data)), 403)
-        assert client.post("/v1/datasets", headers=other, files={"file": ("d.npz", small_npz.read_bytes())}) \
-            .status_code == 201  # another tenant's quota is its own
+        assert (
+            client.post("/v1/datasets", headers=other, files={"file": ("d.npz", small_npz.read_bytes())}).status_code
+            == 201
+        )  # another tenant's quota is its own
         assert client.delete(f"/v1/models/{model['id']}", headers=auth).status_code == 204
-        assert client.post("/v1/datasets", headers=auth, files={"file": ("d.npz", small_npz.read_bytes())}) \
-            .status_code == 201
+        assert (
+            client.post("/v1/datasets", headers=auth, files={"file": ("d.npz", small_npz.read_bytes())}).status_code
+            == 201
+        )
 
 
 # ------------------------------------------------------------------ quarantine queue

@@ -36,8 +36,14 @@ class Serve:
     def __init__(self, home: Path, *args: str, **env: str) -> None:
         self.home, self.args = home, args
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPGUARD_")}
-        self.env.update(CLIPGUARD_HOME=str(home), CLIPGUARD_DEVICE="cpu", CLIPGUARD_HEARTBEAT_S="1",
-                        CLIPGUARD_RATE_LIMIT_PER_MINUTE="0", OMP_NUM_THREADS="2", **env)
+        self.env.update(
+            CLIPGUARD_HOME=str(home),
+            CLIPGUARD_DEVICE="cpu",
+            CLIPGUARD_HEARTBEAT_S="1",
+            CLIPGUARD_RATE_LIMIT_PER_MINUTE="0",
+            OMP_NUM_THREADS="2",
+            **env,
+        )
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -45,8 +51,12 @@ class Serve:
 
     def start(self) -> Serve:
         self.home.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([*CLI, "serve", "--port", str(self.port), *self.args], env=self.env,
-                                     stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [*CLI, "serve", "--port", str(self.port), *self.args],
+            env=self.env,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
         wait_until(lambda: self.answers("/healthz") == 200, 120, "serve to answer")
         return self
 
@@ -57,8 +67,9 @@ class Serve:
             return None
 
     def key(self, tenant: str) -> str:
-        return subprocess.run([*CLI, "keys", "create", "--tenant", tenant], env=self.env, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            [*CLI, "keys", "create", "--tenant", tenant], env=self.env, capture_output=True, text=True, check=True
+        ).stdout.strip()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -168,9 +179,27 @@ def test_readiness_needs_a_worker_consuming_the_queue(tmp_path, serve):
     serve.append(s)
     r = httpx.get(s.url + "/readyz")
     assert r.status_code == 503 and "no worker is consuming the job queue" in r.json()["detail"]
-    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker", "-Q",
-                               "gpu", "-c", "1", "-P", "prefork", "-n", "apart@%h"], env=s.env,
-                              stdout=(tmp_path / "worker.log").open("wb"), stderr=subprocess.STDOUT)
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.celery_app:celery_app",
+            "worker",
+            "-Q",
+            "gpu",
+            "-c",
+            "1",
+            "-P",
+            "prefork",
+            "-n",
+            "apart@%h",
+        ],
+        env=s.env,
+        stdout=(tmp_path / "worker.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_until(lambda: s.answers("/readyz") == 200, 120, "a worker to be seen")
     finally:
@@ -182,8 +211,7 @@ def test_readiness_needs_a_worker_consuming_the_queue(tmp_path, serve):
 def blank_npz(path: Path, images: int) -> Path:
     """``images`` blank 32x32 images as a compressed .npz, written in chunks (never held in memory)."""
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
-                                                  "shape": (images, 32, 32, 3)})
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (images, 32, 32, 3)})
     labels = io.BytesIO()
     np.save(labels, np.zeros(images, dtype=np.int64))
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -196,8 +224,7 @@ def blank_npz(path: Path, images: int) -> Path:
     return path
 
 
-def test_the_embedded_worker_is_restarted_memory_limited_and_dies_with_serve(tmp_path, serve, model_file,
-                                                                             small_npz):
+def test_the_embedded_worker_is_restarted_memory_limited_and_dies_with_serve(tmp_path, serve, model_file, small_npz):
     home = tmp_path / "home"
     limit = str(int(1.6 * 1024**3))
     s = Serve(home, CLIPGUARD_WORKER_MEMORY_BYTES=limit).start()
@@ -214,8 +241,9 @@ def test_the_embedded_worker_is_restarted_memory_limited_and_dies_with_serve(tmp
     with ClipguardClient(s.url, s.key("solo")) as client:
         model = client.wait_model(client.upload_model(model_file, arch="small_cnn")["id"])
         heavy = client.create_job(model_id=model["id"], train_data_id=client.add_dataset(str(bomb))["id"], lam=3.0)
-        light = client.create_job(model_id=model["id"], train_data_id=client.add_dataset(str(small_npz))["id"],
-                                  lam=3.0, method="paper")
+        light = client.create_job(
+            model_id=model["id"], train_data_id=client.add_dataset(str(small_npz))["id"], lam=3.0, method="paper"
+        )
         heavy = client.wait_job(heavy["id"], poll_s=0.5, timeout_s=300)
         assert heavy["state"] == "failed" and heavy["error"].startswith("memory limit exceeded in stage load"), heavy
         assert "of 1717986918 bytes" in heavy["error"]

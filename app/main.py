@@ -27,6 +27,8 @@ from worker.celery_app import make_celery
 log = logging.getLogger("clipguard.api")
 MULTIPART_OVERHEAD = 1024 * 1024
 """Room above the upload cap for multipart boundaries and form fields."""
+QUARANTINE_SHUTDOWN_WAIT_S = 10.0
+"""How long a stopping API waits for the checkpoint checks it is running (the rest are resumed at the next start)."""
 WORKER_ROW_TTL_S = 86400.0
 """A worker silent this long is forgotten (its row only ever told readiness it was gone)."""
 
@@ -60,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
+            await anyio.to_thread.run_sync(app.state.quarantine.close, QUARANTINE_SHUTDOWN_WAIT_S)
             if app.state.async_reader is not None:
                 await app.state.async_reader.close()
 

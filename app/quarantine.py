@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
@@ -109,6 +110,7 @@ class QuarantineQueue:
         self._waiting: OrderedDict[str, deque[Callable[[], None]]] = OrderedDict()
         self._held: Counter[str] = Counter()
         self.running = self.peak = 0
+        self._closed = False
         self._threads = [threading.Thread(target=self._serve, name=f"clipguard-quarantine-{i}", daemon=True)
                          for i in range(concurrency)]
         for thread in self._threads:
@@ -135,10 +137,22 @@ class QuarantineQueue:
             self._waiting.setdefault(tenant, deque()).append(check)
             self._cond.notify()
 
-    def _next(self) -> tuple[str, Callable[[], None]]:
+    def close(self, wait_s: float) -> None:
+        """Take no more checks and wait up to ``wait_s`` for the running ones (the API is stopping). A check
+        cut off here, or still waiting, leaves its model ``validating``: the next start checks it again."""
+        deadline = time.monotonic() + wait_s
         with self._cond:
-            while not self._waiting:
+            self._closed = True
+            self._cond.notify_all()
+            while self.running and time.monotonic() < deadline:
+                self._cond.wait(timeout=max(deadline - time.monotonic(), 0.01))
+
+    def _next(self) -> tuple[str, Callable[[], None]] | None:
+        with self._cond:
+            while not self._waiting and not self._closed:
                 self._cond.wait()
+            if self._closed:
+                return None
             tenant, checks = self._waiting.popitem(last=False)  # the tenant served longest ago
             check = checks.popleft()
             if checks:
@@ -148,16 +162,20 @@ class QuarantineQueue:
             return tenant, check
 
     def _serve(self) -> None:
-        while True:
-            tenant, check = self._next()
+        while (taken := self._next()) is not None:
+            tenant, check = taken
             try:
                 check()
-            except Exception:
-                log.exception("a quarantine check failed unexpectedly")
+            except Exception as exc:
+                if self._closed:  # the process is going down under it; the check is run again at the next start
+                    log.warning("a quarantine check was cut off by shutdown (%s: %s)", type(exc).__name__, exc)
+                else:
+                    log.exception("a quarantine check failed unexpectedly")
             finally:
                 with self._cond:
                     self.running -= 1
                     self._held[tenant] -= 1
+                    self._cond.notify_all()
 
 
 if __name__ == "__main__":

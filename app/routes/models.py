@@ -54,7 +54,8 @@ def run_quarantine(sessions: sessionmaker, settings: Settings, model_id: str, up
     verdict = quarantine(upload, arch=model.arch, num_classes=model.num_classes, mean=model.mean, std=model.std,
                          blobs=settings.blobs_dir, tmp=settings.tmp_dir, timeout_s=settings.quarantine_timeout_s,
                          memory_bytes=settings.quarantine_memory_bytes)
-    ok, reason = verdict.ok, verdict.reason
+    # A reason may quote the upload: no NUL (PostgreSQL cannot store one) nor other control characters.
+    ok, reason = verdict.ok, verdict.reason and "".join(c if c.isprintable() else "?" for c in verdict.reason)
     if ok:  # shared before the model is ready: a worker on another host fetches it from there
         try:
             storage_for(settings).put_blob(settings.blobs_dir / f"{verdict.sha256}.safetensors")

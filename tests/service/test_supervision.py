@@ -109,7 +109,7 @@ def alive(pid: int) -> bool:
 
 
 def celery_processes(home: Path) -> list[int]:
-    """Live Celery worker main processes (not their pool children) serving ``home``."""
+    """Live Celery processes (workers and their pool processes) serving ``home`` or a home below it."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -119,16 +119,25 @@ def celery_processes(home: Path) -> list[int]:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        pid = int(entry.name)
-        if b"celery" not in cmdline or f"CLIPGUARD_HOME={home}".encode() not in environ or not alive(pid):
-            continue
-        try:
-            parent = Path(f"/proc/{int(status(pid).get('PPid', '0'))}/cmdline").read_bytes()
-        except OSError:
-            parent = b""
-        if b"celery" not in parent:  # a pool process's parent is its worker
-            found.append(pid)
+        homes = [e for e in environ if e.startswith(f"CLIPGUARD_HOME={home}".encode())]
+        if b"celery" in cmdline and homes and alive(int(entry.name)):
+            found.append(int(entry.name))
     return found
+
+
+def parent(pid: int) -> int:
+    return int(status(pid).get("PPid", "0"))
+
+
+def workers(home: Path) -> list[int]:
+    """Celery worker main processes serving ``home``: those whose parent is not a Celery process."""
+    celery = celery_processes(home)
+    return [pid for pid in celery if parent(pid) not in celery]
+
+
+def worker_of(s: Serve) -> int | None:
+    """``serve``'s embedded worker: the Celery process that is its child."""
+    return next((pid for pid in celery_processes(s.home) if parent(pid) == s.proc.pid), None)
 
 
 def send_head(port: int, size: int) -> tuple[bytes, int]:
@@ -230,12 +239,13 @@ def test_the_embedded_worker_is_restarted_memory_limited_and_dies_with_serve(tmp
     s = Serve(home, CLIPGUARD_WORKER_MEMORY_BYTES=limit).start()
     serve.append(s)
     wait_until(lambda: s.answers("/readyz") == 200, 180, "the embedded worker")
-    [first] = celery_processes(home)
+    first = worker_of(s)
+    assert first is not None
 
     os.kill(first, signal.SIGKILL)  # jobs then sat queued for ever, and /readyz said ready
-    wait_until(lambda: celery_processes(home) not in ([], [first]), 60, "a new worker: " + s.tail())
+    wait_until(lambda: worker_of(s) not in (None, first), 60, "a new worker: " + s.tail())
+    second = worker_of(s)
     wait_until(lambda: s.answers("/readyz") == 200, 180, "the restarted worker to be ready")
-    [second] = celery_processes(home)
 
     bomb = blank_npz(tmp_path / "bomb.npz", 400_000)  # 1.2 GB once decoded, under the 4 GiB decode cap
     with ClipguardClient(s.url, s.key("solo")) as client:
@@ -249,7 +259,7 @@ def test_the_embedded_worker_is_restarted_memory_limited_and_dies_with_serve(tmp
         assert "of 1717986918 bytes" in heavy["error"]
         light = client.wait_job(light["id"], poll_s=0.5, timeout_s=300)
         assert light["state"] == "succeeded", (light, s.tail())
-    assert celery_processes(home) == [second]  # the same worker ran both: a failed allocation killed nothing
+    assert worker_of(s) == second  # the same worker ran both: a failed allocation killed nothing
 
     s.proc.kill()  # kill -9 of serve: its worker must not live on as an orphan
     s.proc.wait()
@@ -257,4 +267,4 @@ def test_the_embedded_worker_is_restarted_memory_limited_and_dies_with_serve(tmp
     again = Serve(home).start()
     serve.append(again)
     wait_until(lambda: again.answers("/readyz") == 200, 180, "the new serve's worker")
-    assert len(celery_processes(home)) == 1  # one worker, as the setup means
+    assert workers(home) == [worker_of(again)]  # one worker, as the setup means

@@ -22,6 +22,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import anyio.to_thread
 from sqlalchemy import delete, select
@@ -145,6 +146,21 @@ def unauthorized(request: Request) -> JSONResponse:
                             kind="unauthorized", headers={"WWW-Authenticate": "Bearer"})
 
 
+async def tenant_of(state: Any, key_hash: str) -> str | None:
+    """The tenant of a key digest, through the process's :class:`KeyCache` (``state.key_cache``) when it has one.
+
+    Raises ``OperationalError`` when the job store cannot be asked.
+    """
+    cache: KeyCache | None = getattr(state, "key_cache", None)
+    tenant = cache.get(key_hash) if cache is not None else None
+    if tenant is None:
+        generation = cache.generation if cache is not None else 0
+        tenant = await anyio.to_thread.run_sync(tenant_for_digest, state.sessions, key_hash)
+        if tenant is not None and cache is not None:
+            cache.put(key_hash, tenant, generation)
+    return tenant
+
+
 class Gate:
     """Authenticate, then rate-limit, every ``/v1`` request *before* its body is read.
 
@@ -166,17 +182,11 @@ class Gate:
         state = scope["app"].state
         token = bearer_token(Headers(scope=scope))
         key_hash = digest(token) if token else None
-        cache: KeyCache | None = getattr(state, "key_cache", None)
-        tenant = cache.get(key_hash) if cache is not None and key_hash else None
-        if tenant is None and key_hash:
-            generation = cache.generation if cache is not None else 0
-            try:
-                tenant = await anyio.to_thread.run_sync(tenant_for_digest, state.sessions, key_hash)
-            except OperationalError as exc:  # outside the routes' exception handlers: answer the 503 here
-                await error_response(Request(scope), store_unavailable(type(exc.orig).__name__))(scope, receive, send)
-                return
-            if tenant is not None and cache is not None:
-                cache.put(key_hash, tenant, generation)
+        try:
+            tenant = await tenant_of(state, key_hash) if key_hash else None
+        except OperationalError as exc:  # outside the routes' exception handlers: answer the 503 here
+            await error_response(Request(scope), store_unavailable(type(exc.orig).__name__))(scope, receive, send)
+            return
         if tenant is None or key_hash is None:
             await unauthorized(Request(scope))(scope, receive, send)
             return

@@ -1,4 +1,5 @@
-"""``clipguard serve``, ``clipguard keys`` and ``clipguard remote``: the service side of the CLI.
+"""``clipguard serve`` and ``clipguard keys``: the service side of the CLI (``clipguard remote`` is the
+client's, in ``clipguard/remote_cli.py``).
 
 ``clipguard/cli.py`` calls :func:`register` when the web stack is installed.
 """
@@ -6,16 +7,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
-import uuid
-from pathlib import Path
-
-from clipguard.cli import lam_argument
-
-ENV_API_KEY = "CLIPGUARD_API_KEY"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,37 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                      "the shell history)")
     which.add_argument("--tenant", help="revoke every key of this tenant; its jobs and models stay")
     k.set_defaults(func=cmd_keys_revoke)
-
-    p = subparsers.add_parser("remote", help="run a command on a clipguard server")
-    remote = p.add_subparsers(dest="remote_command", required=True, metavar="ACTION")
-    r = remote.add_parser("purify", help="upload, purify on the server, download the artifacts into --out")
-    r.add_argument("--server", required=True, help="e.g. http://127.0.0.1:8000")
-    r.add_argument("--api-key", default=os.environ.get(ENV_API_KEY), help=f"default: ${ENV_API_KEY}")
-    r.add_argument("--arch", required=True)
-    r.add_argument("--num-classes", type=int, default=10)
-    r.add_argument("--mean", type=_floats, default=None)
-    r.add_argument("--std", type=_floats, default=None)
-    r.add_argument("--weights", type=Path, required=True, help=".safetensors or zip-format torch.save(state_dict)")
-    r.add_argument("--data", required=True, help="local archive FILE[#split] to upload, @registered or server:PATH")
-    r.add_argument("--eval-data", default=None, help="test data, same forms as --data")
-    r.add_argument("--attack", default=None, help="attack spec, or a local .attack.json from `clipguard train`")
-    r.add_argument("--method", choices=("guard", "paper"), default="guard",
-                   help="guard: detect and unlearn the poisoned samples, then clip; paper: the μ+λσ clip alone")
-    r.add_argument("--lam", type=lam_argument, default=None, help="λ in μ+λσ (0 < λ <= 100), or 'auto'")
-    r.add_argument("--granularity", choices=("channel", "element"), default="channel")
-    r.add_argument("--out", type=Path, required=True, help="folder for purified.pt, bounds.safetensors, report.*")
-    r.add_argument("--poll", type=float, default=1.0, help="seconds between status polls")
-    r.set_defaults(func=cmd_remote_purify)
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
-    if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"expected 3 numbers, got {len(values)}")
-    return values
 
 
 def _fail(message: str) -> int:
@@ -149,42 +112,4 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     if not key or not revoke_key(sessions, key):
         return _fail("no such key (already revoked, or never issued)")
     print("clipguard: revoked 1 key", file=sys.stderr)
-    return 0
-
-
-def cmd_remote_purify(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from app.client import ApiError, ClipguardClient
-
-    if not args.api_key:
-        return _fail(f"--api-key (or ${ENV_API_KEY}) is required")
-    lam: float | str | None = args.lam
-    attack: str | dict | None = args.attack
-    if attack and Path(attack).is_file():
-        attack = json.loads(Path(attack).read_text())
-    try:
-        with ClipguardClient(args.server, args.api_key) as client:
-            model = client.upload_model(args.weights, arch=args.arch, num_classes=args.num_classes,
-                                        mean=args.mean, std=args.std)
-            train = client.add_dataset(args.data)
-            test = client.add_dataset(args.eval_data) if args.eval_data else None
-            model = client.wait_model(model["id"])
-            job = client.create_job(model_id=model["id"], train_data_id=train["id"], method=args.method, lam=lam,
-                                    granularity=args.granularity, test_data_id=test["id"] if test else None,
-                                    attack=attack, idempotency_key=str(uuid.uuid4()))
-            with tqdm(total=100, unit="%", desc="queued", file=sys.stderr) as bar:
-                def update(j: dict) -> None:
-                    bar.set_description(j["stage"] or j["state"])
-                    bar.update((j["percent"] or 0) - bar.n)
-
-                job = client.wait_job(job["id"], poll_s=args.poll, on_update=update)
-            if job["state"] != "succeeded":
-                return _fail(f"job {job['id']} {job['state']}" + (f": {job['error']}" if job["error"] else ""))
-            for path in client.download_artifacts(job, args.out):
-                print(path)
-    except ApiError as exc:
-        return _fail(str(exc))
-    except OSError as exc:
-        return _fail(f"{getattr(exc, 'filename', '') or ''}: {exc.strerror or exc}")
     return 0

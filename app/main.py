@@ -16,7 +16,7 @@ import anyio.to_thread
 from fastapi import FastAPI
 from sqlalchemy import select
 
-from app import auth, cleanup, logs, metrics, presence, problems, ratelimit, storage, store
+from app import auth, cleanup, logs, metrics, openapi, presence, problems, ratelimit, storage, store, ui
 from app.async_reads import AsyncReader
 from app.db import Model, make_sessionmaker
 from app.quarantine import QuarantineQueue
@@ -77,6 +77,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(logs.JobContext)  # outermost: uvicorn's access line for a job carries its id
     for router in (models.router, datasets.router, jobs.router, health.router):
         app.include_router(router)
+    openapi.install(app)
+    ui.install(app)  # last: its middleware, outermost, turns a console request into a /v1 one before the gate
     return app
 
 

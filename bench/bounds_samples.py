@@ -3,7 +3,7 @@
 The statistics pass is the recipe's whole cost and a third of guard's. This benchmark computes
 the per-channel statistics once on all the (poisoned) training data and then on random subsets
 of ``--sizes`` images (``--repeats`` draws each), clips at the recipe's λ = 4 and, after
-``detect_and_unlearn``, at guard's λ = 6, and reports ACC, ASR, the largest relative change of
+``guard_pass``, at guard's λ = 6, and reports ACC, ASR, the largest relative change of
 any bound against the full pass, and the pass's time.
 
     python bench/bounds_samples.py --reuse --out runs/lambda_sweep    # lambda_sweep's cpu victims
@@ -32,7 +32,7 @@ from lambda_sweep import ATTACKS, CIFAR10, PROFILES, provenance, victim  # noqa:
 
 from clipguard.data import ImageData, default_cache_dir, iter_batches, load_data  # noqa: E402
 from clipguard.defenses.clipping import clipped_model, compute_statistics  # noqa: E402
-from clipguard.defenses.guard import detect_and_unlearn  # noqa: E402
+from clipguard.defenses.guard import guard_pass  # noqa: E402
 from clipguard.devices import resolve_device  # noqa: E402
 from clipguard.metrics import evaluate  # noqa: E402
 from clipguard.models import resolve_spec  # noqa: E402
@@ -80,7 +80,8 @@ def main() -> None:
         model, trigger, train, _info, _epochs, _ = victim(attack, prof, args, device)
         fixed, kept, unlearning = model, train, None
         if "guard" in args.methods:
-            fixed, kept, _found, unlearning = detect_and_unlearn(model, train, spec, device=device)
+            passed = guard_pass(model, train, spec, device=device)
+            fixed, kept, unlearning = passed.model, passed.data, passed.unlearning
         for method, net, data in (("paper", model, train), ("guard", fixed, kept)):
             if method not in args.methods or (method == "guard" and unlearning is None):
                 continue

@@ -1,7 +1,7 @@
 """What guard's unlearning costs, and what a cheaper recipe gives up, beside NAD and MM-BM.
 
 guard (``clipguard purify``'s default) spends most of its time fine-tuning. This benchmark
-runs ``detect_and_unlearn`` (the function ``purify`` calls) with several ``UnlearnConfig``
+runs ``guard_pass`` (the function ``purify`` calls) with several ``UnlearnConfig``
 variants on the same victims, clips each result at guard's λ = 6, and scores ACC, ASR and
 detection against the true poisoned indices. NAD (5% clean training data) and MM-BM (50 clean
 test images per class, held out of the evaluation) run once per victim in the same process,

@@ -7,7 +7,7 @@ function as ``clipguard train``), its bounds are computed once per granularity, 
 best fixed λ chosen with hindsight (max DER).
 
 ``--method guard`` (in ``both``, the default) does the same for the shipped default: the
-victim goes through ``detect_and_unlearn`` (what ``purify --method guard`` runs), and λ is
+victim goes through ``guard_pass`` (what ``purify --method guard`` runs), and λ is
 swept, and chosen by ``select_lambda``, on the unlearned model with bounds from the data
 without the suspects, exactly as ``purify --method guard --lam auto`` would.
 
@@ -38,7 +38,7 @@ from clipguard.attacks import load_attack  # noqa: E402
 from clipguard.checkpoint import load_weights  # noqa: E402
 from clipguard.data import default_cache_dir, iter_batches, load_data  # noqa: E402
 from clipguard.defenses.clipping import clipped_model, compute_statistics  # noqa: E402
-from clipguard.defenses.guard import detect_and_unlearn  # noqa: E402
+from clipguard.defenses.guard import guard_pass  # noqa: E402
 from clipguard.devices import describe, resolve_device  # noqa: E402
 from clipguard.lambda_selection import DEFAULT_GRID, select_lambda  # noqa: E402
 from clipguard.metrics import der, evaluate  # noqa: E402
@@ -92,7 +92,8 @@ def main() -> None:
                     model, train_data, test, trigger, before, spec, device, granularity)
         if args.method in ("guard", "both"):
             t = time.perf_counter()
-            fixed, kept, found, unlearning = detect_and_unlearn(model, train_data, spec, device=device)
+            passed = guard_pass(model, train_data, spec, device=device)
+            fixed, kept, found, unlearning = passed.model, passed.data, passed.detection, passed.unlearning
             guard_s = time.perf_counter() - t
             poisoned = set((info.get("poisoning") or {}).get("indices") or [])
             flagged_idx = set(unlearning["suspect_indices"]) if unlearning else set()

@@ -11,7 +11,7 @@ defense runs on that same victim and is scored on the same held-out test images:
   training data, class-balanced);
 * clipguard, the paper's recipe: ``μ + λσ`` per channel on the poisoned training data at the
   paper's λ = 4, and with ``--lam auto`` (``clipguard.lambda_selection.select_lambda``);
-* clipguard's default, ``guard``: ``clipguard.defenses.guard.detect_and_unlearn`` (the same
+* clipguard's default, ``guard``: ``clipguard.defenses.guard.guard_pass`` (the same
   function ``purify`` calls) and then the clip at its default λ = 6.
 
 MM-BD's data-free *detection* verdict is run on the victim too and recorded beside the rows.
@@ -52,7 +52,7 @@ from clipguard.defenses.clipping import clipped_model, compute_statistics  # noq
 from clipguard.defenses.clp import clp  # noqa: E402
 from clipguard.defenses.common import DefenseResult, Timer, balanced_subset  # noqa: E402
 from clipguard.defenses.ep import ep  # noqa: E402
-from clipguard.defenses.guard import detect_and_unlearn  # noqa: E402
+from clipguard.defenses.guard import guard_pass  # noqa: E402
 from clipguard.defenses.mmbd import mmbd_detect, mmbd_mitigate  # noqa: E402
 from clipguard.defenses.nad import BACKDOORBENCH, nad  # noqa: E402
 from clipguard.defenses.unit import unit  # noqa: E402
@@ -153,9 +153,9 @@ def guard_defense(model: torch.nn.Module, spec: object, train: ImageData, *, dev
     makes detection read every training sample, as it did before screening."""
     timings = {} if timings is None else timings
     with Timer(device) as timer:
-        net, kept, found, unlearning = detect_and_unlearn(model.to(device).eval(), train, spec,  # type: ignore[arg-type]
-                                                          device=device, unlearn_options=unlearn_options,
-                                                          timings=timings, screen_per_class=screen_per_class)
+        passed = guard_pass(model.to(device).eval(), train, spec, device=device,  # type: ignore[arg-type]
+                            unlearn_options=unlearn_options, timings=timings, screen_per_class=screen_per_class)
+        net, kept, found, unlearning = passed.model, passed.data, passed.detection, passed.unlearning
         started = timer.elapsed()
         sampled = bounds_sample(kept, bounds_samples)  # as purify measures μ and σ
         stats = compute_statistics(net, lambda: iter_batches(sampled, DEFAULT_BATCH_SIZE, spec.mean, spec.std, device),  # type: ignore[attr-defined]

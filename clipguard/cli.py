@@ -98,6 +98,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
                 cache_dir=args.cache_dir, overwrite=args.overwrite, sweep=not args.no_sweep,
                 detect=args.detect,
                 bounds_samples=args.bounds_samples, resize=args.resize,
+                reactivation_check=args.reactivation_check,
             ),
             progress=bars,
         )
@@ -119,13 +120,21 @@ def summary(report: dict, out: Path) -> str:
         if "asr" in b:
             line += f"   ASR {100 * b['asr']:.1f}% -> {100 * a['asr']:.1f}%   DER {ev['der']:.3f}"
         lines.append(line)
-    found = report.get("poison_detection")
-    if found is not None:
-        if found["flagged"]:
-            lines.append(f"poisoned training data found: class {found['target']} (z={found['z']:.1f}), "
-                         f"{report['unlearning']['suspects']} samples unlearned")
-        else:
-            lines.append("no poisoned class found in the training data: clipped only")
+    again = report.get("reactivation")
+    if again and again.get("after") and "asr" in again["after"]:
+        lines.append(f"after a {again['protocol']['epochs']}-epoch fine-tune on {again['tuned_on']} training images: "
+                     f"ACC {100 * again['after']['acc']:.1f}%   ASR {100 * again['after']['asr']:.1f}%   "
+                     f"agreement {100 * again['agreement']:.1f}%")
+    elif again:
+        lines.append(f"after a {again['protocol']['epochs']}-epoch fine-tune on {again['tuned_on']} training images: "
+                     f"agreement {100 * again['agreement']:.1f}% with the purified model")
+    verdict = report.get("verdict")
+    if verdict is not None:
+        from clipguard.verdict import WORDS
+
+        lines.append(f"{WORDS[verdict['status']]}: {verdict['summary']}")
+        lines.append(f"action: {verdict['action']}"
+                     + (f" ({report['unlearning']['suspects']} samples unlearned)" if report.get("unlearning") else ""))
     det = report.get("detection")
     if det:
         verdict = "backdoor suspected" if det.get("flagged") else "no backdoor detected"
@@ -190,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the ACC/ASR-vs-λ curve on the evaluation data (saves 22 evaluations)")
     p.add_argument("--detect", action="store_true",
                    help="also ask MM-BD (data-free) whether the model is backdoored and towards which class")
+    p.add_argument("--reactivation-check", action="store_true",
+                   help="fine-tune a copy of the purified model briefly on training data without the suspects and "
+                        "report ASR (with --attack) and how far its decisions moved (docs/method.md)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_purify)
 
@@ -224,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None)
     p.set_defaults(func=cmd_evaluate)
 
+    from clipguard.remote_cli import register as register_remote
+
+    register_remote(sub)  # the client needs httpx only
     try:  # the service commands need the web stack; the engine CLI works without it
         from app.commands import register
     except ImportError:

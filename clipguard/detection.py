@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -76,6 +76,8 @@ class Detection:
     top: int | None = None
     """The highest-scoring class, flagged or not (``None`` with fewer than three scored classes);
     ``z`` is its distance above the others, so a caller can escalate a near miss."""
+    groups: list[torch.Tensor] = field(default_factory=list)
+    """Per class, its split's small group (indices into the features, sorted; empty when unscored)."""
 
     def to_dict(self) -> dict:
         return {"method": "spectral split of penultimate features", "flagged": self.flagged, "target": self.target,
@@ -421,15 +423,23 @@ def detect_poison(
             continue
         score, small = class_split(features[members])
         scores.append(score)
-        groups.append(members[small])
+        groups.append(members[small].sort().values)
     valid = [(c, s) for c, s in enumerate(scores) if s is not None]
     if len(valid) < 3:
-        return Detection(False, None, torch.empty(0, dtype=torch.int64), scores, 0.0)
+        return Detection(False, None, torch.empty(0, dtype=torch.int64), scores, 0.0, groups=groups)
     target, top = max(valid, key=lambda cs: cs[1])
-    others = torch.tensor([s for c, s in valid if c != target])
+    z = standing(scores, target)
+    flagged = top >= min_separation and z >= min_z
+    suspects = groups[target] if flagged else torch.empty(0, dtype=torch.int64)
+    return Detection(flagged, target if flagged else None, suspects, scores, z, top=target, groups=groups)
+
+
+def standing(scores: list[float | None], c: int) -> float:
+    """How far class ``c``'s score stands above the other classes', in robust standard deviations."""
+    own = scores[c]
+    others = torch.tensor([s for k, s in enumerate(scores) if k != c and s is not None], dtype=torch.float64)
+    if own is None or len(others) < 2:
+        return 0.0
     median = others.median()
     spread = max(float((others - median).abs().median()) * 1.4826, MIN_SPREAD)
-    z = float((top - median) / spread)
-    flagged = top >= min_separation and z >= min_z
-    suspects = groups[target].sort().values if flagged else torch.empty(0, dtype=torch.int64)
-    return Detection(flagged, target if flagged else None, suspects, scores, z, top=target)
+    return float((own - median) / spread)

@@ -122,6 +122,8 @@ class PurifyOptions:
     """Caps on what a data reference may decode to (``clipguard.data.Limits``); None: the defaults."""
     cache_max_bytes: int | None = None
     """Bound on the decoded-data cache folder (least recently used entries go first); None: unbounded."""
+    reactivation_check: bool = False
+    """Fine-tune a copy of the purified model briefly and report what it does to ASR (clipguard.reactivation)."""
     extra: dict = field(default_factory=dict)
 
 
@@ -212,16 +214,18 @@ def purify(
     timings["load_s"] = time.perf_counter() - t
     say("load", 1.0)
 
-    poison, unlearning = None, None
+    poison, unlearning, verdict = None, None, None
     suspect = model
     bounds_data = data
-    if options.method == "guard":  # find the poisoned share, unlearn it, then clip (docs/method.md)
-        from clipguard.defenses.guard import detect_and_unlearn
+    if options.method == "guard":  # find candidates, confirm, unlearn the confirmed, then clip (docs/method.md)
+        from clipguard.defenses.guard import guard_pass
 
-        model, bounds_data, poison, unlearning = detect_and_unlearn(
-            suspect, data, spec, device=device, batch_size=options.batch_size,
-            unlearn_options=options.extra.get("unlearn"), progress=say, should_cancel=should_cancel, timings=timings)
-        if options.lam is None and unlearning is None:  # nothing flagged: the paper's recipe, at its λ
+        found = guard_pass(suspect, data, spec, device=device, batch_size=options.batch_size,
+                           unlearn_options=options.extra.get("unlearn"), progress=say, should_cancel=should_cancel,
+                           timings=timings)
+        model, bounds_data, poison, unlearning, verdict = (found.model, found.data, found.detection, found.unlearning,
+                                                           found.verdict)
+        if options.lam is None and unlearning is None:  # nothing unlearned: the paper's recipe, at its λ
             lam = DEFAULT_LAM["paper"]
 
     t = time.perf_counter()
@@ -304,6 +308,17 @@ def purify(
                                           lambda f: say("evaluate", f)) if options.sweep else None}
             timings["evaluate_s"] = time.perf_counter() - t
             say("evaluate", 1.0)
+        reactivation = None
+        if options.reactivation_check:
+            from clipguard.reactivation import reactivation_check
+
+            t = time.perf_counter()
+            say("reactivation", 0.0)
+            reactivation = reactivation_check(clipped, bounds_data, spec, eval_data=eval_data, attack=attack,
+                                              device=device, batch_size=options.batch_size,
+                                              progress=lambda f: say("reactivation", f), should_cancel=should_cancel)
+            timings["reactivation_s"] = time.perf_counter() - t
+            say("reactivation", 1.0)
         timings["total_s"] = time.perf_counter() - started
         report = {
             "schema": REPORT_SCHEMA,
@@ -315,6 +330,7 @@ def purify(
                          "classes": list(data.classes), "image_size": list(data.image_size)},
             },
             "method": options.method,
+            "verdict": None if verdict is None else verdict.to_dict(),
             "lam": lam,
             "lam_selection": selection,
             "poison_detection": poison,
@@ -326,6 +342,7 @@ def purify(
                       for n in stats.names],
             "export": export_checks,
             "evaluation": evaluation,
+            "reactivation": reactivation,
             "detection": detection,
             "device": describe(device),
             "torch_version": torch.__version__,

@@ -60,7 +60,8 @@ RA_COLOR = "#059669"
 BOUND_COLOR = "#f59e0b"
 
 CSS = """
-:root { --fg:#1f2933; --muted:#616e7c; --line:#e4e7eb; --bg:#f7f8fa; --good:#047857; --bad:#b91c1c; }
+:root { --fg:#1f2933; --muted:#616e7c; --line:#e4e7eb; --bg:#f7f8fa; --good:#047857; --bad:#b91c1c;
+  --unsure:#b45309; }
 * { box-sizing: border-box; }
 body { margin:0; background:var(--bg); color:var(--fg);
   font:15px/1.5 -apple-system,BlinkMacSystemFont,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif; }
@@ -86,6 +87,8 @@ code, .mono { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; 
 .card .value .arrow { color:var(--muted); font-weight:400; padding:0 4px; }
 .good { color:var(--good); } .bad { color:var(--bad); }
 .ok { color:var(--good); font-weight:600; } .fail { color:var(--bad); font-weight:600; }
+.warn { color:var(--unsure); font-weight:600; }
+p.verdict { font-size:17px; }
 figure { margin:12px 0; text-align:center; }
 figure img { max-width:100%; height:auto; }
 .bar { display:inline-block; height:9px; background:#93c5fd; border-radius:2px; vertical-align:middle; }
@@ -664,50 +667,76 @@ def _detection(report: Mapping[str, Any]) -> str:
                "</tbody></table>" if stats else "") + "</section>")
 
 
+VERDICT_WORDS = {"backdoor_found": ("fail", "Backdoor found"), "no_evidence": ("ok", "No evidence of a backdoor"),
+                 "inconclusive": ("warn", "Inconclusive")}
+
+
+def _verdict(report: Mapping[str, Any]) -> str:
+    """What was found and how sure, first: the verdict, what was done, and each candidate's evidence."""
+    verdict = _dict(report.get("verdict"))
+    if not verdict:
+        return ""
+    css, words = VERDICT_WORDS.get(str(verdict.get("status")), ("warn", str(verdict.get("status"))))
+    rows = []
+    for c in (_dict(x) for x in _list(verdict.get("candidates"))):
+        s, g = _dict(c.get("suspects_graft")), _dict(c.get("genuine_graft"))
+        state = ('<span class="fail">confirmed</span>' + (f" ({_esc(c.get('kind'))})" if c.get("kind") else "")
+                 if c.get("confirmed") else ('<span class="warn">not confirmed</span>' if c.get("unresolved")
+                                             else '<span class="ok">dismissed</span>'))
+        rows.append(f"<tr><td class=\"num\">{_esc(c.get('class'))}</td><td>{_esc(c.get('why_tested'))}</td>"
+                    f"<td class=\"num\">{_fixed(c.get('screen_score'))}</td>"
+                    f"<td class=\"num\">{_fixed(c.get('z'), 1)}</td>"
+                    f"<td class=\"num\">{_fixed(c.get('whole_class_score'))}</td>"
+                    f"<td class=\"num\">{_esc(c.get('suspects'))}</td>"
+                    f"<td class=\"num\">{_pct(_num(s.get('broad')), 0)} / {_pct(_num(s.get('strongest')), 0)}</td>"
+                    f"<td class=\"num\">{_pct(_num(g.get('broad')), 0)} / {_pct(_num(g.get('strongest')), 0)}</td>"
+                    f"<td>{state}</td></tr>")
+    table = ("<table><thead><tr><th class=\"num\">class</th><th>why tested</th><th class=\"num\">split</th>"
+             "<th class=\"num\">z</th><th class=\"num\">whole class</th><th class=\"num\">suspects</th>"
+             "<th class=\"num\">suspects' graft: median / best source</th>"
+             "<th class=\"num\">genuine graft</th><th>outcome</th></tr></thead>"
+             f"<tbody>{''.join(rows)}</tbody></table>") if rows else ""
+    return (f"<section><h2>Verdict</h2><p class=\"verdict\"><span class=\"{css}\">{_esc(words)}</span>: "
+            f"{_esc(verdict.get('summary'))}</p><p><b>Done:</b> {_esc(verdict.get('action'))}.</p>{table}"
+            "<p class=\"note\">A candidate is a class whose penultimate features split into a separate group, or "
+            "whose split's smaller group carries a pattern that moves decisions. It is confirmed only when that "
+            "group's per-pixel look, grafted onto images of the other classes, sends them to the class far more often "
+            "than the genuine group's look does: a trigger transfers, a natural mode of a class does not. Only "
+            "confirmed classes are unlearned.</p></section>")
+
+
+def _fixed(value: object, digits: int = 2) -> str:
+    number = _num(value)
+    return "—" if number is None else f"{number:.{digits}f}"
+
+
 def _poison(report: Mapping[str, Any]) -> str:
-    """The guard method's evidence: which class the training data was poisoned towards, what was unlearned."""
+    """The guard method's detection record: every class's split score and what was unlearned."""
     found = _dict(report.get("poison_detection"))
     if not found:
         return ""
     scores = _list(found.get("scores"))
-    target = found.get("target")
+    targets = set(_list(found.get("targets")))
     heads = "".join(f"<th class=\"num\">{i}</th>" for i in range(len(scores)))
-    cells = "".join(f"<td class=\"num{' fail' if i == target else ''}\">"
+    cells = "".join(f"<td class=\"num{' fail' if i in targets else ''}\">"
                     f"{'—' if v is None else _esc(f'{float(v):.3f}')}</td>" for i, v in enumerate(scores))
-    if found.get("flagged"):
-        unl = _dict(report.get("unlearning"))
+    unl = _dict(report.get("unlearning"))
+    if unl:
         rounds = "; ".join(f"round {_esc(r.get('round'))}: {_esc(r.get('suspects'))} suspects"
                            + (f", {_esc(r['flipped_added'])} flips added" if r.get("flipped_added") is not None else "")
                            for r in _list(unl.get("rounds")))
-        z = float(found.get("z") or 0.0)
-        verdict = (f'<span class="fail">poisoned towards class {_esc(target)}</span> '
-                   f"(z = {z:.1f}); {_esc(unl.get('suspects'))} training samples "
-                   f"relabelled and unlearned ({rounds}). The purified model's weights differ from the input's; "
-                   "its bounds come from the training data without the suspects." + _side(found))
+        done = (f"{_esc(unl.get('suspects'))} training samples relabelled and unlearned ({rounds}). The purified "
+                "model's weights differ from the input's; its bounds come from the training data without the "
+                "suspects.")
     else:
-        verdict = ('<span class="ok">no poisoned class found</span>: the model was clipped as given '
-                   "(the paper's recipe).")
-    return ("<section><h2>Poisoned training data</h2><p>" + verdict + "</p><p class=\"note\">Per class, the "
+        done = "Nothing was unlearned: the model was clipped as given (the paper's recipe)."
+    return ("<section><h2>Poisoned training data</h2><p>" + done + "</p><p class=\"note\">Per class, the "
             "penultimate features are split in two (Otsu) along the best of 36 directions in the plane of their "
             "top two principal directions, and the score is how far apart the "
-            "groups are, in pooled standard deviations (one Gaussian blob: about 2.7). A poisoned class holds a "
-            "separate cluster of triggered samples and stands out "
-            f"(threshold {_esc(found.get('min_separation'))}, z ≥ {_esc(found.get('min_z'))})."
+            "groups are, in pooled standard deviations (one Gaussian blob: about 2.7)."
             + _screened(found) + "</p>"
             + (f"<table><thead><tr><th>class</th>{heads}</tr></thead><tbody><tr><td>split score</td>{cells}</tr>"
                "</tbody></table>" if scores else "") + "</section>")
-
-
-def _side(found: Mapping[str, Any]) -> str:
-    """Say so when the poisoned samples were found to be the larger part of their class."""
-    side = _dict(found.get("side"))
-    if side.get("side") != "larger":
-        return ""
-    entropy = _dict(side.get("second_choice_entropy"))
-    return (f" The poisoned samples outnumber the class's genuine ones: the class exceeds the others by about"
-            f" {_esc(side.get('expected_poisoned'))} samples, and the larger group's runner-up classes spread"
-            f" wider ({float(entropy.get('larger') or 0):.2f} against {float(entropy.get('smaller') or 0):.2f}),"
-            " so the larger group of the split was unlearned.")
 
 
 def _screened(found: Mapping[str, Any]) -> str:
@@ -715,16 +744,24 @@ def _screened(found: Mapping[str, Any]) -> str:
     screened, total = found.get("screened"), found.get("of")
     if not isinstance(screened, int) or not isinstance(total, int) or screened >= total:
         return ""
-    whole = found.get("target_score_whole_class")
-    text = f" Scores from a class-balanced sample of {screened:,} of the {total:,} training samples"
-    if not isinstance(whole, (int, float)):
-        return text + "."
-    if found.get("escalated"):
-        verdict = "so it was flagged" if found.get("flagged") else "short of the threshold, so nothing was flagged"
-        which = _esc(found.get("target") if found.get("flagged") else found.get("escalated_class"))
-        return (text + f"; class {which} stood out (z) but its sampled split fell short of the threshold,"
-                f" so it was read whole: score {float(whole):.3f}, {verdict}.")
-    return text + f"; the flagged class was then read whole (score {float(whole):.3f}) to name every suspect."
+    return (f" Scores from a class-balanced sample of {screened:,} of the {total:,} training samples; each "
+            "candidate class was then read whole to be confirmed and to name every suspect.")
+
+
+def _reactivation(report: Mapping[str, Any]) -> str:
+    """What a short fine-tune of the purified model did (``--reactivation-check``)."""
+    again = _dict(report.get("reactivation"))
+    if not again:
+        return ""
+    protocol = _dict(again.get("protocol"))
+    after = _dict(again.get("after"))
+    asr = f", ASR {_pct(_num(after.get('asr')), 1)}" if "asr" in after else ""
+    numbers = f"ACC {_pct(_num(after.get('acc')), 1)}{asr}; " if after else ""
+    return ("<section><h2>Does the backdoor come back?</h2><p>After fine-tuning a copy of the purified model for "
+            f"{_esc(protocol.get('epochs'))} epochs on {_esc(again.get('tuned_on'))} training images without the "
+            f"suspects (lr {_esc(protocol.get('lr'))}, batch {_esc(protocol.get('batch_size'))}): {numbers}"
+            f"it agrees with the purified model on {_pct(_num(again.get('agreement')), 1)} of "
+            f"{_esc(again.get('agreement_samples'))} {_esc(again.get('agreement_on'))}.</p></section>")
 
 
 def _export(report: Mapping[str, Any]) -> str:
@@ -793,7 +830,9 @@ def render_html(report: dict, activations: dict[str, dict] | None = None) -> str
     arch = _dict(_dict(report.get("inputs")).get("model")).get("arch") or "model"
     body = "".join((
         _header(report),
+        _verdict(report),
         _evaluation(report),
+        _reactivation(report),
         _poison(report),
         _lambda(report),
         _sites(report),

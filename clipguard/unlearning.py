@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -82,12 +82,15 @@ class TailInputs:
     inputs: torch.Tensor
 
 
-def relabel(logits: torch.Tensor, labels: torch.Tensor, suspects: torch.Tensor, target: int) -> torch.Tensor:
-    """Training labels with each suspect moved to its best-scoring class other than ``target``."""
+def relabel(logits: torch.Tensor, labels: torch.Tensor, suspects: torch.Tensor) -> torch.Tensor:
+    """Training labels with each suspect moved to its best-scoring class other than its own label.
+
+    A suspect's label is the backdoor's target (the class it was found in), so with several
+    confirmed targets each suspect leaves its own."""
     new = labels.clone()
     if len(suspects):
         scores = logits[suspects].clone()
-        scores[:, target] = -torch.inf
+        scores[torch.arange(len(suspects)), labels[suspects]] = -torch.inf
         new[suspects] = scores.argmax(1)
     return new
 
@@ -168,7 +171,7 @@ def unlearn(
     data: ImageData,
     logits: torch.Tensor,
     suspects: torch.Tensor,
-    target: int,
+    targets: Sequence[int],
     spec: ModelSpec,
     config: UnlearnConfig | None = None,
     *,
@@ -181,7 +184,8 @@ def unlearn(
 ) -> tuple[nn.Module, torch.Tensor, dict]:
     """The corrected model, the final suspect indices, and a JSON-able record of each round.
 
-    ``logits`` are the suspect model's outputs on ``data`` (from the detection pass). With
+    ``logits`` are the suspect model's outputs on ``data`` (from the detection pass); ``targets``
+    are the confirmed backdoor classes, whose samples alone can join the suspects in round two. With
     ``tail`` (the same pass's cached body outputs), only the tail is fine-tuned, and the second
     round predicts from the cache as well. ``pool`` limits the clean samples drawn (:func:`fine_tune`)
     and the second round's candidates to the same samples.
@@ -197,7 +201,7 @@ def unlearn(
             if progress is not None:
                 progress((r + f) / config.rounds)
 
-        labels = relabel(logits, data.labels, current, target)
+        labels = relabel(logits, data.labels, current)
         net = fine_tune(model, data, labels, spec, config, always=current, pool=pool, tail=tail, device=device,
                         progress=say, should_cancel=should_cancel)
         rounds.append({"round": r + 1, "suspects": len(current)})
@@ -205,7 +209,8 @@ def unlearn(
             break
         # Only target-labelled samples the suspect model sent to the target can flip: predicting
         # those alone (about a tenth of the data) is what this pass needs.
-        candidates = (data.labels == target) & (original == target)
+        in_targets = torch.isin(data.labels, torch.as_tensor(list(targets), dtype=torch.int64))
+        candidates = in_targets & (original == data.labels)
         if pool is not None:
             # A target-class sample the fine-tune never trained on can leave the target only
             # because the shortcut's removal weakened the class as a whole; one it trained on
@@ -219,7 +224,7 @@ def unlearn(
             pred = predict(net, data, spec.mean, spec.std, device=device, batch_size=batch_size, indices=candidates)
         else:
             pred = tail_predict(net, tail, candidates, batch_size)
-        added = candidates[pred != target]
+        added = candidates[pred != data.labels[candidates]]
         rounds[-1]["flipped_added"] = len(added)
         if not len(added):
             break

@@ -277,9 +277,15 @@ def test_a_deeper_head_is_read_at_its_first_linear_layer():
 def test_relabel_moves_suspects_to_their_best_other_class():
     logits = torch.tensor([[9.0, 1.0, 2.0], [8.0, 3.0, 1.0], [0.0, 5.0, 1.0]])
     labels = torch.tensor([0, 0, 1])
-    new = relabel(logits, labels, torch.tensor([0, 1]), target=0)
+    new = relabel(logits, labels, torch.tensor([0, 1]))
     assert new.tolist() == [2, 1, 1]
     assert labels.tolist() == [0, 0, 1]  # the caller's labels are not modified
+
+
+def test_relabel_moves_each_suspect_away_from_its_own_class_when_several_targets_were_confirmed():
+    logits = torch.tensor([[9.0, 1.0, 2.0], [1.0, 8.0, 3.0], [0.0, 5.0, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    assert relabel(logits, labels, torch.tensor([0, 1])).tolist() == [2, 2, 1]
 
 
 def _tiny_task(seed: int = 0):
@@ -315,8 +321,8 @@ def test_unlearn_is_deterministic_and_leaves_the_suspect_model_untouched():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     logits = torch.randn(len(data), 2, generator=torch.Generator().manual_seed(1))
     config = UnlearnConfig(epochs=1, batch_size=32, rounds=2, samples_per_epoch=100)
-    a, sa, ia = unlearn(model, data, logits, poisoned, 1, spec, config)
-    b, sb, ib = unlearn(model, data, logits, poisoned, 1, spec, config)
+    a, sa, ia = unlearn(model, data, logits, poisoned, [1], spec, config)
+    b, sb, ib = unlearn(model, data, logits, poisoned, [1], spec, config)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=k)
     assert torch.equal(sa, sb) and ia == ib
@@ -379,8 +385,8 @@ def test_tail_unlearning_trains_only_the_tail_and_removes_the_toy_backdoor():
     seen = feature_pass(model, data, spec, split=split, max_cache_bytes=2**20)
     tail = TailInputs(split.cut, seen.tail_inputs)
     config = UnlearnConfig(epochs=4, lr=0.05, batch_size=32, rounds=2, samples_per_epoch=200, scope="tail")
-    fixed, _, info = unlearn(model, data, seen.logits, poisoned, 1, spec, config, tail=tail)
-    again = unlearn(model, data, seen.logits, poisoned, 1, spec, config, tail=tail)[0]
+    fixed, _, info = unlearn(model, data, seen.logits, poisoned, [1], spec, config, tail=tail)
+    again = unlearn(model, data, seen.logits, poisoned, [1], spec, config, tail=tail)[0]
     for (k, a), b in zip(fixed.state_dict().items(), again.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)  # deterministic
     assert info["scope"] == "tail" and info["cut"] == "body_4"
@@ -433,7 +439,7 @@ def test_fine_tune_draws_its_clean_samples_from_the_pool_only():
     spec = resolve_spec("small_cnn", num_classes=2)
     torch.manual_seed(0)
     model = _Toy().eval()
-    labels = relabel(torch.randn(len(data), 2, generator=torch.Generator().manual_seed(1)), data.labels, poisoned, 1)
+    labels = relabel(torch.randn(len(data), 2, generator=torch.Generator().manual_seed(1)), data.labels, poisoned)
     pool = torch.arange(100, 200)
     config = UnlearnConfig(epochs=2, batch_size=32, samples_per_epoch=60, scope="full")
     pooled = fine_tune(model, data, labels, spec, config, always=poisoned, pool=pool)

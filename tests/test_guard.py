@@ -1,150 +1,96 @@
-"""guard's detection step on a screened sample: when the screen cannot decide, the whole class does."""
+"""guard's decision: candidates are confirmed by a graft test before anything is unlearned."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
-from clipguard.data import ImageData, normalize
-from clipguard.defenses import guard
-from clipguard.defenses.guard import detect_and_unlearn
-from clipguard.detection import class_split, detect_poison, feature_pass, screen_indices
-from clipguard.models import resolve_spec
+from clipguard.defenses.guard import guard_pass
 
-PLANTED = 3
+from .toys import SPEC, task
+
 SCREEN = 100
+FAST = {"epochs": 1, "rounds": 1, "scope": "full"}
 
 
-def _task(planted: bool = True) -> tuple[nn.Module, ImageData, torch.Tensor]:
-    """A linear model whose penultimate features are its input pixels, and 400 images per class
-    drawn from ten Gaussian blobs, with a shifted cluster of 20 in class 3 (the poisoned share)."""
-    g = torch.Generator().manual_seed(0)
-    n, dim = 400, 48
-    labels = torch.arange(10).repeat_interleave(n)
-    feats = (torch.randn(10, dim, generator=g) * 2)[labels] + torch.randn(len(labels), dim, generator=g)
-    poisoned = (labels == PLANTED).nonzero().flatten()[:20]
-    direction = torch.randn(dim, generator=g)
-    feats[poisoned] += 12 * direction / direction.norm() if planted else 0.0
-    images = (128 + 12 * feats).clamp(0, 255).round().to(torch.uint8).view(-1, 3, 4, 4)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(dim, 10)).eval()
-    return model, ImageData(images, labels, tuple(str(i) for i in range(10)), "t"), poisoned
+def test_a_confirmed_backdoor_is_unlearned_and_its_samples_named():
+    model, data, poisoned = task()
+    result = guard_pass(model, data, SPEC, screen_per_class=SCREEN, unlearn_options=FAST)
+    verdict = result.verdict
+    assert verdict.status == "backdoor_found" and verdict.classes == [3]
+    evidence = next(c for c in verdict.candidates if c["class"] == 3)
+    assert evidence["confirmed"] and evidence["kind"] == "all_to_one"
+    assert evidence["suspects_graft"]["broad"] > 0.9 and evidence["genuine_graft"]["broad"] < 0.5
+    named = set(result.unlearning["suspect_indices"])
+    assert set(poisoned[3].tolist()) <= named  # named from the whole class, beyond the 100-per-class screen
+    assert len(named - set(poisoned[3].tolist())) <= 2
+    assert len(result.data) == len(data) - len(named) and result.model is not model
+    assert result.detection["flagged"] and result.detection["target"] == 3
 
 
-@pytest.fixture(scope="module")
-def scores() -> tuple[float, float]:
-    """The planted class's score on guard's screen and over the whole class."""
-    model, data, _ = _task()
-    spec = resolve_spec("small_cnn")
-    features = feature_pass(model, data, spec).features
-    screen = screen_indices(data.labels, 10, SCREEN)
-    on_screen = detect_poison(features[screen], data.labels[screen], 10)
-    whole, _ = class_split(features[data.labels == PLANTED])
-    assert on_screen.z >= guard.ESCALATE_Z and on_screen.scores[PLANTED] == max(on_screen.scores)
-    assert on_screen.scores[PLANTED] < whole  # the precondition both tests below rest on
-    return on_screen.scores[PLANTED], whole
+def test_a_separate_cluster_without_a_trigger_is_inconclusive_and_nothing_is_unlearned():
+    model, data, _ = task(backdoors=(), mode_class=3)
+    result = guard_pass(model, data, SPEC, screen_per_class=SCREEN, unlearn_options=FAST)
+    assert result.verdict.status == "inconclusive" and result.verdict.classes == []
+    tested = next(c for c in result.verdict.candidates if c["class"] == 3)
+    assert not tested["confirmed"] and tested["whole_class_score"] is not None
+    assert result.unlearning is None and result.model is model and result.data is data
+    assert not result.detection["flagged"] and result.detection["target"] is None
+    assert "3" in result.verdict.summary and "no trigger was confirmed" in result.verdict.summary
 
 
-@pytest.mark.parametrize("short_of", ["separation", "z"])
-def test_a_class_that_stands_out_is_read_whole_and_flagged_on_its_whole_split(scores, monkeypatch, short_of):
-    screened, whole = scores
-    if short_of == "separation":
-        monkeypatch.setattr(guard, "MIN_SEPARATION", (screened + whole) / 2)  # the screen falls short, the class not
-    else:
-        monkeypatch.setattr(guard, "MIN_Z", 1e6)  # the screen's z falls short; its score and the class's do not
-    model, data, poisoned = _task()
-    fixed, kept, record, info = detect_and_unlearn(model, data, resolve_spec("small_cnn"), screen_per_class=SCREEN,
-                                                   unlearn_options={"epochs": 1, "rounds": 1, "scope": "full"})
-    assert record["escalated"] and record["flagged"] and record["target"] == PLANTED
-    assert record["target_score_whole_class"] == pytest.approx(whole)
-    assert info is not None and set(poisoned.tolist()) <= set(info["suspect_indices"])  # named from the whole class
-    assert len(kept) == len(data) - len(info["suspect_indices"]) and fixed is not model
+def test_clean_data_gives_no_evidence():
+    model, data, _ = task(backdoors=())
+    result = guard_pass(model, data, SPEC, screen_per_class=SCREEN)
+    assert result.verdict.status == "no_evidence" and not any(c["unresolved"] for c in result.verdict.candidates)
+    assert result.unlearning is None and result.model is model and result.data is data
 
 
-def test_an_escalated_class_whose_whole_split_falls_short_flags_nothing(scores, monkeypatch):
-    _, whole = scores
-    monkeypatch.setattr(guard, "MIN_SEPARATION", whole + 0.01)
-    model, data, _ = _task()
-    fixed, kept, record, info = detect_and_unlearn(model, data, resolve_spec("small_cnn"), screen_per_class=SCREEN)
-    assert record["escalated"] and not record["flagged"] and record["target"] is None
-    assert record["escalated_class"] == PLANTED and record["target_score_whole_class"] == pytest.approx(whole)
-    assert info is None and fixed is model and kept is data  # the recipe runs on the model and data as given
+def test_two_backdoors_towards_different_classes_are_both_confirmed_and_unlearned():
+    model, data, poisoned = task(backdoors=(3, 7))
+    result = guard_pass(model, data, SPEC, screen_per_class=SCREEN, unlearn_options=FAST)
+    assert result.verdict.status == "backdoor_found" and result.verdict.classes == [3, 7]
+    named = set(result.unlearning["suspect_indices"])
+    assert set(poisoned[3].tolist()) | set(poisoned[7].tolist()) <= named
+    assert result.detection["targets"] == [3, 7] and result.detection["target"] is None
 
 
-def test_a_screen_that_decides_is_not_escalated():
-    model, data, _ = _task()
-    _, _, record, _ = detect_and_unlearn(model, data, resolve_spec("small_cnn"), screen_per_class=SCREEN,
-                                         unlearn_options={"epochs": 1, "rounds": 1, "scope": "full"})
-    assert record["flagged"] and record["target"] == PLANTED and not record["escalated"]
-
-
-def test_a_clean_screen_is_not_escalated():
-    model, data, _ = _task(planted=False)
-    fixed, kept, record, info = detect_and_unlearn(model, data, resolve_spec("small_cnn"), screen_per_class=SCREEN)
-    assert record["z"] < guard.ESCALATE_Z and not record["escalated"] and not record["flagged"]
-    assert info is None and fixed is model and kept is data and "target_score_whole_class" not in record
-
-
-def _majority_task() -> tuple[nn.Module, ImageData, torch.Tensor]:
-    """An all-to-one attack at 15%: 340 genuine images per class, and 600 images of classes 1-9
-    stamped with a trigger and labelled 0, so the triggered images are the larger part of class 0.
-
-    The model is a linear one whose logits read the content (each class's mean input) and, for
-    class 0, the trigger too: it sends a triggered image to class 0 and ranks the image's own
-    class second, as a backdoored network does."""
-    g = torch.Generator().manual_seed(1)
-    dim, per_class, triggered = 48, 340, 600
-    centres = torch.randn(10, dim, generator=g) * 2
-    labels = torch.arange(10).repeat_interleave(per_class)
-    sources = 1 + torch.arange(triggered) % 9
-    content = torch.cat([labels, sources])
-    feats = centres[content] + 0.5 * torch.randn(len(content), dim, generator=g)
-    trigger = torch.randn(dim, generator=g)
-    trigger = 6 * trigger / trigger.norm()
-    feats[len(labels):] += trigger
-    labels = torch.cat([labels, torch.zeros(triggered, dtype=torch.int64)])
-    images = (128 + 12 * feats).clamp(0, 255).round().to(torch.uint8).view(-1, 3, 4, 4)
-    data = ImageData(images, labels, tuple(str(i) for i in range(10)), "t")
-    spec = resolve_spec("small_cnn")
-    x = normalize(images, spec.mean, spec.std).flatten(1)
-    genuine = torch.arange(10 * per_class)
-    means = torch.stack([x[genuine][labels[genuine] == c].mean(0) for c in range(10)])
-    centre = x[genuine].mean(0)
-    stamp = x[len(genuine):].mean(0) - means[sources].mean(0)
-    linear = nn.Linear(dim, 10)
-    with torch.no_grad():
-        linear.weight.copy_(means - centre)
-        linear.weight[0] += 20 * stamp
-        linear.bias.copy_(-(linear.weight @ centre))
-    return nn.Sequential(nn.Flatten(), linear).eval(), data, torch.arange(len(genuine), len(labels))
+def test_a_confirmed_class_the_screen_read_whole_needs_no_second_pass():
+    # class 3 keeps 80 genuine images and its 20 poisoned ones: all of it inside the 100-per-class screen
+    model, data, poisoned = task()
+    members = (data.labels == 3).nonzero().flatten()
+    genuine = members[~torch.isin(members, poisoned[3])]
+    keep = torch.ones(len(data), dtype=torch.bool)
+    keep[genuine[80:]] = False
+    small = data.subset(keep.nonzero().flatten())
+    result = guard_pass(model, small, SPEC, screen_per_class=SCREEN, unlearn_options=FAST)
+    assert result.verdict.status == "backdoor_found" and result.detection["screened"] < result.detection["of"]
+    kept_positions = keep.nonzero().flatten()
+    named = set(kept_positions[torch.tensor(result.unlearning["suspect_indices"])].tolist())
+    assert set(poisoned[3].tolist()) <= named
 
 
 def test_a_poisoned_majority_of_the_target_class_is_unlearned_not_its_genuine_images():
-    model, data, poisoned = _majority_task()
-    spec = resolve_spec("small_cnn")
-    logits = feature_pass(model, data, spec).logits
-    assert float((logits[poisoned].argmax(1) == 0).float().mean()) >= 0.95  # the "backdoor" works
-    _, kept, record, info = detect_and_unlearn(model, data, spec, screen_per_class=SCREEN,
-                                                   unlearn_options={"epochs": 1, "rounds": 1, "scope": "full"})
-    assert record["flagged"] and record["target"] == 0
-    assert record["side"]["side"] == "larger" and record["side"]["expected_poisoned"] == len(poisoned)
-    named = set(info["suspect_indices"])
+    # 400 triggered images beside class 0's 200 genuine ones: the triggered images are the larger group
+    model, data, by_target = task(backdoors=(0,), poisoned_per_target=400, per_class=200)
+    poisoned = by_target[0]
+    result = guard_pass(model, data, SPEC, screen_per_class=SCREEN, unlearn_options=FAST)
+    assert result.verdict.status == "backdoor_found" and result.verdict.classes == [0]
+    entry = next(c for c in result.verdict.candidates if c["class"] == 0)
+    # the split's smaller group was the genuine images: the graft found the trigger on the larger one
+    assert entry["suspects"] == len(poisoned) and (entry["swapped"] or entry["side"]["side"] == "larger")
+    named = set(result.unlearning["suspect_indices"])
     assert len(named & set(poisoned.tolist())) >= 0.95 * len(poisoned)
     assert len(named - set(poisoned.tolist())) <= 0.05 * len(poisoned)  # the genuine class-0 images stay
-    assert len(kept) == len(data) - len(named)
+    assert len(result.data) == len(data) - len(named)
 
 
-def test_a_flagged_class_the_screen_read_whole_needs_no_second_pass():
-    # class 3 keeps 100 images (its 20 poisoned ones among them), all inside the 100-per-class
-    # screen, while the other classes are bigger: the flagged class has no unread rest
-    model, data, poisoned = _task()
-    drop = (data.labels == PLANTED).nonzero().flatten()[SCREEN:]
-    keep = torch.ones(len(data), dtype=torch.bool)
-    keep[drop] = False
-    small = data.subset(keep.nonzero().flatten())
-    _, kept, record, info = detect_and_unlearn(model, small, resolve_spec("small_cnn"), screen_per_class=SCREEN,
-                                               unlearn_options={"epochs": 1, "rounds": 1, "scope": "full"})
-    assert record["flagged"] and record["target"] == PLANTED and record["screened"] < record["of"]
-    assert set(poisoned.tolist()) <= set(info["suspect_indices"])  # indices below 100 are unchanged by the drop
-    assert len(kept) == len(small) - len(info["suspect_indices"])
+@pytest.mark.parametrize("backdoored", [True, False])
+def test_the_report_record_lists_every_candidate_with_its_evidence(backdoored):
+    model, data, _ = task(backdoors=(3,) if backdoored else (), mode_class=None if backdoored else 3)
+    record = guard_pass(model, data, SPEC, screen_per_class=SCREEN, unlearn_options=FAST).detection
+    (entry,) = [c for c in record["candidates"] if c["class"] == 3]
+    assert entry["confirmed"] is backdoored and entry["screen_score"] > 0 and entry["why_tested"]
+    for group in ("suspects_graft", "genuine_graft"):
+        assert set(entry[group]) >= {"broad", "strongest", "redirect", "to_candidate"}
+        assert entry[group]["to_candidate"][3] is None and len(entry[group]["to_candidate"]) == 10

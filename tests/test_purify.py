@@ -204,14 +204,15 @@ def test_the_statistics_sample_does_not_follow_the_poisoners_draw(seed):
 
 def test_guard_fine_tunes_the_whole_network_when_the_tail_inputs_would_not_fit(blend_victim):
     """Past ``max_cache_mb`` the cache is dropped and the record says why; the body's weights then move too."""
-    from clipguard.defenses.guard import detect_and_unlearn
+    from clipguard.defenses.guard import guard_pass
 
     spec = resolve_spec("small_cnn")
     model = spec.build()
     load_weights(model, blend_victim / "victim.safetensors")
     data = load_data(blend_victim / "poisoned.npz")
     options = {"max_cache_mb": 0, "epochs": 1, "samples_per_epoch": 256, "rounds": 1}
-    fixed, kept, found, record = detect_and_unlearn(model.eval(), data, spec, unlearn_options=options)
+    passed = guard_pass(model.eval(), data, spec, unlearn_options=options)
+    fixed, kept, found, record = passed.model, passed.data, passed.detection, passed.unlearning
     assert found["flagged"] and record["scope"] == "full" and "cut" not in record
     assert record["scope_note"] == "the tail's inputs would exceed max_cache_mb=0"
     assert not torch.equal(fixed.features[0][0].weight, model.features[0][0].weight)  # the first conv was trained
@@ -232,7 +233,8 @@ def test_guard_removes_a_blend_backdoor_that_the_paper_recipe_keeps(blend_victim
     """Issue 8's bar on a victim of its own: the default method succeeds where the faithful recipe fails."""
     reports = {}
     for method in ("paper", "guard"):
-        assert _purify(blend_victim, tmp_path / method, "--method", method) == 0
+        again = ("--reactivation-check",) if method == "guard" else ()
+        assert _purify(blend_victim, tmp_path / method, "--method", method, *again) == 0
         reports[method] = json.loads((tmp_path / method / "report.json").read_text())
     paper, guard = reports["paper"], reports["guard"]
     before = paper["evaluation"]["before"]
@@ -242,7 +244,10 @@ def test_guard_removes_a_blend_backdoor_that_the_paper_recipe_keeps(blend_victim
 
     found = guard["poison_detection"]
     assert found["flagged"] and found["target"] == 0 and found["z"] > 4
-    assert found["peaks"] is True and found["side"]["side"] == "smaller"  # SmallCNN pools globally; 3% is a minority
+    assert guard["verdict"]["status"] == "backdoor_found" and guard["verdict"]["classes"] == [0]
+    (entry,) = [c for c in guard["verdict"]["candidates"] if c["class"] == 0]
+    assert entry["confirmed"] and entry["suspects_graft"]["broad"] > 0.5 > entry["genuine_graft"]["broad"]
+    assert found["peaks"] is True and entry["side"]["side"] == "smaller"  # SmallCNN pools globally; 3% is a minority
     # Detection screened 1,000 images per class, then read the whole of class 0 (~1,270 here, 300
     # of them poisoned): the samples outside the screen are named below all the same.
     assert found["screened"] < found["of"] == 10000, found
@@ -256,6 +261,10 @@ def test_guard_removes_a_blend_backdoor_that_the_paper_recipe_keeps(blend_victim
     assert before["acc"] - after["acc"] <= 0.02, (before["acc"], after["acc"])
     meta = load_exported(tmp_path / "guard" / "purified.pt")[1]
     assert meta["method"] == "guard"
+    again = guard["reactivation"]  # a short fine-tune on training data without the suspects
+    assert again["tuned_on"] == 1000 and again["agreement_on"] == "evaluation data" and 0.5 < again["agreement"] <= 1
+    assert again["after"]["samples"] == after["samples"] and "asr" in again["after"]
+    assert paper["reactivation"] is None
 
     # --lam auto after unlearning: the agreement rule, and no worse than the default λ on the test set.
     assert _purify(blend_victim, tmp_path / "auto", "--lam", "auto") == 0

@@ -235,20 +235,43 @@ def test_detection_verdict_is_shown_and_escaped():
 
 
 def test_poison_section_says_when_detection_screened_a_sample():
-    found = {"flagged": True, "target": 0, "z": 12.0, "scores": [4.1, 2.7, 2.8], "min_separation": 3.3, "min_z": 4.0,
-             "suspects": 839, "screened": 10000, "of": 50000, "target_score_whole_class": 4.59}
+    found = {"flagged": True, "target": 0, "targets": [0], "z": 12.0, "scores": [4.1, 2.7, 2.8], "suspects": 839,
+             "screened": 10000, "of": 50000}
     page = render_html({"poison_detection": found, "unlearning": {"suspects": 839, "rounds": []}})
     assert "a class-balanced sample of 10,000 of the 50,000 training samples" in page
-    assert "read whole (score 4.590)" in page
-    whole = render_html({"poison_detection": {**found, "screened": 3000, "of": 3000}, "unlearning": {"rounds": []}})
-    assert "class-balanced sample" not in whole and "poisoned towards class 0" in whole
+    assert "839 training samples relabelled and unlearned" in page
+    whole = render_html({"poison_detection": {**found, "screened": 3000, "of": 3000}, "unlearning": None})
+    assert "class-balanced sample" not in whole and "Nothing was unlearned" in whole
 
 
-def test_poison_section_says_when_the_larger_group_was_unlearned():
-    found = {"flagged": True, "target": 0, "z": 20.0, "scores": [5.1, 2.7, 2.8], "min_separation": 3.3, "min_z": 4.0,
-             "suspects": 5000, "side": {"side": "larger", "expected_poisoned": 5000,
-                                        "second_choice_entropy": {"smaller": 0.66, "larger": 0.81}}}
-    page = render_html({"poison_detection": found, "unlearning": {"suspects": 5000, "rounds": []}})
-    assert "outnumber the class's genuine ones" in page and "about 5000 samples" in page and "0.81 against 0.66" in page
-    usual = {**found, "side": {**found["side"], "side": "smaller"}}
-    assert "outnumber" not in render_html({"poison_detection": usual, "unlearning": {"rounds": []}})
+def _candidate(confirmed: bool, unresolved: bool = False) -> dict:
+    graft = {"broad": 0.97 if confirmed else 0.05, "strongest": 1.0 if confirmed else 0.1, "redirect": 0.9,
+             "to_candidate": [None, 0.9]}
+    return {"class": 3, "why_tested": "its split stands out", "screen_score": 7.38, "z": 46.6,
+            "whole_class_score": 7.5, "suspects": 303, "confirmed": confirmed, "unresolved": unresolved,
+            "kind": "all_to_one" if confirmed else None, "suspects_graft": graft,
+            "genuine_graft": {"broad": 0.07, "strongest": 0.1, "redirect": 0.07, "to_candidate": [None, 0.1]}}
+
+
+@pytest.mark.parametrize(("status", "confirmed", "unresolved", "words", "outcome"), [
+    ("backdoor_found", True, False, "Backdoor found", "confirmed"),
+    ("inconclusive", False, True, "Inconclusive", "not confirmed"),
+    ("no_evidence", False, False, "No evidence of a backdoor", "dismissed"),
+])
+def test_the_verdict_leads_the_report_with_each_candidates_evidence(status, confirmed, unresolved, words, outcome):
+    verdict = {"status": status, "classes": [3] if confirmed else [], "summary": "class 3 <b>x</b>",
+               "action": "unlearned", "candidates": [_candidate(confirmed, unresolved)]}
+    page = render_html({"verdict": verdict, "evaluation": None, "poison_detection": {"scores": [2.7]}})
+    assert page.index("<h2>Verdict</h2>") < page.index("Poisoned training data")
+    assert words in page and "class 3 &lt;b&gt;x&lt;/b&gt;" in page and "<b>x</b>" not in page
+    assert f">{outcome}</span>" in page and "7.38" in page and "303" in page
+    assert ("97% / 100%" in page) is confirmed
+    assert "<h2>Verdict</h2>" not in render_html({"verdict": None})
+
+
+def test_the_reactivation_check_is_reported():
+    again = {"protocol": {"epochs": 5, "lr": 0.01, "batch_size": 64}, "tuned_on": 1000, "agreement": 0.93,
+             "agreement_samples": 2500, "agreement_on": "evaluation data", "after": {"acc": 0.71, "asr": 0.04}}
+    page = render_html({"reactivation": again})
+    assert "Does the backdoor come back?" in page and "5 epochs on 1000 training images" in page
+    assert "ASR 4.0%" in page and "93.0%" in page

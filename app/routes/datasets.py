@@ -14,9 +14,10 @@ from sqlalchemy.orm import Session
 from app import quota
 from app.db import Dataset, Job
 from app.deps import SessionDep, SessionsDep, SettingsDep, TenantDep
+from app.pagination import paginate
 from app.problems import ProblemError
 from app.routes.models import NAME_MAX, NAME_PATTERN
-from app.schemas import DatasetOut
+from app.schemas import DatasetOut, Page
 from app.settings import Settings
 from app.storage import dataset_suffix, storage_for, upload_chunks
 
@@ -114,3 +115,10 @@ def _owned(session: Session, tenant: str, dataset_id: str) -> Dataset:
     if dataset is None or dataset.tenant != tenant:
         raise ProblemError(404, f"no dataset {dataset_id}", kind="not-found")
     return dataset
+
+
+@router.get("", response_model=Page[DatasetOut])
+def list_datasets(tenant: TenantDep, sessions: SessionsDep, page_size: int = 50, page_token: str | None = None) -> dict:
+    """The tenant's datasets, newest first (the console lists them beside the models)."""
+    with sessions() as session:  # opened here, not by SessionDep: see the note above app.routes.jobs.get_job
+        return paginate(session, select(Dataset).where(Dataset.tenant == tenant), Dataset, page_size, page_token)

@@ -1,18 +1,35 @@
-"""clipguard's default defense before the clip: find the poisoned share, unlearn it.
+"""clipguard's default defense before the clip: find candidates, confirm them, unlearn only the confirmed.
 
-One function, :func:`detect_and_unlearn`, shared by ``purify`` (CLI and worker) and the
-benchmarks, so what is measured is what ships. The clip that follows is the paper's μ+λσ,
-computed on the returned model and data (see docs/method.md for why both steps).
+One function, :func:`guard_pass`, shared by ``purify`` (CLI and worker) and the benchmarks, so
+what is measured is what ships. Its steps:
+
+1. **Screen** a class-balanced sample (:func:`~clipguard.detection.screen_indices`) through the
+   model once, keeping the penultimate features, the logits and the tail's inputs.
+2. **Candidates**: every class whose feature split stands out (:mod:`clipguard.detection`), and
+   every class whose split's small group carries a pattern that moves the model's decisions
+   (:class:`~clipguard.confirmation.GraftTest`, one cheap graft per class). A split alone is not
+   evidence: natural classes have modes.
+3. **Confirm** each candidate on its whole class: read the rest of the class, split it again,
+   take the side the poisoned samples are on, and graft that group and the genuine one onto
+   the other classes' images. Only a group whose graft moves decisions far beyond the genuine
+   group's is a confirmed backdoor.
+4. **Unlearn** the confirmed classes' suspects together (:func:`~clipguard.unlearning.unlearn`);
+   an unconfirmed candidate is reported (``inconclusive``) and left alone.
+
+The clip that follows is the paper's μ+λσ, computed on the returned model and data (see
+docs/method.md for why both steps).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from clipguard.confirmation import Evidence, GraftTest, Transfer
 from clipguard.data import ImageData
 from clipguard.detection import (
     ESCALATE_Z,
@@ -25,13 +42,60 @@ from clipguard.detection import (
     feature_pass,
     poisoned_side,
     screen_indices,
+    standing,
 )
 from clipguard.models import ModelSpec
 from clipguard.split import Split, split_tail
 from clipguard.unlearning import TailInputs, UnlearnConfig, unlearn
+from clipguard.verdict import Verdict
+
+NOTABLE_FLIP = 0.25
+"""A screened class's small group whose graft sends this share of the other classes' images (median
+over sources, to the class or to one other class) becomes a candidate whatever its split score."""
+NOTABLE_SOURCE = 0.6
+"""Likewise for the share of a single source class sent to the class (a source-specific trigger)."""
+MAX_CANDIDATES = 4
+"""Most classes confirmed on their whole class per run (the strongest first); each costs a partial pass."""
 
 
-def detect_and_unlearn(
+@dataclass
+class GuardResult:
+    """What :func:`guard_pass` hands to the clip, and what the report says about it."""
+
+    model: nn.Module
+    """A fine-tuned copy when a backdoor was confirmed, else the model as given."""
+    data: ImageData
+    """The training data without the final suspects (the data as given when nothing was unlearned)."""
+    detection: dict
+    verdict: Verdict
+    unlearning: dict | None
+
+
+@dataclass
+class _Candidate:
+    cls: int
+    screen_score: float
+    z: float
+    reason: str
+    whole_score: float | None = None
+    side: dict | None = None
+    suspects: torch.Tensor | None = None
+    """Positions in the training data."""
+    evidence: Evidence | None = None
+    screen_evidence: Transfer | None = None
+    unresolved: bool = False
+    """Not confirmed, yet not dismissed: its split stands out, or its suspects moved decisions more than the control."""
+
+    def to_dict(self) -> dict:
+        out = {"class": self.cls, "why_tested": self.reason, "screen_score": self.screen_score, "z": self.z,
+               "whole_class_score": self.whole_score, "side": self.side, "unresolved": self.unresolved}
+        if self.evidence is not None:
+            out.update(self.evidence.to_dict())
+            out["class"] = self.cls
+        return out
+
+
+def guard_pass(
     model: nn.Module,
     data: ImageData,
     spec: ModelSpec,
@@ -43,18 +107,12 @@ def detect_and_unlearn(
     progress: Callable[[str, float], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     timings: dict[str, float] | None = None,
-) -> tuple[nn.Module, ImageData, dict, dict | None]:
-    """The model and training data to clip with, the detection record, and the unlearning record.
+) -> GuardResult:
+    """Screen, confirm and unlearn (see the module docstring); ``model`` itself is never changed.
 
-    With a flagged class, the model is a fine-tuned copy (``model`` is untouched) and the data
-    excludes the final suspects, so triggered samples cannot widen the bounds. With nothing
-    flagged, ``model`` and ``data`` come back as given (the run is the paper's recipe) and the
-    unlearning record is ``None``.
-
-    Detection reads ``screen_per_class`` samples of each class first (``None``: all of them);
-    a flagged class is then read whole and split again, so every poisoned sample is named.
-    Unlearning draws its clean samples from the screened share, which keeps the classes
-    balanced; the flagged class's other samples take part as suspects or second-round flips.
+    ``screen_per_class`` samples of each class are read first (``None``: all of them). Unlearning
+    draws its clean samples from the screened share, which keeps the classes balanced; the
+    confirmed classes' other samples take part as suspects or second-round flips.
     """
     say = progress or (lambda _stage, _f: None)
     timings = {} if timings is None else timings
@@ -66,49 +124,55 @@ def detect_and_unlearn(
     partial = len(screen) < len(data)
     seen = feature_pass(model, data.subset(screen) if partial else data, spec, split=split,
                         max_cache_bytes=cache_bytes, device=device, batch_size=batch_size,
-                        progress=lambda f: say("detect_poison", f * len(screen) / len(data)),
+                        progress=lambda f: say("detect_poison", 0.8 * f * len(screen) / len(data)),
                         should_cancel=should_cancel)
-    found = detect_poison(seen.for_detection(), data.labels[screen], spec.num_classes,
-                          min_separation=MIN_SEPARATION, min_z=MIN_Z)
+    labels = data.labels[screen]
+    found = detect_poison(seen.for_detection(), labels, spec.num_classes, min_separation=MIN_SEPARATION, min_z=MIN_Z)
     record = {**found.to_dict(), "peaks": seen.peaks is not None, "screened": len(screen), "of": len(data)}
-    target = found.target
-    escalated = partial and not found.flagged and found.top is not None and found.z >= ESCALATE_Z
-    record["escalated"] = escalated
-    if escalated:
-        # The class stands out from the others but its screened split falls short of a bar:
-        # a 1,000-sample screen holds ~90 of a 1%-poisoned class's 500 triggered images, and
-        # which 90 moves the score (one cpu50k BadNets victim: 3.21 at z 4.15 with one draw,
-        # 3.26 at z 3.4 with another, 3.82-4.68 with most, 4.13 over the whole class). Read that
-        # class whole and let its whole-class split decide.
-        target = found.top
-    if target is None:
-        timings["detect_poison_s"] = time.perf_counter() - t
-        return model, data, record, None
-    work, smaller, pool = screen, found.suspects, None
-    if not partial:
-        members = (data.labels == target).nonzero().flatten()
-    else:
-        # read the rest of the flagged class and split the whole class again
-        work, seen = _read_whole_class(model, data, spec, seen, screen, target, split, cache_bytes, device=device,
-                                       batch_size=batch_size, should_cancel=should_cancel, say=say)
-        members = (data.labels[work] == target).nonzero().flatten()
-        score, small = class_split(seen.for_detection()[members])
-        smaller = members[small]
-        pool = torch.arange(len(screen))
-        record.update(target_score_whole_class=score)
-        if escalated and score < MIN_SEPARATION:  # the whole class is one blob after all: nothing found
-            record["escalated_class"] = target
-            timings["detect_poison_s"] = time.perf_counter() - t
-            return model, data, record, None
-        record.update(flagged=True, target=target)
-    suspects, side = poisoned_side(members, smaller, seen.logits, target,
-                                   torch.bincount(data.labels, minlength=spec.num_classes))
-    record.update(suspects=len(suspects), side=side)
     timings["detect_poison_s"] = time.perf_counter() - t
+
     t = time.perf_counter()
+    say("confirm", 0.0)
+    test = GraftTest(model, data.images[screen], labels, spec, device=device, batch_size=batch_size,
+                     should_cancel=should_cancel)
+    candidates = _candidates(found.scores, found.groups, screen, data, test)
+    work, seen = screen, seen
+    if partial and candidates:
+        work, seen = _read_whole_classes(model, data, spec, seen, screen, [c.cls for c in candidates], split,
+                                         cache_bytes, device=device, batch_size=batch_size,
+                                         should_cancel=should_cancel, say=say)
+    counts = torch.bincount(data.labels, minlength=spec.num_classes)
+    features = seen.for_detection()
+    for i, cand in enumerate(candidates):
+        members = (data.labels[work] == cand.cls).nonzero().flatten()
+        score, small = class_split(features[members])
+        cand.whole_score = score
+        chosen, cand.side = poisoned_side(members, members[small], seen.logits, cand.cls, counts)
+        genuine = work[members[~torch.isin(members, chosen)]].sort().values
+        cand.suspects = work[chosen].sort().values
+        cand.evidence = test.confirm(data, cand.suspects, genuine, cand.cls)
+        if cand.evidence.swapped:  # the graft found the trigger on the other side of the split
+            cand.suspects = genuine
+        cand.unresolved = test.unresolved(cand.evidence) or (score >= MIN_SEPARATION and cand.z >= MIN_Z)
+        say("confirm", (i + 1) / len(candidates))
+    verdict = _verdict(candidates, found.top, found.z)
+    record.update(candidates=[c.to_dict() for c in candidates], flagged=bool(verdict.classes),
+                  target=verdict.classes[0] if len(verdict.classes) == 1 else None, targets=verdict.classes)
+    confirmed = [c for c in candidates if c.evidence is not None and c.evidence.confirmed]
+    timings["confirm_s"] = time.perf_counter() - t
+    if not confirmed:
+        return GuardResult(model, data, record, verdict, None)
+
+    t = time.perf_counter()
+    positions = torch.cat([c.suspects for c in confirmed if c.suspects is not None]).unique()  # sorted
+    in_work = torch.full((len(data),), -1, dtype=torch.int64)
+    in_work[work] = torch.arange(len(work))
+    suspects = in_work[positions]
+    record["suspects"] = len(suspects)
     tail = TailInputs(split.cut, seen.tail_inputs) if split is not None and seen.tail_inputs is not None else None
     subset = data.subset(work) if partial else data
-    fixed, final, info = unlearn(model, subset, seen.logits, suspects, target, spec, config, pool=pool,
+    pool = torch.arange(len(screen)) if partial else None
+    fixed, final, info = unlearn(model, subset, seen.logits, suspects, verdict.classes, spec, config, pool=pool,
                                  tail=tail, device=device, batch_size=batch_size,
                                  progress=lambda f: say("unlearn", f), should_cancel=should_cancel)
     if config.scope == "tail" and tail is None:
@@ -119,30 +183,76 @@ def detect_and_unlearn(
     timings["unlearn_s"] = time.perf_counter() - t
     keep = torch.ones(len(data), dtype=torch.bool)
     keep[final] = False
-    return fixed.eval(), data.subset(keep.nonzero().flatten()), record, info
+    return GuardResult(fixed.eval(), data.subset(keep.nonzero().flatten()), record, verdict, info)
 
 
-def _read_whole_class(
-    model: nn.Module, data: ImageData, spec: ModelSpec, seen: FeaturePass, screen: torch.Tensor, target: int,
+def _candidates(scores: list[float | None], groups: list[torch.Tensor], screen: torch.Tensor, data: ImageData,
+                test: GraftTest) -> list[_Candidate]:
+    """The classes worth confirming on their whole class, strongest first (at most ``MAX_CANDIDATES``).
+
+    Either signal makes a candidate: a split that stands out from the other classes', or a small
+    group whose graft already moves decisions on the screen. The second catches a trigger whose
+    cluster the split scores modestly (a patch the averaged features dilute)."""
+    found = []
+    for c, score in enumerate(scores):
+        if score is None:
+            continue
+        z = standing(scores, c)
+        transfer = test.transfer(data.images[screen[groups[c]]], c) if len(groups[c]) else None
+        why = []
+        if score >= MIN_SEPARATION and z >= ESCALATE_Z:
+            why.append("its split stands out")
+        if transfer is not None and (max(transfer.broad, transfer.redirect) >= NOTABLE_FLIP
+                                     or transfer.strongest >= NOTABLE_SOURCE):
+            why.append("its small group's pattern moves decisions")
+        if why:
+            found.append(_Candidate(c, score, z, " and ".join(why), screen_evidence=transfer))
+    strength = {id(c): max(c.screen_evidence.broad, c.screen_evidence.redirect) if c.screen_evidence else 0.0
+                for c in found}
+    found.sort(key=lambda c: (strength[id(c)], c.screen_score), reverse=True)
+    return found[:MAX_CANDIDATES]
+
+
+def _verdict(candidates: list[_Candidate], top: int | None, z: float) -> Verdict:
+    confirmed = [c for c in candidates if c.evidence is not None and c.evidence.confirmed]
+    open_ = [c for c in candidates if c.unresolved]
+    table = [c.to_dict() for c in candidates]
+    unsure = "; ".join(f"class {c.cls} stood out but was not confirmed ({c.evidence.reason if c.evidence else ''})"
+                       for c in open_)
+    if confirmed:
+        classes = sorted(c.cls for c in confirmed)
+        parts = [f"class {c.cls} ({len(c.suspects) if c.suspects is not None else 0} suspects; "
+                 f"{c.evidence.reason if c.evidence else ''})" for c in confirmed]
+        return Verdict("backdoor_found", classes, "; ".join([*parts, *([unsure] if unsure else [])]),
+                       f"unlearned the suspects of class(es) {', '.join(map(str, classes))}, then clipped", table)
+    if open_:
+        return Verdict("inconclusive", [], f"no trigger was confirmed; {unsure}", "nothing unlearned; clipped", table)
+    near = "" if top is None else f"; the highest-scoring class, {top}, stands {z:.1f} robust deviations above the rest"
+    tested = f"; {len(candidates)} class(es) tested and dismissed" if candidates else ""
+    return Verdict("no_evidence", [], f"no class's training data holds a group carrying a trigger{near}{tested}",
+                   "nothing unlearned; clipped", table)
+
+
+def _read_whole_classes(
+    model: nn.Module, data: ImageData, spec: ModelSpec, seen: FeaturePass, screen: torch.Tensor, classes: list[int],
     split: Split | None, cache_bytes: int, *, device: torch.device | str, batch_size: int,
     should_cancel: Callable[[], bool] | None, say: Callable[[str, float], None],
 ) -> tuple[torch.Tensor, FeaturePass]:
-    """The screen plus the flagged class's unread samples (positions in ``data``), and the pass over both.
+    """The screen plus the candidate classes' unread samples (positions in ``data``), and the pass over both.
 
-    Why a second pass and not the first: which class is poisoned is decided on the screen; only
-    that class needs every sample read, so every poisoned one can be named."""
+    Why a second pass and not the first: which classes to confirm is decided on the screen; only
+    those need every sample read, so every poisoned one can be named."""
     in_screen = torch.zeros(len(data), dtype=torch.bool)
     in_screen[screen] = True
-    rest = ((data.labels == target) & ~in_screen).nonzero().flatten()
-    if not len(rest):  # the screen already drew the whole class
+    rest = (torch.isin(data.labels, torch.tensor(classes, dtype=torch.int64)) & ~in_screen).nonzero().flatten()
+    if not len(rest):  # the screen already drew these classes whole
         return screen, seen
     # The cache limit is per pass: what the screen kept plus what the rest adds must fit.
     kept_bytes = 0 if seen.tail_inputs is None else seen.tail_inputs.numel() * seen.tail_inputs.element_size()
     more = feature_pass(model, data.subset(rest), spec, split=split if seen.tail_inputs is not None else None,
                         max_cache_bytes=max(0, cache_bytes - kept_bytes), device=device,
                         batch_size=batch_size, should_cancel=should_cancel,
-                        progress=lambda f: say("detect_poison", (len(screen) + f * len(rest)) /
-                                               (len(screen) + len(rest))))
+                        progress=lambda f: say("detect_poison", 0.8 + 0.2 * f))
     tails = (torch.cat([seen.tail_inputs, more.tail_inputs])
              if seen.tail_inputs is not None and more.tail_inputs is not None else None)
     peaks = torch.cat([seen.peaks, more.peaks]) if seen.peaks is not None and more.peaks is not None else None

@@ -1,6 +1,6 @@
 """End to end over real HTTP: uvicorn + a Celery worker process + Redis + PostgreSQL.
 
-The user's flow through ``ClipguardClient`` (what ``clipguard remote purify`` runs): upload
+The user's flow through ``clipguard.remote.Client`` (what ``clipguard remote purify`` runs): upload
 a model and a CIFAR-10 cut, start a job, poll it to success, download the artifacts and load
 the purified TorchScript model.
 """
@@ -15,27 +15,25 @@ import httpx
 import pytest
 import torch
 
-from app.client import ClipguardClient
 from clipguard.data import load_data
+from clipguard.remote import Client
 from clipguard.train import train_victim
 
 
 def test_purify_over_http_with_a_real_worker(live, model_file, small_npz, tmp_path):
     key = live.key("acme")
     seen: list[tuple[str, str | None]] = []
-    with ClipguardClient(live.url, key) as client:
-        model = client.wait_model(client.upload_model(model_file, arch="small_cnn", num_classes=10)["id"])
+    with Client(live.url, key) as client:
+        model = client.wait_model(client.upload_model(model_file, arch="small_cnn", num_classes=10).id)
         data = client.add_dataset(str(small_npz))
-        job = client.create_job(model_id=model["id"], train_data_id=data["id"], lam=3.0,
-                                test_data_id=data["id"], attack="badnets", idempotency_key="e2e-1")
-        job = client.wait_job(job["id"], poll_s=0.5, timeout_s=240,
-                              on_update=lambda j: seen.append((j["state"], j["stage"])))
-        assert job["state"] == "succeeded", (job, live.log("worker")[-3000:])
-        assert job["attempts"] == 1 and job["percent"] == 100.0 and job["finished_at"]
-        assert {a["name"] for a in job["artifacts"]} >= {"purified.pt", "bounds.safetensors", "report.json",
-                                                          "report.html"}
-        assert job["summary"]["lam"] == 3.0 and job["summary"]["before"] and job["summary"]["after"]
-        paths = client.download_artifacts(job, tmp_path / "out")
+        job = client.submit(model.id, data.id, lam=3.0, test_data_id=data.id, attack="badnets",
+                            idempotency_key="e2e-1")
+        job = client.wait(job.id, poll_s=0.5, timeout_s=240, on_update=lambda j: seen.append((j.state, j.stage)))
+        assert job.state == "succeeded", (job, live.log("worker")[-3000:])
+        assert job.attempts == 1 and job.percent == 100.0 and job.finished_at
+        assert {a.name for a in job.artifacts} >= {"purified.pt", "bounds.safetensors", "report.json", "report.html"}
+        assert job.summary["lam"] == 3.0 and job.summary["before"] and job.summary["after"]
+        paths = client.download(job, tmp_path / "out")
     assert ("succeeded", "done") in seen
 
     purified = torch.jit.load(str(tmp_path / "out" / "purified.pt"))
@@ -45,12 +43,12 @@ def test_purify_over_http_with_a_real_worker(live, model_file, small_npz, tmp_pa
     assert report["lam"] == 3.0 and {p.name for p in paths} == set(report["artifacts"])
 
     # Artifact downloads: sha256 ETag, conditional GET, byte ranges; other tenants see nothing.
-    artifact = next(a for a in job["artifacts"] if a["name"] == "purified.pt")
-    url = f"{live.url}{artifact['url']}"
+    artifact = next(a for a in job.artifacts if a.name == "purified.pt")
+    url = f"{live.url}{artifact.url}"
     auth = {"Authorization": f"Bearer {key}"}
     full = httpx.get(url, headers=auth)
-    assert full.headers["etag"] == f'"{artifact["sha256"]}"'
-    assert hashlib.sha256(full.content).hexdigest() == artifact["sha256"]
+    assert full.headers["etag"] == f'"{artifact.sha256}"'
+    assert hashlib.sha256(full.content).hexdigest() == artifact.sha256
     assert httpx.get(url, headers={**auth, "If-None-Match": full.headers["etag"]}).status_code == 304
     part = httpx.get(url, headers={**auth, "Range": "bytes=10-19"})
     assert part.status_code == 206 and part.content == full.content[10:20]
@@ -74,15 +72,14 @@ def victim(tmp_path_factory, cifar10, data_cache) -> Path:
 @pytest.mark.slow
 def test_the_backdoor_is_removed_over_http(live, victim, small_npz, tmp_path):
     attack = json.loads((victim / "victim.safetensors.attack.json").read_text())
-    with ClipguardClient(live.url, live.key("acme")) as client:
-        model = client.wait_model(client.upload_model(victim / "victim.safetensors", arch="small_cnn")["id"])
+    with Client(live.url, live.key("acme")) as client:
+        model = client.wait_model(client.upload_model(victim / "victim.safetensors", arch="small_cnn").id)
         train = client.add_dataset(str(victim / "poisoned.npz"))
         test = client.add_dataset(str(small_npz))
-        job = client.create_job(model_id=model["id"], train_data_id=train["id"], lam=3.0,
-                                test_data_id=test["id"], attack=attack)
-        job = client.wait_job(job["id"], poll_s=0.5, timeout_s=240)
-        assert job["state"] == "succeeded", (job, live.log("worker")[-3000:])
-    before, after = job["summary"]["before"], job["summary"]["after"]
+        job = client.submit(model.id, train.id, lam=3.0, test_data_id=test.id, attack=attack)
+        job = client.wait(job.id, poll_s=0.5, timeout_s=240)
+        assert job.state == "succeeded", (job, live.log("worker")[-3000:])
+    before, after = job.summary["before"], job.summary["after"]
     assert before["asr"] > 0.8, before  # the victim really is backdoored
     assert after["asr"] < before["asr"] - 0.5, (before, after)
     assert after["acc"] > before["acc"] - 0.15, (before, after)

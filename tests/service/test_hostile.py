@@ -28,9 +28,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.auth import revoke_key, revoke_tenant
-from app.client import ClipguardClient
 from app.db import make_sessionmaker
 from app.main import create_app
+from clipguard.remote import Client
 
 from . import test_api
 from .conftest import PG_ADMIN, LiveService, wait_until
@@ -357,14 +357,14 @@ def test_hostile_uploads_fail_their_jobs_on_the_real_worker_and_it_lives_on(host
     key = hostile_live.key("hostile")
     home = hostile_live.logs.parent
     archives = hostile_archives(tmp_path, tmp_path / "outside")
-    with ClipguardClient(hostile_live.url, key) as client:
+    with Client(hostile_live.url, key) as client:
         marker = tmp_path / "pwned"
         evil = client.upload_model(evil_checkpoint(tmp_path / "evil.pt", listener.getsockname()[1], marker),
                                    arch="small_cnn")
-        model = client.wait_model(client.upload_model(model_file, arch="small_cnn")["id"])
+        model = client.wait_model(client.upload_model(model_file, arch="small_cnn").id)
 
         def decided() -> dict:  # the two quarantines run side by side: either may finish first
-            return httpx.get(f"{hostile_live.url}/v1/models/{evil['id']}",
+            return httpx.get(f"{hostile_live.url}/v1/models/{evil.id}",
                              headers={"Authorization": f"Bearer {key}"}).json()
 
         wait_until(lambda: decided()["status"] != "validating", 60, "the hostile checkpoint's verdict")
@@ -376,11 +376,11 @@ def test_hostile_uploads_fail_their_jobs_on_the_real_worker_and_it_lives_on(host
         for what in ("zip bomb", "symlink out"):
             archive, reason = archives[what]
             data = client.add_dataset(str(archive))
-            job = client.create_job(model_id=model["id"], train_data_id=data["id"], lam=3.0)
-            job_ids.append(job["id"])
-            job = client.wait_job(job["id"], poll_s=0.5, timeout_s=120)
-            assert job["state"] == "failed" and reason in job["error"], (what, job, hostile_live.log("worker")[-2000:])
-            assert job["attempts"] == 1 and job["artifacts"] == [], (what, job)
+            job = client.submit(model.id, data.id, lam=3.0)
+            job_ids.append(job.id)
+            job = client.wait(job.id, poll_s=0.5, timeout_s=120)
+            assert job.state == "failed" and reason in job.error, (what, job, hostile_live.log("worker")[-2000:])
+            assert job.attempts == 1 and job.artifacts == [], (what, job)
     assert hostile_live.procs[1].poll() is None, "the worker died"
     assert httpx.get(f"{hostile_live.url}/readyz").status_code == 200
     assert outside_job_folders(home, before, job_ids) == []

@@ -21,11 +21,11 @@ import redis
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.client import ClipguardClient
 from app.db import Dataset, Job, Model, make_sessionmaker, utcnow
 from app.main import create_app
 from app.metrics import FAILURE_REASONS, OTHER_FAILURE, STAGES, failure_reason
 from app.settings import Settings
+from clipguard.remote import Client
 from worker.celery_app import GPU_QUEUE, PURIFY_TASK, make_celery
 
 from .conftest import PG_ADMIN, LiveService, redis_db_url, wait_until
@@ -72,14 +72,14 @@ def metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 # --- logs ---------------------------------------------------------------------------------------
 
 def test_a_real_job_logs_json_lines_with_its_id_and_shows_up_in_metrics(obs_live, model_file, small_npz):
-    with ClipguardClient(obs_live.url, obs_live.key("acme")) as client:
-        model = client.wait_model(client.upload_model(model_file, arch="small_cnn", num_classes=10)["id"])
+    with Client(obs_live.url, obs_live.key("acme")) as client:
+        model = client.wait_model(client.upload_model(model_file, arch="small_cnn", num_classes=10).id)
         data = client.add_dataset(str(small_npz))
-        job = client.create_job(model_id=model["id"], train_data_id=data["id"], lam=3.0,
-                                test_data_id=data["id"], attack="badnets", idempotency_key="obs-1")
-        job = client.wait_job(job["id"], poll_s=0.5, timeout_s=240)
-    assert job["state"] == "succeeded", (job, obs_live.log("worker")[-3000:])
-    job_id = job["id"]
+        job = client.submit(model.id, data.id, lam=3.0, test_data_id=data.id, attack="badnets",
+                            idempotency_key="obs-1")
+        job = client.wait(job.id, poll_s=0.5, timeout_s=240)
+    assert job.state == "succeeded", (job, obs_live.log("worker")[-3000:])
+    job_id = job.id
     with make_sessionmaker(obs_live.env["CLIPGUARD_DATABASE_URL"], migrate=False)() as s:
         task_id = s.get_one(Job, job_id).celery_task_id
 
@@ -130,7 +130,7 @@ def test_a_real_job_logs_json_lines_with_its_id_and_shows_up_in_metrics(obs_live
     assert seen[("clipguard_job_stage_duration_seconds_count", (("stage", "select_lambda"),))] == 0  # fixed λ
     speed = seen[("clipguard_bounds_throughput_images_per_second_sum", ())]
     assert seen[("clipguard_bounds_throughput_images_per_second_count", ())] == 1
-    assert speed == pytest.approx(256 / job["summary"]["timings"]["bounds"])
+    assert speed == pytest.approx(256 / job.summary["timings"]["bounds"])
     assert seen[("clipguard_queue_depth", (("queue", GPU_QUEUE),))] == 0
     assert seen[("clipguard_jobs", (("state", "succeeded"),))] == 1
     assert all(v == 0 for (name, _), v in seen.items() if name == "clipguard_job_failures_total")

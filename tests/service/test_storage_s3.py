@@ -20,14 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
 import redis
 import torch
 from fastapi.testclient import TestClient
 
 from app.auth import create_key
-from app.client import ClipguardClient
 from app.db import make_sessionmaker
 from app.main import create_app
 from app.settings import Settings, get_settings
@@ -39,14 +37,16 @@ from app.storage import (
     local_data_ref,
     storage_for,
 )
+from clipguard.remote import Client
 from worker.tasks import purify_task
 
-from .conftest import PG_ADMIN, LiveService, free_port, redis_db_url, wait_until
+from .conftest import LiveService, free_port, wait_until
+from .isolated import isolated_live
 
 pytest.importorskip("moto.server", reason="moto[server] (the S3 endpoint of these tests) is not installed")
 pytest.importorskip("boto3", reason="boto3 (the S3 backend) is not installed")
 
-REDIS_URL = redis_db_url(14)
+S3_REDIS_DB = 14
 CREDENTIALS = {"CLIPGUARD_S3_ACCESS_KEY_ID": "test-key", "CLIPGUARD_S3_SECRET_ACCESS_KEY": "test-secret"}
 
 
@@ -129,47 +129,34 @@ class TwoHosts(LiveService):
 
 @pytest.fixture(scope="module")
 def two_hosts(tmp_path_factory, s3_endpoint, redis_url) -> Iterator[TwoHosts]:
-    name = f"clipguard_s3_{os.getpid()}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    broker = redis.Redis.from_url(REDIS_URL)
-    broker.flushdb()
-    service = TwoHosts(tmp_path_factory.mktemp("hosts"), f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
-                       REDIS_URL, s3_endpoint)
-    try:
-        service.start()
+    root = tmp_path_factory.mktemp("hosts")
+    with isolated_live("s3", S3_REDIS_DB, lambda db, broker: TwoHosts(root, db, broker, s3_endpoint)) as service:
         yield service
-    finally:
-        service.stop()
-        broker.flushdb()
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_a_worker_without_the_apis_folder_purifies_through_s3(two_hosts, model_file, small_npz, tmp_path):
     key = two_hosts.key("acme")
-    with ClipguardClient(two_hosts.url, key) as client:
-        model = client.wait_model(client.upload_model(model_file, arch="small_cnn", num_classes=10)["id"])
+    with Client(two_hosts.url, key) as client:
+        model = client.wait_model(client.upload_model(model_file, arch="small_cnn", num_classes=10).id)
         data = client.add_dataset(str(small_npz))
-        job = client.create_job(model_id=model["id"], train_data_id=data["id"], lam=3.0)
-        job = client.wait_job(job["id"], poll_s=0.5, timeout_s=240)
-        assert job["state"] == "succeeded", (job, two_hosts.log("worker")[-3000:])
-        paths = client.download_artifacts(job, tmp_path / "out")  # follows the redirects to the bucket
+        job = client.wait(client.submit(model.id, data.id, lam=3.0).id, poll_s=0.5, timeout_s=240)
+        assert job.state == "succeeded", (job, two_hosts.log("worker")[-3000:])
+        paths = client.download(job, tmp_path / "out")  # follows the redirects to the bucket
 
     # The worker fetched its inputs from the bucket into its own home; the API never saw an artifact file.
     worker_blobs = {p.name for p in (two_hosts.worker_home / "blobs").iterdir()}
-    assert f"{data['sha256']}.npz" in worker_blobs and any(n.endswith(".safetensors") for n in worker_blobs)
+    assert f"{data.sha256}.npz" in worker_blobs and any(n.endswith(".safetensors") for n in worker_blobs)
     assert not (two_hosts.logs.parent / "jobs").exists() or not any((two_hosts.logs.parent / "jobs").rglob("*.pt"))
     assert {p.name for p in paths} >= {"purified.pt", "bounds.safetensors", "report.json", "report.html"}
     assert torch.jit.load(str(tmp_path / "out" / "purified.pt")) is not None
 
-    artifact = next(a for a in job["artifacts"] if a["name"] == "purified.pt")
+    artifact = next(a for a in job.artifacts if a.name == "purified.pt")
     auth = {"Authorization": f"Bearer {key}"}
-    r = httpx.get(f"{two_hosts.url}{artifact['url']}", headers=auth)
-    assert r.status_code == 302 and r.headers["etag"] == f'"{artifact["sha256"]}"'
+    r = httpx.get(f"{two_hosts.url}{artifact.url}", headers=auth)
+    assert r.status_code == 302 and r.headers["etag"] == f'"{artifact.sha256}"'
     assert r.headers["location"].startswith(f"{two_hosts.env['CLIPGUARD_S3_ENDPOINT_URL']}/live/artifacts/jobs/")
-    assert hashlib.sha256(httpx.get(r.headers["location"]).content).hexdigest() == artifact["sha256"]
-    conditional = httpx.get(f"{two_hosts.url}{artifact['url']}", headers={**auth, "If-None-Match": r.headers["etag"]})
+    assert hashlib.sha256(httpx.get(r.headers["location"]).content).hexdigest() == artifact.sha256
+    conditional = httpx.get(f"{two_hosts.url}{artifact.url}", headers={**auth, "If-None-Match": r.headers["etag"]})
     assert conditional.status_code == 304
 
 

@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 
-from app.client import ClipguardClient
+from clipguard.remote import Client
 
 from .conftest import free_port, wait_until
 
@@ -248,17 +248,15 @@ def test_the_embedded_worker_is_restarted_memory_limited_and_dies_with_serve(tmp
     wait_until(lambda: s.answers("/readyz") == 200, 180, "the restarted worker to be ready")
 
     bomb = blank_npz(tmp_path / "bomb.npz", 400_000)  # 1.2 GB once decoded, under the 4 GiB decode cap
-    with ClipguardClient(s.url, s.key("solo")) as client:
-        model = client.wait_model(client.upload_model(model_file, arch="small_cnn")["id"])
-        heavy = client.create_job(model_id=model["id"], train_data_id=client.add_dataset(str(bomb))["id"], lam=3.0)
-        light = client.create_job(
-            model_id=model["id"], train_data_id=client.add_dataset(str(small_npz))["id"], lam=3.0, method="paper"
-        )
-        heavy = client.wait_job(heavy["id"], poll_s=0.5, timeout_s=300)
-        assert heavy["state"] == "failed" and heavy["error"].startswith("memory limit exceeded in stage load"), heavy
-        assert "of 1717986918 bytes" in heavy["error"]
-        light = client.wait_job(light["id"], poll_s=0.5, timeout_s=300)
-        assert light["state"] == "succeeded", (light, s.tail())
+    with Client(s.url, s.key("solo")) as client:
+        model = client.wait_model(client.upload_model(model_file, arch="small_cnn").id)
+        heavy = client.submit(model.id, client.add_dataset(str(bomb)).id, lam=3.0)
+        light = client.submit(model.id, client.add_dataset(str(small_npz)).id, lam=3.0, method="paper")
+        heavy = client.wait(heavy.id, poll_s=0.5, timeout_s=300)
+        assert heavy.state == "failed" and heavy.error.startswith("memory limit exceeded in stage load"), heavy
+        assert "of 1717986918 bytes" in heavy.error
+        light = client.wait(light.id, poll_s=0.5, timeout_s=300)
+        assert light.state == "succeeded", (light, s.tail())
     assert worker_of(s) == second  # the same worker ran both: a failed allocation killed nothing
 
     s.proc.kill()  # kill -9 of serve: its worker must not live on as an orphan

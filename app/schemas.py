@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -97,6 +98,21 @@ Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 Side = Annotated[int, Field(ge=1, le=MAX_TRIGGER_SIDE)]
 
 
+def _no_image(v: object) -> None:
+    if v is not None:
+        raise ValueError("a trigger made from an image file cannot be given in a job body: the server reads no file "
+                         "a request names; use the default (generated) trigger, or evaluate locally with "
+                         "`clipguard evaluate`")
+    return None
+
+
+NoImage = Annotated[None, BeforeValidator(_no_image), Field(description="always null: no file is read")]
+CoverRate = Annotated[float | None, Field(ge=0, le=1, allow_inf_nan=False)]
+Opacity = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+ClassIndex = Annotated[int, Field(ge=0, le=100_000)]
+TriggerName = Annotated[str, Field(pattern=r"^[a-z0-9_]{1,40}$")]
+
+
 class _AttackObject(BaseModel):
     """Options every attack has (``Attack.to_dict`` in the engine). ``image_size`` is optional: the worker
     takes the evaluation data's and refuses a trigger made for another size."""
@@ -122,16 +138,7 @@ class BlendAttack(_AttackObject):
     alpha: float = Field(gt=0, le=1, allow_inf_nan=False)
     seed: Seed = 0
     pattern_sha256: Sha256
-    image: None = Field(None, description="always null: a trigger image file is never read on the server")
-
-    @field_validator("image", mode="before")
-    @classmethod
-    def _no_files(cls, v: object) -> None:
-        if v is not None:
-            raise ValueError("a Blend trigger made from an image file cannot be given in a job body: the server "
-                             "reads no file a request names; use a noise trigger (the default) or evaluate locally "
-                             "with `clipguard evaluate`")
-        return None
+    image: NoImage = None
 
 
 class WaNetAttack(_AttackObject):
@@ -144,16 +151,68 @@ class WaNetAttack(_AttackObject):
     grid_sha256: Sha256
 
 
-AttackObject = Annotated[BadNetsAttack | BlendAttack | WaNetAttack, Field(discriminator="name")]
+class AdapBlendAttack(_AttackObject):
+    name: Literal["adap_blend"]
+    cover_rate: CoverRate = None
+    alpha: Opacity
+    test_alpha: Opacity
+    pieces: int = Field(ge=1, le=MAX_TRIGGER_SIDE)
+    mask_rate: float = Field(ge=0, lt=1, allow_inf_nan=False)
+    image: NoImage = None
+    seed: Seed = 0
+    trigger_sha256: Sha256
+
+
+class AdapPatchAttack(_AttackObject):
+    name: Literal["adap_patch"]
+    cover_rate: CoverRate = None
+    alphas: list[Opacity] = Field(min_length=4, max_length=4)
+    test_alpha: Opacity
+    seed: Seed = 0
+    triggers: list[TriggerName] | None = Field(None, max_length=16, description="informational: the substitutes' names")
+    test_triggers: list[TriggerName] | None = Field(None, max_length=16)
+    trigger_sha256: Sha256
+
+
+class SigAttack(_AttackObject):
+    name: Literal["sig"]
+    delta: float = Field(gt=0, le=255, allow_inf_nan=False)
+    freq: int = Field(ge=1, le=MAX_TRIGGER_SIDE)
+    label: Literal["clean", "dirty"]
+    trigger_sha256: Sha256
+
+
+class TactAttack(_AttackObject):
+    name: Literal["tact"]
+    cover_rate: CoverRate = None
+    source: list[ClassIndex] = Field(min_length=1, max_length=1000)
+    cover: list[ClassIndex] = Field(max_length=1000)
+    seed: Seed = 0
+    trigger: TriggerName | None = Field(None, description="informational: the substitute's name")
+    trigger_sha256: Sha256
+
+
+AttackObject = Annotated[
+    BadNetsAttack | BlendAttack | WaNetAttack | AdapBlendAttack | AdapPatchAttack | SigAttack | TactAttack,
+    Field(discriminator="name"),
+]
 """The object form of an attack, as ``clipguard train`` records it (``<weights>.attack.json``). A trigger
 is rebuilt from its seed and must hash to the recorded sha256; its tensors are never sent."""
 SPEC_OPTIONS: dict[str, frozenset[str]] = {
     "badnets": frozenset({"size", "pattern", "position", "value"}),
     "blend": frozenset({"alpha", "seed"}),
     "wanet": frozenset({"k", "s", "grid_rescale", "cross_ratio", "poisoning", "seed"}),
+    "adap_blend": frozenset({"alpha", "test_alpha", "pieces", "mask_rate", "cover_rate", "seed"}),
+    "adap_patch": frozenset({"alphas", "test_alpha", "cover_rate", "seed"}),
+    "sig": frozenset({"delta", "freq", "label"}),
+    "tact": frozenset({"source", "cover", "cover_rate", "seed"}),
 }
-"""Options a spec string may set besides ``mode`` and ``target``: the engine's, less Blend's ``image`` (a file)."""
-_SPEC_FIELDS = {"badnets": BadNetsAttack, "blend": BlendAttack, "wanet": WaNetAttack}
+"""Options a spec string may set besides ``mode`` and ``target``: the engine's (``clipguard.attacks``), less
+``image`` (a file). An attack family added to the engine is refused here until it is described in this module."""
+_SPEC_FIELDS: dict[str, type[_AttackObject]] = {
+    "badnets": BadNetsAttack, "blend": BlendAttack, "wanet": WaNetAttack, "adap_blend": AdapBlendAttack,
+    "adap_patch": AdapPatchAttack, "sig": SigAttack, "tact": TactAttack,
+}
 
 
 def check_attack_spec(text: str) -> str:
@@ -162,7 +221,7 @@ def check_attack_spec(text: str) -> str:
     if not _ATTACK_SPEC.match(text) or text.lower().endswith(".json"):
         raise ValueError("attack must be `name[:key=value,...]` or an attack JSON object")
     name, _, rest = text.partition(":")
-    name = _ALL2ALL.sub("", name.strip().lower())
+    name = _ALL2ALL.sub("", name.strip().lower()).replace("-", "_")
     if name not in SPEC_OPTIONS:
         raise ValueError(f"unknown attack {name!r}; known: {', '.join(sorted(SPEC_OPTIONS))}")
     options: dict[str, str] = {}
@@ -181,8 +240,10 @@ def check_attack_spec(text: str) -> str:
             value = {"all2all": "all_to_all", "all2one": "all_to_one"}.get(value, value)
         if key == "position" and value.replace("_", "-") in ("top-left", "top-right", "bottom-left", "bottom-right"):
             continue
-        try:
-            TypeAdapter(fields[key].rebuild_annotation()).validate_python(value)
+        annotation = fields[key].rebuild_annotation()
+        listed = list in (get_origin(annotation), get_origin(get_args(annotation)[0] if get_args(annotation) else None))
+        try:  # a list option is written comma-separated (alphas=0.5,0.2,0.5,0.3; source=1,2)
+            TypeAdapter(annotation).validate_python(value.split(",") if listed else value)
         except ValidationError as exc:
             raise ValueError(f"attack {name}: option {key}: {exc.errors()[0]['msg']}, got {value!r}") from None
     return text

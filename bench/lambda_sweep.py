@@ -83,7 +83,7 @@ def main() -> None:
     for attack in args.attacks or ATTACKS[args.profile]:
         model, trigger, train_data, info, epochs, train_s = victim(attack, prof, args, device)
         before = evaluate(model, test, spec.mean, spec.std, attack=trigger, device=device)
-        poisoning = {k: v for k, v in (info.get("poisoning") or {}).items() if k != "indices"} or None
+        poisoning = {k: v for k, v in (info.get("poisoning") or {}).items() if not k.endswith("indices")} or None
         entry = {"attack": trigger.to_dict(), "poisoning": poisoning, "epochs": epochs, "train_s": train_s,
                  "before": {k: before[k] for k in ("acc", "asr", "asr_all", "ra")}, "sweep": {}, "auto": {}}
         if args.method in ("paper", "both"):

@@ -193,7 +193,7 @@ def reused_victim(weights: Path, npz: Path, prof: dict, attack: str, rate: float
             json.loads(json.dumps(build_attack(attack, target=0, seed=seed).to_dict()))):  # as the file holds it
         return None
     history = info.get("history") or [{}]
-    poisoning = {k: v for k, v in info.get("poisoning", {}).items() if k != "indices"} or None
+    poisoning = {k: v for k, v in info.get("poisoning", {}).items() if not k.endswith("indices")} or None
     return {"reused": True, "final_train_acc": history[-1].get("train_acc"), "poisoning": poisoning}
 
 

@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", action="store_true",
                    help="scale the images to the architecture's input size (otherwise other sizes are refused)")
     p.add_argument("--eval-data", default=None, help="test data to report ACC (and ASR with --attack) before/after")
-    p.add_argument("--attack", default=None, help="trigger to measure ASR with: a name (badnets, blend, wanet) "
+    p.add_argument("--attack", default=None, help="trigger to measure ASR with: a name (badnets, blend, wanet, ...) "
                    "with options, or the .attack.json written by 'clipguard train'")
     _add_run_options(p)
     p.add_argument("--no-sweep", action="store_true",
@@ -210,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--data", required=True, help="training data reference")
     p.add_argument("--out", type=Path, required=True, help="weights file to write (.safetensors)")
-    p.add_argument("--attack", default=None, help="poison the data with this attack (badnets, blend, wanet, ...)")
+    p.add_argument("--attack", default=None, help="poison the data with this attack (badnets, blend, wanet, sig, "
+                   "adap_blend, adap_patch, tact; name-all2all; options name:key=value; docs/attacks.md); "
+                   "none: a clean victim")
     p.add_argument("--poison-rate", type=float, default=0.01)
     p.add_argument("--target", type=int, default=0)
     p.add_argument("--epochs", type=int, default=30)

@@ -6,7 +6,10 @@ Conventions (BackdoorBench ``utils/metric.py``):
 * ``asr``: share of triggered test images whose true label is *not* the target that the
   model sends to the target (the primary number). ``asr_all`` keeps the target-class
   images in the denominator, as some papers do; it has a floor near ``1/K`` for a repaired
-  model, which is why both are reported.
+  model, which is why both are reported. Each attack says which images it claims to flip
+  (``Attack.asr_population``): all of them, except a source-specific attack (TaCT), whose
+  ASR counts its source classes only, as backdoor-toolbox measures it. All-to-all attacks
+  count every image, against the label ``(y + 1) % K``.
 * ``ra``: robust accuracy, triggered non-target images still given their true label.
 * ``der``: defense effectiveness rate, ``[max(0, ΔASR) − max(0, ΔACC) + 1] / 2``.
 
@@ -86,7 +89,7 @@ def evaluate(
     """Clean accuracy, and with an attack, ASR (both conventions) and RA on the same images.
 
     ``attack`` is any object with ``apply(uint8 images)`` and ``target_labels(labels, K)``
-    (see :mod:`clipguard.attacks`).
+    (see :mod:`clipguard.attacks`), and optionally ``asr_population(labels, K)``.
     """
     num_classes = max(len(data.classes), int(data.labels.max()) + 1)
     pred = predict(model, data, mean, std, device=device, batch_size=batch_size)
@@ -98,12 +101,14 @@ def evaluate(
     if attack is None:
         return result
     targets = attack.target_labels(data.labels, num_classes)  # type: ignore[attr-defined]
+    population = getattr(attack, "asr_population", None)
+    claimed = population(data.labels, num_classes) if population else torch.ones(len(data), dtype=torch.bool)
     bd_pred = predict(model, data, mean, std, transform=attack.apply, device=device,  # type: ignore[attr-defined]
                       batch_size=batch_size)
-    keep = targets != data.labels
+    keep = claimed & (targets != data.labels)
     result.update({
         "asr": accuracy(bd_pred[keep], targets[keep]),
-        "asr_all": accuracy(bd_pred, targets),
+        "asr_all": accuracy(bd_pred[claimed], targets[claimed]),
         "ra": accuracy(bd_pred[keep], data.labels[keep]),
         "asr_samples": int(keep.sum()),
     })

@@ -158,8 +158,9 @@ def train_victim(
     """``clipguard train``: poison (optionally), train, and write weights plus provenance.
 
     Writes ``out`` (safetensors weights), ``<out>.attack.json`` (the exact trigger, so ASR
-    is later measured with the same one) and ``<out>.json`` (poisoned indices, recipe,
-    final training accuracy). ``save_data`` also writes the (poisoned) training set the
+    is later measured with the same one) and ``<out>.json`` (poisoned and cover indices,
+    recipe, final training accuracy). Without ``attack`` the victim is clean: the control a
+    defense must leave alone. ``save_data`` also writes the (poisoned) training set the
     model saw as an ``.npz``: the data a defender would hold, ready for ``clipguard purify``.
     """
     from clipguard.attacks import build_attack, save_attack
@@ -185,7 +186,13 @@ def train_victim(
         else:
             poisoned = trigger.poison(dataset, rate=poison_rate, seed=seed)
             dataset = poisoned.data
-            info["poisoning"] = {"mode": "static", "rate": poison_rate, "indices": poisoned.indices.tolist()}
+            # Poisons (trigger + attack label), covers (trigger, label kept) and WaNet's noise-mode
+            # samples, by index into the training set the model saw.
+            info["poisoning"] = {"mode": "static", "rate": poison_rate, "poisoned": len(poisoned.indices),
+                                 "covers": len(poisoned.cover_indices), "indices": poisoned.indices.tolist(),
+                                 "cover_indices": poisoned.cover_indices.tolist()}
+            if len(poisoned.cross_indices):
+                info["poisoning"]["cross_indices"] = poisoned.cross_indices.tolist()
         info["attack"] = trigger.to_dict()
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, augment=augment, seed=seed, device=device)
     history: list[dict] = []
@@ -211,7 +218,7 @@ def train_victim(
     os.replace(tmp, out.with_name(out.name + ".json"))
     return {k: v for k, v in info.items() if k not in ("history",)} | {
         "final_train_acc": history[-1]["train_acc"] if history else None,
-        "poisoning": {k: v for k, v in info.get("poisoning", {}).items() if k != "indices"} or None,
+        "poisoning": {k: v for k, v in info.get("poisoning", {}).items() if not k.endswith("indices")} or None,
     }
 
 

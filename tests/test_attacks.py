@@ -14,10 +14,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clipguard.attacks import (
+    SIG,
+    AdapBlend,
+    AdapPatch,
     Attack,
     BadNets,
     Blend,
     Poisoned,
+    TaCT,
     WaNet,
     available_attacks,
     build_attack,
@@ -111,10 +115,14 @@ def test_empty_batches_pass_through():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_triggers_are_identical_on_gpu():
     x = images(64, seed=3)
-    for spec in ("badnets", "blend", "wanet"):
+    for spec in ("badnets", "blend", "wanet", "sig", "adap_blend", "adap_patch", "tact"):
         attack = build_attack(spec)
         out = attack.apply(x.cuda())
         assert out.device.type == "cuda" and torch.equal(out.cpu(), attack.apply(x)), spec
+    for spec in ("adap_blend", "adap_patch"):  # training-time triggers (random block masks, quarters) too
+        attack = build_attack(spec)
+        out = attack.stamp_poison(x.cuda(), torch.Generator().manual_seed(1))
+        assert torch.equal(out.cpu(), attack.stamp_poison(x, torch.Generator().manual_seed(1))), spec
     wanet = build_attack("wanet:poisoning=per_batch")
     out, labels = wanet.poison_batch(x.cuda(), torch.ones(64, dtype=torch.int64).cuda(), torch.Generator(), rate=0.05)
     assert out.device.type == "cuda" and int((labels == 0).sum()) == 3
@@ -268,6 +276,260 @@ def test_wanet_static_poison_records_backdoor_and_cross_sets():
     assert torch.equal(again.data.images, p.data.images) and torch.equal(again.cross_indices, p.cross_indices)
 
 
+# --------------------------------------------------------------------------- SIG
+
+
+def test_sig_adds_the_backdoorbench_sinusoid_per_column():
+    x = images(4, seed=5)
+    attack = build_attack("sig")
+    assert isinstance(attack, SIG) and (attack.delta, attack.freq, attack.label) == (40.0, 6, "clean")
+    j = np.arange(32)
+    offset = np.rint(40 * np.sin(2 * np.pi * j * 6 / 32))
+    expected = np.clip(x.numpy().astype(np.float64) + offset, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(attack.apply(x).numpy(), expected)
+    assert offset.max() == 40 and offset.min() == -40  # the amplitude is reached within one image width
+    paper = build_attack("sig:delta=20,freq=3")
+    grey = torch.full((1, 3, 32, 32), 128, dtype=torch.uint8)
+    row = paper.apply(grey)[0, 0, 0].int() - 128
+    np.testing.assert_array_equal(row.numpy(), np.rint(20 * np.sin(2 * np.pi * j * 3 / 32)))
+    assert (paper.apply(grey) == paper.apply(grey)[:, :1, :1]).all()  # same offset on every row and channel
+
+
+def test_sig_clean_label_poisons_only_target_images_and_keeps_their_labels():
+    data = dataset(1000)  # 100 images per class
+    attack = build_attack("sig", target=3)
+    p = attack.poison(data, rate=0.05, seed=2)
+    assert len(p.indices) == 50 and len(p.cover_indices) == 0  # rate * N, all from class 3
+    assert (data.labels[p.indices] == 3).all()
+    assert torch.equal(p.data.labels, data.labels)  # no label changes at all
+    assert torch.equal(p.data.images[p.indices], attack.apply(data.images[p.indices]))
+    with pytest.raises(ClipguardError, match="needs 150 poisoned samples but only 100 are eligible"):
+        attack.poison(data, rate=0.15)
+    with pytest.raises(ClipguardError, match="not a class"):
+        build_attack("sig", target=12).poison(data, rate=0.01)
+
+
+def test_sig_dirty_label_poisons_any_class_and_relabels():
+    data = dataset(1000)
+    attack = build_attack("sig:label=dirty", target=3)
+    p = attack.poison(data, rate=0.05, seed=2)
+    assert len(p.indices) == 50 and (data.labels[p.indices] != 3).any()
+    assert (p.data.labels[p.indices] == 3).all()
+    # same draw as BadNets/Blend with the same seed: one permutation of all samples
+    assert torch.equal(p.indices, build_attack("badnets").poison(data, rate=0.05, seed=2).indices)
+
+
+def test_sig_all_to_all_is_dirty_label():
+    sig = build_attack("sig-all2all")
+    assert sig.mode == "all_to_all" and sig.label == "dirty"
+    with pytest.raises(ClipguardError, match="label=clean cannot be all-to-all"):
+        build_attack("sig-all2all:label=clean")
+
+
+# --------------------------------------------------------------------------- Adap-Blend
+
+
+def flat_blend(**options: str) -> AdapBlend:
+    """Adap-Blend with a constant pattern of 200, so a stamped black image shows exactly where the trigger went."""
+    pattern = torch.full((3, 32, 32), 200, dtype=torch.uint8)
+    return AdapBlend(pattern=pattern, **options)  # type: ignore[arg-type]
+
+
+def shown_blocks(out: torch.Tensor) -> torch.Tensor:
+    """(N, 16) bool: which 8x8 blocks of a stamped black image carry the trigger."""
+    return (out[:, 0].reshape(-1, 4, 8, 4, 8) > 0).any(4).any(2).flatten(1)
+
+
+def test_adap_blend_test_trigger_is_the_whole_pattern_at_test_alpha():
+    x = images(5)
+    attack = build_attack("adap_blend", seed=4)
+    assert isinstance(attack, AdapBlend)
+    assert (attack.alpha, attack.test_alpha, attack.pieces, attack.mask_rate) == (0.15, 0.2, 16, 0.5)
+    assert torch.equal(attack.pattern, build_attack("blend", seed=4).pattern)  # seeded noise stands in for hellokitty
+    t = attack.pattern.numpy().astype(np.float64)
+    xf = x.numpy().astype(np.float64)
+    np.testing.assert_array_equal(attack.apply(x).numpy(), np.clip(np.rint(xf + 0.2 * (t - xf)), 0, 255))
+
+
+def test_adap_blend_training_masks_hide_half_the_blocks_anew_per_image():
+    attack = flat_blend()
+    black = torch.zeros(64, 3, 32, 32, dtype=torch.uint8)
+    out = attack.stamp_poison(black, torch.Generator().manual_seed(0))
+    assert set(out.unique().tolist()) == {0, 30}  # round(0.15 * 200) where shown, untouched elsewhere
+    blocks = shown_blocks(out)
+    assert (blocks.sum(1) == 8).all()  # 8 of 16 blocks per image
+    # whole blocks: every pixel of a shown block carries the trigger
+    assert ((out[:, 0].reshape(-1, 4, 8, 4, 8) > 0).all(4).all(2).flatten(1) == blocks).all()
+    assert len({tuple(b.tolist()) for b in blocks}) > 60  # a new mask per image (C(16, 8) = 12870 masks)
+    again = attack.stamp_poison(black, torch.Generator().manual_seed(0))
+    assert torch.equal(again, out)  # deterministic from the generator
+    assert (blocks.float().mean(0) > 0.25).all()  # every block is used
+
+
+def test_adap_blend_poisons_and_covers_follow_the_toolbox():
+    data = ImageData(torch.zeros(1000, 3, 32, 32, dtype=torch.uint8), torch.arange(1000) % 10,
+                     tuple(str(c) for c in range(10)), "black")
+    attack = flat_blend(target=2)
+    p = attack.poison(data, rate=0.02, seed=5)
+    assert len(p.indices) == 20 and len(p.cover_indices) == 20  # cover rate = poison rate by default
+    assert not set(p.indices.tolist()) & set(p.cover_indices.tolist())
+    assert (p.data.labels[p.indices] == 2).all()
+    assert torch.equal(p.data.labels[p.cover_indices], data.labels[p.cover_indices])  # covers keep their labels
+    for idx in (p.indices, p.cover_indices):  # both carry the masked training trigger
+        assert (shown_blocks(p.data.images[idx]).sum(1) == 8).all()
+    touched = torch.zeros(1000, dtype=torch.bool)
+    touched[p.indices] = touched[p.cover_indices] = True
+    assert (p.data.images[~touched] == 0).all()
+    explicit = flat_blend(cover_rate=0.05).poison(data, rate=0.02, seed=5)
+    assert len(explicit.cover_indices) == 50
+    again = attack.poison(data, rate=0.02, seed=5)
+    assert torch.equal(again.data.images, p.data.images) and torch.equal(again.cover_indices, p.cover_indices)
+
+
+# --------------------------------------------------------------------------- Adap-Patch
+
+
+def footprint(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) bool: pixels changed in any channel."""
+    return (out != x).any(1)
+
+
+def test_adap_patch_substitute_triggers_have_the_published_geometry():
+    attack = build_attack("adap_patch", seed=1)
+    assert isinstance(attack, AdapPatch) and attack.alphas == (0.5, 0.2, 0.5, 0.3) and attack.test_alpha == 1.0
+    m = attack.masks.bool()
+    phoenix, firefox, patch4, trojan = m
+    box = torch.zeros(32, 32, dtype=torch.bool)
+    box[27:32, 27:32] = True
+    assert torch.equal(phoenix, box)
+    assert int(firefox.sum()) == 137 and not firefox[~_box(1, 14, 18, 31)].any()
+    assert torch.equal(patch4, _box(0, 3, 0, 3) | _box(0, 3, 29, 32) | _box(29, 32, 0, 3) | _box(29, 32, 29, 32))
+    assert torch.equal(trojan, _box(21, 29, 21, 29))
+    board = attack.patterns[2, :, :3, :3]
+    assert torch.equal(board[0], torch.tensor([[255, 0, 255], [0, 255, 0], [255, 0, 255]], dtype=torch.uint8))
+    test_phoenix, test_patch4 = attack.test_masks.bool()
+    assert torch.equal(test_phoenix, _box(27, 32, 0, 5) | _box(27, 32, 27, 32)) and torch.equal(test_patch4, patch4)
+    # the test phoenix is the training one, copied to the bottom-left corner
+    assert torch.equal(attack.test_patterns[0, :, 27:, 27:], attack.patterns[0, :, 27:, 27:])
+    assert torch.equal(attack.test_patterns[0, :, 27:, :5], attack.patterns[0, :, 27:, 27:])
+    assert not torch.equal(attack.patterns, build_attack("adap_patch", seed=2).patterns)  # colours follow the seed
+
+
+def _box(r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+    m = torch.zeros(32, 32, dtype=torch.bool)
+    m[r0:r1, c0:c1] = True
+    return m
+
+
+def test_adap_patch_test_trigger_pastes_two_triggers_at_full_opacity():
+    x = images(6, high=255)
+    attack = build_attack("adap_patch")
+    out = attack.apply(x)
+    shown = attack.test_masks.bool().any(0)
+    assert (footprint(out, x).any(0) <= shown).all()
+    # at alpha 1 the pasted pixels are the trigger's; badnet_patch4 is pasted last, over phoenix's corner
+    expected = torch.where(attack.test_masks[0].bool(), attack.test_patterns[0], x)
+    expected = torch.where(attack.test_masks[1].bool(), attack.test_patterns[1], expected)
+    assert torch.equal(out, expected)
+
+
+def test_adap_patch_quarters_of_poisons_and_covers_get_one_trigger_each():
+    data = dataset(1000)
+    attack = build_attack("adap_patch", target=4)
+    p = attack.poison(data, rate=0.02, seed=3)
+    assert len(p.indices) == 20 and len(p.cover_indices) == 40  # published 1:2 poison to cover
+    assert not set(p.indices.tolist()) & set(p.cover_indices.tolist())
+    assert (p.data.labels[p.indices] == 4).all()
+    assert torch.equal(p.data.labels[p.cover_indices], data.labels[p.cover_indices])
+    for idx in (p.indices, p.cover_indices):
+        changed = footprint(p.data.images[idx], data.images[idx])
+        n = len(idx)
+        for i in range(n):
+            j = i * 4 // n  # quarter j of the sorted indices gets trigger j
+            assert (changed[i] <= attack.masks[j].bool()).all(), (i, j)
+            assert changed[i].sum() > 0.5 * attack.masks[j].sum()
+        x, out = data.images[idx[0:1]].double(), p.data.images[idx[0:1]]
+        t, m = attack.patterns[0].double(), attack.masks[0].double()
+        assert torch.equal(out, (x + 0.5 * m * (t - x)).round().to(torch.uint8))  # phoenix at alpha 0.5
+
+
+# --------------------------------------------------------------------------- TaCT
+
+
+def test_tact_poisons_only_the_source_classes_and_covers_only_the_cover_classes():
+    data = dataset(2000)
+    attack = build_attack("tact")
+    assert isinstance(attack, TaCT) and (attack.source, attack.cover, attack.target) == ((1,), (5, 7), 0)
+    p = attack.poison(data, rate=0.05, seed=1)
+    assert len(p.indices) == 100 and len(p.cover_indices) == 100
+    assert (data.labels[p.indices] == 1).all() and (p.data.labels[p.indices] == 0).all()
+    assert torch.isin(data.labels[p.cover_indices], torch.tensor([5, 7])).all()
+    assert torch.equal(p.data.labels[p.cover_indices], data.labels[p.cover_indices])
+    for idx in (p.indices, p.cover_indices):
+        assert torch.equal(p.data.images[idx], attack.apply(data.images[idx]))
+    several = build_attack("tact:source=1,2,3,cover=8", target=9).poison(data, rate=0.1, seed=1)
+    assert set(data.labels[several.indices].tolist()) == {1, 2, 3}
+    assert set(data.labels[several.cover_indices].tolist()) == {8}
+    with pytest.raises(ClipguardError, match="needs 300 poisoned samples but only 200 are eligible"):
+        attack.poison(data, rate=0.15)
+    with pytest.raises(ClipguardError, match=r"classes \[12\] are not classes"):
+        build_attack("tact:source=12").poison(data, rate=0.01)
+
+
+def test_tact_trigger_is_the_square_at_full_opacity_and_asr_counts_sources_only():
+    x = images(3, high=255)
+    attack = build_attack("tact")
+    out = attack.apply(x)
+    assert torch.equal(footprint(out, x).any(0), _box(21, 29, 21, 29))
+    assert torch.equal(out[:, :, 21:29, 21:29], attack.pattern[:, 21:29, 21:29].expand(3, 3, 8, 8))
+    labels = torch.tensor([0, 1, 2, 5])
+    assert torch.equal(attack.target_labels(labels, 10), torch.tensor([0, 0, 2, 5]))  # others keep their label
+    assert torch.equal(attack.asr_population(labels, 10), torch.tensor([False, True, False, False]))
+    assert torch.equal(attack.pattern, build_attack("adap_patch").patterns[3])  # one trojan_square substitute
+
+
+# --------------------------------------------------------------------------- all-to-all and low rates
+
+
+@pytest.mark.parametrize("name", ["badnets", "blend", "wanet", "sig", "adap_blend", "adap_patch", "tact"])
+def test_every_attack_has_an_all_to_all_mode(name):
+    attack = build_attack(f"{name}-all2all")
+    assert attack.mode == "all_to_all" and attack.to_dict()["mode"] == "all_to_all"
+    data = dataset(1000)
+    p = attack.poison(data, rate=0.05, seed=0)
+    assert len(p.indices) == 50
+    assert torch.equal(p.data.labels[p.indices], (data.labels[p.indices] + 1) % 10)
+    covered = torch.cat([p.cover_indices, p.cross_indices])
+    assert torch.equal(p.data.labels[covered], data.labels[covered])
+    labels = torch.arange(10)
+    flipped = attack.target_labels(labels, 10)
+    if name == "tact":  # source class 1 only
+        assert flipped.tolist() == [0, 2, 2, 3, 4, 5, 6, 7, 8, 9]
+    else:
+        assert flipped.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
+
+
+@pytest.mark.parametrize(("spec", "poisons", "covers"), [
+    ("badnets", 3, 0), ("sig", 3, 0), ("sig:label=dirty", 3, 0), ("adap_blend", 3, 3), ("adap_patch", 3, 6),
+    ("tact", 3, 3), ("blend", 3, 0),
+])
+def test_published_low_rates_work(spec, poisons, covers):
+    data = dataset(1000)
+    p = build_attack(spec).poison(data, rate=0.003, seed=0)
+    assert (len(p.indices), len(p.cover_indices)) == (poisons, covers)
+    with pytest.raises(ClipguardError, match=r"rounds to no sample; use a rate of at least 0\.001"):
+        build_attack(spec).poison(data, rate=0.0004)
+
+
+def test_cover_attacks_have_no_per_batch_mode():
+    for name in ("adap_blend", "adap_patch", "tact"):
+        attack = build_attack(name)
+        assert attack.poisoning == "static"
+        with pytest.raises(ClipguardError, match="static training set"):
+            attack.poison_batch(images(8), torch.ones(8, dtype=torch.int64), torch.Generator())
+
+
+
 # --------------------------------------------------------------------------- poisoning
 
 
@@ -318,7 +580,9 @@ def test_all_to_all_labels():
 @pytest.mark.parametrize(
     "spec",
     ["badnets:pattern=checkerboard,position=2,5,size=4", "blend:alpha=0.15", "wanet:k=8,s=0.75,poisoning=per_batch",
-     "badnets-all2all:value=100"],
+     "badnets-all2all:value=100", "sig:delta=20,freq=3", "sig-all2all", "adap_blend:alpha=0.2,cover_rate=0.01",
+     "adap-patch:alphas=0.5,0.5,0.2,0.3,test_alpha=0.9", "tact:source=2,3,cover=4,cover_rate=0.002",
+     "tact-all2all:source=1,cover="],
 )
 def test_save_load_round_trip_reproduces_the_trigger(tmp_path, spec):
     attack = build_attack(spec, target=1, seed=9)
@@ -362,11 +626,36 @@ def test_load_refuses_tampered_or_missing_tensors(tmp_path):
 
 
 def test_a_bare_to_dict_record_regenerates_random_triggers(tmp_path):
-    for spec in ("blend", "wanet"):
+    for spec in ("blend", "wanet", "sig", "adap_blend", "adap_patch", "tact"):
         attack = build_attack(spec, seed=4)
         (tmp_path / "info.json").write_text(json.dumps(attack.to_dict()))
         loaded = load_attack(tmp_path / "info.json")
         assert torch.equal(loaded.apply(images(2)), attack.apply(images(2)))
+
+
+def test_new_triggers_refuse_tampered_or_foreign_tensors(tmp_path):
+    for spec in ("sig", "adap_blend", "adap_patch", "tact"):
+        path = tmp_path / f"{spec}.json"
+        save_attack(build_attack(spec, seed=2), path)
+        record = json.loads(path.read_text())
+        record["attack"]["trigger_sha256"] = "0" * 64  # tensors from another attack than recorded
+        path.write_text(json.dumps(record))
+        with pytest.raises(DataError, match="trigger_sha256"):
+            load_attack(path)
+        record["attack"]["seed"] = 3  # regenerated from another seed: refused too
+        (tmp_path / "bare.json").write_text(json.dumps(record["attack"]))
+        with pytest.raises(DataError, match="trigger_sha256"):
+            load_attack(tmp_path / "bare.json")
+
+
+def test_a_saved_image_trigger_is_never_reread_from_the_path_it_names(tmp_path):
+    img = tmp_path / "kitty.png"
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(img)
+    attack = build_attack(f"adap_blend:image={img}")
+    assert (attack.pattern == 90).all()
+    (tmp_path / "bare.json").write_text(json.dumps(attack.to_dict()))
+    with pytest.raises(DataError, match="needs its 'pattern' tensor"):
+        load_attack(tmp_path / "bare.json")
 
 
 def test_build_attack_parses_options_and_overrides():
@@ -374,14 +663,14 @@ def test_build_attack_parses_options_and_overrides():
     assert isinstance(a, BadNets) and (a.size, a.pattern, a.position, a.target) == (5, "checkerboard", "top-left", 4)
     w = build_attack("wanet:k=4,s=0.5,grid-rescale=1,cross_ratio=2", image_size=(24, 24))
     assert w.grid.shape == (1, 24, 24, 2) and w.to_dict()["image_size"] == [24, 24]
-    assert available_attacks() == ["badnets", "blend", "wanet"]
+    assert available_attacks() == ["adap_blend", "adap_patch", "badnets", "blend", "sig", "tact", "wanet"]
     assert all(isinstance(build_attack(n), Attack) for n in available_attacks())
 
 
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("trojan", "unknown attack 'trojan'.*badnets, blend, wanet"),
+        ("trojan", "unknown attack 'trojan'.*adap_blend, adap_patch, badnets, blend, sig, tact, wanet"),
         ("", "empty attack spec"),
         ("badnets:colour=red", "unknown option.*colour.*valid options: size, pattern, position, value"),
         ("wanet:alpha=0.2", "unknown option.*alpha.*valid options: k, s"),
@@ -399,6 +688,24 @@ def test_build_attack_parses_options_and_overrides():
         ("wanet:poisoning=sometimes", "poisoning must be one of static, per_batch"),
         ("badnets:mode=some", "mode must be one of all_to_one, all_to_all"),
         ("badnets:target=-1", "target must be >= 0"),
+        ("sig:label=maybe", "sig label must be one of clean, dirty"),
+        ("sig-all2all:label=clean", "label=clean cannot be all-to-all"),
+        ("sig:delta=0", r"delta must be in \(0.0, 255.0\]"),
+        ("sig:freq=0", "freq must be >= 1"),
+        ("sig:alpha=0.2", "unknown option.*alpha.*valid options: delta, freq, label"),
+        ("adap_blend:pieces=15", "pieces must be a square number"),
+        ("adap_blend:pieces=4096", "pieces must be a square number.*fits 32x32"),
+        ("adap_blend:mask_rate=1", r"mask_rate must be in \[0, 1\)"),
+        ("adap_blend:cover_rate=2", r"cover_rate must be in \[0.0, 1.0\]"),
+        ("adap_blend:test_alpha=0", "test_alpha must be in"),
+        ("adap_patch:alphas=0.5,0.2", "alphas must list 4 opacities"),
+        ("adap_patch:alphas=0.5,0.2,0,0.3", "alphas must be in"),
+        ("tact:source=0", "target 0 cannot also be a source class"),
+        ("tact:source=1,cover=1,5", "source and cover classes must differ"),
+        ("tact:source=x", "source must be comma-separated class indices"),
+        ("tact:source=1,1", "distinct"),
+        ("tact:source=", "at least one class"),
+        ("tact:cover=,cover_rate=0.01", "cover_rate needs cover classes"),
     ],
 )
 def test_build_attack_errors_are_clear(spec, message):

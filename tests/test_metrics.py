@@ -63,6 +63,36 @@ def test_all_to_all_targets_are_the_next_class():
     assert r["asr"] == 0.0 and r["asr_samples"] == len(data)  # no image is already "on target"
 
 
+class SquareToZero(ReadsTheLabelPixel):
+    """A TaCT victim that learned the trigger on every class: the square sends any image to class 0."""
+
+    def __init__(self, pattern: torch.Tensor) -> None:
+        super().__init__()
+        self.square = pattern[:, 21:29, 21:29].float() / 255
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        triggered = (x[:, :, 21:29, 21:29] - self.square).abs().amax(dim=(1, 2, 3)) < 1e-6
+        logits[triggered] = nn.functional.one_hot(torch.zeros_like(triggered, dtype=torch.long), K)[triggered].float()
+        return logits
+
+
+def test_source_specific_asr_counts_the_source_classes_only():
+    data = _data()
+    tact = build_attack("tact:source=1,2")
+    r = evaluate(SquareToZero(tact.pattern), data, *IDENTITY, attack=tact)
+    assert r["asr"] == 1.0 and r["asr_samples"] == 40  # classes 1 and 2, 20 images each
+    assert r["asr_all"] == 1.0 and r["ra"] == 0.0
+    clean = evaluate(ReadsTheLabelPixel(), data, *IDENTITY, attack=tact)
+    assert clean["asr"] == 0.0 and clean["asr_all"] == 0.0 and clean["ra"] == 1.0  # target 0 is no source
+
+
+def test_clean_label_sig_asr_excludes_the_target_class_as_before():
+    data = _data()
+    r = evaluate(ReadsTheLabelPixel(), data, *IDENTITY, attack=build_attack("sig"))
+    assert r["asr_samples"] == len(data) - 20 and r["asr"] == 0.0 and r["asr_all"] == pytest.approx(1 / K)
+
+
 def test_der_follows_backdoorbench():
     before = {"acc": 0.90, "asr": 0.95}
     assert der(before, {"acc": 0.88, "asr": 0.05}) == pytest.approx((0.90 - 0.02 + 1) / 2)

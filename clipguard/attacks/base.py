@@ -11,6 +11,10 @@ Poisoning follows BackdoorBench v2 (``utils/backdoor_generate_poison_index.py``)
 ``round(rate * N)`` indices drawn uniformly over *all* samples, target-class images
 included (they keep the target label but carry the trigger), and the triggered copies
 replace the originals, so the poisoned set has as many samples as the clean one.
+Attacks that draw from fewer samples (clean-label SIG: the target class; TaCT: its source
+classes) or add *cover* samples (triggered, label kept: Adap-Blend, Adap-Patch, TaCT) say so
+through the hooks :meth:`Attack.poison_pool`, :meth:`Attack.cover_pool` and
+:meth:`Attack.cover_count`; the drawing itself stays here so every attack counts alike.
 """
 
 from __future__ import annotations
@@ -41,14 +45,19 @@ MODE_ALIASES = {
 class Poisoned:
     """A poisoned copy of a dataset and which samples were changed.
 
-    ``indices`` are the backdoor samples (trigger + target label), sorted. ``cross_indices``
-    are WaNet's "noise mode" samples (warped by a perturbed grid, label kept), sorted and
-    empty for the other attacks. Recording both lets a report say exactly what was done.
+    ``indices`` are the backdoor samples (trigger + the attack's label: the target, or
+    ``(y + 1) % K`` all-to-all; clean-label SIG keeps the label, which already is the target),
+    sorted. ``cover_indices`` are cover samples: they carry the (training-time) trigger but
+    keep their label, so a defense that looks for "triggered samples with one label" sees
+    them on the wrong side (Adap-Blend, Adap-Patch, TaCT). ``cross_indices`` are WaNet's
+    "noise mode" samples (warped by a perturbed grid, label kept). Both are sorted and empty
+    for attacks without them. Recording all three lets a report say exactly what was done.
     """
 
     data: ImageData
     indices: torch.Tensor
     cross_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    cover_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
 
 
 class Attack(ABC):
@@ -111,6 +120,14 @@ class Attack(ABC):
             raise ClipguardError(f"attack target {self.target} is not a class of a {num_classes}-class problem")
         return torch.full_like(labels, self.target, dtype=torch.int64)
 
+    def asr_population(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """Which test images the attack claims to flip (bool mask): every image, unless the attack is source-specific.
+
+        ASR is then counted over these images whose :meth:`target_labels` differ from their
+        label (so target-class images drop out of an all-to-one attack's ASR).
+        """
+        return torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+
     # ------------------------------------------------------------------ poisoning
 
     def poison(self, data: ImageData, rate: float = 0.01, seed: int = 0) -> Poisoned:
@@ -118,19 +135,61 @@ class Attack(ABC):
 
         Target-class samples can be drawn; they keep their label and carry the trigger,
         as in BackdoorBench, so a 1% rate on CIFAR-10 means exactly 500 triggered images.
+        ``N`` is always the whole set, also when the attack draws from a pool (clean-label
+        SIG: ``rate * N`` target-class images, as BackdoorBench and backdoor-toolbox count).
+        Cover samples are drawn after the poisons, never overlapping them. A positive rate
+        that rounds to no sample is an error, not a silently clean "victim".
         """
         check_rate(rate)
-        n = len(data)
+        n, k = len(data), num_classes(data)
         gen = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(n, generator=gen)[: round(rate * n)].sort().values
-        images, labels = self._poison_into(data, idx)
-        return Poisoned(data.replace(images, labels, f"{data.source} + {self!r} rate={rate} seed={seed}"), idx)
+        num_bd = sample_count(rate, n, "poison")
+        num_cover = self.cover_count(rate, n)
+        pool, cover_pool = self.poison_pool(data.labels, k), self.cover_pool(data.labels, k)
+        if pool is None and cover_pool is None:  # one permutation, as BackdoorBench and backdoor-toolbox draw
+            if num_bd + num_cover > n:
+                raise ClipguardError(f"{num_bd} poisoned and {num_cover} cover samples do not fit {n} samples")
+            order = torch.randperm(n, generator=gen)
+            idx, cover = order[:num_bd], order[num_bd : num_bd + num_cover]
+        else:
+            idx = draw(torch.arange(n) if pool is None else pool, num_bd, gen, "poisoned", self.name)
+            rest = torch.arange(n) if cover_pool is None else cover_pool
+            cover = draw(rest[~torch.isin(rest, idx)], num_cover, gen, "cover", self.name)
+        idx, cover = idx.sort().values, cover.sort().values
+        images, labels = self._poison_into(data, idx, gen)
+        if len(cover):
+            images[cover] = self.stamp_cover(data.images[cover], gen)
+        source = f"{data.source} + {self!r} rate={rate} seed={seed}"
+        return Poisoned(data.replace(images, labels, source), idx, cover_indices=cover)
 
-    def _poison_into(self, data: ImageData, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def poison_pool(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+        """Indices poisons may be drawn from (``None``: any sample)."""
+        return None
+
+    def cover_pool(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+        """Indices cover samples may be drawn from (``None``: any sample not poisoned)."""
+        return None
+
+    def cover_count(self, rate: float, n: int) -> int:
+        """How many cover samples (triggered, label kept) go with poison rate ``rate`` of ``n`` samples."""
+        return 0
+
+    def stamp_poison(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Training-time trigger on the (sorted) poisoned images: the test trigger unless the attack differs."""
+        return self.apply(images)
+
+    def stamp_cover(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Training-time trigger on the (sorted) cover images: as on the poisons unless the attack differs."""
+        return self.stamp_poison(images, generator)
+
+    def _poison_into(
+        self, data: ImageData, idx: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         images = data.images.clone()
         labels = data.labels.clone()
         if len(idx):
-            images[idx] = self.apply(data.images[idx])
+            gen = generator if generator is not None else torch.Generator().manual_seed(0)
+            images[idx] = self.stamp_poison(data.images[idx], gen)
             labels[idx] = self.target_labels(data.labels[idx], num_classes(data))
         return images, labels
 
@@ -248,6 +307,23 @@ def parse_float(name: str, text: str, lo: float, hi: float | None = None, *, ope
         rng = f"{'(' if open_lo else '['}{lo}, {hi if hi is not None else 'inf'}{']' if hi is not None else ')'}"
         raise ClipguardError(f"option {name} must be in {rng}, got {text}")
     return value
+
+
+def sample_count(rate: float, n: int, what: str) -> int:
+    """``round(rate * n)``; a positive rate that rounds to zero samples is refused with the smallest working rate."""
+    count = round(rate * n)
+    if rate > 0 and count == 0:
+        raise ClipguardError(f"a {what} rate of {rate:g} of {n} samples rounds to no sample; "
+                             f"use a rate of at least {1 / n:.2g} or more data")
+    return count
+
+
+def draw(pool: torch.Tensor, count: int, generator: torch.Generator, what: str, attack: str) -> torch.Tensor:
+    """``count`` distinct indices drawn uniformly from ``pool``, or a clear error if the pool is too small."""
+    if count > len(pool):
+        raise ClipguardError(f"{attack} needs {count} {what} samples but only {len(pool)} are eligible; "
+                             "lower the rate or use more data")
+    return pool[torch.randperm(len(pool), generator=generator)[:count]]
 
 
 def num_classes(data: ImageData) -> int:

@@ -20,13 +20,16 @@ from pathlib import Path
 
 import torch
 
+from clipguard.attacks.adaptive import AdapBlend, AdapPatch
 from clipguard.attacks.badnets import BadNets
 from clipguard.attacks.base import MODE_ALIASES, MODES, Attack, parse_int
 from clipguard.attacks.blend import Blend
+from clipguard.attacks.sig import SIG
+from clipguard.attacks.tact import TaCT
 from clipguard.attacks.wanet import WaNet
 from clipguard.errors import ClipguardError, DataError
 
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNets, Blend, WaNet)}
+ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNets, Blend, WaNet, SIG, AdapBlend, AdapPatch, TaCT)}
 COMMON_OPTIONS = ("mode", "target")
 FORMAT = "clipguard-attack"
 VERSION = 1
@@ -51,11 +54,12 @@ def build_attack(
     ``files=False`` (the service: the spec comes from a request) never touches the filesystem: a spec is
     not looked up as a file and Blend's ``image`` option is refused.
 
-    Spec: ``name[:key=value,key=value,...]``; ``name`` is ``badnets``, ``blend`` or
-    ``wanet``, optionally with ``-all2all``. ``mode`` (``all_to_one``/``all_to_all``) and
-    ``target`` are accepted by every attack and override the keyword arguments; a value may
-    itself hold commas (``position=3,4``). ``seed`` fixes random triggers (Blend noise,
-    WaNet grid); ``image_size`` is ``(H, W)`` of the images the trigger will be stamped on.
+    Spec: ``name[:key=value,key=value,...]``; ``name`` is one of :func:`available_attacks`
+    (``-`` and ``_`` alike: ``adap-blend`` is ``adap_blend``), optionally with ``-all2all``.
+    ``mode`` (``all_to_one``/``all_to_all``) and ``target`` are accepted by every attack and
+    override the keyword arguments; a value may itself hold commas (``position=3,4``,
+    ``source=1,2``). ``seed`` fixes random triggers (Blend noise, WaNet grid, the substitute
+    patch colours); ``image_size`` is ``(H, W)`` of the images the trigger will be stamped on.
     """
     text = os.fspath(spec).strip()
     if not text:
@@ -69,6 +73,7 @@ def build_attack(
         if name.endswith(suffix):
             name, mode = name[: -len(suffix)], "all_to_all"
             break
+    name = name.replace("-", "_")
     if name not in ATTACKS:
         raise ClipguardError(_valid_names(f"unknown attack {name!r}"))
     cls = ATTACKS[name]

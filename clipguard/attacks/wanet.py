@@ -46,6 +46,7 @@ from clipguard.attacks.base import (
     check_size,
     parse_float,
     parse_int,
+    sample_count,
 )
 from clipguard.data import ImageData
 from clipguard.errors import ClipguardError, DataError
@@ -135,7 +136,7 @@ class WaNet(Attack):
         n = len(data)
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(n, generator=gen)
-        num_bd = round(rate * n)
+        num_bd = sample_count(rate, n, "poison")
         num_cross = min(round(self.cross_ratio * rate * n), n - num_bd)
         idx = order[:num_bd].sort().values
         cross_idx = order[num_bd : num_bd + num_cross].sort().values

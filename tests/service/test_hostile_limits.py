@@ -109,6 +109,20 @@ def test_attacks_in_a_job_body_are_checked_at_the_edge_and_never_name_a_file(cli
         assert client.post("/v1/jobs", headers=auth, json=body).status_code == 202, attack
 
 
+def test_every_attack_the_engine_knows_is_described_at_the_edge():
+    """An attack family added to the engine but not to app/schemas.py would be refused by the API: caught here."""
+    from app.schemas import SPEC_OPTIONS, JobCreate
+    from clipguard.attacks.registry import ATTACKS, build_attack
+
+    assert set(SPEC_OPTIONS) == set(ATTACKS)
+    for name, cls in ATTACKS.items():
+        assert SPEC_OPTIONS[name] == set(cls.OPTIONS) - {"image"}, name  # every option but a file's name
+        record = build_attack(name).to_dict()  # the object `clipguard train` saves, as a job body carries it
+        body = JobCreate.model_validate({"model_id": "m", "train_data_id": "d", "eval": {"test_data_id": "t",
+                                                                                       "attack": record}})
+        assert body.eval.attack.model_dump(mode="json", exclude_none=True).items() <= record.items(), name
+
+
 def test_a_saved_blend_record_is_rebuilt_from_its_seed_and_measures_asr(client, settings, auth, ready_model, dataset):
     from clipguard.attacks import Blend
 

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from service.conftest import LiveService, cifar10, client, redis_url, settings, small_npz  # noqa: F401
-from service.isolated import isolated_live
+
+from ..service.conftest import LiveService, cifar10, client, redis_url, settings, small_npz  # noqa: F401
+from ..service.isolated import isolated_live
 
 CHROMIUM = os.environ.get("CLIPGUARD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -65,7 +66,11 @@ class Trouble:
 def page(browser) -> Iterator[object]:
     """A fresh browser context (no cookies) and page; the test fails if the page broke its CSP or threw."""
     context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(20_000)
+    context.set_default_timeout(60_000)
+    # Assertions wait on the server (quarantine, jobs), which a busy two-core machine slows many-fold.
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=60_000)
     page = context.new_page()
     trouble = Trouble()
     page.on("console", trouble.console)

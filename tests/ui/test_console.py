@@ -100,8 +100,10 @@ def test_sign_in_upload_watch_the_job_read_the_report_and_download(live, page, i
     metrics = {row.get_attribute("data-metric"): row.inner_text() for row in rows}
     assert {"acc", "asr", "lam"} <= set(metrics), metrics
     assert "3.00" in metrics["lam"] and re.search(r"\d+\.\d%", metrics["acc"])
-    # The verdict, in words, from report.json.
-    assert re.search(r"poisoned|clipped", page.inner_text("#verdict"), re.I), page.inner_text("#verdict")
+    # The verdict, in the CLI's words, from report.json: its status, then what was done.
+    verdict = page.inner_text("#verdict")
+    assert re.search(r"^(Backdoor found|No evidence of a backdoor|Inconclusive): ", verdict), verdict
+    assert "Done: " in verdict and "clipped" in verdict, verdict
 
     # Every artifact is linked; the report is embedded in a sandboxed frame and renders there.
     names = {a.get_attribute("data-artifact") for a in page.query_selector_all("#artifacts tr[data-artifact]")}

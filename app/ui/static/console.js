@@ -505,17 +505,21 @@ function className(report, index) {
   return classes[index] !== undefined ? `${index} (${classes[index]})` : String(index);
 }
 
+const VERDICT_WORDS = {
+  backdoor_found: ["bad", "Backdoor found"],
+  no_evidence: ["good", "No evidence of a backdoor"],
+  inconclusive: ["unsure", "Inconclusive"],
+};
+
 function verdictNodes(report) {
   // The report's own verdict when it has one; otherwise what detection found, in words.
   const verdict = report.verdict;
-  if (typeof verdict === "string") return [el("p", { className: "verdict" }, verdict)];
-  if (verdict && typeof verdict === "object") {
-    const head = verdict.summary || verdict.text || verdict.message || verdict.label || verdict.status;
-    const nodes = head ? [el("p", { className: "verdict" }, String(head))] : [];
-    const facts = Object.entries(verdict).filter(([k, v]) => v !== null && typeof v !== "object"
-      && String(v) !== String(head));
-    if (facts.length) nodes.push(el("dl", { className: "facts" }, ...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)])));
-    if (nodes.length) return nodes;
+  if (verdict && typeof verdict === "object" && VERDICT_WORDS[verdict.status]) {
+    const [css, words] = VERDICT_WORDS[verdict.status];
+    const nodes = [el("p", { className: "verdict" }, el("span", { className: `flag ${css}` }, words),
+      `: ${verdict.summary || ""}`)];
+    if (verdict.action) nodes.push(el("p", {}, `Done: ${verdict.action}.`));
+    return nodes;
   }
   const nodes = [];
   const found = report.poison_detection;

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 
 
@@ -45,21 +44,28 @@ def _fail(message: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """API in this process, plus (by default) one Celery worker process consuming the ``gpu`` queue."""
+    """API in this process, plus (by default) one supervised Celery worker process consuming the ``gpu`` queue.
+
+    The worker is restarted when it dies and dies with this process (``app.supervise``); the HTTP
+    protocol refuses a request head over ``max_header_bytes`` with 431 (``app.server``).
+    """
     import uvicorn
 
     from app.main import create_app
+    from app.server import BoundedHttpToolsProtocol
     from app.settings import get_settings
+    from app.supervise import EmbeddedWorker
 
     if args.workers < 1:
         return _fail("--workers must be at least 1")
     settings = get_settings()
     worker = None
     if not args.no_worker:
-        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
-                                   "-Q", "gpu", "-c", "1", "-P", "prefork", "--loglevel", "INFO",
-                                   "-n", f"embedded-{os.getpid()}@%h"])
+        worker = EmbeddedWorker(settings.home, ["-A", "worker.celery_app:celery_app", "worker", "-Q", "gpu", "-c", "1",
+                                               "-P", "prefork", "--loglevel", "INFO",
+                                               "-n", f"embedded-{os.getpid()}@%h"]).start()
     print(f"clipguard: serving on http://{args.host}:{args.port} (home {settings.home})", file=sys.stderr)
+    bounded = {"http": BoundedHttpToolsProtocol, "h11_max_incomplete_event_size": settings.max_header_bytes}
     # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default action the
     # process would die before stopping the worker, so turn it into SystemExit.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -69,16 +75,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             upgrade(settings.database_url)  # once, here: workers starting together would race through it
             uvicorn.run("app.main:create_app", factory=True, workers=args.workers, host=args.host, port=args.port,
-                        log_level="info")
+                        log_level="info", **bounded)
         else:
-            uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+            uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info", **bounded)
     finally:
         if worker is not None:
-            worker.terminate()
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            worker.stop()
     return 0
 
 

@@ -30,6 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.pool import NullPool
 
 
 def utcnow() -> datetime:
@@ -131,6 +132,23 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class Worker(Base):
+    """A Celery worker consuming the job queue, as it last reported itself (``worker.presence``).
+
+    ``/readyz`` reads it: the broker accepting connections says nothing about whether anyone
+    takes jobs from it. A worker that stops (killed, its host lost) stops beating, and its row
+    goes stale; one shutting down cleanly deletes its row.
+    """
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    """Celery's node name, ``name@host``."""
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
 class Artifact(Base):
     __tablename__ = "artifacts"
 
@@ -142,10 +160,20 @@ class Artifact(Base):
     media_type: Mapped[str] = mapped_column(String(100))
 
 
-def make_engine(url: str) -> Engine:
-    """An engine with the settings each backend needs for several processes sharing one store."""
+def make_engine(url: str, *, pooled: bool = True) -> Engine:
+    """An engine with the settings each backend needs for several processes sharing one store.
+
+    ``pooled=False`` keeps no connection open between uses: for a process that forks (the Celery
+    worker's main process), whose children must not inherit a live database connection.
+    """
+    if not pooled:
+        options: dict[str, Any] = {"poolclass": NullPool}
+    elif url.startswith("sqlite"):
+        options = {}
+    else:
+        options = {"pool_size": POOL_SIZE, "max_overflow": POOL_OVERFLOW}
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **options)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -156,8 +184,9 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    engine = create_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
-    _ping_when_idle(engine, PING_IDLE_AFTER_S)
+    engine = create_engine(url, **options)
+    if pooled:
+        _ping_when_idle(engine, PING_IDLE_AFTER_S)
     return engine
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -15,9 +16,10 @@ import anyio.to_thread
 from fastapi import FastAPI
 from sqlalchemy import select
 
-from app import auth, logs, metrics, openapi, problems, ratelimit, storage, store, ui
+from app import auth, cleanup, logs, metrics, openapi, presence, problems, ratelimit, storage, store, ui
 from app.async_reads import AsyncReader
 from app.db import Model, make_sessionmaker
+from app.quarantine import QuarantineQueue
 from app.routes import datasets, health, jobs, models
 from app.settings import Settings, get_settings
 from worker.celery_app import make_celery
@@ -25,6 +27,10 @@ from worker.celery_app import make_celery
 log = logging.getLogger("clipguard.api")
 MULTIPART_OVERHEAD = 1024 * 1024
 """Room above the upload cap for multipart boundaries and form fields."""
+QUARANTINE_SHUTDOWN_WAIT_S = 10.0
+"""How long a stopping API waits for the checkpoint checks it is running (the rest are resumed at the next start)."""
+WORKER_ROW_TTL_S = 86400.0
+"""A worker silent this long is forgotten (its row only ever told readiness it was gone)."""
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -47,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.celery = make_celery(settings)
         app.state.ratelimiter = ratelimit.RateLimiter(
             settings.rate_limit_per_minute, ratelimit.storage_url(settings.ratelimit_url, settings.broker_url))
+        app.state.quarantine = QuarantineQueue(settings.quarantine_concurrency, settings.quarantine_queue_per_tenant)
         _resume_quarantine(app)
         sweeper = asyncio.create_task(_sweep_forever(app))
         try:
@@ -55,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
+            await anyio.to_thread.run_sync(app.state.quarantine.close, QUARANTINE_SHUTDOWN_WAIT_S)
             if app.state.async_reader is not None:
                 await app.state.async_reader.close()
 
@@ -81,8 +89,8 @@ def _resume_quarantine(app: FastAPI) -> None:
         pending = s.scalars(select(Model).where(Model.status == "validating")).all()
     for model in pending:
         upload = settings.blobs_dir / f"{model.upload_sha256}.upload"
-        loop = asyncio.get_running_loop()
-        loop.run_in_executor(None, models.run_quarantine, app.state.sessions, settings, model.id, upload)
+        app.state.quarantine.submit(model.tenant, functools.partial(
+            models.run_quarantine, app.state.sessions, settings, model.id, upload), reserved=False)
 
 
 async def _sweep_forever(app: FastAPI) -> None:
@@ -106,6 +114,11 @@ async def _sweep_forever(app: FastAPI) -> None:
             await anyio.to_thread.run_sync(clean_staging, settings.tmp_dir, settings.staging_max_age_s)
         except OSError:
             log.exception("cleaning the upload staging folder failed; trying again later")
+        try:
+            await anyio.to_thread.run_sync(cleanup.collect_blobs, app.state.sessions, settings)
+            await anyio.to_thread.run_sync(presence.forget_stale, app.state.sessions, WORKER_ROW_TTL_S)
+        except Exception:
+            log.exception("removing unused blobs or stale worker rows failed; trying again later")
         await asyncio.sleep(settings.sweep_every_s)
 
 

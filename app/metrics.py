@@ -89,6 +89,8 @@ FAILURE_REASONS = (
     ("worker_lost", "gave up after"),
     ("worker_lost", "worker lost"),
     ("disk_full", "no space left"),
+    ("memory_limit", "memory limit exceeded"),
+    ("stalled", "no progress for"),
 )
 OTHER_FAILURE = "invalid_input"
 

@@ -13,14 +13,20 @@ multi-threaded server, where ``preexec_fn`` is unsafe.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
+import threading
+import time
 import uuid
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH")
+log = logging.getLogger("clipguard.api")
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,97 @@ def _child(request: dict) -> dict:
         return {"ok": True, "sha256": canonicalize(request["upload"], spec, request["out"])}
     except ClipguardError as exc:
         return {"ok": False, "reason": str(exc)}
+
+
+
+class QueueFull(Exception):
+    """The tenant already has as many checkpoints waiting or in quarantine as one tenant may."""
+
+
+class QuarantineQueue:
+    """Where checkpoint checks wait for a slot: ``concurrency`` threads of their own, tenants served in turn.
+
+    Why not FastAPI's background tasks: those run on the thread pool every synchronous route also
+    runs on, so a burst of uploads (each check holds a thread for seconds to minutes, and a
+    subprocess with gigabytes of address space) queued everyone's requests behind it and ran any
+    number of checks at once. Here at most ``concurrency`` checks run; a tenant may hold at most
+    ``per_tenant`` places (waiting or running) and the next upload gets 429; and the threads take
+    tenants round-robin, so one tenant's burst delays another tenant's check by at most one check
+    per running slot. ``peak`` is the most checks that have run at once.
+    """
+
+    def __init__(self, concurrency: int, per_tenant: int) -> None:
+        self.concurrency, self.per_tenant = concurrency, per_tenant
+        self._cond = threading.Condition()
+        self._waiting: OrderedDict[str, deque[Callable[[], None]]] = OrderedDict()
+        self._held: Counter[str] = Counter()
+        self.running = self.peak = 0
+        self._closed = False
+        self._threads = [threading.Thread(target=self._serve, name=f"clipguard-quarantine-{i}", daemon=True)
+                         for i in range(concurrency)]
+        for thread in self._threads:
+            thread.start()
+
+    def reserve(self, tenant: str) -> None:
+        """Take one of the tenant's places before its upload is stored; QueueFull when it has none left."""
+        with self._cond:
+            if self._held[tenant] >= self.per_tenant:
+                raise QueueFull(tenant)
+            self._held[tenant] += 1
+
+    def unreserve(self, tenant: str) -> None:
+        """Give back a place whose upload failed before it was submitted."""
+        with self._cond:
+            self._held[tenant] -= 1
+
+    def submit(self, tenant: str, check: Callable[[], None], *, reserved: bool = True) -> None:
+        """Queue ``check`` in the tenant's place (``reserved=False``: one taken now, beyond the cap, for a check
+        resumed after a restart)."""
+        with self._cond:
+            if not reserved:
+                self._held[tenant] += 1
+            self._waiting.setdefault(tenant, deque()).append(check)
+            self._cond.notify()
+
+    def close(self, wait_s: float) -> None:
+        """Take no more checks and wait up to ``wait_s`` for the running ones (the API is stopping). A check
+        cut off here, or still waiting, leaves its model ``validating``: the next start checks it again."""
+        deadline = time.monotonic() + wait_s
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            while self.running and time.monotonic() < deadline:
+                self._cond.wait(timeout=max(deadline - time.monotonic(), 0.01))
+
+    def _next(self) -> tuple[str, Callable[[], None]] | None:
+        with self._cond:
+            while not self._waiting and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            tenant, checks = self._waiting.popitem(last=False)  # the tenant served longest ago
+            check = checks.popleft()
+            if checks:
+                self._waiting[tenant] = checks  # back of the line
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            return tenant, check
+
+    def _serve(self) -> None:
+        while (taken := self._next()) is not None:
+            tenant, check = taken
+            try:
+                check()
+            except Exception as exc:
+                if self._closed:  # the process is going down under it; the check is run again at the next start
+                    log.warning("a quarantine check was cut off by shutdown (%s: %s)", type(exc).__name__, exc)
+                else:
+                    log.exception("a quarantine check failed unexpectedly")
+            finally:
+                with self._cond:
+                    self.running -= 1
+                    self._held[tenant] -= 1
+                    self._cond.notify_all()
 
 
 if __name__ == "__main__":

@@ -43,6 +43,32 @@ class Settings(BaseSettings):
     """Upload staging files untouched this long are abandoned (the API died mid-upload) and deleted."""
     quarantine_timeout_s: int = 300
     quarantine_memory_bytes: int = 8 * 1024**3
+    quarantine_concurrency: int = Field(1, ge=1, le=64)
+    """Checkpoint checks each API process runs at once (each a subprocess of up to ``quarantine_memory_bytes``),
+    in threads of their own: a burst of uploads queues here, never on the thread pool the routes use."""
+    quarantine_queue_per_tenant: int = Field(4, ge=1)
+    """Checkpoints one tenant may have waiting or being checked in an API process; beyond it an upload gets
+    429. The queue serves tenants in turn, so one tenant's burst does not hold back the others'."""
+    max_header_bytes: int = Field(64 * 1024, ge=4096)
+    """Request line and headers together; more gets 431 before it is buffered (``app.server``)."""
+    max_decoded_bytes: int = Field(4 * 1024**3, ge=1)
+    """What a dataset may decode to (images, labels, names), checked from declared sizes before allocating."""
+    worker_memory_bytes: int | None = Field(None, ge=0)
+    """Memory (RLIMIT_DATA) of each job's process: past it the job fails with "memory limit exceeded" and the
+    worker lives on. None: three quarters of the machine's memory; 0: no limit."""
+    cache_max_bytes: int = Field(10 * 1024**3, ge=0)
+    """The workers' decoded-data cache (``<home>/cache``) is trimmed to this, least recently used first."""
+    stall_timeout_s: float = Field(1800.0, gt=0)
+    """A job whose engine reports no progress for this long is stopped and failed, and its heartbeat stops
+    meanwhile: a read that never returns cannot hold a worker until ``job_time_limit_s``."""
+    cancel_grace_s: float = Field(30.0, gt=0)
+    """A running job that has not stopped this long after a cancel request is interrupted wherever it is."""
+    ready_requires_worker: bool = True
+    """``/readyz`` answers 503 while no worker has sent a heartbeat within ``3 * heartbeat_s``."""
+    upload_retention_s: float = Field(86400.0, ge=0)
+    """A checkpoint upload is kept this long after quarantine decided (canonical weights are kept while used)."""
+    tenant_quota_bytes: int = Field(50 * 1024**3, ge=0)
+    """Bytes one tenant may store (uploads and job artifacts); 0: no quota. Past it uploads and new jobs get 403."""
     device: str = "auto"
     rate_limit_per_minute: int = Field(600, ge=0)
     """Requests per API key and minute (429 beyond); 0 turns the limit off. 600 leaves a client polling

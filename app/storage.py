@@ -18,7 +18,7 @@ import hashlib
 import os
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -99,8 +99,10 @@ async def upload_chunks(file: object) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def store_stream(chunks: AsyncIterator[bytes], *, blobs: Path, tmp: Path, limit: int, suffix: str) -> Blob:
-    """Write the stream into the store; raises 413 as soon as it passes ``limit`` bytes."""
+async def store_stream(chunks: AsyncIterator[bytes], *, blobs: Path, tmp: Path, limit: int, suffix: str,
+                       room: int | None = None, over_room: Callable[[int], Exception] | None = None) -> Blob:
+    """Write the stream into the store; raises 413 as soon as it passes ``limit`` bytes, and
+    ``over_room(size)`` as soon as it passes ``room`` (what the tenant's quota leaves)."""
     part = tmp / f"{uuid.uuid4().hex}.part"
     h = hashlib.sha256()
     size = 0
@@ -111,6 +113,8 @@ async def store_stream(chunks: AsyncIterator[bytes], *, blobs: Path, tmp: Path, 
                 size += len(chunk)
                 if size > limit:
                     raise too_large(limit)
+                if room is not None and size > room and over_room is not None:
+                    raise over_room(size)
                 h.update(chunk)
                 await anyio.to_thread.run_sync(f.write, chunk)
             await anyio.to_thread.run_sync(f.flush)
@@ -155,6 +159,12 @@ class Storage(Protocol):
     def download_url(self, location: str, filename: str, media_type: str) -> str | None:
         """A URL the client can fetch the artifact from directly, or None: the API streams the local file."""
 
+    def delete_blob(self, name: str) -> None:
+        """Remove the shared copy of blob ``name`` (the local file is the caller's to remove)."""
+
+    def delete_artifact(self, location: str) -> None:
+        """Remove an artifact ``put_artifact`` stored (a local file is removed with its job folder)."""
+
 
 @dataclass(frozen=True)
 class LocalStorage:
@@ -172,6 +182,12 @@ class LocalStorage:
         return str(path)
 
     def download_url(self, location: str, filename: str, media_type: str) -> str | None:
+        return None
+
+    def delete_blob(self, name: str) -> None:
+        return None
+
+    def delete_artifact(self, location: str) -> None:
         return None
 
 
@@ -262,6 +278,16 @@ class S3Storage:
         return self.presigner.generate_presigned_url("get_object", ExpiresIn=self.expiry_s, Params={
             "Bucket": url.netloc, "Key": url.path.lstrip("/"), "ResponseContentType": media_type,
             "ResponseContentDisposition": f'attachment; filename="{filename}"'})
+
+    def delete_blob(self, name: str) -> None:
+        with s3_errors(f"deleting blob {name}"):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(f"blobs/{name}"))
+
+    def delete_artifact(self, location: str) -> None:
+        url = urlsplit(location)
+        if url.scheme == "s3":
+            with s3_errors(f"deleting {location}"):
+                self.client.delete_object(Bucket=url.netloc, Key=url.path.lstrip("/"))
 
 
 _storages: dict[tuple, Storage] = {}

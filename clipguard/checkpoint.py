@@ -28,7 +28,7 @@ import pickle
 import struct
 import uuid
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import BinaryIO
 
 import torch
@@ -47,6 +47,7 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
 # Added to every key by nn.DataParallel / DistributedDataParallel and by torch.compile.
 _KEY_PREFIXES = ("module.", "_orig_mod.")
 _SAVE_HINT = "upload model.state_dict() saved with torch.save or as safetensors"
+_MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own cap on a header
 
 # Member names (relative to the archive's top folder) that mark a zip as something torch
 # would run rather than read. TorchScript: torch.serialization._is_torchscript_zip looks for
@@ -229,7 +230,23 @@ def _kind(dtype: torch.dtype) -> str:
 def _fit(
     state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], label: str
 ) -> dict[str, torch.Tensor]:
-    """``state`` checked against ``expected`` (a model's state_dict) and cast to its dtypes.
+    """``state`` checked against ``expected`` (a model's state_dict) and cast to its dtypes."""
+    _check_layout(state, expected, label)
+    fitted: dict[str, torch.Tensor] = {}
+    for key, ref in expected.items():
+        tensor = state[key]
+        if _kind(tensor.dtype) != _kind(ref.dtype):
+            raise CheckpointError(f"{key}: checkpoint has dtype {tensor.dtype}, {label} expects {ref.dtype}")
+        # Cast first: a float64 value that is finite can still overflow to inf in float32.
+        tensor = tensor.to(ref.dtype)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{key} contains NaN or infinite values")
+        fitted[key] = tensor
+    return fitted
+
+
+def _check_layout(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], label: str) -> None:
+    """Same keys and shapes as ``expected``, or a CheckpointError naming the first difference of each kind.
 
     ``load_state_dict`` would catch key and shape problems too, but its message lists every
     key of the network; naming the first of each kind with both shapes tells the user at once
@@ -253,18 +270,6 @@ def _fit(
         problems.append(f"{k}: checkpoint has {got}, {label} expects {want}{more(mismatched)}")
     if problems:
         raise CheckpointError(f"checkpoint does not fit {label}: " + "; ".join(problems))
-
-    fitted: dict[str, torch.Tensor] = {}
-    for key, ref in expected.items():
-        tensor = state[key]
-        if _kind(tensor.dtype) != _kind(ref.dtype):
-            raise CheckpointError(f"{key}: checkpoint has dtype {tensor.dtype}, {label} expects {ref.dtype}")
-        # Cast first: a float64 value that is finite can still overflow to inf in float32.
-        tensor = tensor.to(ref.dtype)
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{key} contains NaN or infinite values")
-        fitted[key] = tensor
-    return fitted
 
 
 def load_weights(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor]) -> None:
@@ -343,9 +348,63 @@ def canonicalize(path: str | os.PathLike, spec: ModelSpec, out_path: str | os.Pa
     floating/integer dtypes as in the model (cast to the model's dtype). Nothing is written
     unless all checks pass.
     """
+    expected = expected_state(spec)
+    if layout := safetensors_layout(path):  # keys and shapes from the header, before any tensor is read
+        _check_layout(_as_state_dict(layout), expected, spec.arch)
     state = read_state_dict(path)
-    fitted = _fit(state, spec.build().state_dict(), spec.arch)
+    fitted = _fit(state, expected, spec.arch)
     return save_weights(fitted, out_path, metadata={"arch": spec.arch, "num_classes": str(spec.num_classes)})
+
+
+def expected_state(spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """The architecture's state_dict as shapes and dtypes only: built on the meta device, so checking an
+    upload against a large network (a ViT-L is 300 M parameters) allocates none of it. A builder that
+    cannot run there is built for real."""
+    try:
+        with torch.device("meta"):
+            return dict(spec.build().state_dict())
+    except (NotImplementedError, RuntimeError):  # a builder that computes with tensors (RegNet's widths)
+        with _moved_to_meta():
+            return dict(spec.build().state_dict())
+
+
+@contextlib.contextmanager
+def _moved_to_meta() -> Iterator[None]:
+    """Every parameter and buffer goes to the meta device as it is registered: the builder's own tensor
+    arithmetic runs on the CPU, and at most one parameter exists in memory at a time."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None:
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register_parameter(module, name, param)
+
+    def buffer(module: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        register_buffer(module, name, tensor.to("meta") if tensor is not None else None, persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+
+
+def safetensors_layout(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """A safetensors file's keys and shapes, read from its header alone, as meta tensors; None for another
+    format (or a header that does not parse: :func:`read_state_dict` then says why)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            (length,) = struct.unpack("<Q", head)
+            if length > _MAX_SAFETENSORS_HEADER or f.read(1) != b"{":
+                return None
+            f.seek(8)
+            header = json.loads(f.read(length))
+        return {k: torch.empty(tuple(v["shape"]), device="meta") for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError):
+        return None
 
 
 def _shown(key: str) -> str:

@@ -17,13 +17,14 @@ from clipguard import __version__
 from clipguard.errors import ClipguardError
 
 
-def _lam(text: str) -> float | str:
-    if text == "auto":
-        return text
+def lam_argument(text: str) -> float | str:
+    """``--lam``: the engine's rule (``clipguard.lam``), so a bad λ is refused before anything runs."""
+    from clipguard.lam import parse_lam
+
     try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number or 'auto', got {text!r}") from None
+        return parse_lam(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _count(text: str) -> int:
@@ -96,7 +97,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
                 device=args.device, batch_size=args.batch_size, eval_data=args.eval_data, attack=args.attack,
                 cache_dir=args.cache_dir, overwrite=args.overwrite, sweep=not args.no_sweep,
                 detect=args.detect,
-                bounds_samples=args.bounds_samples,
+                bounds_samples=args.bounds_samples, resize=args.resize,
                 reactivation_check=args.reactivation_check,
             ),
             progress=bars,
@@ -180,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     p.add_argument("--data", required=True, help="training data: folder, .npz, .tar(.gz) or .zip (PATH#split)")
     p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
-    p.add_argument("--lam", type=_lam, default=None, help="λ in μ+λσ, or 'auto' to choose it from the data")
+    p.add_argument("--lam", type=lam_argument, default=None, help="λ in μ+λσ, or 'auto' to choose it from the data")
     p.add_argument("--granularity", choices=("channel", "element"), default="channel")
     p.add_argument("--bounds-samples", type=_count, default=None, metavar="N",
                    help="measure μ and σ on at most N training images, a fixed random subset (default 5000 "
@@ -188,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("guard", "paper"), default="guard",
                    help="guard (default): find the poisoned training samples, unlearn them, then clip; "
                         "paper: the paper's μ+λσ clipping of the model as given")
+    p.add_argument("--resize", action="store_true",
+                   help="scale the images to the architecture's input size (otherwise other sizes are refused)")
     p.add_argument("--eval-data", default=None, help="test data to report ACC (and ASR with --attack) before/after")
     p.add_argument("--attack", default=None, help="trigger to measure ASR with: a name (badnets, blend, wanet, ...) "
                    "with options, or the .attack.json written by 'clipguard train'")

@@ -21,14 +21,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
+import stat
 import tarfile
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import ClassVar
+from typing import BinaryIO, ClassVar
 
 import numpy as np
 import torch
@@ -57,8 +59,12 @@ class Limits:
 
     max_files: int = 300_000
     max_total_bytes: int = 4 << 30
+    """Bytes read from a reference: an archive's members together, a folder's files, an ``.npz`` file."""
     max_member_bytes: int = 256 << 20
     max_image_pixels: int = 4096 * 4096
+    max_decoded_bytes: int = 4 << 30
+    """The decoded arrays together (images ``N x H x W x 3``, labels, class names), checked from the
+    declared sizes (image headers, ``.npy`` headers) before anything of that size is allocated."""
 
 
 @dataclass(frozen=True)
@@ -155,8 +161,11 @@ def load_data(
     split: str | None = None,
     default_split: str | None = None,
     image_size: tuple[int, int] | None = None,
+    max_image_size: tuple[int, int] | None = None,
     cache_dir: str | os.PathLike | None = None,
+    cache_max_bytes: int | None = None,
     limits: Limits = Limits(),
+    progress: Callable[[float], None] | None = None,
 ) -> ImageData:
     """Decode a data reference into :class:`ImageData`, using a tensor cache when given one.
 
@@ -165,29 +174,122 @@ def load_data(
     so a changed dataset is never served stale. ``default_split`` is used when the
     reference holds splits (``train/``, ``test/``) and none was named: training data
     defaults to ``train``, evaluation data to ``test``.
+
+    ``image_size`` resizes every image to ``(H, W)``. ``max_image_size`` refuses images larger
+    than ``(H, W)`` in either side (a model's input size: nothing bigger is worth decoding, and a
+    forward pass over it could need any amount of memory), from their declared sizes, before they
+    are decoded. Only regular files and folders are read: a FIFO or a device would block the
+    reader or never end. ``cache_max_bytes`` bounds the cache folder (least recently used entries
+    go first, see :func:`trim_cache`). ``progress(fraction)`` is called as files are read and decoded.
     """
     path, ref_split = split_reference(ref)
     split = split or ref_split
     if not path.exists():
         raise DataError(f"data reference not found: {path}")
+    if not (path.is_dir() or path.is_file()):
+        raise DataError(f"data reference {path} is not a regular file or a folder")
     digest = _reference_digest(path, split or default_split, image_size)
     cache_file = Path(cache_dir) / f"{digest}.pt" if cache_dir is not None else None
     if cache_file is not None and cache_file.exists():
         try:
             blob = torch.load(cache_file, weights_only=True)
-            return ImageData(blob["images"], blob["labels"], tuple(json.loads(blob["classes"])), str(path), digest)
+            data = ImageData(blob["images"], blob["labels"], tuple(json.loads(blob["classes"])), str(path), digest)
+            os.utime(cache_file)  # recently used: trimmed last
+            return data
         except Exception:  # a torn cache entry is rebuilt, never trusted
             cache_file.unlink(missing_ok=True)
     tree = _open_tree(path, limits)
     if split is None and default_split is not None and _holds_split(tree, default_split):
         split = default_split
-    images, labels, classes = _decode_tree(tree, split, image_size, limits, label=str(path))
+    sizes = _Sizes(image_size, max_image_size, limits, progress or (lambda _f: None))
+    images, labels, classes = _decode_tree(tree, split, sizes, label=str(path))
     data = ImageData(images, labels, tuple(classes), str(path) + (f"#{split}" if split else ""), digest)
-    if cache_file is not None:
+    if cache_file is not None and (cache_max_bytes is None or images.numel() < cache_max_bytes):
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
         torch.save({"images": images, "labels": labels, "classes": json.dumps(list(classes))}, tmp)
         os.replace(tmp, cache_file)
+        if cache_max_bytes is not None:
+            trim_cache(cache_file.parent, cache_max_bytes)
+    return data
+
+
+def trim_cache(cache_dir: str | os.PathLike, max_bytes: int) -> int:
+    """Delete decoded-data cache entries, least recently used first, until the folder holds at most
+    ``max_bytes``; returns the bytes freed. Entries are rebuilt from their reference when needed
+    again, so any of them may go; a concurrent reader either has its file open or rebuilds it."""
+    entries = []
+    for p in Path(cache_dir).glob("*.pt"):
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        entries.append((st.st_mtime, st.st_size, p))
+    total, freed = sum(size for _, size, _ in entries), 0
+    for _, size, p in sorted(entries, key=lambda e: e[0]):
+        if total - freed <= max_bytes:
+            break
+        p.unlink(missing_ok=True)
+        freed += size
+    return freed
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """What the decoders may allocate: the resize target, the largest image, the caps, and who hears of progress."""
+
+    resize: tuple[int, int] | None
+    largest: tuple[int, int] | None
+    limits: Limits
+    progress: Callable[[float], None]
+
+    def check_image(self, h: int, w: int, label: str, what: str) -> None:
+        """Refuse an image by its declared size, before it is decoded."""
+        if h * w > self.limits.max_image_pixels:
+            raise DataError(f"{label}: {what} declares {w}x{h} pixels, over the {self.limits.max_image_pixels} cap")
+        if self.resize is None and self.largest is not None and (h > self.largest[0] or w > self.largest[1]):
+            raise DataError(f"{label}: {what} is {h}x{w}, larger than the model's {self.largest[0]}x"
+                            f"{self.largest[1]} input; resize the data first, or ask for resizing "
+                            "(clipguard purify --resize, the job field \"resize\": true)")
+
+    def check_resized(self, count: int, label: str) -> None:
+        """``count`` images scaled to the resize target must fit the cap too (a target may be larger)."""
+        if self.resize is not None:
+            h, w = self.resize
+            self.check_decoded(count * 3 * h * w, label, f"{count} images resized to {h}x{w}")
+
+    def check_decoded(self, nbytes: int, label: str, what: str) -> None:
+        if nbytes > self.limits.max_decoded_bytes:
+            raise DataError(f"{label}: {what} would decode to {nbytes} bytes, over the cap of "
+                            f"{self.limits.max_decoded_bytes} bytes")
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """``open(path, "rb")`` for a regular file only; anything else (a FIFO, a device, a socket) is a DataError.
+
+    Opened without blocking and checked on the open descriptor, so a file swapped for a FIFO after a
+    check cannot block the reader: opening a FIFO for reading waits for a writer, and reading a
+    device like ``/dev/zero`` never ends.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise DataError(f"cannot open {path}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DataError(f"{path} is not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def _read_regular(path: Path, limit: int, label: str) -> bytes:
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise DataError(f"{label}: {path.name} is larger than {limit} bytes")
+        data = f.read(size + 1)  # what it holds, not the limit: read(n) reserves n bytes first
+    if len(data) > size:
+        raise DataError(f"{label}: {path.name} grew while it was read")
     return data
 
 
@@ -199,7 +301,7 @@ def _reference_digest(path: Path, split: str | None, image_size: tuple[int, int]
                 st = p.stat()
                 h.update(f"{p.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     else:
-        with path.open("rb") as f:
+        with open_regular(path) as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     h.update(f"split={split};size={image_size}".encode())
@@ -244,6 +346,7 @@ def _open_tree(path: Path, limits: Limits) -> _Tree:
     if path.is_dir():
         root = path.resolve()
         files: dict[str, object] = {}
+        total = 0
         for p in path.rglob("*"):
             if p.is_symlink():
                 if not p.resolve().is_relative_to(root):
@@ -252,13 +355,16 @@ def _open_tree(path: Path, limits: Limits) -> _Tree:
                 files[p.relative_to(path).as_posix()] = p
                 if len(files) > limits.max_files:
                     raise DataError(f"{path}: more than {limits.max_files} files")
-        return _Tree(files, lambda p: Path(p).read_bytes())
+                total += p.stat().st_size
+                if total > limits.max_total_bytes:
+                    raise DataError(f"{path}: holds more than {limits.max_total_bytes} bytes")
+        return _Tree(files, lambda p: _read_regular(Path(p), limits.max_member_bytes, str(path)))
     if name.endswith((".tar", ".tar.gz", ".tgz")):
         return _tar_tree(path, limits)
     if name.endswith(".zip"):
         return _zip_tree(path, limits)
     if name.endswith(".npz"):
-        return _Tree({path.name: path}, lambda p: Path(p).read_bytes())
+        return _Tree({path.name: path}, lambda p: _read_regular(Path(p), limits.max_total_bytes, str(path)))
     raise DataError(
         f"unsupported data reference {path}: expected a folder, .npz, .tar, .tar.gz or .zip"
     )
@@ -268,7 +374,7 @@ def _tar_tree(path: Path, limits: Limits) -> _Tree:
     blobs: dict[str, object] = {}
     total = 0
     try:
-        with tarfile.open(path, "r:*") as tar:
+        with open_regular(path) as f, tarfile.open(fileobj=f, mode="r:*") as tar:
             for member in tar:
                 if member.isdir():
                     continue
@@ -293,7 +399,7 @@ def _tar_tree(path: Path, limits: Limits) -> _Tree:
 
 def _zip_tree(path: Path, limits: Limits) -> _Tree:
     try:
-        zf = zipfile.ZipFile(path)
+        zf = zipfile.ZipFile(open_regular(path))
     except (zipfile.BadZipFile, OSError) as exc:
         raise DataError(f"{path.name}: unreadable zip archive ({exc})") from exc
     infos = [i for i in zf.infolist() if not i.is_dir()]
@@ -334,7 +440,7 @@ def _holds_split(tree: _Tree, split: str) -> bool:
 
 
 def _decode_tree(
-    tree: _Tree, split: str | None, image_size: tuple[int, int] | None, limits: Limits, label: str
+    tree: _Tree, split: str | None, sizes: _Sizes, label: str
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     names = tree.names()
     top_files = {n for n in names if "/" not in n}
@@ -363,14 +469,50 @@ def _decode_tree(
 
     npz = [n for n in names if n.endswith(".npz") and "/" not in n]
     if len(names) == 1 and npz:
-        return _decode_npz(tree.read(npz[0]), f"{label}:{npz[0]}" if npz[0] not in label else label)
+        return _decode_npz(tree.read(npz[0]), f"{label}:{npz[0]}" if npz[0] not in label else label, sizes)
     base = {n for n in names if "/" not in n}
     if CIFAR_TEST_BATCH in base or any(b in base for b in CIFAR_TRAIN_BATCHES):
-        return _decode_cifar_batches(tree, base, split, label)
-    return _decode_image_folder(tree, names, image_size, limits, label)
+        sizes.check_image(32, 32, label, "a CIFAR batch")
+        images, labels, classes = _decode_cifar_batches(tree, base, split, label)
+        sizes.check_resized(len(images), label)
+        return _resized(images, sizes.resize), labels, classes
+    return _decode_image_folder(tree, names, sizes, label)
 
 
-def _decode_npz(blob: bytes, label: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+NPY_MAX_HEADER = 10_000
+"""numpy's own default: a longer ``.npy`` header is refused before it is parsed."""
+
+
+def _npz_headers(blob: bytes, label: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Each array's shape and dtype from its ``.npy`` header, reading nothing else of it."""
+    headers = {}
+    try:
+        with zipfile.ZipFile(io.BytesIO(blob)) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue  # np.load reads only .npy members as arrays, and only those asked for
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = _NPY_HEADER_READERS.get(version)
+                    if read is None:
+                        raise ValueError(f"{info.filename}: .npy format version {version} is not supported")
+                    shape, _, dtype = read(f, max_header_size=NPY_MAX_HEADER)
+                headers[info.filename.removesuffix(".npy")] = (tuple(int(d) for d in shape), dtype)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{label}: unreadable .npz ({exc})"[:300]) from exc
+    return headers
+
+
+def _decode_npz(blob: bytes, label: str, sizes: _Sizes) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    headers = _npz_headers(blob, label)
+    declared = sum(math.prod(shape) * max(dtype.itemsize, 1) for shape, dtype in headers.values())
+    sizes.check_decoded(declared, label, "its arrays")
+    x_shape = headers.get("x", ((),))[0]
+    if len(x_shape) == 4:
+        sizes.check_image(x_shape[1], x_shape[2], label, f"'x' of shape {x_shape}")
+        sizes.check_decoded(3 * math.prod(x_shape[:3]), label, f"'x' of shape {x_shape} as RGB")
+        sizes.check_resized(x_shape[0], label)
     try:
         with np.load(io.BytesIO(blob), allow_pickle=False) as z:
             if "x" not in z or "y" not in z:
@@ -392,7 +534,21 @@ def _decode_npz(blob: bytes, label: str) -> tuple[torch.Tensor, torch.Tensor, li
         raise DataError(f"{label}: negative labels")
     classes = classes or [str(i) for i in range(n_classes)]
     images = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-    return images, torch.from_numpy(y.astype(np.int64)), classes
+    return _resized(images, sizes.resize), torch.from_numpy(y.astype(np.int64)), classes
+
+
+def _resized(images: torch.Tensor, size: tuple[int, int] | None, chunk: int = 1024) -> torch.Tensor:
+    """uint8 ``(N, 3, H, W)`` scaled to ``size`` (bilinear, antialiased), a chunk at a time; as is when it fits."""
+    if size is None or tuple(images.shape[2:]) == tuple(size):
+        return images
+    import torch.nn.functional as F
+
+    out = torch.empty((images.shape[0], 3, *size), dtype=torch.uint8)
+    for start in range(0, images.shape[0], chunk):
+        part = images[start : start + chunk].float()
+        out[start : start + chunk] = F.interpolate(part, size=size, mode="bilinear", antialias=True,
+                                                   align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+    return out
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -440,7 +596,7 @@ def _decode_cifar_batches(
 
 
 def _decode_image_folder(
-    tree: _Tree, names: list[str], image_size: tuple[int, int] | None, limits: Limits, label: str
+    tree: _Tree, names: list[str], sizes: _Sizes, label: str
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     from PIL import Image
 
@@ -454,18 +610,19 @@ def _decode_image_folder(
     index = {c: i for i, c in enumerate(classes)}
     out: np.ndarray | None = None
     labels = np.empty(len(files), dtype=np.int64)
-    size: tuple[int, int] | None = image_size
+    size: tuple[int, int] | None = sizes.resize
     for i, name in enumerate(files):
+        if i % 256 == 0:
+            sizes.progress(i / len(files))
         try:
             with Image.open(io.BytesIO(tree.read(name))) as im:
                 w, h = im.size
-                if w * h > limits.max_image_pixels:
-                    raise DataError(f"{label}: {name} declares {w}x{h} pixels, over the {limits.max_image_pixels} cap")
+                sizes.check_image(h, w, label, name)
                 im = im.convert("RGB")
                 if size is None:
                     size = (h, w)
                 if (h, w) != size:
-                    if image_size is None:
+                    if sizes.resize is None:
                         raise DataError(
                             f"{label}: {name} is {h}x{w} but earlier images are {size[0]}x{size[1]}; "
                             "pass an image size to resize"
@@ -477,6 +634,8 @@ def _decode_image_folder(
         except Exception as exc:
             raise DataError(f"{label}: cannot decode image {name} ({exc})") from exc
         if out is None:
+            what = f"{len(files)} images of {size[0]}x{size[1]}"
+            sizes.check_decoded(len(files) * size[0] * size[1] * 3, label, what)
             out = np.empty((len(files), size[0], size[1], 3), dtype=np.uint8)
         out[i] = arr
         labels[i] = index[name.split("/", 1)[0]]

@@ -187,6 +187,9 @@ class ModelSpec:
     input_size: tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    fixed_input: bool = True
+    """True: images must be exactly ``input_size`` (the CIFAR networks here). False: ``input_size`` is the
+    largest image taken (torchvision's classifiers pool adaptively and run at smaller sizes, CIFAR's 32x32)."""
 
     def build(self) -> nn.Module:
         """A freshly initialised network; weights come from :mod:`clipguard.checkpoint`."""
@@ -255,7 +258,8 @@ def resolve_spec(
         defaults = {"input_size": (224, 224), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     else:
         raise ModelSpecError(f"unknown architecture {arch!r}; choose one of {', '.join(available_architectures())}")
-    spec = ModelSpec(arch, 10, defaults["input_size"], defaults["mean"], defaults["std"])
+    spec = ModelSpec(arch, 10, defaults["input_size"], defaults["mean"], defaults["std"],
+                     fixed_input=arch in _BUILDERS)
     if num_classes is not None:
         if num_classes < 2:
             raise ModelSpecError(f"num_classes must be at least 2, got {num_classes}")

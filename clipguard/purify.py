@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,12 +27,14 @@ import torch
 from torch import nn
 
 from clipguard import __version__
-from clipguard.attacks import build_attack
+from clipguard.attacks import Attack, build_attack
+from clipguard.attacks.registry import ATTACKS
 from clipguard.bounds import save_bounds
 from clipguard.checkpoint import load_weights
 from clipguard.data import (
     SAMPLE_SEED,
     ImageData,
+    Limits,
     default_cache_dir,
     file_sha256,
     iter_batches,
@@ -47,8 +49,9 @@ from clipguard.defenses.clipping import (
     site_modules,
 )
 from clipguard.devices import describe, resolve_device
-from clipguard.errors import Cancelled, ClipguardError
+from clipguard.errors import Cancelled, ClipguardError, DataError
 from clipguard.export import export_program, export_torchscript
+from clipguard.lam import lam_problem
 from clipguard.lambda_selection import DEFAULT_GRID, select_lambda
 from clipguard.metrics import der, evaluate
 from clipguard.models import ModelSpec, resolve_spec
@@ -103,13 +106,22 @@ class PurifyOptions:
     device: str = "auto"
     batch_size: int = DEFAULT_BATCH_SIZE
     eval_data: str | None = None
-    attack: str | None = None
+    attack: str | Mapping[str, object] | None = None
+    """A spec string or saved-attack path (``build_attack``), or an attack record (``Attack.to_dict()``)."""
+    attack_files: bool = True
+    """False where the attack comes from a request (the service): no file is looked up or read for it."""
     cache_dir: Path | None = None
     overwrite: bool = False
     sweep: bool = True
     detect: bool = False
     bounds_samples: int | None = None
     """At most this many training images for μ and σ; 0: all of them; None: ``default_bounds_samples``."""
+    resize: bool = False
+    """Scale every image to the architecture's input size; without it, other sizes are refused."""
+    data_limits: Limits | None = None
+    """Caps on what a data reference may decode to (``clipguard.data.Limits``); None: the defaults."""
+    cache_max_bytes: int | None = None
+    """Bound on the decoded-data cache folder (least recently used entries go first); None: unbounded."""
     reactivation_check: bool = False
     """Fine-tune a copy of the purified model briefly and report what it does to ASR (clipguard.reactivation)."""
     extra: dict = field(default_factory=dict)
@@ -168,8 +180,8 @@ def purify(
     if options.granularity not in GRANULARITIES:
         raise ClipguardError(f"granularity must be one of {', '.join(GRANULARITIES)}")
     lam = DEFAULT_LAM.get(options.method, 4.0) if options.lam is None else options.lam
-    if lam != "auto" and not (isinstance(lam, (int, float)) and math.isfinite(lam)):
-        raise ClipguardError(f"--lam must be a number or 'auto', got {lam!r}")
+    if problem := lam_problem(lam):
+        raise ClipguardError(problem)
 
     spec = resolve_spec(options.arch, options.num_classes, options.mean, options.std)
     device = resolve_device(options.device)
@@ -179,13 +191,26 @@ def purify(
     load_weights(model, options.weights)
     model = model.to(device).eval()
     cache_dir = options.cache_dir or default_cache_dir()
-    data = load_data(options.data, default_split="train", cache_dir=cache_dir)
-    _check_labels(data, spec, "training data")
+
+    def loading(start: float, span: float) -> Callable[[float], None]:
+        def step(fraction: float) -> None:
+            say("load", start + span * fraction)
+            if should_cancel is not None and should_cancel():
+                raise Cancelled("cancelled while loading data")
+        return step
+
+    # Images larger than the model's input are refused before they are decoded (or scaled, with `resize`).
+    sizing = {"image_size": spec.input_size if options.resize else None, "max_image_size": spec.input_size,
+              "cache_dir": cache_dir, "cache_max_bytes": options.cache_max_bytes,
+              "limits": options.data_limits or Limits()}
+    data = load_data(options.data, default_split="train", progress=loading(0.0, 0.5), **sizing)
+    _check_input(data, spec, "training data")
     eval_data = None
     if options.eval_data:
-        eval_data = load_data(options.eval_data, default_split="test", cache_dir=cache_dir)
-        _check_labels(eval_data, spec, "evaluation data")
-    attack = build_attack(options.attack, image_size=data.image_size) if options.attack else None
+        eval_data = load_data(options.eval_data, default_split="test", progress=loading(0.5, 0.5), **sizing)
+        _check_input(eval_data, spec, "evaluation data")
+    attack = eval_attack(options.attack, (eval_data or data).image_size, files=options.attack_files) \
+        if options.attack else None
     timings["load_s"] = time.perf_counter() - t
     say("load", 1.0)
 
@@ -366,6 +391,33 @@ def _sweep(model: nn.Module, stats: object, data: ImageData, spec: ModelSpec, at
     return rows
 
 
+def eval_attack(spec: str | Mapping[str, object], image_size: tuple[int, int], *, files: bool = True) -> Attack:
+    """The attack ASR is measured with, for images of ``image_size``.
+
+    A record (the object ``clipguard train`` saves, as a job body carries it) is rebuilt from its
+    parameters alone: the trigger is regenerated from its seed and must match the recorded sha256, a
+    trigger image file is refused (it would be a server path named by a request), and a record made
+    for another image size is refused before any trigger is allocated for it.
+    """
+    if isinstance(spec, str):
+        return build_attack(spec, image_size=image_size, files=files)
+    record = dict(spec)
+    name = record.get("name")
+    if name not in ATTACKS:
+        raise DataError(f"unknown attack {name!r}; known: {', '.join(sorted(ATTACKS))}")
+    if record.get("image"):
+        raise DataError(f"{name} attack: a trigger image file is not read from an attack record; use a saved "
+                        "attack file with its tensors (clipguard purify --attack FILE)")
+    try:
+        made_for = tuple(int(v) for v in record.setdefault("image_size", list(image_size)))
+        if made_for != tuple(image_size):
+            raise DataError(f"the {name} trigger was made for {made_for[0]}x{made_for[1]} images, the "
+                            f"evaluation data are {image_size[0]}x{image_size[1]}")
+        return ATTACKS[name].from_state(record, {})
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise DataError(f"malformed {name} attack ({type(exc).__name__}: {exc})"[:300]) from exc
+
+
 def json_safe(value: object) -> object:
     """NaN and infinities become ``null``: strict JSON parsers (and PostgreSQL) reject the bare tokens."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -375,6 +427,16 @@ def json_safe(value: object) -> object:
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+def _check_input(data: ImageData, spec: ModelSpec, what: str) -> None:
+    """Labels within the model's outputs, and images of the size the architecture takes."""
+    h, w = data.image_size
+    if spec.fixed_input and (h, w) != tuple(spec.input_size):
+        raise DataError(f"{what} {data.source} has {h}x{w} images but {spec.arch} takes {spec.input_size[0]}x"
+                        f"{spec.input_size[1]}; resize the data first, or ask for resizing (clipguard purify "
+                        "--resize, the job field \"resize\": true)")
+    _check_labels(data, spec, what)
 
 
 def _check_labels(data: ImageData, spec: ModelSpec, what: str) -> None:

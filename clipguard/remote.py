@@ -462,6 +462,7 @@ class Client:
         lam: float | str | None = None,
         granularity: str = "channel",
         bounds_samples: int | None = None,
+        resize: bool = False,
         test_data_id: str | None = None,
         attack: str | dict[str, Any] | None = None,
         idempotency_key: str | None = None,
@@ -480,6 +481,8 @@ class Client:
         }
         if bounds_samples is not None:
             body["bounds_samples"] = bounds_samples
+        if resize:  # sent only when asked: an older server knows no such field
+            body["resize"] = True
         if test_data_id:
             body["eval"] = {"test_data_id": test_data_id, "attack": attack}
         elif attack:

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from clipguard.lam import parse_lam
 from clipguard.remote import Client, Job, RemoteError
 
 ENV_SERVER = "CLIPGUARD_SERVER"
@@ -45,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="guard",
         help="guard: detect and unlearn the poisoned samples, then clip; paper: the μ+λσ clip alone",
     )
-    r.add_argument("--lam", default=None, help="λ in μ+λσ, or 'auto'")
+    r.add_argument("--lam", default=None, help="λ in μ+λσ (0 < λ <= 100), or 'auto'")
     r.add_argument("--granularity", choices=("channel", "element"), default="channel")
     r.add_argument(
         "--bounds-samples",
@@ -53,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="N",
         help="measure μ and σ on at most N training images (0 = all)",
+    )
+    r.add_argument(
+        "--resize", action="store_true", help="scale the images to the architecture's input size on the server"
     )
     r.add_argument("--out", type=Path, required=True, help="folder for purified.pt, bounds.safetensors, report.*")
     r.add_argument("--poll", type=float, default=1.0, help="seconds between status polls")
@@ -97,12 +101,13 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def _lam(text: str | None) -> float | str | None:
-    if text is None or text == "auto":
-        return text
+    """``--lam`` by the engine's rule (``clipguard.lam``), refused here rather than by the server."""
+    if text is None:
+        return None
     try:
-        return float(text)
-    except ValueError:
-        raise RemoteError(f"--lam must be a number or 'auto', got {text!r}") from None
+        return parse_lam(text)
+    except ValueError as exc:
+        raise RemoteError(f"--lam: {exc}") from None
 
 
 def _attack(text: str | None) -> str | dict | None:
@@ -139,6 +144,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
             lam=lam,
             granularity=args.granularity,
             bounds_samples=args.bounds_samples,
+            resize=args.resize,
             test_data_id=test.id if test else None,
             attack=attack,
         )

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from clipguard.data import ImageData, load_data
+from clipguard.models import resolve_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_ARCHIVE = Path(os.environ.get("CLIPGUARD_CIFAR10", ROOT.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"))
@@ -36,3 +38,12 @@ def cifar_train(cifar_archive, data_cache) -> ImageData:
 @pytest.fixture(scope="session")
 def cifar_test(cifar_archive, data_cache) -> ImageData:
     return load_data(f"{cifar_archive}#test", cache_dir=data_cache)
+
+
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory) -> Path:
+    """Freshly initialised small_cnn weights (seed 0) as safetensors."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "small_cnn.safetensors"
+    save_file(resolve_spec("small_cnn").build().state_dict(), str(path))
+    return path

@@ -11,7 +11,11 @@ there is no result backend.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import resource
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from celery import Celery, signals
@@ -76,6 +80,57 @@ def _preload_engine(**_: Any) -> None:
     the children inherit no threads and no CUDA context: recycling them still frees both.
     """
     import clipguard.purify  # noqa: F401
+
+
+def job_memory_limit(settings: Settings) -> int | None:
+    """Bytes a job's process may hold (``Settings.worker_memory_bytes``; by default three quarters of the
+    machine's memory, or of the container's where a cgroup limit is lower); None: no limit."""
+    if settings.worker_memory_bytes is not None:
+        return settings.worker_memory_bytes or None
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    with contextlib.suppress(OSError, ValueError):
+        total = min(total, int(Path("/sys/fs/cgroup/memory.max").read_text().strip()))  # "max": no cgroup limit
+    return total * 3 // 4
+
+
+@signals.worker_process_init.connect
+def _limit_job_memory(**_: Any) -> None:
+    """Cap the memory of each pool process (one per job: ``max_tasks_per_child=1``) with ``RLIMIT_DATA``.
+
+    A job that would take the machine (a dataset that decodes to more than it has, a runaway
+    allocation) then gets a failed allocation, which the task turns into a failed job saying
+    "memory limit exceeded", and the worker lives on. ``RLIMIT_DATA`` rather than ``RLIMIT_AS``:
+    it counts the memory a process writes to (heap, anonymous mappings), not address space that
+    is only reserved, which CUDA reserves by the terabyte.
+    """
+    limit = job_memory_limit(get_settings())
+    if limit is None:
+        return
+    hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+    resource.setrlimit(resource.RLIMIT_DATA, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+
+
+_presence: list = []
+
+
+@signals.worker_ready.connect
+def _announce(sender: Any = None, **_: Any) -> None:
+    """Beat this worker's row in the job store (``app.presence``) from its main process, for ``/readyz``."""
+    from sqlalchemy.orm import sessionmaker
+
+    from app.db import make_engine
+    from app.presence import Presence
+
+    settings = get_settings()
+    sessions = sessionmaker(make_engine(settings.database_url, pooled=False))  # nothing open when the pool forks
+    name = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
+    _presence.append(Presence(sessions, name, settings.heartbeat_s).start())
+
+
+@signals.worker_shutdown.connect
+def _withdraw(**_: Any) -> None:
+    while _presence:
+        _presence.pop().stop()
 
 
 @lru_cache

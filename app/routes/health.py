@@ -1,15 +1,21 @@
-"""Liveness, readiness (database and broker reachable) and Prometheus metrics."""
+"""Liveness, readiness (database and broker reachable, a worker consuming the queue) and Prometheus metrics."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+import math
+import time
+
+from fastapi import APIRouter, Request, Response
 from sqlalchemy import text
 
 from app import metrics
-from app.deps import CeleryDep, SessionsDep
+from app.deps import CeleryDep, SessionsDep, SettingsDep
+from app.presence import FRESH_BEATS, live_workers
 from app.problems import ProblemError
 
 router = APIRouter(tags=["ops"])
+WORKERS_CACHE_S = 2.0
+"""A probe every second costs one count query every two."""
 
 
 @router.get("/healthz")
@@ -18,9 +24,11 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "database or broker unreachable"}})
-def readyz(sessions: SessionsDep, celery: CeleryDep) -> dict:
-    """Ready to take jobs: the job store answers a query and the broker accepts a connection."""
+@router.get("/readyz", responses={503: {"description": "database or broker unreachable, or no worker"}})
+def readyz(request: Request, sessions: SessionsDep, celery: CeleryDep, settings: SettingsDep) -> dict:
+    """Ready to take jobs: the job store answers a query, the broker accepts a connection, and a worker
+    consumes the queue (a fresh heartbeat in the job store, ``app.presence``; unless
+    ``ready_requires_worker`` is off). The worker count is remembered for ``WORKERS_CACHE_S``."""
     try:
         with sessions() as s:
             s.execute(text("SELECT 1"))
@@ -31,6 +39,14 @@ def readyz(sessions: SessionsDep, celery: CeleryDep) -> dict:
             conn.ensure_connection(max_retries=1, timeout=2)
     except Exception as exc:
         raise ProblemError(503, f"broker unreachable: {type(exc).__name__}", kind="not-ready") from exc
+    if settings.ready_requires_worker:
+        seen_at, count = getattr(request.app.state, "workers_seen", (-math.inf, 0))
+        if time.monotonic() - seen_at > WORKERS_CACHE_S:
+            count = live_workers(sessions, settings.heartbeat_s)
+            request.app.state.workers_seen = (time.monotonic(), count)
+        if not count:
+            raise ProblemError(503, "no worker is consuming the job queue (none has sent a heartbeat within "
+                                    f"{FRESH_BEATS * settings.heartbeat_s:g} s)", kind="not-ready")
     return {"status": "ready"}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
@@ -12,17 +13,22 @@ import anyio.to_thread
 from celery import Celery
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
+from pydantic import BaseModel
 from sqlalchemy import and_, bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.datastructures import Headers
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
+from starlette.types import Receive, Scope, Send
 
-from app import store
+from app import quota, store
+from app.cleanup import remove_job_files
 from app.db import Artifact, Dataset, Job, Model, new_id, reader, utcnow
 from app.deps import CeleryDep, SessionsDep, SettingsDep, TenantDep
 from app.logs import binds_job
 from app.metrics import JOBS_CREATED
 from app.pagination import paginate
-from app.problems import ProblemError
+from app.problems import ProblemError, problem_response
 from app.schemas import ArtifactOut, JobCreate, JobOut, JobState, Page
 from app.storage import storage_for
 from worker.celery_app import GPU_QUEUE, PURIFY_TASK
@@ -138,27 +144,35 @@ def _replay(s: Session, tenant: str, key: str, fingerprint: str) -> Job | None:
 
 
 @router.post("", status_code=202, response_model=JobOut,
-             responses={409: {"description": "model not ready yet"}, 422: {"description": "bad request or reused key"},
+             responses={403: {"description": "over the tenant's storage quota"},
+                        409: {"description": "model not ready yet"}, 422: {"description": "bad request or reused key"},
                         503: {"description": "the job queue (broker) is unreachable; retry after Retry-After"}})
 def create_job(body: JobCreate, response: Response, tenant: TenantDep, sessions: SessionsDep, celery: CeleryDep,
-               idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
+               settings: SettingsDep, idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
     """Queue a purification. Retrying with the same ``Idempotency-Key`` and body returns the same job."""
     # Defaults of fields added later (`method`, `bounds_samples`) are left out of the fingerprint, so a retry
     # of a request made before they existed still matches the job it created.
     later = {"method"} if body.method == "guard" else set()
     if body.bounds_samples is None:
         later.add("bounds_samples")
+    if not body.resize:
+        later.add("resize")
     request = body.model_dump(mode="json", exclude=later or None)
     fingerprint = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
     with sessions() as s:
         job = _replay(s, tenant, idempotency_key, fingerprint) if idempotency_key else None
         if job is None:
             _check_inputs(s, tenant, body)
+            quota.room(sessions, settings, tenant)  # its outputs will count: none while the tenant is over
+            attack = body.eval.attack if body.eval else None
+            if isinstance(attack, BaseModel):  # stored as the engine's record, without the fields left out
+                attack = attack.model_dump(mode="json", exclude_none=True)
             job = Job(tenant=tenant, state="queued", model_id=body.model_id, train_data_id=body.train_data_id,
                       test_data_id=body.eval.test_data_id if body.eval else None,
                       params={"method": body.method, "lam": body.lam, "granularity": body.granularity,
-                              "attack": body.eval.attack if body.eval else None,
-                              **({"bounds_samples": body.bounds_samples} if body.bounds_samples is not None else {})},
+                              "attack": attack,
+                              **({"bounds_samples": body.bounds_samples} if body.bounds_samples is not None else {}),
+                              **({"resize": True} if body.resize else {})},
                       idempotency_key=idempotency_key, request_hash=fingerprint)
             s.add(job)
             try:
@@ -298,6 +312,23 @@ def cancel_job(job_id: str, tenant: TenantDep, sessions: SessionsDep, celery: Ce
         return job_out(s, job)
 
 
+@router.delete("/{job_id}", status_code=204, responses={409: {"description": "the job is queued or running"}})
+def delete_job(job_id: str, tenant: TenantDep, sessions: SessionsDep, settings: SettingsDep) -> Response:
+    """Delete a finished job with its artifacts (its files too); a queued or running one must be cancelled first."""
+    with sessions.begin() as s:
+        job = _owned_job(s, tenant, job_id)
+        if job.state not in store.TERMINAL:
+            raise ProblemError(409, f"job {job_id} is {job.state}; cancel it first", kind="job-active")
+        artifacts = s.scalars(select(Artifact).where(Artifact.job_id == job_id)).all()
+        locations = [a.path for a in artifacts]
+        for artifact in artifacts:
+            s.delete(artifact)
+        s.flush()
+        s.delete(job)
+    remove_job_files(settings, job_id, locations)
+    return Response(status_code=204)
+
+
 @router.get("/{job_id}/artifacts/{name}", response_class=FileResponse,
             responses={200: {"content": {"application/octet-stream": {}}}, 304: {"description": "ETag matched"}})
 def get_artifact(job_id: str, name: str, request: Request, tenant: TenantDep, sessions: SessionsDep,
@@ -311,8 +342,43 @@ def get_artifact(job_id: str, name: str, request: Request, tenant: TenantDep, se
     if artifact is None:
         raise ProblemError(404, f"job {job_id} has no artifact {name!r}", kind="not-found")
     etag = f'"{artifact.sha256}"'
-    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+    if etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers={"ETag": etag})
     if url := storage_for(settings).download_url(artifact.path, artifact.name, artifact.media_type):
         return RedirectResponse(url, status_code=302, headers={"ETag": etag, "Cache-Control": "no-store"})
-    return FileResponse(artifact.path, media_type=artifact.media_type, filename=artifact.name, headers={"ETag": etag})
+    return ArtifactFile(artifact.path, media_type=artifact.media_type, filename=artifact.name, headers={"ETag": etag})
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """``If-None-Match`` against our strong ``etag``: ``*`` matches, and the comparison is weak (RFC 9110
+    13.1.2: ``W/"x"`` matches ``"x"``)."""
+    if if_none_match is None:
+        return False
+    tags = [t.strip() for t in if_none_match.split(",")]
+    return "*" in tags or etag in (t.removeprefix("W/") for t in tags)
+
+
+class ArtifactFile(FileResponse):
+    """Starlette's file response with RFC 9110's handling of ``Range`` around it.
+
+    A Range it cannot use (another unit such as ``items=0-10``, or a malformed byte range) is
+    ignored and the whole file sent with 200, as RFC 9110 14.2 says (Starlette answers 400);
+    a byte range past the end is a 416 problem+json with ``Content-Range: bytes */size``.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = Headers(scope=scope)
+        wanted = headers.get("range")
+        if wanted is not None and scope["method"] in ("GET", "HEAD"):
+            size = (await anyio.to_thread.run_sync(os.stat, self.path)).st_size
+            try:
+                self._parse_range_header(wanted, size)
+            except MalformedRangeHeader:
+                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"range"]}
+            except RangeNotSatisfiable:
+                response = problem_response(Request(scope), 416, f"the range {wanted[:100]!r} starts past the "
+                                            f"end of the {size}-byte file", kind="range-not-satisfiable",
+                                            headers={"Content-Range": f"bytes */{size}"})
+                await response(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)

@@ -29,6 +29,10 @@ import torch
 from clipguard.data import ImageData
 from clipguard.errors import ClipguardError, DataError
 
+MAX_IMAGE_PIXELS = 4096 * 4096
+"""Largest trigger (``image_size``) an attack is built for: the decoder's cap on one image
+(``clipguard.data.Limits.max_image_pixels``); a saved attack can claim any size, and Blend's pattern
+and WaNet's grid are allocated for it."""
 Mode = Literal["all_to_one", "all_to_all"]
 Poisoning = Literal["static", "per_batch"]
 MODES: tuple[str, ...] = ("all_to_one", "all_to_all")
@@ -76,6 +80,8 @@ class Attack(ABC):
         h, w = (int(v) for v in image_size)
         if h < 1 or w < 1:
             raise ClipguardError(f"image size must be positive, got {tuple(image_size)}")
+        if h * w > MAX_IMAGE_PIXELS:  # a trigger is built for this size before any image is seen
+            raise ClipguardError(f"attack image size {h}x{w} is over the {MAX_IMAGE_PIXELS}-pixel cap on images")
         self.target = target
         self.mode: Mode = MODE_ALIASES[mode]  # type: ignore[assignment]
         self.image_size = (h, w)

@@ -47,8 +47,12 @@ def build_attack(
     target: int = 0,
     seed: int = 0,
     image_size: tuple[int, int] = (32, 32),
+    files: bool = True,
 ) -> Attack:
     """An attack from a spec string, or from a saved attack JSON (then the saved trigger wins).
+
+    ``files=False`` (the service: the spec comes from a request) never touches the filesystem: a spec is
+    not looked up as a file and Blend's ``image`` option is refused.
 
     Spec: ``name[:key=value,key=value,...]``; ``name`` is one of :func:`available_attacks`
     (``-`` and ``_`` alike: ``adap-blend`` is ``adap_blend``), optionally with ``-all2all``.
@@ -60,7 +64,7 @@ def build_attack(
     text = os.fspath(spec).strip()
     if not text:
         raise ClipguardError(_valid_names("empty attack spec"))
-    if text.lower().endswith(".json") or Path(text).expanduser().is_file():
+    if files and (text.lower().endswith(".json") or Path(text).expanduser().is_file()):
         return load_attack(text)
     name, _, rest = text.partition(":")
     name = name.strip().lower()
@@ -74,6 +78,8 @@ def build_attack(
         raise ClipguardError(_valid_names(f"unknown attack {name!r}"))
     cls = ATTACKS[name]
     options = parse_options(rest, name)
+    if not files and "image" in options:
+        raise ClipguardError(f"attack {name}: option image names a file, and files are not read here")
     unknown = sorted(set(options) - set(cls.OPTIONS) - set(COMMON_OPTIONS))
     if unknown:
         valid = ", ".join((*cls.OPTIONS, *COMMON_OPTIONS))

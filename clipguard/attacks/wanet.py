@@ -77,6 +77,8 @@ class WaNet(Attack):
         super().__init__(target=target, mode=mode, image_size=image_size)
         if not isinstance(k, int) or k < 2:
             raise ClipguardError(f"wanet k (control grid size) must be an integer >= 2, got {k!r}")
+        if k > max(self.image_size):  # a control grid finer than the image means nothing, and costs k*k memory
+            raise ClipguardError(f"wanet k must be at most the image side {max(self.image_size)}, got {k}")
         if not s >= 0 or not grid_rescale > 0 or not cross_ratio >= 0:
             raise ClipguardError(
                 f"wanet needs s >= 0, grid_rescale > 0 and cross_ratio >= 0, got {s}, {grid_rescale}, {cross_ratio}"

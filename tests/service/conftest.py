@@ -19,14 +19,12 @@ import pytest
 import redis
 import torch
 from fastapi.testclient import TestClient
-from safetensors.torch import save_file
 
 from app.auth import create_key
 from app.db import make_sessionmaker
 from app.main import create_app
 from app.settings import Settings
 from clipguard.data import load_data, save_npz
-from clipguard.models import resolve_spec
 
 REDIS_PORT = int(os.environ.get("CLIPGUARD_TEST_REDIS_PORT", "6379"))
 """Another port lets two test runs on one machine (two checkouts) keep out of each other's databases."""
@@ -88,14 +86,6 @@ def small_npz(tmp_path_factory, cifar10, data_cache) -> Path:
     root = tmp_path_factory.mktemp("cifar")
     data = load_data(f"{cifar10}#test", cache_dir=data_cache)  # the session's decoded archive
     return save_npz(data.subset(torch.arange(0, len(data), len(data) // 256)[:256]), root / "small.npz")
-
-
-@pytest.fixture(scope="session")
-def model_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "small_cnn.safetensors"
-    save_file(resolve_spec("small_cnn").build().state_dict(), str(path))
-    return path
 
 
 @pytest.fixture

@@ -99,8 +99,14 @@ def test_another_tenants_resources_answer_404(client, key_for, auth, ready_model
     assert [j["id"] for j in client.get("/v1/jobs", headers=auth).json()["items"]] == [job["id"]]
 
 
-def test_ops_endpoints(client):
+def test_ops_endpoints(client, settings, monkeypatch):
+    from app.presence import beat
+
+    monkeypatch.setattr("app.routes.health.WORKERS_CACHE_S", 0.0)  # count workers on every probe
     assert client.get("/healthz").json() == {"status": "ok"}
+    # Database and broker answer, but no worker consumes the queue: jobs would sit queued, so not ready.
+    assert "no worker" in assert_problem(client.get("/readyz"), 503)["detail"]
+    beat(make_sessionmaker(settings.database_url), "w1@test", os.getpid())  # what a worker's heartbeat writes
     assert client.get("/readyz").json() == {"status": "ready"}
     text = client.get("/metrics").text
     assert 'clipguard_jobs{state="queued"}' in text and "clipguard_http_requests_total" in text

@@ -49,7 +49,9 @@ def fuzz_server(tmp_path_factory, pg_url, redis_url) -> Iterator[FuzzServer]:
     env = {**os.environ, "CLIPGUARD_HOME": str(home), "CLIPGUARD_DATABASE_URL": pg_url,
            "CLIPGUARD_BROKER_URL": redis_url, "CLIPGUARD_MAX_UPLOAD_BYTES": str(1 << 20),
            "CLIPGUARD_DATA_ROOTS": f'["{root}"]', "CLIPGUARD_DATASETS": f'{{"tiny": "{root}/tiny.npz"}}',
-           "CLIPGUARD_RATE_LIMIT_PER_MINUTE": "0", "CLIPGUARD_QUARANTINE_MEMORY_BYTES": str(256 << 20)}
+           "CLIPGUARD_RATE_LIMIT_PER_MINUTE": "0", "CLIPGUARD_QUARANTINE_MEMORY_BYTES": str(256 << 20),
+           # No worker runs here, so /readyz would rightly answer 503 (test_supervision.py tests that).
+           "CLIPGUARD_READY_REQUIRES_WORKER": "false"}
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (home / "api.log").open("wb")

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ..service.conftest import LiveService, cifar10, client, model_file, redis_url, settings, small_npz  # noqa: F401
+
+from ..service.conftest import LiveService, cifar10, client, redis_url, settings, small_npz  # noqa: F401
 from ..service.isolated import isolated_live
 
 CHROMIUM = os.environ.get("CLIPGUARD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"

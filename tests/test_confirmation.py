@@ -50,7 +50,13 @@ def test_judge_names_the_kind_of_backdoor_or_none():
     quiet = _transfer([None] + [0.05] * 9)
     assert judge(_transfer([None] + [0.9] * 9), quiet)[0] == "all_to_one"
     assert judge(_transfer([None, 0.95] + [0.02] * 8), quiet)[0] == "source_specific"
-    assert judge(_transfer([None] + [0.1] * 9, [None] + [0.8] * 9), quiet)[0] == "all_to_all"
+    # one look-alike source following a genuine-looking pattern is not enough
+    assert judge(_transfer([None, 0.55] + [0.02] * 8), quiet)[0] is None
+    # each source sent to a class of its own (k -> k + 1): all-to-all; every source sent to one class: nothing
+    each_own = Transfer([None] + [0.1] * 9, [None] + [0.8] * 9, [None] + [(k + 1) % 10 for k in range(1, 10)])
+    assert judge(each_own, quiet)[0] == "all_to_all"
+    one_look = Transfer([None] + [0.1] * 9, [None] + [0.8] * 9, [None] + [7] * 9)
+    assert one_look.redirect == 0.0 and judge(one_look, quiet)[0] is None
     kind, reason = judge(quiet, quiet)
     assert kind is None and "moves few decisions" in reason
     # a genuine group that moves decisions as much is no evidence, however strong the suspects' graft

@@ -28,15 +28,31 @@ def test_a_confirmed_backdoor_is_unlearned_and_its_samples_named():
     assert result.detection["flagged"] and result.detection["target"] == 3
 
 
-def test_a_separate_cluster_without_a_trigger_is_inconclusive_and_nothing_is_unlearned():
+def test_a_separate_cluster_without_a_trigger_is_tested_dismissed_and_nothing_is_unlearned():
     model, data, _ = task(backdoors=(), mode_class=3)
     result = guard_pass(model, data, SPEC, screen_per_class=SCREEN, unlearn_options=FAST)
-    assert result.verdict.status == "inconclusive" and result.verdict.classes == []
+    assert result.verdict.status == "no_evidence" and result.verdict.classes == []
     tested = next(c for c in result.verdict.candidates if c["class"] == 3)
-    assert not tested["confirmed"] and tested["whole_class_score"] is not None
+    assert not tested["confirmed"] and not tested["unresolved"] and tested["whole_class_score"] is not None
+    assert tested["warp"] is not None  # its split stood out and no pixel pattern carried anything: a warp was sought
     assert result.unlearning is None and result.model is model and result.data is data
     assert not result.detection["flagged"] and result.detection["target"] is None
-    assert "3" in result.verdict.summary and "no trigger was confirmed" in result.verdict.summary
+    assert "tested and dismissed: class 3 (" in result.verdict.summary
+
+
+def test_a_candidate_with_partial_evidence_is_inconclusive():
+    from clipguard.confirmation import Evidence, Transfer
+    from clipguard.defenses.guard import _Candidate, _verdict
+
+    half = Transfer([None] + [0.3] * 9, [None] + [0.0] * 9)
+    quiet = Transfer([None] + [0.05] * 9, [None] + [0.0] * 9)
+    cand = _Candidate(4, 3.9, 6.0, "its split stands out", suspects=torch.arange(30),
+                      evidence=Evidence(4, 30, 300, half, quiet, False, reason="moves some decisions"),
+                      unresolved=True)
+    verdict = _verdict([cand], 4, 6.0)
+    assert verdict.status == "inconclusive" and verdict.classes == []
+    assert "class 4 stood out but was not confirmed (moves some decisions)" in verdict.summary
+    assert verdict.action == "nothing unlearned; clipped"
 
 
 def test_clean_data_gives_no_evidence():

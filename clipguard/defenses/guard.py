@@ -155,18 +155,19 @@ def guard_pass(
         cand.evidence = test.confirm(data, cand.suspects, genuine, cand.cls)
         if cand.evidence.swapped:  # the graft found the trigger on the other side of the split
             cand.suspects = genuine
-        cand.unresolved = test.unresolved(cand.evidence) or (score >= MIN_SEPARATION and cand.z >= MIN_Z)
-        if cand.unresolved:  # no per-pixel pattern carries it: is it a warp?
+        cand.unresolved = test.unresolved(cand.evidence)
+        stands_out = score >= MIN_SEPARATION and cand.z >= MIN_Z
+        if not cand.evidence.confirmed and (cand.unresolved or stands_out):  # no per-pixel pattern: a warp?
             warps = warps or WarpTest(model, data.images[screen], labels, spec, device=device,
                                       should_cancel=should_cancel)
-            ok, numbers, why = warps.confirm(data, cand.suspects, genuine, cand.cls,
-                                             _ordinary(found.scores, [c.cls for c in candidates]))
+            ok, partial, numbers, why = warps.confirm(data, cand.suspects, genuine, cand.cls,
+                                                      _ordinary(found.scores, [c.cls for c in candidates]))
             cand.evidence.warp = numbers
             if ok:
                 cand.evidence.confirmed, cand.evidence.kind, cand.evidence.reason = True, "warp", why
-                cand.unresolved = False
             else:
                 cand.evidence.reason += f"; {why}"
+            cand.unresolved = not ok and (cand.unresolved or partial)
         say("confirm", (i + 1) / len(candidates))
     verdict = _verdict(candidates, found.top, found.z)
     record.update(candidates=[c.to_dict() for c in candidates], flagged=bool(verdict.classes),
@@ -252,10 +253,13 @@ def _verdict(candidates: list[_Candidate], top: int | None, z: float) -> Verdict
                        f"unlearned the suspects of class(es) {', '.join(map(str, classes))}, then clipped", table)
     if open_:
         return Verdict("inconclusive", [], f"no trigger was confirmed; {unsure}", "nothing unlearned; clipped", table)
+    if candidates:
+        dismissed = "; ".join(f"class {c.cls} ({c.evidence.reason if c.evidence else c.reason})" for c in candidates)
+        return Verdict("no_evidence", [], "no group of the training data carries a trigger; tested and dismissed: "
+                       + dismissed, "nothing unlearned; clipped", table)
     near = "" if top is None else f"; the highest-scoring class, {top}, stands {z:.1f} robust deviations above the rest"
-    tested = f"; {len(candidates)} class(es) tested and dismissed" if candidates else ""
-    return Verdict("no_evidence", [], f"no class's training data holds a group carrying a trigger{near}{tested}",
-                   "nothing unlearned; clipped", table)
+    return Verdict("no_evidence", [], f"no class's training data holds a group that stands out or carries a "
+                   f"pattern{near}", "nothing unlearned; clipped", table)
 
 
 def _read_whole_classes(

@@ -239,7 +239,8 @@ def run_victim(folder: Path, entry: dict, test_ref: Path, device: str) -> dict:
         result = purify(PurifyOptions(arch=entry["arch"], weights=weights, data=str(folder / "train.npz"),
                                       out=folder / method, eval_data=str(test_ref),
                                       attack=str(attack_file) if attack_file.exists() else None,
-                                      method=method, device=device, sweep=method == "paper", overwrite=True))
+                                      method=method, device=device, sweep=method == "paper", overwrite=True,
+                                      reactivation_check=method == "guard"))
         rep = result.report
         ev = rep["evaluation"]
         entry["before"] = {k: ev["before"].get(k) for k in ("acc", "asr")}
@@ -258,6 +259,10 @@ def run_victim(folder: Path, entry: dict, test_ref: Path, device: str) -> dict:
             found = rep.get("poison_detection") or {}
             entry["guard"]["detection"] = {k: found.get(k) for k in ("flagged", "target", "z", "suspects", "side")}
             entry["guard"]["verdict"] = rep.get("verdict")
+            again = rep.get("reactivation") or {}
+            entry["guard"]["reactivation"] = {"asr": (again.get("after") or {}).get("asr"),
+                                              "acc": (again.get("after") or {}).get("acc"),
+                                              "agreement": again.get("agreement")}
     return entry
 
 
@@ -345,23 +350,21 @@ def markdown(result: dict) -> str:
         return "\n".join(lines)
     lines = [head, "",
              "| victim | seed | arch | family | poison | target | no defense | paper λ=4 | paper best λ | "
-             "guard (default) | guard found | guard s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "guard (default) | verdict | named (poisoned / covers / clean) | re-tuned ASR | guard s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     learned, clean = [], []
     for r in rows:
         g = r["guard"]
-        det = g["detection"]
-        found = f"class {det['target']}, {det['suspects']} samples" if det["flagged"] else "nothing"
+        verdict = g.get("verdict") or {}
+        said = verdict.get("status", "?") + (f" {verdict['classes']}" if verdict.get("classes") else "")
         named = (g.get("report") or {}).get("suspects_named")
-        if named:
-            found += f" ({named['poisoned']} poisoned, {named['covers']} covers)"
-        if g.get("verdict") is not None:  # the report's own verdict, whatever its shape
-            verdict = g["verdict"] if isinstance(g["verdict"], str) else json.dumps(g["verdict"], default=str)
-            found += f"; verdict {verdict[:60]}"
+        who = f"{named['poisoned']} / {named['covers']} / {named['clean']}" if named else "-"
+        again = (g.get("reactivation") or {}).get("asr")
         best = r.get("paper_best")
         best_cell = f"{cell(best)} (λ={best['lam']:g})" if best else "-"
         lines.append(f"| {r['name']} | {r.get('seed', 0)} | {r['arch']} | {r.get('family', '')} | "
                      f"{100 * r['poison_rate']:g}% | {r['target']} | {cell(r['before'])} | {cell(r['paper'])} | "
-                     f"{best_cell} | {cell(g)} | {found} | {g['defense_s']:.0f} |")
+                     f"{best_cell} | {cell(g)} | {said} | {who} | {pct(again)} | {g['defense_s']:.0f} |")
         if r.get("clean") or r["before"].get("asr") is None:
             clean.append(r)
         elif r["before"]["asr"] >= LEARNED_ASR:
@@ -371,21 +374,36 @@ def markdown(result: dict) -> str:
             return 100 * statistics.median(values)
 
         drop = [r["before"]["acc"] - r["guard"]["acc"] for r in learned]
+        asr = [r["guard"]["asr"] for r in learned]
+        worst = max(learned, key=lambda r: r["guard"]["asr"])
         worse = [f"{r['name']} (seed {r.get('seed', 0)})" for r in learned
-                 if r["guard"]["asr"] > r["paper"]["asr"] + 0.01 or
-                 (r["guard"]["acc"] < r["paper"]["acc"] - 0.01 and r["guard"]["asr"] >= r["paper"]["asr"])]
+                 if r["guard"]["asr"] > r["paper"]["asr"] + 0.01 or r["guard"]["acc"] < r["paper"]["acc"] - 0.01]
+        right = [r for r in learned if (r["guard"].get("verdict") or {}).get("status") == "backdoor_found"
+                 and r["target"] in ((r["guard"].get("verdict") or {}).get("classes") or [])]
+        again = [r["guard"]["reactivation"]["asr"] for r in learned
+                 if (r["guard"].get("reactivation") or {}).get("asr") is not None]
         lines += ["", f"Over the {len(learned)} victims whose backdoor was learned (ASR ≥ {100 * LEARNED_ASR:.0f}% "
                       "undefended):",
-                  f"- guard: median ASR {med([r['guard']['asr'] for r in learned]):.1f}%, median ACC drop "
-                  f"{med(drop):.1f} points (worst {100 * max(drop):.1f})",
+                  f"- guard: median ASR {med(asr):.1f}%, worst {100 * max(asr):.1f}% ({worst['name']} seed "
+                  f"{worst.get('seed', 0)}); median ACC drop {med(drop):.1f} points (worst {100 * max(drop):.1f})",
                   f"- paper λ=4: median ASR {med([r['paper']['asr'] for r in learned]):.1f}%, median ACC drop "
                   f"{med([r['before']['acc'] - r['paper']['acc'] for r in learned]):.1f} points",
-                  f"- victims where guard is worse than paper λ=4: {', '.join(worse) or 'none'}"]
+                  f"- verdict 'backdoor found' with the true target: {len(right)} of {len(learned)}",
+                  f"- victims where guard is worse than paper λ=4 (ASR by > 1 point or ACC by > 1 point): "
+                  f"{', '.join(worse) or 'none'}"]
+        if again:
+            lines.append(f"- after the reactivation check's fine-tune: median ASR {med(again):.1f}%, worst "
+                         f"{100 * max(again):.1f}%")
     if clean:
-        flagged = [f"{r['name']} (seed {r.get('seed', 0)})" for r in clean if r["guard"]["detection"]["flagged"]]
+        flagged = [f"{r['name']} (seed {r.get('seed', 0)})" for r in clean
+                   if (r["guard"].get("verdict") or {}).get("status") == "backdoor_found"]
+        unsure = [f"{r['name']} (seed {r.get('seed', 0)})" for r in clean
+                  if (r["guard"].get("verdict") or {}).get("status") == "inconclusive"]
         drop = [r["before"]["acc"] - r["guard"]["acc"] for r in clean]
-        lines += ["", f"Clean victims ({len(clean)}): guard flagged {len(flagged)} ({', '.join(flagged) or 'none'}); "
-                      f"ACC drop median {100 * statistics.median(drop):.1f} points, worst {100 * max(drop):.1f}"]
+        lines += ["", f"Clean victims ({len(clean)}): 'backdoor found' on {len(flagged)} "
+                      f"({', '.join(flagged) or 'none'}), 'inconclusive' on {len(unsure)} "
+                      f"({', '.join(unsure) or 'none'}); ACC drop median {100 * statistics.median(drop):.1f} points, "
+                      f"worst {100 * max(drop):.1f}"]
     return "\n".join(lines)
 
 

@@ -302,6 +302,10 @@ class JobCreate(BaseModel):
     resize: bool = Field(False, strict=True, description=(
         "scale every image to the architecture's input size; without it, images of another size fail the job "
         "(larger ones before they are decoded)"))
+    reactivation_check: bool = Field(False, strict=True, description=(
+        "after purifying, fine-tune a copy of the purified model briefly on a random slice of the training data "
+        "without the suspects and report whether the backdoor comes back (ASR when `eval.attack` is given) and "
+        "how far the predictions move (report field `reactivation`); the artifacts are not changed by it"))
     eval: EvalSpec | None = None
 
 

@@ -463,6 +463,7 @@ class Client:
         granularity: str = "channel",
         bounds_samples: int | None = None,
         resize: bool = False,
+        reactivation_check: bool = False,
         test_data_id: str | None = None,
         attack: str | dict[str, Any] | None = None,
         idempotency_key: str | None = None,
@@ -483,6 +484,8 @@ class Client:
             body["bounds_samples"] = bounds_samples
         if resize:  # sent only when asked: an older server knows no such field
             body["resize"] = True
+        if reactivation_check:
+            body["reactivation_check"] = True
         if test_data_id:
             body["eval"] = {"test_data_id": test_data_id, "attack": attack}
         elif attack:

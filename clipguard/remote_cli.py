@@ -58,6 +58,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--resize", action="store_true", help="scale the images to the architecture's input size on the server"
     )
+    r.add_argument(
+        "--reactivation-check",
+        action="store_true",
+        help="fine-tune a copy of the purified model briefly on the server and report whether the backdoor returns",
+    )
     r.add_argument("--out", type=Path, required=True, help="folder for purified.pt, bounds.safetensors, report.*")
     r.add_argument("--poll", type=float, default=1.0, help="seconds between status polls")
     r.set_defaults(func=cmd_purify)
@@ -145,6 +150,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
             granularity=args.granularity,
             bounds_samples=args.bounds_samples,
             resize=args.resize,
+            reactivation_check=args.reactivation_check,
             test_data_id=test.id if test else None,
             attack=attack,
         )

@@ -363,6 +363,7 @@ def _options(sessions: sessionmaker, settings: Settings, job_id: str, out: Path,
         bounds_samples=job.params.get("bounds_samples"),  # None (not given): the engine's default
         resize=bool(job.params.get("resize", False)), data_limits=Limits(max_decoded_bytes=settings.max_decoded_bytes),
         cache_max_bytes=settings.cache_max_bytes,
+        reactivation_check=bool(job.params.get("reactivation_check", False)),
     )
 
 
@@ -374,7 +375,7 @@ def _artifact(job_id: str, path: Path, location: str) -> Artifact:
 
 
 def _summary(report: dict) -> dict:
-    """What a client wants at a glance: the λ used and ACC/ASR before and after.
+    """What a client wants at a glance: the λ used, ACC/ASR before and after, the verdict and the reactivation check.
 
     Non-finite numbers (a class absent from the test data has NaN accuracy) become null:
     JSON has no NaN and PostgreSQL's json type refuses it.
@@ -384,8 +385,13 @@ def _summary(report: dict) -> dict:
     timings = {k.removesuffix("_s"): v for k, v in (report.get("timings") or {}).items()}
     images = (report.get("inputs") or {}).get("data", {}).get("samples")
     speed = images / timings["bounds"] if images and timings.get("bounds") else None
+    verdict = report.get("verdict") or {}
+    again = report.get("reactivation") or {}
     return _finite({"lam": report.get("lam"), "before": evaluation.get("before"), "after": evaluation.get("after"),
-                    "der": evaluation.get("der"), "timings": timings, "bounds_images_per_s": speed})
+                    "der": evaluation.get("der"), "timings": timings, "bounds_images_per_s": speed,
+                    **({"verdict": {k: verdict.get(k) for k in ("status", "classes")}} if verdict else {}),
+                    **({"reactivation": {"after": again.get("after"), "agreement": again.get("agreement")}}
+                       if again else {})})
 
 
 def _finite(value: Any) -> Any:

@@ -150,13 +150,15 @@ def _replay(s: Session, tenant: str, key: str, fingerprint: str) -> Job | None:
 def create_job(body: JobCreate, response: Response, tenant: TenantDep, sessions: SessionsDep, celery: CeleryDep,
                settings: SettingsDep, idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
     """Queue a purification. Retrying with the same ``Idempotency-Key`` and body returns the same job."""
-    # Defaults of fields added later (`method`, `bounds_samples`) are left out of the fingerprint, so a retry
-    # of a request made before they existed still matches the job it created.
+    # Defaults of fields added later (`method`, `bounds_samples`, `resize`, `reactivation_check`) are left out
+    # of the fingerprint, so a retry of a request made before they existed still matches the job it created.
     later = {"method"} if body.method == "guard" else set()
     if body.bounds_samples is None:
         later.add("bounds_samples")
     if not body.resize:
         later.add("resize")
+    if not body.reactivation_check:
+        later.add("reactivation_check")
     request = body.model_dump(mode="json", exclude=later or None)
     fingerprint = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
     with sessions() as s:
@@ -172,7 +174,8 @@ def create_job(body: JobCreate, response: Response, tenant: TenantDep, sessions:
                       params={"method": body.method, "lam": body.lam, "granularity": body.granularity,
                               "attack": attack,
                               **({"bounds_samples": body.bounds_samples} if body.bounds_samples is not None else {}),
-                              **({"resize": True} if body.resize else {})},
+                              **({"resize": True} if body.resize else {}),
+                              **({"reactivation_check": True} if body.reactivation_check else {})},
                       idempotency_key=idempotency_key, request_hash=fingerprint)
             s.add(job)
             try:

@@ -447,6 +447,7 @@ async function newJobPage() {
       const body = { model_id: m.id, train_data_id: train.id, method: value("#method"), lam,
         granularity: value("#granularity") };
       if (boundsText) body.bounds_samples = Number(boundsText);
+      if ($("#reactivation-check").checked) body.reactivation_check = true;
       if (test) body.eval = { test_data_id: test.id, attack: spec };
       const s = step("Starting the job");
       const job = await api("POST", "/v1/jobs", { json: body, headers: { "Idempotency-Key": made.jobKey } });
@@ -471,6 +472,7 @@ function paramsText(params) {
   const parts = [`method ${p.method || "guard"}`, `λ ${p.lam === null || p.lam === undefined ? "default" : p.lam}`,
     `granularity ${p.granularity || "channel"}`];
   if (p.bounds_samples !== undefined) parts.push(`bounds samples ${p.bounds_samples}`);
+  if (p.reactivation_check) parts.push("reactivation check");
   if (typeof p.attack === "string") parts.push(`attack ${p.attack}`);
   else if (p.attack) parts.push(`attack ${p.attack.name || (p.attack.attack || {}).name || "object"} (.attack.json)`);
   return parts.join(", ");
@@ -545,6 +547,16 @@ function verdictNodes(report) {
   return nodes;
 }
 
+function reactivationNodes(report) {
+  // What --reactivation-check saw: does a short fine-tune bring the backdoor back?
+  const again = report.reactivation;
+  if (!again || !again.after) return [];
+  const asr = again.after.asr !== undefined && again.after.asr !== null ? `, ASR ${pct(again.after.asr)}` : "";
+  return [el("p", { className: "reactivation" }, `Reactivation check: after a short fine-tune on `
+    + `${again.tuned_on} training images without the suspects, ACC ${pct(again.after.acc)}${asr}; `
+    + `it agrees with the purified model on ${pct(again.agreement)} of the ${again.agreement_on}.`)];
+}
+
 async function showResults(job, embed) {
   $("#results").hidden = false;
   const rows = metricRows(job.summary);
@@ -568,7 +580,7 @@ async function showResults(job, embed) {
   if (job.artifacts.some((a) => a.name === "report.json")) {
     try {
       const report = await api("GET", `/v1/jobs/${encodeURIComponent(job.id)}/artifacts/report.json`);
-      $("#verdict").replaceChildren(...verdictNodes(report));
+      $("#verdict").replaceChildren(...verdictNodes(report), ...reactivationNodes(report));
     } catch (err) {
       $("#verdict").textContent = `report.json could not be read: ${err.message}`;
     }

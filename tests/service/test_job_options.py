@@ -1,0 +1,44 @@
+"""Job options reach the engine: what the body asks for is what the report and the job's summary show."""
+
+from __future__ import annotations
+
+import json
+
+from app import store
+from app.db import make_sessionmaker
+from worker.tasks import run_attempt
+
+from . import test_api
+from .test_api import assert_problem, job_body
+
+ready_model, dataset = test_api.ready_model, test_api.dataset
+
+
+def run(settings, job_id: str) -> None:
+    sessions = make_sessionmaker(settings.database_url, migrate=False)
+    run_attempt(sessions, settings, store.claim(sessions, job_id, max_attempts=3))
+
+
+def test_the_reactivation_check_is_a_job_option_and_its_result_is_in_the_summary(
+    client, auth, settings, ready_model, dataset
+):
+    for wrong in ("yes", 1, None):
+        body = job_body(ready_model, dataset, reactivation_check=wrong)
+        problem = assert_problem(client.post("/v1/jobs", headers=auth, json=body), 422)
+        assert any(e["loc"][-1] == "reactivation_check" for e in problem["errors"]), problem
+    plain = client.post("/v1/jobs", headers=auth, json=job_body(ready_model, dataset)).json()
+    assert "reactivation_check" not in plain["params"]  # the default is left out, as for `resize`
+
+    body = job_body(ready_model, dataset, reactivation_check=True, eval={"test_data_id": dataset["id"],
+                                                                          "attack": "badnets"})
+    job = client.post("/v1/jobs", headers=auth, json=body).json()
+    assert job["params"]["reactivation_check"] is True
+    run(settings, job["id"])
+    done = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()
+    assert done["state"] == "succeeded", done["error"]
+    again = done["summary"]["reactivation"]
+    assert 0.0 <= again["agreement"] <= 1.0 and again["after"]["asr"] is not None, again
+    assert done["summary"]["verdict"]["status"] in ("backdoor_found", "no_evidence", "inconclusive")
+    report = next(a for a in done["artifacts"] if a["name"] == "report.json")
+    body = client.get(report["url"], headers=auth)
+    assert json.loads(body.content)["reactivation"]["after"] == again["after"]

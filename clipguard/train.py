@@ -68,6 +68,19 @@ def nesterov_sgd(model: nn.Module, lr: float, weight_decay: float, momentum: flo
                            lr=lr, momentum=momentum, nesterov=True)
 
 
+def one_cycle(
+    opt: torch.optim.Optimizer, max_lr: float, total_steps: int, pct_start: float
+) -> torch.optim.lr_scheduler.OneCycleLR:
+    """OneCycleLR that also works for the short runs where ``pct_start * total_steps`` is exactly one step.
+
+    PyTorch's warm-up phase then ends at step 0, where it starts, and its annealing divides by
+    the phase's length (ZeroDivisionError on the first ``step()``); one step more of warm-up
+    avoids it and changes nothing else."""
+    if total_steps > 1 and abs(pct_start * total_steps - 1) < 1e-9:
+        pct_start = 2 / total_steps
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start)
+
+
 def train(
     spec: ModelSpec,
     data: ImageData,
@@ -97,7 +110,7 @@ def train(
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     total = config.epochs * steps_per_epoch
     if config.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=total, pct_start=0.25)
+        sched = one_cycle(opt, config.lr, total, pct_start=0.25)
     elif config.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     else:

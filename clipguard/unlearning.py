@@ -41,7 +41,7 @@ from clipguard.inference import fast_input, fast_layout, usual_layout
 from clipguard.metrics import predict
 from clipguard.models import ModelSpec
 from clipguard.split import DEFAULT_TAIL_SHARE, split_at
-from clipguard.train import nesterov_sgd
+from clipguard.train import nesterov_sgd, one_cycle
 
 
 @dataclass
@@ -130,7 +130,7 @@ def fine_tune(
     per_epoch = len(always) + min(config.samples_per_epoch, len(pool_idx))
     steps = config.epochs * math.ceil(per_epoch / config.batch_size)
     opt = nesterov_sgd(trained, config.lr, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps, pct_start=0.15)
+    sched = one_cycle(opt, config.lr, steps, pct_start=0.15)
     step = 0
     for _ in range(config.epochs):
         draw = pool_idx[torch.randperm(len(pool_idx), generator=gen)[: per_epoch - len(always)]]

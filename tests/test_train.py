@@ -67,3 +67,12 @@ def test_a_clean_victim_has_no_attack_and_no_poisoning(tmp_path):
     assert "poisoning" not in info and "attack" not in info and summary["poisoning"] is None
     assert not attack_path(tmp_path / "victim.safetensors").exists()
     np.testing.assert_array_equal(load_data(tmp_path / "seen.npz").images.numpy(), data.images.numpy())
+
+
+def test_a_run_of_exactly_four_steps_trains(tmp_path):
+    # 128 images in batches of 32: 4 steps, where the one-cycle warm-up (25%) would end on the step it starts at
+    _data, ref = _npz(tmp_path, n=128)
+    out = tmp_path / "victim.safetensors"
+    train_victim(arch="small_cnn", data=str(ref), out=out, epochs=1, batch_size=32, augment=False, device="cpu",
+                 cache_dir=tmp_path / "cache", seed=3)
+    assert json.loads(out.with_name(out.name + ".json").read_text())["train"]["epochs"] == 1

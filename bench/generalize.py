@@ -17,6 +17,7 @@ defense must leave alone). Then the same engine entry point the CLI and the serv
     python bench/generalize.py --profile cpu50k-aug   # small_cnn on all 50k images, augmented (~15 min)
     python bench/generalize.py --profile smoke    # a Blend and a clean victim, proves the plumbing
 
+``--combine a/generalize.json b/generalize.json`` prints one table for runs split by ``--only``.
 ``--train-only`` trains (or keeps) the victims and prints their undefended ACC/ASR without
 purifying, so victims can be prepared ahead; a later run without it reuses their weights.
 ``--only a,b`` runs some victims; ``--seeds 0,1`` runs each victim once per seed (the seed
@@ -294,7 +295,13 @@ def main() -> None:
     ap.add_argument("--retrain", action="store_true", help="train victims again even if their weights exist")
     ap.add_argument("--train-only", action="store_true",
                     help="train (or keep) the victims and print their undefended ACC/ASR; no purification")
+    ap.add_argument("--combine", nargs="+", type=Path, default=None, metavar="JSON",
+                    help="print one table and summary for several generalize.json files (runs split by --only) "
+                         "and exit")
     args = ap.parse_args()
+    if args.combine:
+        print(markdown(combine(args.combine)))
+        return
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else [args.seed]
     only = {n.strip() for item in args.only or [] for n in item.split(",") if n.strip()}
     rows = [row for row in MATRIX[args.profile] if not only or row[0] in only]
@@ -321,6 +328,15 @@ def main() -> None:
             keys = ("name", "seed", "poisoned", "covers", "before", "paper", "paper_best", "guard")
             print(json.dumps({k: strip(entry[k]) for k in keys if k in entry}, default=str), flush=True)
     print(markdown(result))
+
+
+def combine(paths: list[Path]) -> dict:
+    """Several runs' results as one (rows in the order given; seeds and test sizes as the runs said)."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    if len({r["profile"] for r in runs}) > 1 or len({r["test_samples"] for r in runs}) > 1:
+        raise SystemExit("generalize: --combine needs runs of one profile on the same test images")
+    seeds = sorted({s for r in runs for s in r.get("seeds", [r.get("seed", 0)])})
+    return {**runs[0], "seeds": seeds, "rows": [row for r in runs for row in r["rows"]]}
 
 
 def strip(value: object) -> object:

@@ -241,7 +241,8 @@ def run_victim(folder: Path, entry: dict, test_ref: Path, device: str) -> dict:
                                       out=folder / method, eval_data=str(test_ref),
                                       attack=str(attack_file) if attack_file.exists() else None,
                                       method=method, device=device, sweep=method == "paper", overwrite=True,
-                                      reactivation_check=method == "guard"))
+                                      # a clean victim has no ASR to come back: its check would only cost time
+                                      reactivation_check=method == "guard" and not entry["clean"]))
         rep = result.report
         ev = rep["evaluation"]
         entry["before"] = {k: ev["before"].get(k) for k in ("acc", "asr")}

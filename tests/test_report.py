@@ -154,3 +154,21 @@ def test_the_schema_doc_is_generated_from_the_model():
                     "`evaluation`", "`sites[]`", "`export`", "`timings`", "`detection`", "`poison_detection`"):
         assert f"## {section}\n" in committed
 
+
+def test_the_workers_summary_reads_the_typed_report():
+    from worker.tasks import _summary
+
+    report = publishable(minimal())
+    summary = _summary(report)
+    assert summary["lam"] == 4.0 and summary["after"]["acc"] is None and summary["before"]["acc"] == 0.5
+    assert summary["timings"] == {"load": 0.1, "total": 1.0} and summary["bounds_images_per_s"] is None
+    assert "verdict" not in summary and "reactivation" not in summary
+    json.dumps(summary, allow_nan=False)
+
+
+def test_the_cli_summary_reads_the_typed_report(tmp_path):
+    from clipguard.cli import summary
+
+    text = summary(publishable(minimal()), tmp_path)
+    assert "purified small_cnn with λ=4 (paper, channel) on 4 samples" in text
+    assert "ACC 50.0% -> n/a" in text and "ASR" not in text

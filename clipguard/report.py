@@ -87,8 +87,8 @@ class DataInput(Section):
 class Inputs(Section):
     """What was purified."""
 
-    model: ModelInput
-    data: DataInput
+    model: ModelInput = Field(description="The suspect model.")
+    data: DataInput = Field(description="The training data.")
 
 
 # --------------------------------------------------------------------------- guard: candidates, verdict
@@ -118,7 +118,7 @@ class Warp(Section):
         None, description="The same search's success for ordinary classes, by class (as a string); "
                           "absent when the candidate's own search found too little to compare.")
     toward_suspects: Share | None = Field(
-        None, description="(with `controls`). Share of warped images moved towards the suspects rather "
+        None, description="With `controls`: share of warped images moved towards the suspects rather "
                           "than the genuine group in the model's features.")
 
 
@@ -147,7 +147,8 @@ class Candidate(Section):
     whole_class_score: float | None = Field(description="The separation once the whole class was read.")
     side: Side | None = Field(description="Which group of the whole-class split was taken as poisoned.")
     unresolved: bool = Field(description="Not confirmed, yet not dismissed: makes the verdict `inconclusive`.")
-    suspects: int | None = Field(None, description="(with the evidence). Samples in the suspect group.")
+    suspects: int | None = Field(None, description="Samples in the suspect group (present with the graft "
+                                                   "evidence, as are the fields below).")
     genuine: int | None = Field(None, description="Samples in the genuine group.")
     confirmed: bool | None = Field(None, description="Whether the suspects were shown to carry a "
                                                      "trigger.")
@@ -207,15 +208,15 @@ class UnlearnRound(Section):
 class UnlearnConfig(Section):
     """The fine-tune's recipe (`clipguard.unlearning.UnlearnConfig`)."""
 
-    epochs: int
-    lr: float
+    epochs: int = Field(description="Epochs per round.")
+    lr: float = Field(description="Learning rate.")
     batch_size: int
-    rounds: int
-    samples_per_epoch: int
+    rounds: int = Field(description="Rounds; samples whose prediction flipped in one join the next.")
+    samples_per_epoch: int = Field(description="Clean samples drawn per epoch (every suspect always takes part).")
     seed: int
-    scope: Literal["tail", "full"]
-    tail_share: float
-    max_cache_mb: int
+    scope: Literal["tail", "full"] = Field(description="What was asked for; `unlearning.scope` says what ran.")
+    tail_share: float = Field(description="Smallest share of the parameters the tail must hold.")
+    max_cache_mb: int = Field(description="Limit on the cached tail inputs; past it the whole network is trained.")
 
 
 class Unlearning(Section):
@@ -224,7 +225,7 @@ class Unlearning(Section):
     config: UnlearnConfig = Field(description="The fine-tune's recipe.")
     scope: Literal["tail", "full"] = Field(description="What was trained: the part after `cut` on cached body "
                                                        "outputs, or every layer on the images.")
-    cut: str | None = Field(None, description="(`tail` only). The traced node where the frozen body ends.")
+    cut: str | None = Field(None, description="`tail` only: the traced node where the frozen body ends.")
     rounds: list[UnlearnRound] = Field(description="Per round.")
     suspects: int = Field(description="Final suspect count; the bounds are computed without these samples.")
     scope_note: str | None = Field(None, description="Why the whole network was trained when the "
@@ -288,12 +289,13 @@ class ExportCheck(Section):
 
     format: Literal["torchscript", "torch.export"]
     ok: bool = Field(description="`max_abs_diff <= tolerance` (TorchScript: always `true`, a failure aborts).")
-    method: Literal["script", "trace"] | None = Field(None, description="(TorchScript). How it was made.")
+    method: Literal["script", "trace"] | None = Field(None, description="TorchScript: how it was made.")
     batch: int | None = Field(None, description="Images in the check batch.")
     max_abs_diff: float | None = Field(None, description="Largest absolute logit difference between the "
                                                          "reloaded file and the eager model.")
     tolerance: float | None = Field(None, description="Largest difference accepted.")
-    error: str | None = Field(None, description="(torch.export). Why the model did not export.")
+    error: str | None = Field(None, description="torch.export: why the model did not export (then no `batch`, "
+                                                "`max_abs_diff`, `tolerance`).")
 
 
 class Export(Section):
@@ -311,18 +313,21 @@ class Metrics(Section):
     acc: Share | None = Field(description="Clean accuracy (`null` over zero images).")
     per_class_acc: list[Share | None] = Field(description="Clean accuracy per true label; `null` for a label with "
                                                           "no images.")
-    asr: Share | None = Field(None, description="(with an attack). Attack success rate over the images "
-                                                "whose label is not their target; `null` when there are none.")
+    asr: Share | None = Field(None, description="With an attack, as are the fields below: attack success rate "
+                                                "over the images whose label is not their target; `null` when there "
+                                                "are none.")
     asr_all: Share | None = Field(None, description="ASR over all images the attack claims.")
     ra: Share | None = Field(None, description="Robust accuracy on the images `asr` counts.")
     asr_samples: int | None = Field(None, description="Images counted in `asr` and `ra`.")
 
 
 class EvalSweepRow(Section):
-    lam: float
-    samples: int | None = Field(None, description="Images scored (an evenly spaced subset).")
-    acc: Share | None = None
-    asr: Share | None = None
+    """The clipped model's metrics at one λ (as in `evaluation.before`), on the sweep's subset."""
+
+    lam: float = Field(description="λ of the clip.")
+    samples: int | None = Field(None, description="Images scored (an evenly spaced subset of at most 2000).")
+    acc: Share | None = Field(None, description="Clean accuracy.")
+    asr: Share | None = Field(None, description="With an attack, as are the fields below: ASR.")
     asr_all: Share | None = None
     ra: Share | None = None
 
@@ -330,13 +335,13 @@ class EvalSweepRow(Section):
 class EvalData(Section):
     ref: str = Field(description="The reference as given.")
     sha256: str = Field(description="Reference digest, as for `inputs.data`.")
-    samples: int
+    samples: int = Field(description="Evaluation images.")
 
 
 class Evaluation(Section):
     """ACC/ASR before and after, with `--eval-data`."""
 
-    data: EvalData
+    data: EvalData = Field(description="The evaluation data.")
     attack: dict[str, Any] | None = Field(
         description="The trigger as `Attack.to_dict()` writes it (`name`, `target`, `mode`, `poisoning`, "
                     "`image_size` and the attack's own parameters, which differ per attack: an open object); "
@@ -354,30 +359,32 @@ class Evaluation(Section):
 class ReactivationProtocol(Section):
     """The fine-tune's settings (`clipguard.reactivation.ReactivationConfig`)."""
 
-    samples: int
+    samples: int = Field(description="Training images drawn for the fine-tune (at most; the suspects excluded).")
     epochs: int
-    lr: float
+    lr: float = Field(description="Learning rate.")
     batch_size: int
-    seed: int
+    seed: int = Field(description="Seed of the draw, the order and the flips.")
 
 
 class Reactivation(Section):
     """A brief fine-tune of the purified model on clean data, and what it did (`clipguard.reactivation`)."""
 
-    protocol: ReactivationProtocol
+    protocol: ReactivationProtocol = Field(description="The fine-tune's settings.")
     tuned_on: int = Field(description="Training images the copy was fine-tuned on (the suspects excluded).")
     agreement: Share | None = Field(description="Share of `agreement_on` on which the re-tuned copy predicts what the "
                                                 "purified model predicts.")
     agreement_on: str = Field(description="Where agreement was measured: the evaluation data, or training images "
                                           "the fine-tune did not use.")
-    agreement_samples: int
-    after: Metrics | None = Field(None, description="(with `--eval-data`). The re-tuned copy's metrics.")
+    agreement_samples: int = Field(description="Images agreement was measured on.")
+    after: Metrics | None = Field(None, description="With `--eval-data`: the re-tuned copy's metrics.")
 
 
 class MMBDNull(Section):
+    """The Gamma distribution fitted to the statistics of all classes but the most suspicious."""
+
     shape: float
     scale: float
-    shift: float
+    shift: float = Field(description="Added to every statistic before the fit, when some were not positive.")
 
 
 class MMBDDetection(Section):
@@ -388,13 +395,14 @@ class MMBDDetection(Section):
     statistics: list[float] = Field(description="Per class, the largest margin the optimisation reached.")
     target: int = Field(description="The class with the largest statistic (the most suspicious).")
     null: MMBDNull = Field(description="The Gamma null fitted to the other classes.")
-    p_value: float | None
-    alpha: float
+    p_value: float | None = Field(description="Chance of a statistic this large among clean classes, under the "
+                                            "null.")
+    alpha: float = Field(description="Significance level.")
     flagged: bool = Field(description="`p_value <= alpha`.")
-    images_per_class: int
-    max_steps: int
-    steps_taken: list[int]
-    seconds: float
+    images_per_class: int = Field(description="Random images each class's optimisation starts from.")
+    max_steps: int = Field(description="Most optimisation steps per class.")
+    steps_taken: list[int] = Field(description="Steps each class's optimisation took.")
+    seconds: float = Field(description="Time the detection took.")
 
 
 class Timings(Section):
@@ -423,7 +431,7 @@ class Report(Section):
     schema_: str = Field(alias="schema", description=f"`\"{SCHEMA}\"`.")
     clipguard_version: str = Field(description="Version of clipguard that wrote the report.")
     created: str = Field(description="When the report was written: ISO 8601, UTC, seconds.")
-    inputs: Inputs
+    inputs: Inputs = Field(description="What was purified: the model and the training data.")
     method: Literal["guard", "paper"] = Field(
         description="`guard` (detect, confirm and unlearn the poisoned samples, then clip) or `paper` (clip the "
                     "model as given). See method.md.")
@@ -432,16 +440,17 @@ class Report(Section):
     lam_selection: LamSelection | None = Field(description="`--lam auto` only.")
     poison_detection: PoisonDetection | None = Field(description="guard only.")
     unlearning: Unlearning | None = Field(description="guard, when a backdoor was confirmed.")
-    granularity: Literal["channel", "element"]
-    statistics: Statistics
+    granularity: Literal["channel", "element"] = Field(description="One bound per channel (pooled over space) or "
+                                                                    "one per activation.")
+    statistics: Statistics = Field(description="The images μ and σ were measured on.")
     sites: list[Site] = Field(description="One per clip site, in execution order.")
-    export: Export
+    export: Export = Field(description="The checks of the exported artifacts.")
     evaluation: Evaluation | None = Field(description="With `--eval-data` only.")
     reactivation: Reactivation | None = Field(description="With `--reactivation-check` only.")
     detection: MMBDDetection | None = Field(description="With `--detect` only.")
     device: str = Field(description="Where the run computed (`cuda:0 (NVIDIA H100 80GB HBM3)`, `cpu (2 threads)`).")
-    torch_version: str
-    timings: Timings
+    torch_version: str = Field(description="`torch.__version__` of the run.")
+    timings: Timings = Field(description="Seconds per stage.")
     artifacts: list[str] = Field(description="File names published in the output folder, sorted.")
 
     @model_validator(mode="before")
@@ -520,43 +529,32 @@ They follow BackdoorBench (`utils/metric.py`) so numbers compare with the litera
 * **DER**: defense effectiveness rate, `[max(0, ΔASR) − max(0, ΔACC) + 1] / 2` with
   `ΔASR = ASR_before − ASR_after` and `ΔACC = ACC_before − ACC_after`. 0.5 means no change; 1.0 means
   ASR fell from 100% to 0% at no accuracy cost.
+* The target of each image comes from the attack (`target_labels`): one class for all-to-one attacks,
+  `(label + 1) mod K` for all-to-all ones, as in BackdoorBench; "target class" above means each image's
+  own target.
 """
 
 
-def _type_words(annotation: Any, sections: dict[type, str]) -> str:
-    """A field's type in words, with a link to the section of a nested model."""
+def _type_words(annotation: Any, anchors: dict[type, str], *, top: bool = True) -> str:
+    """A type in words, with a link to a nested model's section; ``top``: the field's own nullability is said apart."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (Union, types.UnionType):
-        rest = [a for a in args if a is not type(None)]
-        return " or ".join(_type_words(a, sections) for a in rest)
+        words = [_type_words(a, anchors, top=top) for a in args if a is not type(None)]
+        return " or ".join(words + ([] if top or type(None) not in args else ["null"]))
     if origin is Literal:
         return " or ".join(f"`{json.dumps(a)}`" for a in args)
     if origin is list:
-        return f"array of {_type_words(args[0], sections)}"
+        return f"array of {_type_words(args[0], anchors, top=False)}"
     if origin is dict:
-        return "object" if args[1] is Any else f"object of {_type_words(args[1], sections)}"
+        return "object" if args[1] is Any else f"object of {_type_words(args[1], anchors, top=False)}"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        path = sections[annotation]
-        return f"object ([`{path}`](#{_anchor(path)}))"
+        return f"[object](#{anchors[annotation]})"
     return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(annotation, "any")
 
 
-def _anchor(path: str) -> str:
-    return "".join(c for c in path.lower() if c.isalnum() or c in "-_ ").replace(" ", "-")
-
-
-def _models(model: type[BaseModel], path: str, found: dict[type, str]) -> None:
-    """Every model reachable from ``model``, with the first JSON path it is met at (depth first)."""
-    found.setdefault(model, path)
-    for name, info in model.model_fields.items():
-        key = info.alias or name
-        for inner, suffix in _nested(info.annotation):
-            if inner not in found:
-                _models(inner, f"{path}.{key}{suffix}" if path else f"{key}{suffix}", found)
-
-
 def _nested(annotation: Any) -> list[tuple[type[BaseModel], str]]:
+    """The models inside a field's type, each with what follows the field's name in its path (``[]``, ``.*``)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [(annotation, "")]
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -567,6 +565,26 @@ def _nested(annotation: Any) -> list[tuple[type[BaseModel], str]]:
     return [pair for a in args for pair in _nested(a)]
 
 
+def _sections() -> dict[type[BaseModel], list[str]]:
+    """Every model in the report, depth first, with the JSON paths it is met at (a shared model, such as the
+    before/after metrics, at each of its places under its parent's first path)."""
+    paths: dict[type[BaseModel], list[str]] = {Report: [""]}
+
+    def visit(model: type[BaseModel]) -> None:
+        for name, info in model.model_fields.items():
+            for inner, suffix in _nested(info.annotation):
+                parent = paths[model][0]
+                path = f"{parent}.{info.alias or name}{suffix}".lstrip(".")
+                if inner in paths:
+                    paths[inner].append(path)
+                else:
+                    paths[inner] = [path]
+                    visit(inner)
+
+    visit(Report)
+    return paths
+
+
 def _doc(model: type[BaseModel]) -> str:
     own = model.__dict__.get("__doc__")
     return " ".join(own.split()) if own else ""
@@ -574,23 +592,23 @@ def _doc(model: type[BaseModel]) -> str:
 
 def markdown() -> str:
     """``docs/report-schema.md``: the prose above and one table per model, from the field types and descriptions."""
-    sections: dict[type, str] = {}
-    _models(Report, "", sections)
+    sections = _sections()
+    anchors = {m: "top-level" if m is Report else paths[0].replace(".", "-").replace("[]", "").replace("*", "")
+               for m, paths in sections.items()}
     parts = [INTRO, VERSIONING]
-    for model, path in sections.items():
-        title = "Top level" if model is Report else f"`{path}`"
-        lines = [f"## {title}", ""]
+    for model, paths in sections.items():
+        title = "Top level" if model is Report else ", ".join(f"`{p}`" for p in paths)
+        lines = [f'<a id="{anchors[model]}"></a>', "", f"## {title}", ""]
         if _doc(model):
             lines += [_doc(model), ""]
         lines += ["| Field | Type | Meaning |", "|---|---|---|"]
         for name, info in model.model_fields.items():
-            kind = _type_words(info.annotation, sections)
-            nullable = type(None) in typing.get_args(info.annotation)
+            kind = _type_words(info.annotation, anchors)
             if not info.is_required():
                 kind += ", optional"
-            elif nullable:
+            elif type(None) in typing.get_args(info.annotation):
                 kind += ", nullable"
-            meaning = (info.description or "").removeprefix("").replace("|", "\\|")
+            meaning = (info.description or "").replace("|", "\\|")
             lines.append(f"| `{info.alias or name}` | {kind} | {meaning} |")
         parts.append("\n".join(lines) + "\n")
     parts.append(METRICS)

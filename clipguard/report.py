@@ -32,7 +32,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA = "clipguard.report/1"
-"""The version this code writes; see the versioning rules in :data:`VERSIONING`."""
+"""The version this code writes and reads (``Report.schema_``); see the versioning rules in :data:`VERSIONING`."""
 
 
 def json_safe(value: object) -> object:
@@ -428,15 +428,17 @@ class Timings(Section):
 class Report(Section):
     """`report.json`: what was purified, with what, how, and (with test data) with what effect."""
 
-    schema_: str = Field(alias="schema", description=f"`\"{SCHEMA}\"`.")
+    schema_: Literal["clipguard.report/1"] = Field(alias="schema", description="The schema version; a report of "
+                                                                               "another version is refused.")
     clipguard_version: str = Field(description="Version of clipguard that wrote the report.")
     created: str = Field(description="When the report was written: ISO 8601, UTC, seconds.")
     inputs: Inputs = Field(description="What was purified: the model and the training data.")
     method: Literal["guard", "paper"] = Field(
         description="`guard` (detect, confirm and unlearn the poisoned samples, then clip) or `paper` (clip the "
-                    "model as given). See method.md.")
+                    "model as given). See [method.md](method.md).")
     verdict: Verdict | None = Field(description="guard only (`null` for paper).")
-    lam: float = Field(description="The λ used, given or chosen by `--lam auto`.")
+    lam: float = Field(description="The λ used, given or chosen by `--lam auto`. Default 6.0 for guard when it "
+                                   "unlearned, else 4.0 (the paper's).")
     lam_selection: LamSelection | None = Field(description="`--lam auto` only.")
     poison_detection: PoisonDetection | None = Field(description="guard only.")
     unlearning: Unlearning | None = Field(description="guard, when a backdoor was confirmed.")

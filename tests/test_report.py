@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import typing
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,12 @@ def test_a_report_from_a_newer_writer_with_fields_this_reader_does_not_know_is_r
     assert report.model_extra == {"provenance": {"host": "x"}}
     assert report.timings.model_extra == {"warmup_s": 0.5}
     assert report.dump()["evaluation"]["before"]["calibration_error"] == 0.03
+
+
+def test_a_report_of_another_schema_version_is_refused():
+    assert typing.get_args(Report.model_fields["schema_"].annotation) == (SCHEMA,)  # writes what it reads
+    with pytest.raises(ValidationError, match="schema"):
+        read(json.dumps(publishable(minimal()) | {"schema": "clipguard.report/2"}))
 
 
 def test_non_finite_numbers_become_null_once_and_wrong_types_fail():

@@ -71,6 +71,12 @@ def test_a_real_report_validates_and_the_model_describes_every_field(tiny, metho
     if method == "guard":
         assert report.verdict is not None and report.poison_detection is not None and report.reactivation is not None
         assert report.verdict.status in ("backdoor_found", "no_evidence", "inconclusive")
+        from worker.tasks import _summary
+
+        summary = _summary(written)  # what the job's row keeps: the report's own numbers
+        assert summary["reactivation"]["after"] == written["reactivation"]["after"]
+        assert summary["before"] == written["evaluation"]["before"] and summary["verdict"]["status"] == written[
+            "verdict"]["status"]
     else:
         assert report.verdict is None and report.poison_detection is None
 

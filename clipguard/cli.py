@@ -110,38 +110,43 @@ def cmd_purify(args: argparse.Namespace) -> int:
 
 def summary(report: dict, out: Path) -> str:
     """The few lines a user wants after a run; the rest is in report.json."""
-    lines = [f"purified {report['inputs']['model']['arch']} with λ={report['lam']:g} "
-             f"({report['method']}, {report['granularity']}) on {report['inputs']['data']['samples']} samples "
-             f"in {report['timings']['total_s']:.1f}s on {report['device']}"]
-    ev = report.get("evaluation")
-    if ev:
-        b, a = ev["before"], ev["after"]
-        line = f"ACC {100 * b['acc']:.1f}% -> {100 * a['acc']:.1f}%"
-        if "asr" in b:
-            line += f"   ASR {100 * b['asr']:.1f}% -> {100 * a['asr']:.1f}%   DER {ev['der']:.3f}"
-        lines.append(line)
-    again = report.get("reactivation")
-    if again and again.get("after") and "asr" in again["after"]:
-        lines.append(f"after a {again['protocol']['epochs']}-epoch fine-tune on {again['tuned_on']} training images: "
-                     f"ACC {100 * again['after']['acc']:.1f}%   ASR {100 * again['after']['asr']:.1f}%   "
-                     f"agreement {100 * again['agreement']:.1f}%")
-    elif again:
-        lines.append(f"after a {again['protocol']['epochs']}-epoch fine-tune on {again['tuned_on']} training images: "
-                     f"agreement {100 * again['agreement']:.1f}% with the purified model")
-    verdict = report.get("verdict")
-    if verdict is not None:
-        from clipguard.verdict import WORDS
+    from clipguard.report import Report
+    from clipguard.verdict import WORDS
 
-        lines.append(f"{WORDS[verdict['status']]}: {verdict['summary']}")
-        lines.append(f"action: {verdict['action']}"
-                     + (f" ({report['unlearning']['suspects']} samples unlearned)" if report.get("unlearning") else ""))
-    det = report.get("detection")
+    r = Report.model_validate(report)
+    lines = [f"purified {r.inputs.model.arch} with λ={r.lam:g} ({r.method}, {r.granularity}) on "
+             f"{r.inputs.data.samples} samples in {r.timings.total_s or 0.0:.1f}s on {r.device}"]
+    ev = r.evaluation
+    if ev:
+        line = f"ACC {_pct(ev.before.acc)} -> {_pct(ev.after.acc)}"
+        if "asr" in ev.before.model_fields_set:
+            der = "n/a" if ev.der is None else f"{ev.der:.3f}"
+            line += f"   ASR {_pct(ev.before.asr)} -> {_pct(ev.after.asr)}   DER {der}"
+        lines.append(line)
+    again = r.reactivation
+    if again:
+        tuned = f"after a {again.protocol.epochs}-epoch fine-tune on {again.tuned_on} training images: "
+        if again.after is not None and "asr" in again.after.model_fields_set:
+            lines.append(f"{tuned}ACC {_pct(again.after.acc)}   ASR {_pct(again.after.asr)}   "
+                         f"agreement {_pct(again.agreement)}")
+        else:
+            lines.append(f"{tuned}agreement {_pct(again.agreement)} with the purified model")
+    if r.verdict is not None:
+        lines.append(f"{WORDS[r.verdict.status]}: {r.verdict.summary}")
+        lines.append(f"action: {r.verdict.action}"
+                     + (f" ({r.unlearning.suspects} samples unlearned)" if r.unlearning else ""))
+    det = r.detection
     if det:
-        verdict = "backdoor suspected" if det.get("flagged") else "no backdoor detected"
-        lines.append(f"MM-BD: {verdict} (p={det.get('p_value', float('nan')):.3g}, most suspicious class "
-                     f"{det.get('target')})")
-    lines.append(f"wrote {', '.join(report['artifacts'])} to {out}")
+        p_value = "n/a" if det.p_value is None else f"{det.p_value:.3g}"
+        lines.append(f"MM-BD: {'backdoor suspected' if det.flagged else 'no backdoor detected'} (p={p_value}, most "
+                     f"suspicious class {det.target})")
+    lines.append(f"wrote {', '.join(r.artifacts)} to {out}")
     return "\n".join(lines)
+
+
+def _pct(share: float | None) -> str:
+    """A share as the summary prints it; ``n/a`` where the report has none (a rate over zero images)."""
+    return "n/a" if share is None else f"{100 * share:.1f}%"
 
 
 def cmd_train(args: argparse.Namespace) -> int:

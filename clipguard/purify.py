@@ -10,8 +10,6 @@ cancellation never leaves a half-written output behind.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import shutil
 import tempfile
@@ -55,6 +53,7 @@ from clipguard.lam import lam_problem
 from clipguard.lambda_selection import DEFAULT_GRID, select_lambda
 from clipguard.metrics import der, evaluate
 from clipguard.models import ModelSpec, resolve_spec
+from clipguard.report import SCHEMA, publishable, to_json
 from clipguard.reports import write_html
 
 Progress = Callable[[str, float], None]
@@ -139,7 +138,6 @@ clip follows unlearning and only has to catch what is left far out of range; a l
 clean accuracy (docs/method.md, issue-8 measurements). A guard run that flags nothing is the
 paper's recipe and takes the paper's λ."""
 
-REPORT_SCHEMA = "clipguard.report/1"
 CLIP_FRACTION_SAMPLES = 2048
 EXPORT_CHECK_BATCH = 16
 
@@ -321,7 +319,7 @@ def purify(
             say("reactivation", 1.0)
         timings["total_s"] = time.perf_counter() - started
         report = {
-            "schema": REPORT_SCHEMA,
+            "schema": SCHEMA,
             "clipguard_version": __version__,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "inputs": {
@@ -350,11 +348,12 @@ def purify(
             "artifacts": [*sorted(p.name for p in staging.iterdir()), "report.json"],
         }
         report["artifacts"] = sorted([*report["artifacts"], "report.html"])
+        report = publishable(report)  # checked against clipguard.report.Report, NaN made null: what readers get
         top = sorted(fractions, key=fractions.__getitem__, reverse=True)[:HISTOGRAM_SITES]
         write_html(report, staging / "report.html",
                    activations={n: {"values": act_values[n], "bound": bounds[n].flatten().numpy()}
                                 for n in top if n in act_values})
-        (staging / "report.json").write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
+        (staging / "report.json").write_text(to_json(report))
         if should_cancel is not None and should_cancel():
             raise Cancelled("cancelled before publishing")
         _publish(staging, out, overwrite=options.overwrite)
@@ -416,17 +415,6 @@ def eval_attack(spec: str | Mapping[str, object], image_size: tuple[int, int], *
         return ATTACKS[name].from_state(record, {})
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise DataError(f"malformed {name} attack ({type(exc).__name__}: {exc})"[:300]) from exc
-
-
-def json_safe(value: object) -> object:
-    """NaN and infinities become ``null``: strict JSON parsers (and PostgreSQL) reject the bare tokens."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def _check_input(data: ImageData, spec: ModelSpec, what: str) -> None:

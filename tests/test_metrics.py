@@ -103,7 +103,7 @@ def test_der_follows_backdoorbench():
 def test_absent_classes_have_no_accuracy_and_reports_stay_strict_json():
     import json
 
-    from clipguard.purify import json_safe
+    from clipguard.report import json_safe
 
     data = _data()
     only_three = data.subset(torch.nonzero(data.labels < 3).flatten())

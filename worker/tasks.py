@@ -377,28 +377,22 @@ def _artifact(job_id: str, path: Path, location: str) -> Artifact:
 def _summary(report: dict) -> dict:
     """What a client wants at a glance: the λ used, ACC/ASR before and after, the verdict and the reactivation check.
 
-    Non-finite numbers (a class absent from the test data has NaN accuracy) become null:
-    JSON has no NaN and PostgreSQL's json type refuses it.
+    ``report`` is what ``purify`` published: checked against ``clipguard.report.Report``, its
+    non-finite numbers already null (JSON has no NaN and PostgreSQL's json type refuses it).
     """
-    evaluation = report.get("evaluation") or {}
+    from clipguard.report import Report
+
+    r = Report.model_validate(report)
+    ev, verdict, again = r.evaluation, r.verdict, r.reactivation
     # Seconds per engine stage ("bounds_s" -> "bounds") and the bounds pass's speed: /metrics reads them.
-    timings = {k.removesuffix("_s"): v for k, v in (report.get("timings") or {}).items()}
-    images = (report.get("inputs") or {}).get("data", {}).get("samples")
-    speed = images / timings["bounds"] if images and timings.get("bounds") else None
-    verdict = report.get("verdict") or {}
-    again = report.get("reactivation") or {}
-    return _finite({"lam": report.get("lam"), "before": evaluation.get("before"), "after": evaluation.get("after"),
-                    "der": evaluation.get("der"), "timings": timings, "bounds_images_per_s": speed,
-                    **({"verdict": {k: verdict.get(k) for k in ("status", "classes")}} if verdict else {}),
-                    **({"reactivation": {"after": again.get("after"), "agreement": again.get("agreement")}}
-                       if again else {})})
+    timings = {k.removesuffix("_s"): v for k, v in r.timings.model_dump(exclude_unset=True).items()}
+    images, seconds = r.inputs.data.samples, r.timings.bounds_s
+    return {"lam": r.lam, "before": _dump(ev and ev.before), "after": _dump(ev and ev.after),
+            "der": ev.der if ev else None, "timings": timings,
+            "bounds_images_per_s": images / seconds if images and seconds else None,
+            **({"verdict": {"status": verdict.status, "classes": verdict.classes}} if verdict else {}),
+            **({"reactivation": {"after": _dump(again.after), "agreement": again.agreement}} if again else {})}
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
+def _dump(section: Any) -> dict | None:
+    return None if section is None else section.model_dump(mode="json", by_alias=True, exclude_unset=True)

@@ -27,9 +27,10 @@ from sqlalchemy.orm import sessionmaker
 from app import store
 from app.db import Artifact, Dataset, Job, Model, make_sessionmaker
 from app.logs import binds_job
+from app.queues import PURIFY_TASK
 from app.settings import Settings, get_settings
 from app.storage import StorageError, StorageUnavailable, local_data_ref, storage_for
-from worker.celery_app import PURIFY_TASK, celery_app
+from worker.celery_app import celery_app
 
 log = logging.getLogger("clipguard.worker")
 

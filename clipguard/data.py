@@ -36,6 +36,8 @@ import numpy as np
 import torch
 
 from clipguard.errors import DataError
+from clipguard.files import atomic_path
+from clipguard.files import file_sha256 as file_sha256  # where callers have always found it
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
@@ -135,9 +137,8 @@ def save_npz(data: ImageData, path: str | os.PathLike) -> Path:
     """Write ``data`` as an ``.npz`` reference (``x`` uint8 NHWC, ``y``, ``classes``), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, x=data.images.permute(0, 2, 3, 1).numpy(), y=data.labels.numpy(), classes=np.array(data.classes))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: np.savez adds no ".npz" to it
+        np.savez(fh, x=data.images.permute(0, 2, 3, 1).numpy(), y=data.labels.numpy(), classes=np.array(data.classes))
     return path
 
 
@@ -206,9 +207,8 @@ def load_data(
     data = ImageData(images, labels, tuple(classes), str(path) + (f"#{split}" if split else ""), digest)
     if cache_file is not None and (cache_max_bytes is None or images.numel() < cache_max_bytes):
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({"images": images, "labels": labels, "classes": json.dumps(list(classes))}, tmp)
-        os.replace(tmp, cache_file)
+        with atomic_path(cache_file, durable=False) as tmp:  # a cache: a lost one is decoded again
+            torch.save({"images": images, "labels": labels, "classes": json.dumps(list(classes))}, tmp)
         if cache_max_bytes is not None:
             trim_cache(cache_file.parent, cache_max_bytes)
     return data
@@ -302,18 +302,8 @@ def _reference_digest(path: Path, split: str | None, image_size: tuple[int, int]
                 h.update(f"{p.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     else:
         with open_regular(path) as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+            h = hashlib.file_digest(f, "sha256")
     h.update(f"split={split};size={image_size}".encode())
-    return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 

@@ -33,6 +33,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from clipguard.errors import ClipguardError
+from clipguard.files import atomic_path
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ModelStatus = Literal["awaiting_upload", "validating", "ready", "rejected"]
@@ -558,26 +559,24 @@ class Client:
 
     def _download_one(self, artifact: Artifact, out: Path) -> Path:
         target = out / Path(artifact.name).name
-        part = target.with_name(f".{target.name}.part")
         h = hashlib.sha256()
         bar = _Bar(self.progress, artifact.size, artifact.name)
         try:
-            with self._http.stream("GET", artifact.url, follow_redirects=True) as response, part.open("wb") as f:
-                if response.is_error:
-                    response.read()
-                    _raise_for_problem("GET", artifact.url, response)
-                for chunk in response.iter_bytes(CHUNK):
-                    h.update(chunk)
-                    f.write(chunk)
-                    bar.add(len(chunk))
-            if h.hexdigest() != artifact.sha256:
-                raise RemoteError(f"{artifact.name}: sha256 mismatch after download")
-            os.replace(part, target)
+            with atomic_path(target) as part:
+                with self._http.stream("GET", artifact.url, follow_redirects=True) as response, part.open("wb") as f:
+                    if response.is_error:
+                        response.read()
+                        _raise_for_problem("GET", artifact.url, response)
+                    for chunk in response.iter_bytes(CHUNK):
+                        h.update(chunk)
+                        f.write(chunk)
+                        bar.add(len(chunk))
+                if h.hexdigest() != artifact.sha256:
+                    raise RemoteError(f"{artifact.name}: sha256 mismatch after download")
         except httpx.HTTPError as exc:
             raise RemoteError(f"GET {artifact.url}: {type(exc).__name__}: {exc}") from exc
         finally:
             bar.close()
-            part.unlink(missing_ok=True)
         return target
 
 

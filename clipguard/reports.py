@@ -26,10 +26,10 @@ import json
 import math
 import numbers
 import os
-import secrets
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from clipguard.files import write_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -850,20 +850,5 @@ def render_html(report: dict, activations: dict[str, dict] | None = None) -> str
 
 
 def write_html(report: dict, path: str | os.PathLike, activations: dict[str, dict] | None = None) -> None:
-    """Render and write ``report.html`` atomically: readers see the old file or the new one, never half.
-
-    The temporary file sits beside ``path`` (same file system, so ``os.replace`` is atomic) and is
-    created with mode ``x`` so it gets the usual umask permissions rather than ``mkstemp``'s 0600.
-    """
-    target = Path(path)
-    text = render_html(report, activations)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Render and write ``report.html`` atomically: readers see the old file or the new one, never half."""
+    write_text(path, render_html(report, activations))

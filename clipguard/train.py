@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import nn
 from clipguard.data import ImageData, normalize
 from clipguard.devices import resolve_device
 from clipguard.errors import ClipguardError
+from clipguard.files import write_text
 from clipguard.models import ModelSpec
 
 BatchPoisoner = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
@@ -213,9 +213,7 @@ def train_victim(
         info["attack_file"] = attack_path(out).name
     if save_data is not None:
         info["data_file"] = str(save_npz(dataset, save_data))
-    tmp = out.with_name(out.name + ".json.tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, out.with_name(out.name + ".json"))
+    write_text(out.with_name(out.name + ".json"), json.dumps(info, indent=2) + "\n")
     return {k: v for k, v in info.items() if k not in ("history",)} | {
         "final_train_acc": history[-1]["train_acc"] if history else None,
         "poisoning": {k: v for k, v in info.get("poisoning", {}).items() if not k.endswith("indices")} or None,

@@ -370,11 +370,12 @@ def _moved_to_meta() -> Iterator[None]:
     def buffer(module: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
         register_buffer(module, name, tensor.to("meta") if tensor is not None else None, persistent)
 
-    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer  # type: ignore[method-assign]
+    # Patching the methods on the class is the point (every module built inside registers through them).
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
-        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer  # type: ignore[method-assign]
 
 
 def safetensors_layout(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:

@@ -30,7 +30,7 @@ import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -264,7 +264,7 @@ class _Sizes:
                             f"{self.limits.max_decoded_bytes} bytes")
 
 
-def open_regular(path: str | os.PathLike) -> BinaryIO:
+def open_regular(path: str | os.PathLike) -> io.BufferedReader:
     """``open(path, "rb")`` for a regular file only; anything else (a FIFO, a device, a socket) is a DataError.
 
     Opened without blocking and checked on the open descriptor, so a file swapped for a FIFO after a
@@ -380,8 +380,8 @@ def _tar_tree(path: Path, limits: Limits) -> _Tree:
                     raise DataError(f"{path.name}: unpacks to more than {limits.max_total_bytes} bytes")
                 if len(blobs) >= limits.max_files:
                     raise DataError(f"{path.name}: holds more than {limits.max_files} files")
-                f = tar.extractfile(member)
-                blobs[rel] = f.read() if f is not None else b""
+                member_file = tar.extractfile(member)
+                blobs[rel] = member_file.read() if member_file is not None else b""
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise DataError(f"{path.name}: unreadable tar archive ({exc})") from exc
     return _Tree(blobs, lambda b: b)
@@ -605,10 +605,10 @@ def _decode_image_folder(
         if i % 256 == 0:
             sizes.progress(i / len(files))
         try:
-            with Image.open(io.BytesIO(tree.read(name))) as im:
-                w, h = im.size
+            with Image.open(io.BytesIO(tree.read(name))) as source:
+                w, h = source.size
                 sizes.check_image(h, w, label, name)
-                im = im.convert("RGB")
+                im = source.convert("RGB")
                 if size is None:
                     size = (h, w)
                 if (h, w) != size:

@@ -238,7 +238,9 @@ class TarStream:
     def _produce(self) -> None:
         try:
             # GNU format: PAX (the default) adds an extended header to every member for its fractional mtime.
-            with tarfile.open(fileobj=self, mode="w|", dereference=True, format=tarfile.GNU_FORMAT) as tar:
+            # (typeshed's file object protocol wants reads and seeks; a "w|" stream only writes)
+            with tarfile.open(fileobj=self, mode="w|", dereference=True,  # type: ignore[call-overload]
+                              format=tarfile.GNU_FORMAT) as tar:
                 for path in self.files(self.root):
                     tar.add(path, arcname=path.relative_to(self.root).as_posix(), recursive=False)
             item: bytes | BaseException | None = None

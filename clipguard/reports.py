@@ -226,10 +226,10 @@ def _metrics_plot(metrics: list[tuple[str, float | None, float | None]]) -> str:
     width = 0.38
     for offset, idx, label, color in ((-width / 2, 1, "before", BEFORE_COLOR), (width / 2, 2, "after", AFTER_COLOR)):
         xs = [i + offset for i in range(len(metrics))]
-        vals = [100 * m[idx] if m[idx] is not None else 0.0 for m in metrics]
+        column = [m[1] if idx == 1 else m[2] for m in metrics]
+        vals = [100 * v if v is not None else 0.0 for v in column]
         bars = ax.bar(xs, vals, width, label=label, color=color)
-        ax.bar_label(bars, labels=[f"{v:.1f}" if m[idx] is not None else "" for v, m in zip(vals, metrics,
-                                                                                           strict=True)],
+        ax.bar_label(bars, labels=[f"{v:.1f}" if c is not None else "" for v, c in zip(vals, column, strict=True)],
                      fontsize=8, padding=2)
     ax.set_xticks(range(len(metrics)), [m[0] for m in metrics])
     ax.set_ylim(0, 112)

@@ -96,6 +96,7 @@ def train(
     opt = nesterov_sgd(model, config.lr, config.weight_decay, config.momentum)
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     total = config.epochs * steps_per_epoch
+    sched: torch.optim.lr_scheduler.LRScheduler
     if config.schedule == "onecycle":
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=total, pct_start=0.25)
     elif config.schedule == "cosine":
@@ -131,7 +132,7 @@ def train(
         if progress is not None:
             progress((epoch + 1) / config.epochs, {"epoch": epoch + 1, "loss": loss_sum / seen,
                                                    "train_acc": correct / seen})
-    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+    model = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     return model
 
 

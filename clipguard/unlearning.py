@@ -145,7 +145,8 @@ def fine_tune(
                 flip = (torch.rand(len(idx), generator=gen) < 0.5).to(device)
                 x = fast_input(torch.where(flip[:, None, None, None], x.flip(3), x), device)
             else:
-                x = tail_inputs[idx.to(tail_inputs.device)]  # type: ignore[index]
+                assert tail_inputs is not None  # computed whenever there is a tail
+                x = tail_inputs[idx.to(tail_inputs.device)]
             loss = F.cross_entropy(trained(x), labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()

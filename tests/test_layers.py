@@ -144,3 +144,14 @@ def test_service_commands_are_an_entry_point():
     assert {"fastapi", "celery", "sqlalchemy", "alembic", "uvicorn"} <= service
     assert not core & service
     assert any(d.startswith("clipguard[") and "service" in d for d in project["optional-dependencies"]["dev"])
+
+
+def test_the_version_is_defined_once():
+    import tomllib
+
+    import clipguard
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "clipguard.__version__"}
+    assert f"## [{clipguard.__version__}]" in (ROOT / "CHANGELOG.md").read_text()

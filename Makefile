@@ -47,4 +47,4 @@ test: lint typecheck
 	$(BIN)/pytest -q --durations=10
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,8 @@ class Clip(nn.Module):
     """``min(x, upper)`` with a per-node upper bound broadcast over the batch."""
 
     fuses_relu = False
-    upper: torch.Tensor
+    if TYPE_CHECKING:  # a buffer; a class-level annotation would break TorchScript's attribute inference
+        upper: torch.Tensor
 
     def __init__(self, upper: torch.Tensor) -> None:
         super().__init__()
@@ -69,7 +70,8 @@ class ReluClip(Clip):
     """
 
     fuses_relu = True
-    lower: torch.Tensor
+    if TYPE_CHECKING:
+        lower: torch.Tensor
 
     def __init__(self, upper: torch.Tensor) -> None:
         super().__init__(upper)

@@ -34,7 +34,7 @@ COPY worker ./worker
 # Not editable. The postgres extra (psycopg, psycopg-pool) serves CLIPGUARD_DATABASE_URL=postgresql+psycopg://...
 # and the status poll's async reads; the s3 extra (boto3) serves CLIPGUARD_STORAGE_URL=s3://...;
 # flower is the optional dashboard (compose profile "ops").
-RUN pip install ".[s3,postgres]" "flower>=2.0" \
+RUN pip install ".[service,s3,postgres]" "flower>=2.0" \
  && python -c "import clipguard.cli, app.main, worker.celery_app, psycopg, psycopg_pool, boto3, flower"
 
 # ---- runtime: the venv only, no compiler, no source tree, non-root ----

@@ -1,16 +1,17 @@
-# Two entry points, both starting from nothing: `make demo` and `make test`.
+# Two entry points, both starting from nothing: `make demo` and `make test` (what CI runs: .ci/run).
+# Smaller steps: `make lint`, `make typecheck`, `make test-fast` (no Redis, PostgreSQL, CIFAR-10 or browser).
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 CIFAR10 ?= ../shared/datasets/cifar10-jpg.tar.gz
 DEMO ?= runs/demo
 
-.PHONY: setup demo test lint bench-quick clean
+.PHONY: setup demo test test-fast lint typecheck format clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first, pinned to the release this machine carries on disk (any torch>=2.10 works).
+	# torch first, pinned to the release CI has on disk (any torch>=2.10 works).
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
@@ -27,9 +28,23 @@ demo: setup
 		--data $(DEMO)/poisoned-train.npz --eval-data '$(CIFAR10)#test' \
 		--attack $(DEMO)/victim.safetensors.attack.json --out $(DEMO)/purified --overwrite
 
-test: setup
+lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: setup
+	$(BIN)/mypy
+
+# Markers are applied in tests/conftest.py.
+test-fast: setup
+	$(BIN)/pytest -q -m "not service and not browser and not cifar and not slow"
+
+test: lint typecheck
 	$(BIN)/pytest -q --durations=10
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache

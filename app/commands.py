@@ -1,15 +1,19 @@
 """``clipguard serve`` and ``clipguard keys``: the service side of the CLI (``clipguard remote`` is the
 client's, in ``clipguard/remote_cli.py``).
 
-``clipguard/cli.py`` calls :func:`register` when the web stack is installed.
+The engine's CLI finds :func:`register` through the ``clipguard.commands`` entry point (pyproject.toml)
+and never imports this module by name. Each command imports the web stack only when it runs, so an engine-only
+install (no ``[service]`` extra) lists the commands and says what is missing.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,6 +47,20 @@ def _fail(message: str) -> int:
     return 1
 
 
+def _service(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or exc.name.split(".")[0] in {"app", "worker"}:
+                raise
+            return _fail(f"{exc.name} is not installed: the service needs pip install 'clipguard[service]'")
+
+    return run
+
+
+@_service
 def cmd_serve(args: argparse.Namespace) -> int:
     """API in this process, plus (by default) one supervised Celery worker process consuming the ``gpu`` queue.
 
@@ -84,6 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+@_service
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from app.auth import create_key
     from app.db import make_sessionmaker
@@ -95,6 +114,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
+@_service
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     """Revoke through ``app.auth``; exit 1 when nothing matched, so a script notices a mistyped key or tenant."""
     from app.auth import revoke_key, revoke_tenant

@@ -1,8 +1,9 @@
 """The job store's tables and engine: the single source of truth for models, datasets and jobs.
 
 SQLite (WAL, busy timeout) is the embedded default; any SQLAlchemy URL, PostgreSQL via
-``postgresql+psycopg://`` in production, works unchanged. Tables are created with
-``create_all`` at start-up (no Alembic migrations yet).
+``postgresql+psycopg://`` in production, works unchanged. The schema is brought to the latest
+Alembic revision (``app/migrations/versions``) by the API and the admin commands at start-up
+(:func:`make_sessionmaker`, ``app.migrate``).
 """
 
 from __future__ import annotations

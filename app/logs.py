@@ -32,11 +32,12 @@ from typing import Literal, ParamSpec, TypeVar
 from pythonjsonlogger.json import JsonFormatter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.queues import PURIFY_TASK
+
 LogFormat = Literal["json", "text"]
 
 job_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("clipguard_job_id", default=None)
 
-PURIFY_TASK = "worker.tasks.purify"  # the same name as worker.celery_app.PURIFY_TASK, without importing Celery
 _JOB_PATH = re.compile(r"^/v1/jobs/([0-9a-f]{32})(?:[/:]|$)")
 _HANDLER_NAME = "clipguard"
 _RESERVED = [*vars(logging.LogRecord("", 0, "", 0, "", None, None)), "message", "asctime", "color_message"]

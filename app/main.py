@@ -20,9 +20,9 @@ from app import auth, cleanup, logs, metrics, openapi, presence, problems, ratel
 from app.async_reads import AsyncReader
 from app.db import Model, make_sessionmaker
 from app.quarantine import QuarantineQueue
+from app.queues import make_celery
 from app.routes import datasets, health, jobs, models
 from app.settings import Settings, get_settings
-from worker.celery_app import make_celery
 
 log = logging.getLogger("clipguard.api")
 MULTIPART_OVERHEAD = 1024 * 1024

@@ -38,7 +38,7 @@ from sqlalchemy.orm import sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.db import Job
-from worker.celery_app import GPU_QUEUE
+from app.queues import GPU_QUEUE
 
 log = logging.getLogger("clipguard.api")
 

@@ -78,9 +78,8 @@ class Settings(BaseSettings):
     A key revoked by another process (``clipguard keys revoke``, another replica) is refused within this."""
     poll_threads: int = Field(2, ge=1, le=10)  # at most app.db.POOL_SIZE: a thread needs a connection
     """Status polls each API process runs at once in its thread pool (``app.routes.jobs.get_job``). Few is
-    fast: the poll's query is sub-millisecond, and more threads only fight the event loop for the GIL.
-    On this 2-core machine, at 64 clients with two processes, 10 threads gave p99 140-160 ms and 2 gave
-    50-75 ms at the same throughput (docs/benchmarks.md). Raise it where the database is far away."""
+    fast: the poll's query is sub-millisecond, and more threads only fight the event loop for the GIL
+    (docs/benchmarks.md, "Service load"). Raise it where the database is far away."""
     poll_reader: Literal["async", "thread"] = "async"
     """``async``: status polls read on the event loop through psycopg's async pool when the job store is
     ``postgresql+psycopg`` and ``psycopg-pool`` is installed (``app.async_reads``; the read costs a quarter

@@ -1,4 +1,4 @@
-"""Issue 8's generalisation matrix: victims nobody tuned for, the paper's recipe vs clipguard's default.
+"""The generalisation matrix: victims nobody tuned for, the paper's recipe vs clipguard's default.
 
 Each victim is trained here (``clipguard.train.train_victim``, as ``clipguard train`` does) on
 real CIFAR-10 from the shared archive, with a trigger, poison rate, target class and

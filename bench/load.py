@@ -14,7 +14,7 @@ The load generator is a minimal asyncio HTTP/1.1 keep-alive client (one connecti
 pipelining), far cheaper per request than httpx, so on a small machine most CPU goes to the server.
 It still shares the cores with the server: the figures are a floor for the server alone. The per-key
 rate limit is turned off (``CLIPGUARD_RATE_LIMIT_PER_MINUTE=0``): 64 clients on one key is the load
-test, not a tenant. Targets (issue 7): >= 1,000 polls/s with p99 < 50 ms at 64 clients; upload RSS
+test, not a tenant. Targets: >= 1,000 polls/s with p99 < 50 ms at 64 clients; upload RSS
 growth < 32 MB.
 """
 

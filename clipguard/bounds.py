@@ -32,8 +32,10 @@ def save_bounds(
     tensors = {f"bound/{k}": v.detach().float().cpu().contiguous() for k, v in bounds.items()}
     if stats is not None:
         for name, mom in zip(stats.names, stats.moments, strict=True):
+            std = mom.std()  # raises when nothing was recorded
+            assert mom.mean is not None
             tensors[f"mean/{name}"] = mom.mean.float().cpu().contiguous()
-            tensors[f"std/{name}"] = mom.std().float().cpu().contiguous()
+            tensors[f"std/{name}"] = std.float().cpu().contiguous()
     meta = {"format": FORMAT, "sites": json.dumps(list(bounds))}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
     save_file(tensors, str(path), metadata=meta)

@@ -21,12 +21,10 @@ into always comes from :mod:`clipguard.models`, never from the upload.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import pickle
 import struct
-import uuid
 import zipfile
 from collections.abc import Iterator, Mapping
 from typing import BinaryIO
@@ -36,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from clipguard.errors import CheckpointError
+from clipguard.files import atomic_path, file_sha256
 from clipguard.models import ModelSpec
 
 __all__ = ["canonicalize", "load_weights", "read_state_dict", "save_weights"]
@@ -291,8 +290,7 @@ def save_weights(
     path: str | os.PathLike,
     metadata: dict[str, str] | None = None,
 ) -> str:
-    """Write canonical .safetensors atomically (tmp file in the same folder + os.replace);
-    return its sha256 hex.
+    """Write canonical .safetensors atomically (:func:`clipguard.files.atomic_path`); return its sha256 hex.
 
     Readers never see a half-written file, and a crash leaves the previous file in place. The
     digest is of the bytes on disk, so it can name a content-addressed blob.
@@ -301,20 +299,10 @@ def save_weights(
     # Copies, so tied or view-sharing tensors (which save_file refuses) become independent.
     tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in state.items()}
 
-    path = os.fspath(path)
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        _sort_metadata(tmp)
-        with open(tmp, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-            os.fsync(f.fileno())  # the rename must not become visible before the bytes are durable
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(os.path.abspath(path)) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        _sort_metadata(str(tmp))
+        digest = file_sha256(tmp)
     return digest
 
 
@@ -382,11 +370,12 @@ def _moved_to_meta() -> Iterator[None]:
     def buffer(module: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
         register_buffer(module, name, tensor.to("meta") if tensor is not None else None, persistent)
 
-    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer  # type: ignore[method-assign]
+    # Patching the methods on the class is the point (every module built inside registers through them).
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
-        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer  # type: ignore[method-assign]
 
 
 def safetensors_layout(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:

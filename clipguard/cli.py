@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from clipguard import __version__
@@ -246,13 +247,25 @@ def build_parser() -> argparse.ArgumentParser:
     from clipguard.remote_cli import register as register_remote
 
     register_remote(sub)  # the client needs httpx only
-    try:  # the service commands need the web stack; the engine CLI works without it
-        from app.commands import register
-    except ImportError:
-        pass
-    else:
-        register(sub)
+    _register_plugins(sub)
     return parser
+
+
+COMMANDS_GROUP = "clipguard.commands"
+"""Entry-point group of packages that add subcommands (the service adds ``serve`` and ``keys``).
+
+The engine never imports the service: the service names its ``register(subparsers)`` here, so the
+commands appear when it is installed (``pip install 'clipguard[service]'``) and are absent otherwise.
+"""
+
+
+def _register_plugins(sub: argparse._SubParsersAction) -> None:
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        try:
+            register = entry.load()
+        except ImportError:  # declared, but its dependencies are not installed
+            continue
+        register(sub)
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:

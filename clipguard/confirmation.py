@@ -188,7 +188,7 @@ class GraftTest:
 
     @torch.no_grad()
     def _predict(self, images: torch.Tensor) -> torch.Tensor:
-        out = []
+        out: list[torch.Tensor] = []
         for start in range(0, len(images), self.batch_size):
             if self.should_cancel is not None and self.should_cancel():
                 raise Cancelled("cancelled while confirming")

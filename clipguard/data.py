@@ -30,12 +30,14 @@ import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from clipguard.errors import DataError
+from clipguard.files import atomic_path
+from clipguard.files import file_sha256 as file_sha256  # where callers have always found it
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
@@ -135,9 +137,8 @@ def save_npz(data: ImageData, path: str | os.PathLike) -> Path:
     """Write ``data`` as an ``.npz`` reference (``x`` uint8 NHWC, ``y``, ``classes``), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, x=data.images.permute(0, 2, 3, 1).numpy(), y=data.labels.numpy(), classes=np.array(data.classes))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: np.savez adds no ".npz" to it
+        np.savez(fh, x=data.images.permute(0, 2, 3, 1).numpy(), y=data.labels.numpy(), classes=np.array(data.classes))
     return path
 
 
@@ -206,9 +207,8 @@ def load_data(
     data = ImageData(images, labels, tuple(classes), str(path) + (f"#{split}" if split else ""), digest)
     if cache_file is not None and (cache_max_bytes is None or images.numel() < cache_max_bytes):
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({"images": images, "labels": labels, "classes": json.dumps(list(classes))}, tmp)
-        os.replace(tmp, cache_file)
+        with atomic_path(cache_file, durable=False) as tmp:  # a cache: a lost one is decoded again
+            torch.save({"images": images, "labels": labels, "classes": json.dumps(list(classes))}, tmp)
         if cache_max_bytes is not None:
             trim_cache(cache_file.parent, cache_max_bytes)
     return data
@@ -264,7 +264,7 @@ class _Sizes:
                             f"{self.limits.max_decoded_bytes} bytes")
 
 
-def open_regular(path: str | os.PathLike) -> BinaryIO:
+def open_regular(path: str | os.PathLike) -> io.BufferedReader:
     """``open(path, "rb")`` for a regular file only; anything else (a FIFO, a device, a socket) is a DataError.
 
     Opened without blocking and checked on the open descriptor, so a file swapped for a FIFO after a
@@ -302,18 +302,8 @@ def _reference_digest(path: Path, split: str | None, image_size: tuple[int, int]
                 h.update(f"{p.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     else:
         with open_regular(path) as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+            h = hashlib.file_digest(f, "sha256")
     h.update(f"split={split};size={image_size}".encode())
-    return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 
@@ -390,8 +380,8 @@ def _tar_tree(path: Path, limits: Limits) -> _Tree:
                     raise DataError(f"{path.name}: unpacks to more than {limits.max_total_bytes} bytes")
                 if len(blobs) >= limits.max_files:
                     raise DataError(f"{path.name}: holds more than {limits.max_files} files")
-                f = tar.extractfile(member)
-                blobs[rel] = f.read() if f is not None else b""
+                member_file = tar.extractfile(member)
+                blobs[rel] = member_file.read() if member_file is not None else b""
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise DataError(f"{path.name}: unreadable tar archive ({exc})") from exc
     return _Tree(blobs, lambda b: b)
@@ -615,10 +605,10 @@ def _decode_image_folder(
         if i % 256 == 0:
             sizes.progress(i / len(files))
         try:
-            with Image.open(io.BytesIO(tree.read(name))) as im:
-                w, h = im.size
+            with Image.open(io.BytesIO(tree.read(name))) as source:
+                w, h = source.size
                 sizes.check_image(h, w, label, name)
-                im = im.convert("RGB")
+                im = source.convert("RGB")
                 if size is None:
                     size = (h, w)
                 if (h, w) != size:

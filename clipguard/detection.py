@@ -108,6 +108,7 @@ def feature_layer(model: nn.Module) -> nn.Linear:
         raise ClipguardError("the model has no linear classifier layer; poison detection needs one "
                              "(use --method paper)")
     chosen = leaves[positions[-1]]
+    assert isinstance(chosen, nn.Linear)
     for module in reversed(leaves[: positions[-1]]):
         if isinstance(module, nn.Linear):
             if module.in_features > MAX_FEATURES:
@@ -115,7 +116,7 @@ def feature_layer(model: nn.Module) -> nn.Linear:
             chosen = module
         elif not isinstance(module, HEAD_PASSTHROUGH):
             break
-    return chosen  # type: ignore[return-value]
+    return chosen
 
 
 def global_pool(model: nn.Module) -> str | None:

@@ -35,7 +35,7 @@ from torch import nn
 from clipguard.data import SAMPLE_SEED, ImageData
 from clipguard.defenses.clipping import SiteStats, clipped_model
 from clipguard.errors import Cancelled
-from clipguard.metrics import predict
+from clipguard.metrics import per_class_accuracy, predict
 from clipguard.models import ModelSpec
 
 DEFAULT_GRID: tuple[float, ...] = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0)
@@ -45,12 +45,8 @@ DEFAULT_SAMPLES = 5000
 
 
 def accuracy_by_class(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
-    """Per training label: share of samples predicted as their label (1.0 for an absent class)."""
-    out = []
-    for c in range(num_classes):
-        mask = labels == c
-        out.append(float((pred[mask] == c).float().mean()) if mask.any() else 1.0)
-    return out
+    """Per training label: share of samples predicted as their label (1.0 for an absent class: it cannot drop)."""
+    return [1.0 if acc is None else acc for acc in per_class_accuracy(pred, labels, num_classes)]
 
 
 def select_lambda(

@@ -103,8 +103,8 @@ def evaluate(
     targets = attack.target_labels(data.labels, num_classes)  # type: ignore[attr-defined]
     population = getattr(attack, "asr_population", None)
     claimed = population(data.labels, num_classes) if population else torch.ones(len(data), dtype=torch.bool)
-    bd_pred = predict(model, data, mean, std, transform=attack.apply, device=device,  # type: ignore[attr-defined]
-                      batch_size=batch_size)
+    stamp = attack.apply  # type: ignore[attr-defined]
+    bd_pred = predict(model, data, mean, std, transform=stamp, device=device, batch_size=batch_size)
     keep = claimed & (targets != data.labels)
     result.update({
         "asr": accuracy(bd_pred[keep], targets[keep]),

@@ -271,7 +271,8 @@ def resolve_spec(
                 raise ModelSpecError(f"--{name} needs 3 comma-separated numbers, got {len(vals)}")
             if name == "std" and any(v <= 0 for v in vals):
                 raise ModelSpecError("--std values must be positive")
-            spec = replace(spec, **{name: vals})
+            triple = (vals[0], vals[1], vals[2])
+            spec = replace(spec, mean=triple) if name == "mean" else replace(spec, std=triple)
     if input_size is not None:
         size = tuple(int(v) for v in input_size)
         if len(size) != 2 or min(size) < 8:

@@ -33,6 +33,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from clipguard.errors import ClipguardError
+from clipguard.files import atomic_path
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ModelStatus = Literal["awaiting_upload", "validating", "ready", "rejected"]
@@ -237,7 +238,9 @@ class TarStream:
     def _produce(self) -> None:
         try:
             # GNU format: PAX (the default) adds an extended header to every member for its fractional mtime.
-            with tarfile.open(fileobj=self, mode="w|", dereference=True, format=tarfile.GNU_FORMAT) as tar:
+            # (typeshed's file object protocol wants reads and seeks; a "w|" stream only writes)
+            with tarfile.open(fileobj=self, mode="w|", dereference=True,  # type: ignore[call-overload]
+                              format=tarfile.GNU_FORMAT) as tar:
                 for path in self.files(self.root):
                     tar.add(path, arcname=path.relative_to(self.root).as_posix(), recursive=False)
             item: bytes | BaseException | None = None
@@ -561,26 +564,24 @@ class Client:
 
     def _download_one(self, artifact: Artifact, out: Path) -> Path:
         target = out / Path(artifact.name).name
-        part = target.with_name(f".{target.name}.part")
         h = hashlib.sha256()
         bar = _Bar(self.progress, artifact.size, artifact.name)
         try:
-            with self._http.stream("GET", artifact.url, follow_redirects=True) as response, part.open("wb") as f:
-                if response.is_error:
-                    response.read()
-                    _raise_for_problem("GET", artifact.url, response)
-                for chunk in response.iter_bytes(CHUNK):
-                    h.update(chunk)
-                    f.write(chunk)
-                    bar.add(len(chunk))
-            if h.hexdigest() != artifact.sha256:
-                raise RemoteError(f"{artifact.name}: sha256 mismatch after download")
-            os.replace(part, target)
+            with atomic_path(target) as part:
+                with self._http.stream("GET", artifact.url, follow_redirects=True) as response, part.open("wb") as f:
+                    if response.is_error:
+                        response.read()
+                        _raise_for_problem("GET", artifact.url, response)
+                    for chunk in response.iter_bytes(CHUNK):
+                        h.update(chunk)
+                        f.write(chunk)
+                        bar.add(len(chunk))
+                if h.hexdigest() != artifact.sha256:
+                    raise RemoteError(f"{artifact.name}: sha256 mismatch after download")
         except httpx.HTTPError as exc:
             raise RemoteError(f"GET {artifact.url}: {type(exc).__name__}: {exc}") from exc
         finally:
             bar.close()
-            part.unlink(missing_ok=True)
         return target
 
 

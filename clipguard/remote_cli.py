@@ -169,7 +169,7 @@ def _percent(job: Job) -> str:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        rows = []
+        rows: list[Job] = []
         for job in client.jobs(state=args.state, page_size=min(max(args.limit, 1), 200)):
             if len(rows) >= args.limit:
                 break

@@ -26,10 +26,10 @@ import json
 import math
 import numbers
 import os
-import secrets
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from clipguard.files import write_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -226,10 +226,10 @@ def _metrics_plot(metrics: list[tuple[str, float | None, float | None]]) -> str:
     width = 0.38
     for offset, idx, label, color in ((-width / 2, 1, "before", BEFORE_COLOR), (width / 2, 2, "after", AFTER_COLOR)):
         xs = [i + offset for i in range(len(metrics))]
-        vals = [100 * m[idx] if m[idx] is not None else 0.0 for m in metrics]
+        column = [m[1] if idx == 1 else m[2] for m in metrics]
+        vals = [100 * v if v is not None else 0.0 for v in column]
         bars = ax.bar(xs, vals, width, label=label, color=color)
-        ax.bar_label(bars, labels=[f"{v:.1f}" if m[idx] is not None else "" for v, m in zip(vals, metrics,
-                                                                                           strict=True)],
+        ax.bar_label(bars, labels=[f"{v:.1f}" if c is not None else "" for v, c in zip(vals, column, strict=True)],
                      fontsize=8, padding=2)
     ax.set_xticks(range(len(metrics)), [m[0] for m in metrics])
     ax.set_ylim(0, 112)
@@ -850,20 +850,5 @@ def render_html(report: dict, activations: dict[str, dict] | None = None) -> str
 
 
 def write_html(report: dict, path: str | os.PathLike, activations: dict[str, dict] | None = None) -> None:
-    """Render and write ``report.html`` atomically: readers see the old file or the new one, never half.
-
-    The temporary file sits beside ``path`` (same file system, so ``os.replace`` is atomic) and is
-    created with mode ``x`` so it gets the usual umask permissions rather than ``mkstemp``'s 0600.
-    """
-    target = Path(path)
-    text = render_html(report, activations)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Render and write ``report.html`` atomically: readers see the old file or the new one, never half."""
+    write_text(path, render_html(report, activations))

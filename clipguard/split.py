@@ -108,7 +108,7 @@ def split_at(model: nn.Module, cut: str) -> Split:
     tail_nodes = [n for n in nodes[at + 1 :] if n.op != "get_attr"]
     output = next(n for n in gm.graph.nodes if n.op == "output")
     body = _part(gm, body_nodes, None, point)
-    tail = _part(gm, tail_nodes, point, output.args[0])  # type: ignore[arg-type]
+    tail = _part(gm, tail_nodes, point, output.args[0])
     return Split(body.eval(), tail, cut, _share(gm, nodes, at))
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import nn
 from clipguard.data import ImageData, normalize
 from clipguard.devices import resolve_device
 from clipguard.errors import ClipguardError
+from clipguard.files import write_text
 from clipguard.models import ModelSpec
 
 BatchPoisoner = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
@@ -109,6 +109,7 @@ def train(
     opt = nesterov_sgd(model, config.lr, config.weight_decay, config.momentum)
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     total = config.epochs * steps_per_epoch
+    sched: torch.optim.lr_scheduler.LRScheduler
     if config.schedule == "onecycle":
         sched = one_cycle(opt, config.lr, total, pct_start=0.25)
     elif config.schedule == "cosine":
@@ -144,7 +145,7 @@ def train(
         if progress is not None:
             progress((epoch + 1) / config.epochs, {"epoch": epoch + 1, "loss": loss_sum / seen,
                                                    "train_acc": correct / seen})
-    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+    model = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     return model
 
 
@@ -226,9 +227,7 @@ def train_victim(
         info["attack_file"] = attack_path(out).name
     if save_data is not None:
         info["data_file"] = str(save_npz(dataset, save_data))
-    tmp = out.with_name(out.name + ".json.tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, out.with_name(out.name + ".json"))
+    write_text(out.with_name(out.name + ".json"), json.dumps(info, indent=2) + "\n")
     return {k: v for k, v in info.items() if k not in ("history",)} | {
         "final_train_acc": history[-1]["train_acc"] if history else None,
         "poisoning": {k: v for k, v in info.get("poisoning", {}).items() if not k.endswith("indices")} or None,

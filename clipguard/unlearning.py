@@ -3,8 +3,8 @@
 Why relabel rather than drop or gradient-ascend: a suspect (found by
 :mod:`clipguard.detection`) is a triggered image labelled with the target class. Dropping it
 leaves the trigger → target shortcut in the weights; pushing its loss up (gradient ascent)
-is unbounded and, with imperfect suspects, wrecks clean accuracy (measured in issue 8: −25
-points). Teaching the model that the triggered image belongs to *some other* class is a
+is unbounded and, with imperfect suspects, wrecks clean accuracy (docs/results.md,
+generalisation matrix). Teaching the model that the triggered image belongs to *some other* class is a
 bounded, ordinary training signal that contradicts the shortcut directly. The label is the
 model's own best non-target class: the trigger leaves the image's content in place, so that
 class is most often the true one, and a wrong guess among the other classes still breaks the
@@ -145,7 +145,8 @@ def fine_tune(
                 flip = (torch.rand(len(idx), generator=gen) < 0.5).to(device)
                 x = fast_input(torch.where(flip[:, None, None, None], x.flip(3), x), device)
             else:
-                x = tail_inputs[idx.to(tail_inputs.device)]  # type: ignore[index]
+                assert tail_inputs is not None  # computed whenever there is a tail
+                x = tail_inputs[idx.to(tail_inputs.device)]
             loss = F.cross_entropy(trained(x), labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()

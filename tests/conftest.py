@@ -1,4 +1,10 @@
-"""Shared fixtures: the real CIFAR-10 archive from ../shared, decoded once per session."""
+"""Shared fixtures: the real CIFAR-10 archive from ../shared, decoded once per session.
+
+Tests are marked by what they need (``pytest -m "not service and not browser and not cifar"`` is
+``make test-fast``): ``service`` for everything under tests/service and tests/ui (Redis, PostgreSQL,
+live servers), ``browser`` for the console's Chromium tests, ``cifar`` for any test that reaches the
+CIFAR-10 archive through a fixture.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,20 @@ ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_ARCHIVE = Path(os.environ.get("CLIPGUARD_CIFAR10", ROOT.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"))
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+CIFAR_FIXTURES = {"cifar_archive", "cifar10"}
+"""Fixtures that open the CIFAR-10 archive (tests/conftest.py, tests/service/conftest.py)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.path)).relative_to(ROOT).parts
+        if parts[:2] in (("tests", "service"), ("tests", "ui")):
+            item.add_marker(pytest.mark.service)
+        if parts[:3] == ("tests", "ui", "test_console.py"):
+            item.add_marker(pytest.mark.browser)
+        if CIFAR_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cifar)
 
 
 @pytest.fixture(scope="session")

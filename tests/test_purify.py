@@ -230,7 +230,7 @@ def test_element_granularity_bounds_have_the_activation_shape(victim, tmp_path):
 
 
 def test_guard_removes_a_blend_backdoor_that_the_paper_recipe_keeps(blend_victim, tmp_path):
-    """Issue 8's bar on a victim of its own: the default method succeeds where the faithful recipe fails."""
+    """The generalisation bar on a victim of its own: the default method succeeds where the faithful recipe fails."""
     reports = {}
     for method in ("paper", "guard"):
         again = ("--reactivation-check",) if method == "guard" else ()

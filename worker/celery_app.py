@@ -5,8 +5,9 @@ Start a GPU worker with::
     CUDA_VISIBLE_DEVICES=0 celery -A worker.celery_app:celery_app worker -Q gpu -c 1 -P prefork -n gpu0@%h
 
 (one worker per GPU; ``max_tasks_per_child=1`` recycles the child after each job so the CUDA
-context and allocator cache go with it). The job row in the SQL store is the source of truth;
-there is no result backend.
+context and allocator cache go with it). The application
+itself is built by ``app.queues.make_celery``, which the API shares; this module adds the worker
+process's signal handlers.
 """
 
 from __future__ import annotations
@@ -19,47 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery, signals
-from kombu import Queue
 
+from app.queues import make_celery
 from app.settings import Settings, get_settings
-
-PURIFY_TASK = "worker.tasks.purify"
-GPU_QUEUE = "gpu"
-
-
-def make_celery(settings: Settings) -> Celery:
-    hard = settings.job_time_limit_s
-    # Redis redelivers an unacked message after visibility_timeout: it must outlast the hard
-    # limit or a healthy long job would run twice (Celery docs, redis.rst "Caveats").
-    redis = settings.broker_url.startswith(("redis", "rediss", "sentinel"))
-    # (only Redis-like transports take the option; the SQLAlchemy one passes it to create_engine)
-    transport = {"visibility_timeout": hard + 3600} if redis else {}
-    app = Celery("clipguard", broker=settings.broker_url, include=["worker.tasks"])
-    app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        result_backend=None,
-        task_ignore_result=True,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        worker_max_tasks_per_child=1,
-        task_time_limit=hard,
-        task_soft_time_limit=max(hard - 300, int(hard * 0.9)),
-        broker_transport_options=transport,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
-        task_queues=[Queue(GPU_QUEUE)],
-        task_default_queue=GPU_QUEUE,
-        task_routes={PURIFY_TASK: {"queue": GPU_QUEUE}},
-        task_create_missing_queues=False,
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-        # Task events for Flower and `celery events`: the worker sends received/started/succeeded/failed
-        # (what `-E` does), the API's publish sends task-sent.
-        worker_send_task_events=True,
-        task_send_sent_event=True,
-    )
-    return app
 
 
 @signals.setup_logging.connect

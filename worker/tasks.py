@@ -8,7 +8,6 @@ input is read from the job store, and everything the API shows is written back t
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import math
 import os
@@ -27,9 +26,11 @@ from sqlalchemy.orm import sessionmaker
 from app import store
 from app.db import Artifact, Dataset, Job, Model, make_sessionmaker
 from app.logs import binds_job
+from app.queues import PURIFY_TASK
 from app.settings import Settings, get_settings
 from app.storage import StorageError, StorageUnavailable, local_data_ref, storage_for
-from worker.celery_app import PURIFY_TASK, celery_app
+from clipguard.files import file_sha256
+from worker.celery_app import celery_app
 
 log = logging.getLogger("clipguard.worker")
 
@@ -368,9 +369,7 @@ def _options(sessions: sessionmaker, settings: Settings, job_id: str, out: Path,
 
 
 def _artifact(job_id: str, path: Path, location: str) -> Artifact:
-    with path.open("rb") as f:
-        sha = hashlib.file_digest(f, "sha256").hexdigest()
-    return Artifact(job_id=job_id, name=path.name, path=location, sha256=sha, size=path.stat().st_size,
+    return Artifact(job_id=job_id, name=path.name, path=location, sha256=file_sha256(path), size=path.stat().st_size,
                     media_type=MEDIA_TYPES[path.name])
 
 

@@ -29,9 +29,9 @@ from app.logs import binds_job
 from app.metrics import JOBS_CREATED
 from app.pagination import paginate
 from app.problems import ProblemError, problem_response
+from app.queues import GPU_QUEUE, PURIFY_TASK
 from app.schemas import ArtifactOut, JobCreate, JobOut, JobState, Page
 from app.storage import storage_for
-from worker.celery_app import GPU_QUEUE, PURIFY_TASK
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("clipguard.api")

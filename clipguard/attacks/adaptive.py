@@ -295,7 +295,7 @@ class AdapPatch(CoverAttack):
     def from_state(cls, params: dict, tensors: dict[str, torch.Tensor]) -> AdapPatch:
         common = cls.common_state(params)
         keys = ("patterns", "masks", "test_patterns", "test_masks")
-        triggers = restore(
+        patterns, masks, test_patterns, test_masks = restore(
             "adap_patch",
             tensors,
             keys,
@@ -305,9 +305,9 @@ class AdapPatch(CoverAttack):
         return cls(
             alphas=tuple(float(a) for a in params["alphas"]),
             test_alpha=float(params["test_alpha"]),
-            triggers=triggers,
+            triggers=(patterns, masks, test_patterns, test_masks),
             **common,
-        )  # type: ignore[arg-type]
+        )
 
 
 def patch_triggers(

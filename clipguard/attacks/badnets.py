@@ -118,7 +118,7 @@ class BadNets(Attack):
         return cls(
             size=int(params["size"]), pattern=str(params["pattern"]), position=str(params["position"]),
             value=int(params["value"]), target=int(params["target"]), mode=str(params["mode"]),
-            image_size=tuple(params["image_size"]),  # type: ignore[arg-type]
+            image_size=tuple(params["image_size"]),
         )
 
 

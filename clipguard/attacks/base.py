@@ -36,7 +36,7 @@ and WaNet's grid are allocated for it."""
 Mode = Literal["all_to_one", "all_to_all"]
 Poisoning = Literal["static", "per_batch"]
 MODES: tuple[str, ...] = ("all_to_one", "all_to_all")
-MODE_ALIASES = {
+MODE_ALIASES: dict[str, Mode] = {
     "all_to_one": "all_to_one", "all2one": "all_to_one", "all_to_all": "all_to_all", "all2all": "all_to_all",
 }
 
@@ -83,7 +83,7 @@ class Attack(ABC):
         if h * w > MAX_IMAGE_PIXELS:  # a trigger is built for this size before any image is seen
             raise ClipguardError(f"attack image size {h}x{w} is over the {MAX_IMAGE_PIXELS}-pixel cap on images")
         self.target = target
-        self.mode: Mode = MODE_ALIASES[mode]  # type: ignore[assignment]
+        self.mode: Mode = MODE_ALIASES[mode]
         self.image_size = (h, w)
 
     # ------------------------------------------------------------------ the trigger

@@ -91,7 +91,7 @@ class Blend(Attack):
         attack = cls(
             alpha=float(params["alpha"]), image=params.get("image"), seed=int(params.get("seed", 0)),
             pattern=tensors.get("pattern"), target=int(params["target"]), mode=str(params["mode"]),
-            image_size=tuple(params["image_size"]),  # type: ignore[arg-type]
+            image_size=tuple(params["image_size"]),
         )
         if expected and attack.to_dict()["pattern_sha256"] != expected:
             raise DataError("blend pattern does not match the pattern_sha256 recorded with the attack")
@@ -112,11 +112,11 @@ def load_trigger_image(path: str | os.PathLike, image_size: tuple[int, int]) -> 
     if not p.is_file():
         raise DataError(f"blend trigger image not found: {p}")
     try:
-        with Image.open(p) as im:
-            w, h = im.size
+        with Image.open(p) as source:
+            w, h = source.size
             if w * h > MAX_TRIGGER_PIXELS:
                 raise DataError(f"blend trigger image {p} declares {w}x{h} pixels, over the {MAX_TRIGGER_PIXELS} cap")
-            im = im.convert("RGB")
+            im = source.convert("RGB")
             if im.size != (image_size[1], image_size[0]):
                 im = im.resize((image_size[1], image_size[0]), Image.Resampling.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)

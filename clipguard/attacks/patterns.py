@@ -123,7 +123,8 @@ def check_trigger(
             got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise DataError(f"{name} {label} must be uint8 {shape}, got {got}")
     for label in masks:
-        if bool((tensors[label] > 1).any()):  # type: ignore[operator]
+        mask = tensors[label]
+        if not isinstance(mask, torch.Tensor) or bool((mask > 1).any()):
             raise DataError(f"{name} {label} must hold 0 and 1 only")
 
 

@@ -13,7 +13,6 @@ File format: ``<path>`` is JSON ``{"format": "clipguard-attack", "version": 1,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -28,6 +27,7 @@ from clipguard.attacks.sig import SIG
 from clipguard.attacks.tact import TaCT
 from clipguard.attacks.wanet import WaNet
 from clipguard.errors import ClipguardError, DataError
+from clipguard.files import atomic_path, file_sha256, write_text
 
 ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNets, Blend, WaNet, SIG, AdapBlend, AdapPatch, TaCT)}
 COMMON_OPTIONS = ("mode", "target")
@@ -138,13 +138,10 @@ def save_attack(attack: Attack, path: str | os.PathLike) -> Path:
     record: dict = {"format": FORMAT, "version": VERSION, "attack": attack.to_dict(), "tensors": None}
     if tensors:
         tpath = tensors_path(path)
-        tmp = tpath.with_name(f".{tpath.name}.{os.getpid()}.tmp")
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "attack": attack.name})
-        os.replace(tmp, tpath)
-        record["tensors"] = {"file": tpath.name, "sha256": _file_sha256(tpath), "keys": sorted(tensors)}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+        with atomic_path(tpath) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT, "attack": attack.name})
+        record["tensors"] = {"file": tpath.name, "sha256": file_sha256(tpath), "keys": sorted(tensors)}
+    write_text(path, json.dumps(record, indent=2) + "\n")
     return path
 
 
@@ -191,7 +188,7 @@ def _load_tensors(path: Path, meta: object) -> dict[str, torch.Tensor]:
     tpath = next((c for c in candidates if c.is_file()), None)
     if tpath is None:
         raise DataError(f"{path.name}: trigger tensors {candidates[0].name} are missing (keep them beside the JSON)")
-    if meta.get("sha256") and _file_sha256(tpath) != meta["sha256"]:
+    if meta.get("sha256") and file_sha256(tpath) != meta["sha256"]:
         raise DataError(f"{tpath.name} does not match the sha256 recorded in {path.name}")
     try:
         return load_file(str(tpath))
@@ -199,9 +196,3 @@ def _load_tensors(path: Path, meta: object) -> dict[str, torch.Tensor]:
         raise DataError(f"{tpath.name}: unreadable safetensors ({exc})") from exc
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -121,7 +121,7 @@ class SIG(Attack):
             target=int(params["target"]),
             mode=str(params["mode"]),
             image_size=tuple(params["image_size"]),
-        )  # type: ignore[arg-type]
+        )
 
 
 def sine_offset(delta: float, freq: int, width: int) -> torch.Tensor:

@@ -129,7 +129,7 @@ class TaCT(CoverAttack):
     @classmethod
     def from_state(cls, params: dict, tensors: dict[str, torch.Tensor]) -> TaCT:
         common = cls.common_state(params)
-        trigger = restore(
+        pattern, mask = restore(
             "tact",
             tensors,
             ("pattern", "mask"),
@@ -139,6 +139,6 @@ class TaCT(CoverAttack):
         return cls(
             source=tuple(params["source"]),
             cover=tuple(params["cover"]),
-            trigger=trigger,  # type: ignore[arg-type]
+            trigger=(pattern, mask),
             **common,
         )

@@ -207,7 +207,7 @@ class WaNet(Attack):
             k=int(params["k"]), s=float(params["s"]), grid_rescale=float(params["grid_rescale"]),
             cross_ratio=float(params["cross_ratio"]), poisoning=str(params["poisoning"]),
             seed=int(params.get("seed", 0)), grid=tensors.get("grid"), target=int(params["target"]),
-            mode=str(params["mode"]), image_size=tuple(params["image_size"]),  # type: ignore[arg-type]
+            mode=str(params["mode"]), image_size=tuple(params["image_size"]),
         )
         if expected and attack.to_dict()["grid_sha256"] != expected:
             raise DataError("wanet grid does not match the grid_sha256 recorded with the attack")

@@ -16,8 +16,9 @@ the statistics and the clipping are guaranteed to address the same tensors.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,8 @@ class Clip(nn.Module):
     """``min(x, upper)`` with a per-node upper bound broadcast over the batch."""
 
     fuses_relu = False
+    if TYPE_CHECKING:  # a buffer; a class-level annotation would break TorchScript's attribute inference
+        upper: torch.Tensor
 
     def __init__(self, upper: torch.Tensor) -> None:
         super().__init__()
@@ -67,6 +70,8 @@ class ReluClip(Clip):
     """
 
     fuses_relu = True
+    if TYPE_CHECKING:
+        lower: torch.Tensor
 
     def __init__(self, upper: torch.Tensor) -> None:
         super().__init__(upper)
@@ -142,9 +147,9 @@ def instrument(model: nn.Module, make: Callable[[str, int], nn.Module]) -> tuple
     gm.add_module(SITES_CONTAINER, container)
     for i, (node, name) in enumerate(zip(nodes, names, strict=True)):
         site = make(name, i)
-        if getattr(site, "fuses_relu", False) and not _is_plain_relu(gm, node):
+        if isinstance(site, Clip) and site.fuses_relu and not _is_plain_relu(gm, node):
             site = Clip(site.upper)  # only a plain ReLU can be folded into the clamp
-        site.site_name = name
+        site.site_name = name  # type: ignore[assignment]  # nn.Module.__setattr__ takes any attribute
         container.add_module(f"s{i}", site)
         if getattr(site, "fuses_relu", False):
             with gm.graph.inserting_after(node):
@@ -164,13 +169,13 @@ def instrument(model: nn.Module, make: Callable[[str, int], nn.Module]) -> tuple
     return gm, names
 
 
-def site_modules(gm: fx.GraphModule) -> list[nn.Module]:
+def site_modules(gm: nn.Module) -> list[nn.Module]:
     """The spliced site modules in execution order."""
     container = gm.get_submodule(SITES_CONTAINER)
     return [container.get_submodule(f"s{i}") for i in range(len(list(container.children())))]
 
 
-def clipped_site_names(gm: fx.GraphModule) -> list[str]:
+def clipped_site_names(gm: nn.Module) -> list[str]:
     """Site names of an instrumented graph, in execution order."""
     return [str(m.site_name) for m in site_modules(gm)]
 
@@ -315,12 +320,17 @@ class SiteStats:
         """``μ + λσ`` per node, float32, shaped to broadcast against one sample."""
         if not math.isfinite(lam):
             raise ClipguardError(f"λ must be a finite number, got {lam}")
-        return {n: (m.mean + lam * m.std()).float().cpu() for n, m in zip(self.names, self.moments, strict=True)}
+        out = {}
+        for n, m in zip(self.names, self.moments, strict=True):
+            std = m.std()  # raises when nothing was recorded
+            assert m.mean is not None
+            out[n] = (m.mean + lam * std).float().cpu()
+        return out
 
 
 def compute_statistics(
     model: nn.Module,
-    batches: Callable[[], object],
+    batches: Callable[[], Iterable[Any]],
     *,
     granularity: str = "channel",
     total: int | None = None,
@@ -337,10 +347,9 @@ def compute_statistics(
     rounding, two to three times as fast; ``fast=False`` reads the model exactly as given.
     """
     moments: list[RunningMoments] = []
-    gm, names = instrument(model, lambda name, i: Tap())
+    traced, names = instrument(model, lambda name, i: Tap())
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if fast:
-        gm = fast_copy(gm, device)
+    gm = fast_copy(traced, device) if fast else traced
     taps = site_modules(gm)
     for tap in taps:
         mom = RunningMoments(granularity)
@@ -349,7 +358,7 @@ def compute_statistics(
     gm.eval()
     seen = 0
     with torch.inference_mode():
-        for batch in batches():  # type: ignore[attr-defined]
+        for batch in batches():
             if should_cancel is not None and should_cancel():
                 raise Cancelled("cancelled during the bounds pass")
             x = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -93,7 +93,7 @@ def ep(
         for name, ent in entropies.items():
             low = outliers_below(ent, u)
             if len(low):
-                prune_bn_channels(modules[name], low)  # type: ignore[arg-type]
+                prune_bn_channels(modules[name], low)
             total += len(low)
             layers[name] = {"pruned": low.tolist(), "channels": int(ent.numel()),
                             "entropy_mean": float(ent.mean()),

@@ -29,6 +29,7 @@ from clipguard.data import ImageData, iter_batches
 from clipguard.defenses.clipping import clipped_model, compute_statistics
 from clipguard.defenses.common import DefenseResult, Timer, frozen_bounds, inputs, learnable_clipped
 from clipguard.errors import ClipguardError
+from clipguard.metrics import accuracy
 from clipguard.models import ModelSpec
 
 INIT_LAMBDA = 4.0
@@ -37,7 +38,7 @@ INIT_LAMBDA = 4.0
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
     with torch.no_grad():
         pred = torch.cat([model(x[i : i + batch]).argmax(1) for i in range(0, len(x), batch)])
-    return float((pred == y).float().mean())
+    return accuracy(pred, y)
 
 
 def unit(

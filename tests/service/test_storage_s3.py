@@ -4,7 +4,7 @@ moto's server is an S3 emulator, not a production object store, but it is a sepa
 speaking the S3 REST protocol over HTTP (signed requests, multipart uploads, presigned GETs), so
 boto3 and the presigned URLs are exercised as against SeaweedFS or AWS, with one gap: moto does not
 verify signatures, so a tampered or expired URL is not refused here. (No real S3 server
-installs from this machine's registries: Debian has none, PyPI and npm only clients or emulators.)
+installs from the registries the test machines use: Debian has none, PyPI and npm only clients or emulators.)
 
 The live test is two hosts in miniature: the API and the worker have *different* homes, so the
 only way the worker gets the uploaded model and data, and the API gets the artifacts, is the bucket.

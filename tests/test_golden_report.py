@@ -24,7 +24,8 @@ from clipguard.attacks import build_attack
 from clipguard.checkpoint import save_weights
 from clipguard.data import ImageData, save_npz
 from clipguard.models import resolve_spec
-from clipguard.purify import PurifyOptions, purify
+from clipguard.purify import PurifyOptions, purify, stages_of
+from clipguard.stages import TIMED, percent
 from clipguard.train import TrainConfig, train
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -104,7 +105,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_the_report_matches_the_golden(victim, tmp_path, case):
-    full, _options, _heard = _run(victim, tmp_path / "out", **CASES[case])
+    full, options, heard = _run(victim, tmp_path / "out", **CASES[case])
     report = _stable(full)
     path = GOLDEN / f"report-{case}.json"
     if os.environ.get("CLIPGUARD_WRITE_GOLDEN"):
@@ -112,3 +113,10 @@ def test_the_report_matches_the_golden(victim, tmp_path, case):
         path.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
     _compare(report, json.loads(path.read_text()))
 
+    # The same real run, for the stage list: every stage it reported is one its options plan, in order, so the
+    # overall percent only rises and ends at 100; its timings are named after stages.
+    stages = stages_of(options)
+    figures = [percent(stage, f, stages) for stage, f in heard]
+    assert None not in figures, sorted({str(s) for s, _ in heard} - set(stages))
+    assert figures == sorted(figures) and figures[-1] == 100.0, heard
+    assert set(full["timings"]) <= {s.timing_key for s in TIMED} | {"total_s"}

@@ -56,7 +56,7 @@ from clipguard.defenses.clipping import (
 )
 from clipguard.detection import SCREEN_PER_CLASS
 from clipguard.devices import describe, resolve_device
-from clipguard.errors import Cancelled, ClipguardError, DataError
+from clipguard.errors import Cancelled, ClipguardError, DataError, literal
 from clipguard.export import export_program, export_torchscript
 from clipguard.lam import lam_problem
 from clipguard.lambda_selection import DEFAULT_GRID, select_lambda
@@ -265,7 +265,8 @@ def purify(
     say = progress or _silent
     out = Path(options.out)
     if not options.overwrite and out.exists() and (out.is_file() or any(out.iterdir())):
-        raise ClipguardError(f"output folder {out} already exists and is not empty; pass --overwrite to replace it")
+        raise ClipguardError(literal(f"output folder {out} already exists and is not empty;")
+                             + " set {overwrite} to replace it", options=True)
     recipe = options.recipe()
     recipe.check()
     inputs = load_inputs(options, say, should_cancel, timings)
@@ -549,8 +550,8 @@ def eval_attack(spec: str | Mapping[str, object], image_size: tuple[int, int], *
     if name not in ATTACKS:
         raise DataError(f"unknown attack {name!r}; known: {', '.join(sorted(ATTACKS))}")
     if record.get("image"):
-        raise DataError(f"{name} attack: a trigger image file is not read from an attack record; use a saved "
-                        "attack file with its tensors (clipguard purify --attack FILE)")
+        raise DataError(literal(f"{name} attack: a trigger image file is not read from an attack record;")
+                        + " give {attack} as a saved attack file with its tensors", options=True)
     try:
         made_for = tuple(int(v) for v in record.setdefault("image_size", list(image_size)))
         if made_for != tuple(image_size):
@@ -576,9 +577,9 @@ def _check_input(data: ImageData, spec: ModelSpec, what: str) -> None:
     """Labels within the model's outputs, and images of the size the architecture takes."""
     h, w = data.image_size
     if spec.fixed_input and (h, w) != tuple(spec.input_size):
-        raise DataError(f"{what} {data.source} has {h}x{w} images but {spec.arch} takes {spec.input_size[0]}x"
-                        f"{spec.input_size[1]}; resize the data first, or ask for resizing (clipguard purify "
-                        "--resize, the job field \"resize\": true)")
+        raise DataError(literal(f"{what} {data.source} has {h}x{w} images but {spec.arch} takes {spec.input_size[0]}x"
+                                f"{spec.input_size[1]}; resize the data first, or ask for resizing")
+                        + " ({resize})", options=True)
     _check_labels(data, spec, what)
 
 
@@ -586,8 +587,8 @@ def _check_labels(data: ImageData, spec: ModelSpec, what: str) -> None:
     top = int(data.labels.max()) if len(data) else -1
     if top >= spec.num_classes:
         raise ClipguardError(
-            f"{what} has labels up to {top} ({len(data.classes)} classes) but the model has "
-            f"{spec.num_classes} outputs; pass --num-classes"
+            literal(f"{what} has labels up to {top} ({len(data.classes)} classes) but the model has "
+                    f"{spec.num_classes} outputs;") + " set {num_classes}", options=True
         )
 
 

@@ -30,6 +30,7 @@ from app.db import Artifact, Dataset, Job, Model, make_sessionmaker
 from app.logs import binds_job
 from app.settings import Settings, get_settings
 from app.storage import StorageError, StorageUnavailable, local_data_ref, storage_for
+from app.words import api_words
 from clipguard.stages import Tracker
 from worker.celery_app import PURIFY_TASK, celery_app
 
@@ -225,7 +226,8 @@ def _run_attempt(sessions: sessionmaker, settings: Settings, claim: store.Claim,
     except StorageUnavailable:
         raise  # transient: purify_task hands the job back
     except (ClipguardError, StorageError) as exc:
-        store.finish(sessions, claim, "failed", public(str(exc)))
+        store.finish(sessions, claim, "failed",
+                     public(exc.worded(api_words) if isinstance(exc, ClipguardError) else str(exc)))
         return
     except SoftTimeLimitExceeded:
         store.finish(sessions, claim, "failed", f"time limit exceeded ({settings.job_time_limit_s} s)")

@@ -159,14 +159,14 @@ def guard_pass(
             if not cand.evidence.confirmed and (cand.unresolved or stands_out):  # no per-pixel pattern: a warp?
                 warps = warps or WarpTest(model, data.images[screen], labels, spec, device=device,
                                           should_cancel=should_cancel)
-                ok, partial, numbers, why = warps.confirm(data, cand.suspects, genuine, cand.cls,
-                                                          _ordinary(found.scores, [c.cls for c in candidates]))
+                ok, half, numbers, why = warps.confirm(data, cand.suspects, genuine, cand.cls,
+                                                       _ordinary(found.scores, [c.cls for c in candidates]))
                 cand.evidence.warp = numbers
                 if ok:
                     cand.evidence.confirmed, cand.evidence.kind, cand.evidence.reason = True, "warp", why
                 else:
                     cand.evidence.reason += f"; {why}"
-                cand.unresolved = not ok and (cand.unresolved or partial)
+                cand.unresolved = not ok and (cand.unresolved or half)
             say(Stage.CONFIRM, 0.5 + 0.5 * (i + 1) / len(candidates))
         verdict = _verdict(candidates, found.top, found.z)
         record.update(candidates=[c.to_dict() for c in candidates], flagged=bool(verdict.classes),

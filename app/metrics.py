@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.db import Job
 from app.queues import GPU_QUEUE
+from clipguard.stages import TIMED
 
 log = logging.getLogger("clipguard.api")
 
@@ -77,8 +78,8 @@ class Observe:
             LATENCY.labels(scope["method"], path).observe(time.perf_counter() - start)
 
 
-STAGES = ("load", "bounds", "select_lambda", "export", "evaluate")
-"""The engine's stages, as its progress callback names them; ``summary["timings"]`` uses the same keys."""
+STAGES = tuple(stage.value for stage in TIMED)
+"""The engine's timed stages, as its progress callback names them; ``summary["timings"]`` uses the same keys."""
 STAGE_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0)
 THROUGHPUT_BUCKETS = (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0, 100000.0)
 FAILURE_REASONS = (

@@ -76,6 +76,7 @@ def _limit_self(cpu_s: int, memory_bytes: int, file_bytes: int) -> None:
 
 def _child(request: dict) -> dict:
     _limit_self(request["cpu_s"], request["memory_bytes"], request["file_bytes"])
+    from app.words import api_words
     from clipguard.checkpoint import canonicalize
     from clipguard.errors import ClipguardError
     from clipguard.models import resolve_spec
@@ -84,7 +85,7 @@ def _child(request: dict) -> dict:
         spec = resolve_spec(request["arch"], request["num_classes"], request["mean"], request["std"])
         return {"ok": True, "sha256": canonicalize(request["upload"], spec, request["out"])}
     except ClipguardError as exc:
-        return {"ok": False, "reason": str(exc)}
+        return {"ok": False, "reason": exc.worded(api_words)}
 
 
 

@@ -11,8 +11,9 @@ defense runs on that same victim and is scored on the same held-out test images:
   training data, class-balanced);
 * clipguard, the paper's recipe: ``μ + λσ`` per channel on the poisoned training data at the
   paper's λ = 4, and with ``--lam auto`` (``clipguard.lambda_selection.select_lambda``);
-* clipguard's default, ``guard``: ``clipguard.defenses.guard.guard_pass`` (the same
-  function ``purify`` calls) and then the clip at its default λ = 6.
+* clipguard's default, ``guard``: detection, unlearning and the clip at its default λ = 6.
+
+clipguard's rows run ``clipguard.purify.run_pipeline``, the compute half every ``purify`` call runs.
 
 MM-BD's data-free *detection* verdict is run on the victim too and recorded beside the rows.
 Each row records ACC, ASR (target class excluded, BackdoorBench), ASR_all (included), RA,
@@ -47,21 +48,18 @@ sys.path.insert(0, str(ROOT))
 
 from clipguard.attacks import build_attack, load_attack  # noqa: E402
 from clipguard.checkpoint import load_weights  # noqa: E402
-from clipguard.data import ImageData, default_cache_dir, iter_batches, load_data  # noqa: E402
-from clipguard.defenses.clipping import clipped_model, compute_statistics  # noqa: E402
+from clipguard.data import ImageData, default_cache_dir, load_data  # noqa: E402
 from clipguard.defenses.clp import clp  # noqa: E402
 from clipguard.defenses.common import DefenseResult, Timer, balanced_subset  # noqa: E402
 from clipguard.defenses.ep import ep  # noqa: E402
-from clipguard.defenses.guard import guard_pass  # noqa: E402
 from clipguard.defenses.mmbd import mmbd_detect, mmbd_mitigate  # noqa: E402
 from clipguard.defenses.nad import BACKDOORBENCH, nad  # noqa: E402
 from clipguard.defenses.unit import unit  # noqa: E402
 from clipguard.detection import SCREEN_PER_CLASS  # noqa: E402
 from clipguard.devices import describe, resolve_device  # noqa: E402
-from clipguard.lambda_selection import select_lambda  # noqa: E402
 from clipguard.metrics import der, evaluate  # noqa: E402
-from clipguard.models import resolve_spec  # noqa: E402
-from clipguard.purify import DEFAULT_BATCH_SIZE, DEFAULT_BOUNDS_SAMPLES, bounds_sample  # noqa: E402
+from clipguard.models import ModelSpec, resolve_spec  # noqa: E402
+from clipguard.purify import DEFAULT_BOUNDS_SAMPLES, Inputs, Recipe, run_pipeline  # noqa: E402
 from clipguard.train import attack_path, train_victim  # noqa: E402
 
 CIFAR10 = ROOT.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
@@ -121,51 +119,41 @@ def clean_training_data(train: ImageData, info: dict) -> ImageData:
     return train.subset(keep)
 
 
-def clipguard_defense(model: torch.nn.Module, spec: object, train: ImageData, *, lam: float | str,
+def clipguard_defense(model: torch.nn.Module, spec: ModelSpec, train: ImageData, *, lam: float | str,
                       device: torch.device, select_samples: int,
                       bounds_samples: int = DEFAULT_BOUNDS_SAMPLES) -> DefenseResult:
-    """clipguard's building blocks (statistics, optional λ selection, clipping), timed like the baselines."""
+    """The paper's recipe through purify's own pipeline (statistics, optional λ selection, clipping), timed
+    like the baselines."""
+    recipe = Recipe(method="paper", lam=lam, bounds_samples=bounds_samples,  # type: ignore[arg-type]
+                    lambda_samples=select_samples)
     with Timer(device) as timer:
-        net = model.to(device).eval()
-        sampled = bounds_sample(train, bounds_samples)  # as purify measures μ and σ
-        stats = compute_statistics(net, lambda: iter_batches(sampled, DEFAULT_BATCH_SIZE, spec.mean, spec.std, device),  # type: ignore[attr-defined]
-                                   granularity="channel")
-        evidence = None
-        if lam == "auto":
-            lam, evidence = select_lambda(net, stats, train, spec, device=device,  # type: ignore[arg-type]
-                                          max_samples=select_samples)
-        purified = clipped_model(net, stats.bounds(float(lam))).cpu().eval()
+        done = run_pipeline(Inputs(spec, device, model.to(device).eval(), train), recipe)
+        purified = done.clipped.cpu().eval()
         seconds = timer.elapsed()
-    info = {"defense": "clipguard", "lam": float(lam), "granularity": "channel", "samples": stats.samples}
-    if evidence is not None:
-        info["lam_selection"] = {k: v for k, v in evidence.items() if k != "sweep"}
+    info = {"defense": "clipguard", "lam": done.lam, "granularity": "channel", "samples": done.stats.samples}
+    if done.selection is not None:
+        info["lam_selection"] = {k: v for k, v in done.selection.items() if k != "sweep"}
     return DefenseResult(purified, seconds, info)
 
 
-def guard_defense(model: torch.nn.Module, spec: object, train: ImageData, *, device: torch.device,
+def guard_defense(model: torch.nn.Module, spec: ModelSpec, train: ImageData, *, device: torch.device,
                   bounds_samples: int = DEFAULT_BOUNDS_SAMPLES, unlearn_options: dict | None = None,
                   timings: dict[str, float] | None = None,
                   screen_per_class: int | None = SCREEN_PER_CLASS) -> DefenseResult:
-    """clipguard's default: detect and unlearn the poisoned share, then clip (what ``purify`` ships).
+    """clipguard's default through purify's own pipeline: detect and unlearn the poisoned share, then clip.
 
     ``unlearn_options`` (``UnlearnConfig`` fields) and ``timings`` (filled per stage) serve
     bench/guard_cost.py, which runs this with cheaper fine-tunes; ``screen_per_class=None``
     makes detection read every training sample, as it did before screening."""
     timings = {} if timings is None else timings
+    recipe = Recipe(method="guard", bounds_samples=bounds_samples, unlearn_options=unlearn_options,
+                    screen_per_class=screen_per_class)
     with Timer(device) as timer:
-        passed = guard_pass(model.to(device).eval(), train, spec, device=device,  # type: ignore[arg-type]
-                            unlearn_options=unlearn_options, timings=timings, screen_per_class=screen_per_class)
-        net, kept, found, unlearning = passed.model, passed.data, passed.detection, passed.unlearning
-        started = timer.elapsed()
-        sampled = bounds_sample(kept, bounds_samples)  # as purify measures μ and σ
-        stats = compute_statistics(net, lambda: iter_batches(sampled, DEFAULT_BATCH_SIZE, spec.mean, spec.std, device),  # type: ignore[attr-defined]
-                                   granularity="channel")
-        lam = GUARD_LAM if unlearning is not None else PAPER_LAM  # nothing flagged: the recipe, as purify does
-        purified = clipped_model(net, stats.bounds(lam)).cpu().eval()
+        done = run_pipeline(Inputs(spec, device, model.to(device).eval(), train), recipe, timings=timings)
+        purified = done.clipped.cpu().eval()
         seconds = timer.elapsed()
-        timings["bounds_s"] = seconds - started
-    return DefenseResult(purified, seconds, {"defense": "guard", "lam": lam, "detection": found,
-                                             "unlearning": unlearning, "timings": dict(timings)})
+    return DefenseResult(purified, seconds, {"defense": "guard", "lam": done.lam, "detection": done.cleaned.poison,
+                                             "unlearning": done.cleaned.unlearning, "timings": dict(timings)})
 
 
 def jsonable(obj: object) -> object:

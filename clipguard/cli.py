@@ -275,13 +275,18 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def flag(option: str) -> str:
+    """An engine option (``clipguard.errors``) as this command line spells it."""
+    return "--" + option.replace("_", "-")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ClipguardError as exc:
-        print(f"clipguard: error: {exc}", file=sys.stderr)
+        print(f"clipguard: error: {exc.worded(flag)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("clipguard: interrupted", file=sys.stderr)

@@ -35,7 +35,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from clipguard.errors import DataError
+from clipguard.errors import DataError, literal
 from clipguard.files import atomic_path
 from clipguard.files import file_sha256 as file_sha256  # where callers have always found it
 
@@ -248,9 +248,9 @@ class _Sizes:
         if h * w > self.limits.max_image_pixels:
             raise DataError(f"{label}: {what} declares {w}x{h} pixels, over the {self.limits.max_image_pixels} cap")
         if self.resize is None and self.largest is not None and (h > self.largest[0] or w > self.largest[1]):
-            raise DataError(f"{label}: {what} is {h}x{w}, larger than the model's {self.largest[0]}x"
-                            f"{self.largest[1]} input; resize the data first, or ask for resizing "
-                            "(clipguard purify --resize, the job field \"resize\": true)")
+            raise DataError(literal(f"{label}: {what} is {h}x{w}, larger than the model's {self.largest[0]}x"
+                                    f"{self.largest[1]} input; resize the data first, or ask for resizing")
+                            + " ({resize})", options=True)
 
     def check_resized(self, count: int, label: str) -> None:
         """``count`` images scaled to the resize target must fit the cap too (a target may be larger)."""

@@ -106,7 +106,7 @@ def feature_layer(model: nn.Module) -> nn.Linear:
     positions = [i for i, m in enumerate(leaves) if isinstance(m, nn.Linear)]
     if not positions:
         raise ClipguardError("the model has no linear classifier layer; poison detection needs one "
-                             "(use --method paper)")
+                             "(set {method} to paper)", options=True)
     chosen = leaves[positions[-1]]
     assert isinstance(chosen, nn.Linear)
     for module in reversed(leaves[: positions[-1]]):

@@ -14,7 +14,7 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ClipguardError("--device cuda was asked for but no CUDA device is available")
+        raise ClipguardError("{device} cuda was asked for but no CUDA device is available", options=True)
     try:
         return torch.device(name)
     except RuntimeError as exc:

@@ -145,12 +145,12 @@ def evaluate_model(
     from clipguard.models import CIFAR10_MEAN, CIFAR10_STD, resolve_spec
 
     if (weights is None) == (model is None):
-        raise ClipguardError("give either --weights (with --arch) or --model")
+        raise ClipguardError("give either {weights} (with {arch}) or {model}", options=True)
     dev = resolve_device(device)
     test = load_data(data, default_split="test", cache_dir=cache_dir or default_cache_dir())
     if weights is not None:
         if arch is None:
-            raise ClipguardError("--weights needs --arch")
+            raise ClipguardError("{weights} needs {arch}", options=True)
         spec = resolve_spec(arch, num_classes, mean, std)
         net: nn.Module = spec.build()
         load_weights(net, weights)

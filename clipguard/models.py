@@ -270,7 +270,7 @@ def resolve_spec(
             if len(vals) != 3:
                 raise ModelSpecError(f"--{name} needs 3 comma-separated numbers, got {len(vals)}")
             if name == "std" and any(v <= 0 for v in vals):
-                raise ModelSpecError("--std values must be positive")
+                raise ModelSpecError("{std} values must be positive", options=True)
             triple = (vals[0], vals[1], vals[2])
             spec = replace(spec, mean=triple) if name == "mean" else replace(spec, std=triple)
     if input_size is not None:

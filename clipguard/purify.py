@@ -3,9 +3,14 @@
 Given a suspect checkpoint, its architecture and a training-data reference, it computes
 activation bounds, builds the clipped model, exports it, checks the export, and publishes
 ``purified.pt`` (TorchScript), ``purified.pt2`` (torch.export, when the model exports),
-``bounds.safetensors`` and ``report.json`` into ``out``. Everything is written into a
-sibling temporary folder first and renamed into place at the end, so a failure or a
-cancellation never leaves a half-written output behind.
+``bounds.safetensors`` and ``report.json`` into ``out``.
+
+The run is a chain of stage functions (``clipguard.stages`` names and times them), each
+returning a typed outcome and writing no file: :func:`load_inputs`, :func:`run_pipeline` (the
+compute half a benchmark calls on a model and data it holds), :func:`assess` (what the report
+measures). :func:`publish` is the one writer: everything goes into a sibling temporary folder
+first and is renamed into place at the end, so a failure or a cancellation never leaves a
+half-written output behind.
 """
 
 from __future__ import annotations
@@ -41,13 +46,15 @@ from clipguard.data import (
 )
 from clipguard.defenses.clipping import (
     GRANULARITIES,
+    SiteStats,
     clipped_model,
     clipped_site_names,
     compute_statistics,
     site_modules,
 )
+from clipguard.detection import SCREEN_PER_CLASS
 from clipguard.devices import describe, resolve_device
-from clipguard.errors import Cancelled, ClipguardError, DataError
+from clipguard.errors import Cancelled, ClipguardError, DataError, literal
 from clipguard.export import export_program, export_torchscript
 from clipguard.lam import lam_problem
 from clipguard.lambda_selection import DEFAULT_GRID, select_lambda
@@ -55,9 +62,8 @@ from clipguard.metrics import der, evaluate
 from clipguard.models import ModelSpec, resolve_spec
 from clipguard.report import SCHEMA, publishable, to_json
 from clipguard.reports import write_html
-
-Progress = Callable[[str, float], None]
-"""``progress(stage, fraction)`` with fraction in [0, 1] for the current stage."""
+from clipguard.stages import Progress, Stage, plan, timed
+from clipguard.verdict import Verdict
 
 ShouldCancel = Callable[[], bool]
 
@@ -125,6 +131,10 @@ class PurifyOptions:
     """Fine-tune a copy of the purified model briefly and report what it does to ASR (clipguard.reactivation)."""
     extra: dict = field(default_factory=dict)
 
+    def recipe(self) -> Recipe:
+        return Recipe(method=self.method, lam=self.lam, granularity=self.granularity, batch_size=self.batch_size,
+                      bounds_samples=self.bounds_samples, detect=self.detect, unlearn_options=self.extra.get("unlearn"))
+
 
 @dataclass
 class PurifyResult:
@@ -161,6 +171,87 @@ def bounds_sample(data: ImageData, max_samples: int | None) -> ImageData:
     return data if pick is None else data.subset(pick)
 
 
+@dataclass
+class Recipe:
+    """What the compute half of a run does to a model, apart from where its inputs come from.
+
+    :func:`run_pipeline` takes it, so a benchmark holding a model and data in memory runs the
+    same steps a ``purify`` call does (:meth:`PurifyOptions.recipe`)."""
+
+    method: str = "guard"
+    lam: float | Literal["auto"] | None = None
+    granularity: Literal["channel", "element"] = "channel"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    bounds_samples: int | None = None
+    detect: bool = False
+    unlearn_options: dict | None = None
+    lambda_samples: int | None = None
+    """At most this many training images score the λ grid (``select_lambda``'s ``max_samples``); None: its default."""
+    screen_per_class: int | None = SCREEN_PER_CLASS
+
+    def check(self) -> float | Literal["auto"]:
+        """Refuse settings no run could use; the λ to start from (guard may fall back to the paper's)."""
+        if self.method not in METHODS:
+            raise ClipguardError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.granularity not in GRANULARITIES:
+            raise ClipguardError(f"granularity must be one of {', '.join(GRANULARITIES)}")
+        lam = DEFAULT_LAM.get(self.method, 4.0) if self.lam is None else self.lam
+        if problem := lam_problem(lam):
+            raise ClipguardError(problem)
+        return lam
+
+
+@dataclass
+class Inputs:
+    """The outcome of :data:`Stage.LOAD`: the suspect model and the decoded data, on ``device``."""
+
+    spec: ModelSpec
+    device: torch.device
+    model: nn.Module
+    data: ImageData
+    eval_data: ImageData | None = None
+    attack: Attack | None = None
+
+
+@dataclass
+class Cleaned:
+    """Guard's outcome: the model to clip and the data its bounds are measured on (the suspect's, for ``paper``)."""
+
+    model: nn.Module
+    data: ImageData
+    poison: dict | None = None
+    unlearning: dict | None = None
+    verdict: Verdict | None = None
+
+
+@dataclass
+class Purified:
+    """The compute half's outcome: the clipped model and everything that chose its bounds."""
+
+    cleaned: Cleaned
+    stats: SiteStats
+    statistics: dict
+    lam: float
+    selection: dict | None
+    bounds: dict[str, torch.Tensor]
+    clipped: nn.Module
+    detection: dict | None = None
+
+
+@dataclass
+class Assessment:
+    """What the report measures about the purified model: clipping per site, ACC/ASR, re-activation."""
+
+    fractions: dict[str, float]
+    activations: dict[str, np.ndarray]
+    evaluation: dict | None = None
+    reactivation: dict | None = None
+
+
+def _silent(_stage: Stage, _fraction: float) -> None:
+    pass
+
+
 def purify(
     options: PurifyOptions,
     progress: Progress | None = None,
@@ -169,190 +260,243 @@ def purify(
     """Run the whole purification and publish its artifacts atomically into ``options.out``."""
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    say = progress or (lambda stage, fraction: None)
+    say = progress or _silent
     out = Path(options.out)
     if not options.overwrite and out.exists() and (out.is_file() or any(out.iterdir())):
-        raise ClipguardError(f"output folder {out} already exists and is not empty; pass --overwrite to replace it")
-    if options.method not in METHODS:
-        raise ClipguardError(f"unknown method {options.method!r}; choose one of {', '.join(METHODS)}")
-    if options.granularity not in GRANULARITIES:
-        raise ClipguardError(f"granularity must be one of {', '.join(GRANULARITIES)}")
-    lam = DEFAULT_LAM.get(options.method, 4.0) if options.lam is None else options.lam
-    if problem := lam_problem(lam):
-        raise ClipguardError(problem)
+        raise ClipguardError(literal(f"output folder {out} already exists and is not empty;")
+                             + " set {overwrite} to replace it", options=True)
+    recipe = options.recipe()
+    recipe.check()
+    inputs = load_inputs(options, say, should_cancel, timings)
+    purified = run_pipeline(inputs, recipe, say, should_cancel, timings)
+    assessment = assess(inputs, purified, options, say, should_cancel, timings)
+    report = publish(options, inputs, purified, assessment, timings, started, say, should_cancel)
+    say(Stage.DONE, 1.0)
+    return PurifyResult(out=out, report=report)
 
+
+def stages_of(options: PurifyOptions) -> tuple[Stage, ...]:
+    """The stages a run with ``options`` passes through, for an overall percent (:func:`clipguard.stages.percent`)."""
+    return plan(method=options.method, detect=options.detect, select_lambda=options.lam == "auto",
+                evaluate=bool(options.eval_data), reactivation=options.reactivation_check)
+
+
+def load_inputs(options: PurifyOptions, say: Progress = _silent, should_cancel: ShouldCancel | None = None,
+                timings: dict[str, float] | None = None) -> Inputs:
+    """:data:`Stage.LOAD`: the suspect checkpoint, the training data and (optionally) the evaluation data and attack."""
     spec = resolve_spec(options.arch, options.num_classes, options.mean, options.std)
     device = resolve_device(options.device)
-    t = time.perf_counter()
-    say("load", 0.0)
-    model = spec.build()
-    load_weights(model, options.weights)
-    model = model.to(device).eval()
-    cache_dir = options.cache_dir or default_cache_dir()
 
     def loading(start: float, span: float) -> Callable[[float], None]:
         def step(fraction: float) -> None:
-            say("load", start + span * fraction)
+            say(Stage.LOAD, start + span * fraction)
             if should_cancel is not None and should_cancel():
                 raise Cancelled("cancelled while loading data")
         return step
 
-    # Images larger than the model's input are refused before they are decoded (or scaled, with `resize`).
-    sizing = {"image_size": spec.input_size if options.resize else None, "max_image_size": spec.input_size,
-              "cache_dir": cache_dir, "cache_max_bytes": options.cache_max_bytes,
-              "limits": options.data_limits or Limits()}
-    data = load_data(options.data, default_split="train", progress=loading(0.0, 0.5), **sizing)
-    _check_input(data, spec, "training data")
-    eval_data = None
-    if options.eval_data:
-        eval_data = load_data(options.eval_data, default_split="test", progress=loading(0.5, 0.5), **sizing)
-        _check_input(eval_data, spec, "evaluation data")
-    attack = eval_attack(options.attack, (eval_data or data).image_size, files=options.attack_files) \
-        if options.attack else None
-    timings["load_s"] = time.perf_counter() - t
-    say("load", 1.0)
+    with timed(Stage.LOAD, {} if timings is None else timings, say):
+        model = spec.build()
+        load_weights(model, options.weights)
+        model = model.to(device).eval()
+        # Images larger than the model's input are refused before they are decoded (or scaled, with `resize`).
+        sizing = {"image_size": spec.input_size if options.resize else None, "max_image_size": spec.input_size,
+                  "cache_dir": options.cache_dir or default_cache_dir(), "cache_max_bytes": options.cache_max_bytes,
+                  "limits": options.data_limits or Limits()}
+        data = load_data(options.data, default_split="train", progress=loading(0.0, 0.5), **sizing)
+        _check_input(data, spec, "training data")
+        eval_data = None
+        if options.eval_data:
+            eval_data = load_data(options.eval_data, default_split="test", progress=loading(0.5, 0.5), **sizing)
+            _check_input(eval_data, spec, "evaluation data")
+        attack = eval_attack(options.attack, (eval_data or data).image_size, files=options.attack_files) \
+            if options.attack else None
+    return Inputs(spec, device, model, data, eval_data, attack)
 
-    poison, unlearning, verdict = None, None, None
-    suspect = model
-    bounds_data = data
-    if options.method == "guard":  # find candidates, confirm, unlearn the confirmed, then clip (docs/method.md)
-        from clipguard.defenses.guard import guard_pass
 
-        found = guard_pass(suspect, data, spec, device=device, batch_size=options.batch_size,
-                           unlearn_options=options.extra.get("unlearn"), progress=say, should_cancel=should_cancel,
-                           timings=timings)
-        model, bounds_data, poison, unlearning, verdict = (found.model, found.data, found.detection, found.unlearning,
-                                                           found.verdict)
-        if options.lam is None and unlearning is None:  # nothing unlearned: the paper's recipe, at its λ
-            lam = DEFAULT_LAM["paper"]
-
-    t = time.perf_counter()
-    cap = default_bounds_samples(options.granularity) if options.bounds_samples is None else options.bounds_samples
-    stats_data = bounds_sample(bounds_data, cap)
-    stats = compute_statistics(
-        model,
-        lambda: iter_batches(stats_data, options.batch_size, spec.mean, spec.std, device),
-        granularity=options.granularity,
-        total=len(stats_data),
-        progress=lambda f: say("bounds", f),
-        should_cancel=should_cancel,
-    )
-    timings["bounds_s"] = time.perf_counter() - t
-
-    detection = None
-    if options.detect:  # MM-BD's data-free verdict: "is this model backdoored, and towards which class?"
-        from clipguard.defenses.mmbd import mmbd_detect
-
-        t = time.perf_counter()
-        say("detect", 0.0)
-        detection = {"method": "MM-BD (Wang et al., IEEE S&P 2024)",
-                     **mmbd_detect(suspect, spec, num_classes=spec.num_classes, device=device)}
-        timings["detect_s"] = time.perf_counter() - t
-        say("detect", 1.0)
-
+def run_pipeline(inputs: Inputs, recipe: Recipe, say: Progress = _silent, should_cancel: ShouldCancel | None = None,
+                 timings: dict[str, float] | None = None) -> Purified:
+    """The compute half, with no file I/O: guard's pass, the statistics, λ, and the clipped model."""
+    timings = {} if timings is None else timings
+    lam = recipe.check()
+    cleaned = clean(inputs, recipe, say, should_cancel, timings)
+    if recipe.method == "guard" and recipe.lam is None and cleaned.unlearning is None:
+        lam = DEFAULT_LAM["paper"]  # nothing unlearned: the paper's recipe, at its λ
+    stats, statistics = measure_statistics(inputs, cleaned, recipe, say, should_cancel, timings)
+    detection = detect_backdoor(inputs, timings, say) if recipe.detect else None
     selection = None
     if lam == "auto":
-        t = time.perf_counter()
-        lam, selection = select_lambda(model, stats, bounds_data, spec, device=device, batch_size=options.batch_size,
-                                       rule="agreement" if unlearning is not None else "class_drop",
-                                       progress=lambda f: say("select_lambda", f), should_cancel=should_cancel)
-        timings["select_lambda_s"] = time.perf_counter() - t
+        lam, selection = choose_lambda(inputs, cleaned, stats, recipe, say, should_cancel, timings)
     lam = float(lam)
     bounds = stats.bounds(lam)
-    clipped = clipped_model(model, bounds).to(device)
+    clipped = clipped_model(cleaned.model, bounds).to(inputs.device)
+    return Purified(cleaned, stats, statistics, lam, selection, bounds, clipped, detection)
 
-    t = time.perf_counter()
-    fractions, act_values = clip_fractions(clipped, data, spec, device=device, max_samples=CLIP_FRACTION_SAMPLES,
-                               batch_size=options.batch_size)
-    timings["clip_fraction_s"] = time.perf_counter() - t
+
+def clean(inputs: Inputs, recipe: Recipe, say: Progress = _silent, should_cancel: ShouldCancel | None = None,
+          timings: dict[str, float] | None = None) -> Cleaned:
+    """Guard's stages (find candidates, confirm, unlearn the confirmed; docs/method.md); ``paper`` keeps the suspect."""
+    if recipe.method != "guard":
+        return Cleaned(inputs.model, inputs.data)
+    from clipguard.defenses.guard import guard_pass
+
+    found = guard_pass(inputs.model, inputs.data, inputs.spec, device=inputs.device, batch_size=recipe.batch_size,
+                       screen_per_class=recipe.screen_per_class, unlearn_options=recipe.unlearn_options,
+                       progress=say, should_cancel=should_cancel, timings=timings)
+    return Cleaned(found.model, found.data, found.detection, found.unlearning, found.verdict)
+
+
+def measure_statistics(inputs: Inputs, cleaned: Cleaned, recipe: Recipe, say: Progress = _silent,
+                       should_cancel: ShouldCancel | None = None,
+                       timings: dict[str, float] | None = None) -> tuple[SiteStats, dict]:
+    """:data:`Stage.BOUNDS`: μ and σ per site on a fixed sample of the data the bounds are for, and the sample."""
+    cap = default_bounds_samples(recipe.granularity) if recipe.bounds_samples is None else recipe.bounds_samples
+    with timed(Stage.BOUNDS, {} if timings is None else timings, say):
+        sample = bounds_sample(cleaned.data, cap)
+        spec, device = inputs.spec, inputs.device
+        stats = compute_statistics(
+            cleaned.model,
+            lambda: iter_batches(sample, recipe.batch_size, spec.mean, spec.std, device),
+            granularity=recipe.granularity,
+            total=len(sample),
+            progress=lambda f: say(Stage.BOUNDS, f),
+            should_cancel=should_cancel,
+        )
+    return stats, {"samples": len(sample), "of": len(cleaned.data), "max_samples": cap or None,
+                   "seed": BOUNDS_SAMPLE_SEED}
+
+
+def detect_backdoor(inputs: Inputs, timings: dict[str, float] | None = None, say: Progress = _silent) -> dict:
+    """:data:`Stage.DETECT`: MM-BD's data-free verdict on the suspect, "is it backdoored, and towards which class?"."""
+    from clipguard.defenses.mmbd import mmbd_detect
+
+    with timed(Stage.DETECT, {} if timings is None else timings, say):
+        return {"method": "MM-BD (Wang et al., IEEE S&P 2024)",
+                **mmbd_detect(inputs.model, inputs.spec, num_classes=inputs.spec.num_classes, device=inputs.device)}
+
+
+def choose_lambda(inputs: Inputs, cleaned: Cleaned, stats: SiteStats, recipe: Recipe, say: Progress = _silent,
+                  should_cancel: ShouldCancel | None = None,
+                  timings: dict[str, float] | None = None) -> tuple[float, dict]:
+    """:data:`Stage.SELECT_LAMBDA`: λ chosen on the training data, and the sweep that chose it."""
+    more = {} if recipe.lambda_samples is None else {"max_samples": recipe.lambda_samples}
+    with timed(Stage.SELECT_LAMBDA, {} if timings is None else timings, say):
+        return select_lambda(cleaned.model, stats, cleaned.data, inputs.spec, device=inputs.device,
+                             batch_size=recipe.batch_size,
+                             rule="agreement" if cleaned.unlearning is not None else "class_drop",
+                             progress=lambda f: say(Stage.SELECT_LAMBDA, f), should_cancel=should_cancel, **more)
+
+
+def assess(inputs: Inputs, purified: Purified, options: PurifyOptions, say: Progress = _silent,
+           should_cancel: ShouldCancel | None = None, timings: dict[str, float] | None = None) -> Assessment:
+    """What the report shows about the purified model; no file I/O."""
+    timings = {} if timings is None else timings
+    with timed(Stage.CLIP_FRACTION, timings, say):
+        fractions, activations = clip_fractions(purified.clipped, inputs.data, inputs.spec, device=inputs.device,
+                                                max_samples=CLIP_FRACTION_SAMPLES, batch_size=options.batch_size)
     if should_cancel is not None and should_cancel():
         raise Cancelled("cancelled before export")
+    evaluation = None
+    if inputs.eval_data is not None:
+        with timed(Stage.EVALUATE, timings, say):
+            evaluation = evaluate_purified(inputs, purified, options, say)
+    reactivation = None
+    if options.reactivation_check:
+        from clipguard.reactivation import reactivation_check
 
+        with timed(Stage.REACTIVATION, timings, say):
+            reactivation = reactivation_check(
+                purified.clipped, purified.cleaned.data, inputs.spec, eval_data=inputs.eval_data,
+                attack=inputs.attack, device=inputs.device, batch_size=options.batch_size,
+                progress=lambda f: say(Stage.REACTIVATION, f), should_cancel=should_cancel)
+    return Assessment(fractions, activations, evaluation, reactivation)
+
+
+def evaluate_purified(inputs: Inputs, purified: Purified, options: PurifyOptions, say: Progress = _silent) -> dict:
+    """:data:`Stage.EVALUATE`: ACC (and ASR with an attack) before and after on the evaluation data, and the λ sweep."""
+    data, spec, attack, device = inputs.eval_data, inputs.spec, inputs.attack, inputs.device
+    assert data is not None
+    before = evaluate(inputs.model, data, spec.mean, spec.std, attack=attack, device=device,
+                      batch_size=options.batch_size)
+    after = evaluate(purified.clipped.to(device), data, spec.mean, spec.std, attack=attack, device=device,
+                     batch_size=options.batch_size)
+    unlearned = purified.cleaned.unlearning is not None
+    return {"data": {"ref": str(options.eval_data), "sha256": data.sha256, "samples": len(data)},
+            "attack": attack.to_dict() if attack is not None else None,
+            "before": before, "after": after,
+            "der": der(before, after) if attack is not None else None,
+            "sweep_model": "unlearned" if unlearned else "suspect",
+            "sweep": _sweep(purified.cleaned.model, purified.stats, data, spec, attack, device, options.batch_size,
+                            lambda f: say(Stage.EVALUATE, f)) if options.sweep else None}
+
+
+def build_report(options: PurifyOptions, inputs: Inputs, purified: Purified, assessment: Assessment,
+                 export_checks: dict, model_sha: str, timings: dict[str, float], artifacts: list[str]) -> dict:
+    """report.json's content (before NaN becomes null); ``artifacts`` are the files published beside it."""
+    spec, data, verdict = inputs.spec, inputs.data, purified.cleaned.verdict
+    return {
+        "schema": SCHEMA,
+        "clipguard_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "inputs": {
+            "model": {**spec.to_dict(), "weights": Path(options.weights).name, "sha256": model_sha},
+            "data": {"ref": str(options.data), "sha256": data.sha256, "samples": len(data),
+                     "classes": list(data.classes), "image_size": list(data.image_size)},
+        },
+        "method": options.method,
+        "verdict": None if verdict is None else verdict.to_dict(),
+        "lam": purified.lam,
+        "lam_selection": purified.selection,
+        "poison_detection": purified.cleaned.poison,
+        "unlearning": purified.cleaned.unlearning,
+        "granularity": options.granularity,
+        "statistics": purified.statistics,
+        "sites": [{"name": n, "shape": list(purified.bounds[n].shape), "clip_fraction": assessment.fractions[n]}
+                  for n in purified.stats.names],
+        "export": export_checks,
+        "evaluation": assessment.evaluation,
+        "reactivation": assessment.reactivation,
+        "detection": purified.detection,
+        "device": describe(inputs.device),
+        "torch_version": torch.__version__,
+        "timings": timings,
+        "artifacts": sorted(artifacts),
+    }
+
+
+def publish(options: PurifyOptions, inputs: Inputs, purified: Purified, assessment: Assessment,
+            timings: dict[str, float], started: float, say: Progress = _silent,
+            should_cancel: ShouldCancel | None = None) -> dict:
+    """The one writer: exports, the bounds file, report.json and report.html into a staging folder,
+    renamed into ``options.out`` only when all of them are written. Returns the report."""
+    out = Path(options.out)
+    spec, lam = inputs.spec, purified.lam
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        t = time.perf_counter()
-        say("export", 0.0)
-        cpu_model = clipped.to("cpu").eval()
-        example = normalize(data.images[:EXPORT_CHECK_BATCH], spec.mean, spec.std)
-        export_checks = {"torchscript": export_torchscript(
-            cpu_model, example, staging / "purified.pt",
-            metadata={**spec.to_dict(), "lam": lam, "method": options.method, "granularity": options.granularity,
-                      "clipguard_version": __version__})}
-        export_checks["torch_export"] = export_program(cpu_model, example, staging / "purified.pt2")
-        timings["export_s"] = time.perf_counter() - t
-        say("export", 1.0)
-
+        with timed(Stage.EXPORT, timings, say):
+            cpu_model = purified.clipped.to("cpu").eval()
+            example = normalize(inputs.data.images[:EXPORT_CHECK_BATCH], spec.mean, spec.std)
+            export_checks = {"torchscript": export_torchscript(
+                cpu_model, example, staging / "purified.pt",
+                metadata={**spec.to_dict(), "lam": lam, "method": options.method, "granularity": options.granularity,
+                          "clipguard_version": __version__})}
+            export_checks["torch_export"] = export_program(cpu_model, example, staging / "purified.pt2")
+        say(Stage.PUBLISH, 0.0)
         model_sha = file_sha256(options.weights)
-        save_bounds(staging / "bounds.safetensors", bounds, stats, {
-            "lam": lam, "granularity": options.granularity, "method": options.method, "samples": stats.samples,
-            "arch": spec.arch, "model_sha256": model_sha, "data_sha256": data.sha256,
+        save_bounds(staging / "bounds.safetensors", purified.bounds, purified.stats, {
+            "lam": lam, "granularity": options.granularity, "method": options.method,
+            "samples": purified.stats.samples, "arch": spec.arch, "model_sha256": model_sha,
+            "data_sha256": inputs.data.sha256,
         })
-        evaluation = None
-        if eval_data is not None:
-            t = time.perf_counter()
-            say("evaluate", 0.0)
-            before = evaluate(suspect, eval_data, spec.mean, spec.std, attack=attack, device=device,
-                              batch_size=options.batch_size)
-            after = evaluate(clipped.to(device), eval_data, spec.mean, spec.std, attack=attack, device=device,
-                             batch_size=options.batch_size)
-            evaluation = {"data": {"ref": str(options.eval_data), "sha256": eval_data.sha256,
-                                   "samples": len(eval_data)},
-                          "attack": attack.to_dict() if attack is not None else None,
-                          "before": before, "after": after,
-                          "der": der(before, after) if attack is not None else None,
-                          "sweep_model": "unlearned" if unlearning is not None else "suspect",
-                          "sweep": _sweep(model, stats, eval_data, spec, attack, device, options.batch_size,
-                                          lambda f: say("evaluate", f)) if options.sweep else None}
-            timings["evaluate_s"] = time.perf_counter() - t
-            say("evaluate", 1.0)
-        reactivation = None
-        if options.reactivation_check:
-            from clipguard.reactivation import reactivation_check
-
-            t = time.perf_counter()
-            say("reactivation", 0.0)
-            reactivation = reactivation_check(clipped, bounds_data, spec, eval_data=eval_data, attack=attack,
-                                              device=device, batch_size=options.batch_size,
-                                              progress=lambda f: say("reactivation", f), should_cancel=should_cancel)
-            timings["reactivation_s"] = time.perf_counter() - t
-            say("reactivation", 1.0)
         timings["total_s"] = time.perf_counter() - started
-        report = {
-            "schema": SCHEMA,
-            "clipguard_version": __version__,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "inputs": {
-                "model": {**spec.to_dict(), "weights": Path(options.weights).name, "sha256": model_sha},
-                "data": {"ref": str(options.data), "sha256": data.sha256, "samples": len(data),
-                         "classes": list(data.classes), "image_size": list(data.image_size)},
-            },
-            "method": options.method,
-            "verdict": None if verdict is None else verdict.to_dict(),
-            "lam": lam,
-            "lam_selection": selection,
-            "poison_detection": poison,
-            "unlearning": unlearning,
-            "granularity": options.granularity,
-            "statistics": {"samples": len(stats_data), "of": len(bounds_data),
-                           "max_samples": cap or None, "seed": BOUNDS_SAMPLE_SEED},
-            "sites": [{"name": n, "shape": list(bounds[n].shape), "clip_fraction": fractions[n]}
-                      for n in stats.names],
-            "export": export_checks,
-            "evaluation": evaluation,
-            "reactivation": reactivation,
-            "detection": detection,
-            "device": describe(device),
-            "torch_version": torch.__version__,
-            "timings": timings,
-            "artifacts": [*sorted(p.name for p in staging.iterdir()), "report.json"],
-        }
-        report["artifacts"] = sorted([*report["artifacts"], "report.html"])
+        artifacts = [*(p.name for p in staging.iterdir()), "report.json", "report.html"]
+        report = build_report(options, inputs, purified, assessment, export_checks, model_sha, timings, artifacts)
         report = publishable(report)  # checked against clipguard.report.Report, NaN made null: what readers get
+        fractions, values = assessment.fractions, assessment.activations
         top = sorted(fractions, key=fractions.__getitem__, reverse=True)[:HISTOGRAM_SITES]
         write_html(report, staging / "report.html",
-                   activations={n: {"values": act_values[n], "bound": bounds[n].flatten().numpy()}
-                                for n in top if n in act_values})
+                   activations={n: {"values": values[n], "bound": purified.bounds[n].flatten().numpy()}
+                                for n in top if n in values})
         (staging / "report.json").write_text(to_json(report))
         if should_cancel is not None and should_cancel():
             raise Cancelled("cancelled before publishing")
@@ -360,8 +504,8 @@ def purify(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    say("done", 1.0)
-    return PurifyResult(out=out, report=report)
+    say(Stage.PUBLISH, 1.0)
+    return report
 
 
 METHODS = ("guard", "paper")
@@ -405,8 +549,8 @@ def eval_attack(spec: str | Mapping[str, object], image_size: tuple[int, int], *
     if name not in ATTACKS:
         raise DataError(f"unknown attack {name!r}; known: {', '.join(sorted(ATTACKS))}")
     if record.get("image"):
-        raise DataError(f"{name} attack: a trigger image file is not read from an attack record; use a saved "
-                        "attack file with its tensors (clipguard purify --attack FILE)")
+        raise DataError(literal(f"{name} attack: a trigger image file is not read from an attack record;")
+                        + " give {attack} as a saved attack file with its tensors", options=True)
     try:
         made_for = tuple(int(v) for v in record.setdefault("image_size", list(image_size)))
         if made_for != tuple(image_size):
@@ -421,9 +565,9 @@ def _check_input(data: ImageData, spec: ModelSpec, what: str) -> None:
     """Labels within the model's outputs, and images of the size the architecture takes."""
     h, w = data.image_size
     if spec.fixed_input and (h, w) != tuple(spec.input_size):
-        raise DataError(f"{what} {data.source} has {h}x{w} images but {spec.arch} takes {spec.input_size[0]}x"
-                        f"{spec.input_size[1]}; resize the data first, or ask for resizing (clipguard purify "
-                        "--resize, the job field \"resize\": true)")
+        raise DataError(literal(f"{what} {data.source} has {h}x{w} images but {spec.arch} takes {spec.input_size[0]}x"
+                                f"{spec.input_size[1]}; resize the data first, or ask for resizing")
+                        + " ({resize})", options=True)
     _check_labels(data, spec, what)
 
 
@@ -431,8 +575,8 @@ def _check_labels(data: ImageData, spec: ModelSpec, what: str) -> None:
     top = int(data.labels.max()) if len(data) else -1
     if top >= spec.num_classes:
         raise ClipguardError(
-            f"{what} has labels up to {top} ({len(data.classes)} classes) but the model has "
-            f"{spec.num_classes} outputs; pass --num-classes"
+            literal(f"{what} has labels up to {top} ({len(data.classes)} classes) but the model has "
+                    f"{spec.num_classes} outputs;") + " set {num_classes}", options=True
         )
 
 

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from clipguard.files import write_text
+from clipguard.stages import TIMED
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -42,15 +43,7 @@ MAX_HISTOGRAMS = 8
 """More histograms than this make the page long without telling more; the engine sends the worst sites."""
 HASH_CHARS = 12
 
-TIMING_LABELS = {
-    "load_s": "load model and data",
-    "bounds_s": "activation statistics (bounds)",
-    "select_lambda_s": "λ selection",
-    "clip_fraction_s": "clip fractions",
-    "export_s": "export and checks",
-    "evaluate_s": "evaluation before/after",
-    "total_s": "total",
-}
+TIMING_LABELS = {**{stage.timing_key: stage.label for stage in TIMED}, "total_s": "total"}
 
 BEFORE_COLOR = "#9aa5b1"
 AFTER_COLOR = "#2563eb"

@@ -183,7 +183,7 @@ def train_victim(
     from clipguard.models import resolve_spec
 
     if not 0.0 <= poison_rate < 1.0:
-        raise ClipguardError(f"--poison-rate must be in [0, 1), got {poison_rate}")
+        raise ClipguardError(f"{{poison_rate}} must be in [0, 1), got {poison_rate}", options=True)
     spec = resolve_spec(arch, num_classes)
     dataset = load_data(data, default_split="train", cache_dir=cache_dir or default_cache_dir())
     if limit is not None and limit < len(dataset):

@@ -185,3 +185,10 @@ def test_the_cli_summary_reads_the_typed_report(tmp_path):
     text = summary(publishable(minimal()), tmp_path)
     assert "purified small_cnn with λ=4 (paper, channel) on 4 samples" in text
     assert "ACC 50.0% -> n/a" in text and "ASR" not in text
+
+
+def test_the_timings_model_has_a_field_for_every_timed_stage_and_no_other():
+    from clipguard.report import Timings
+    from clipguard.stages import TIMED
+
+    assert set(Timings.model_fields) == {s.timing_key for s in TIMED} | {"total_s"}

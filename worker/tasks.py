@@ -1,8 +1,9 @@
 """The purify task: claim the job row, run the engine's ``purify``, publish the artifacts.
 
 torch and the engine are imported inside the task, never at module import, so the prefork
-parent never touches CUDA before it forks. Only the job id travels in the message; every
-input is read from the job store, and everything the API shows is written back there.
+parent never touches CUDA before it forks (``clipguard.stages``, plain names, is the exception).
+Only the job id travels in the message; every input is read from the job store, and everything
+the API shows is written back there.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from app.logs import binds_job
 from app.queues import PURIFY_TASK
 from app.settings import Settings, get_settings
 from app.storage import StorageError, StorageUnavailable, local_data_ref, storage_for
+from app.words import api_words
 from clipguard.files import file_sha256
+from clipguard.stages import Tracker
 from worker.celery_app import celery_app
 
 log = logging.getLogger("clipguard.worker")
@@ -41,9 +44,8 @@ MEDIA_TYPES = {
     "report.json": "application/json",
     "report.html": "text/html; charset=utf-8",
 }
-# Where each engine stage sits in the overall percentage shown to clients.
-STAGE_SPAN = {"starting": (0, 0), "load": (0, 5), "bounds": (5, 50), "select_lambda": (50, 70),
-              "export": (70, 80), "evaluate": (80, 99), "done": (99, 99)}
+RUNNING_MAX_PERCENT = 99.0
+"""The most a running job shows: the artifacts are stored after the engine is done; success alone says 100."""
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 """Write errors that mean "out of room" (device full, quota, file-size limit): the job fails with that reason."""
 OUTPUT_SIZE_FACTOR, OUTPUT_SIZE_MARGIN = 3, 4 * 1024**2
@@ -119,6 +121,8 @@ class _Reporter:
         self.stall_s, self.cancel_grace_s = stall_s, cancel_grace_s
         self._last_write = 0.0
         self._last_stage: str | None = None
+        self.percent = Tracker(ceiling=RUNNING_MAX_PERCENT)
+        """The job's overall percent; ``run_attempt`` narrows it to the stages the job's options give."""
         self._last_check = 0.0
         self._last_sign = time.monotonic()
         self._cancel = False
@@ -170,12 +174,11 @@ class _Reporter:
         now = self._last_sign = time.monotonic()
         if stage == self._last_stage and now - self._last_write < PROGRESS_EVERY_S:
             return
-        lo, hi = STAGE_SPAN.get(stage, (0, 99))
-        percent = round(lo + (hi - lo) * min(max(fraction, 0.0), 1.0), 1)
+        percent = self.percent(stage, fraction)
         if stage != self._last_stage:
             log.info("job %s: stage %s", self.claim.job_id, stage)
         self._last_stage, self._last_write = stage, now
-        store.report_progress(self.sessions, self.claim, stage, percent)
+        store.report_progress(self.sessions, self.claim, str(stage), percent)
 
     def should_cancel(self) -> bool:
         now = self._last_sign = time.monotonic()
@@ -208,7 +211,7 @@ def run_attempt(sessions: sessionmaker, settings: Settings, claim: store.Claim) 
 def _run_attempt(sessions: sessionmaker, settings: Settings, claim: store.Claim, reporter: _Reporter) -> None:
     from clipguard.data import trim_cache
     from clipguard.errors import Cancelled, ClipguardError
-    from clipguard.purify import purify
+    from clipguard.purify import purify, stages_of
 
     job_dir = settings.jobs_dir / claim.job_id
     out = job_dir / f"attempt-{claim.attempt}"
@@ -216,6 +219,7 @@ def _run_attempt(sessions: sessionmaker, settings: Settings, claim: store.Claim,
     try:
         options = _options(sessions, settings, claim.job_id, out, public)
         _check_room(settings.jobs_dir, options.weights)
+        reporter.percent = Tracker(stages_of(options), ceiling=RUNNING_MAX_PERCENT)
         result = purify(options, progress=reporter.progress, should_cancel=reporter.should_cancel)
     except Cancelled:
         store.finish(sessions, claim, "cancelled")
@@ -223,7 +227,8 @@ def _run_attempt(sessions: sessionmaker, settings: Settings, claim: store.Claim,
     except StorageUnavailable:
         raise  # transient: purify_task hands the job back
     except (ClipguardError, StorageError) as exc:
-        store.finish(sessions, claim, "failed", public(str(exc)))
+        store.finish(sessions, claim, "failed",
+                     public(exc.worded(api_words) if isinstance(exc, ClipguardError) else str(exc)))
         return
     except SoftTimeLimitExceeded:
         store.finish(sessions, claim, "failed", f"time limit exceeded ({settings.job_time_limit_s} s)")

@@ -22,7 +22,6 @@ docs/method.md for why both steps).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,6 +45,7 @@ from clipguard.detection import (
 )
 from clipguard.models import ModelSpec
 from clipguard.split import Split, split_tail
+from clipguard.stages import Progress, Stage, timed
 from clipguard.unlearning import TailInputs, UnlearnConfig, unlearn
 from clipguard.verdict import Verdict
 
@@ -105,7 +105,7 @@ def guard_pass(
     batch_size: int = 256,
     screen_per_class: int | None = SCREEN_PER_CLASS,
     unlearn_options: dict | None = None,
-    progress: Callable[[str, float], None] | None = None,
+    progress: Progress | None = None,
     should_cancel: Callable[[], bool] | None = None,
     timings: dict[str, float] | None = None,
 ) -> GuardResult:
@@ -118,83 +118,81 @@ def guard_pass(
     say = progress or (lambda _stage, _f: None)
     timings = {} if timings is None else timings
     config = UnlearnConfig(**(unlearn_options or {}))
-    t = time.perf_counter()
-    split = split_tail(model, config.tail_share) if config.scope == "tail" else None
-    cache_bytes = config.max_cache_mb * 2**20
-    screen = screen_indices(data.labels, spec.num_classes, screen_per_class)
-    partial = len(screen) < len(data)
-    seen = feature_pass(model, data.subset(screen) if partial else data, spec, split=split,
-                        max_cache_bytes=cache_bytes, device=device, batch_size=batch_size,
-                        progress=lambda f: say("detect_poison", 0.8 * f * len(screen) / len(data)),
-                        should_cancel=should_cancel)
-    labels = data.labels[screen]
-    found = detect_poison(seen.for_detection(), labels, spec.num_classes, min_separation=MIN_SEPARATION, min_z=MIN_Z)
-    record = {**found.to_dict(), "peaks": seen.peaks is not None, "screened": len(screen), "of": len(data)}
-    timings["detect_poison_s"] = time.perf_counter() - t
+    with timed(Stage.DETECT_POISON, timings, say):
+        split = split_tail(model, config.tail_share) if config.scope == "tail" else None
+        cache_bytes = config.max_cache_mb * 2**20
+        screen = screen_indices(data.labels, spec.num_classes, screen_per_class)
+        partial = len(screen) < len(data)
+        seen = feature_pass(model, data.subset(screen) if partial else data, spec, split=split,
+                            max_cache_bytes=cache_bytes, device=device, batch_size=batch_size,
+                            progress=lambda f: say(Stage.DETECT_POISON, 0.8 * f * len(screen) / len(data)),
+                            should_cancel=should_cancel)
+        labels = data.labels[screen]
+        found = detect_poison(seen.for_detection(), labels, spec.num_classes, min_separation=MIN_SEPARATION,
+                              min_z=MIN_Z)
+        record = {**found.to_dict(), "peaks": seen.peaks is not None, "screened": len(screen), "of": len(data)}
 
-    t = time.perf_counter()
-    say("confirm", 0.0)
-    test = GraftTest(model, data.images[screen], labels, spec, device=device, batch_size=batch_size,
-                     should_cancel=should_cancel)
-    candidates = _candidates(found.scores, found.groups, screen, data, test)
-    work, seen = screen, seen
-    if partial and candidates:
-        work, seen = _read_whole_classes(model, data, spec, seen, screen, [c.cls for c in candidates], split,
-                                         cache_bytes, device=device, batch_size=batch_size,
-                                         should_cancel=should_cancel, say=say)
-    counts = torch.bincount(data.labels, minlength=spec.num_classes)
-    features = seen.for_detection()
-    warps: WarpTest | None = None
-    for i, cand in enumerate(candidates):
-        members = (data.labels[work] == cand.cls).nonzero().flatten()
-        score, small = class_split(features[members])
-        cand.whole_score = score
-        chosen, cand.side = poisoned_side(members, members[small], seen.logits, cand.cls, counts)
-        genuine = work[members[~torch.isin(members, chosen)]].sort().values
-        cand.suspects = work[chosen].sort().values
-        cand.evidence = test.confirm(data, cand.suspects, genuine, cand.cls)
-        if cand.evidence.swapped:  # the graft found the trigger on the other side of the split
-            cand.suspects = genuine
-        cand.unresolved = test.unresolved(cand.evidence)
-        stands_out = score >= MIN_SEPARATION and cand.z >= MIN_Z
-        if not cand.evidence.confirmed and (cand.unresolved or stands_out):  # no per-pixel pattern: a warp?
-            warps = warps or WarpTest(model, data.images[screen], labels, spec, device=device,
-                                      should_cancel=should_cancel)
-            ok, partial, numbers, why = warps.confirm(data, cand.suspects, genuine, cand.cls,
-                                                      _ordinary(found.scores, [c.cls for c in candidates]))
-            cand.evidence.warp = numbers
-            if ok:
-                cand.evidence.confirmed, cand.evidence.kind, cand.evidence.reason = True, "warp", why
-            else:
-                cand.evidence.reason += f"; {why}"
-            cand.unresolved = not ok and (cand.unresolved or partial)
-        say("confirm", (i + 1) / len(candidates))
-    verdict = _verdict(candidates, found.top, found.z)
-    record.update(candidates=[c.to_dict() for c in candidates], flagged=bool(verdict.classes),
-                  target=verdict.classes[0] if len(verdict.classes) == 1 else None, targets=verdict.classes)
-    confirmed = [c for c in candidates if c.evidence is not None and c.evidence.confirmed]
-    timings["confirm_s"] = time.perf_counter() - t
+    with timed(Stage.CONFIRM, timings, say):
+        test = GraftTest(model, data.images[screen], labels, spec, device=device, batch_size=batch_size,
+                         should_cancel=should_cancel)
+        candidates = _candidates(found.scores, found.groups, screen, data, test)
+        work, seen = screen, seen
+        if partial and candidates:
+            work, seen = _read_whole_classes(model, data, spec, seen, screen, [c.cls for c in candidates], split,
+                                             cache_bytes, device=device, batch_size=batch_size,
+                                             should_cancel=should_cancel, say=say)
+        counts = torch.bincount(data.labels, minlength=spec.num_classes)
+        features = seen.for_detection()
+        warps: WarpTest | None = None
+        for i, cand in enumerate(candidates):
+            members = (data.labels[work] == cand.cls).nonzero().flatten()
+            score, small = class_split(features[members])
+            cand.whole_score = score
+            chosen, cand.side = poisoned_side(members, members[small], seen.logits, cand.cls, counts)
+            genuine = work[members[~torch.isin(members, chosen)]].sort().values
+            cand.suspects = work[chosen].sort().values
+            cand.evidence = test.confirm(data, cand.suspects, genuine, cand.cls)
+            if cand.evidence.swapped:  # the graft found the trigger on the other side of the split
+                cand.suspects = genuine
+            cand.unresolved = test.unresolved(cand.evidence)
+            stands_out = score >= MIN_SEPARATION and cand.z >= MIN_Z
+            if not cand.evidence.confirmed and (cand.unresolved or stands_out):  # no per-pixel pattern: a warp?
+                warps = warps or WarpTest(model, data.images[screen], labels, spec, device=device,
+                                          should_cancel=should_cancel)
+                ok, half, numbers, why = warps.confirm(data, cand.suspects, genuine, cand.cls,
+                                                       _ordinary(found.scores, [c.cls for c in candidates]))
+                cand.evidence.warp = numbers
+                if ok:
+                    cand.evidence.confirmed, cand.evidence.kind, cand.evidence.reason = True, "warp", why
+                else:
+                    cand.evidence.reason += f"; {why}"
+                cand.unresolved = not ok and (cand.unresolved or half)
+            say(Stage.CONFIRM, 0.5 + 0.5 * (i + 1) / len(candidates))
+        verdict = _verdict(candidates, found.top, found.z)
+        record.update(candidates=[c.to_dict() for c in candidates], flagged=bool(verdict.classes),
+                      target=verdict.classes[0] if len(verdict.classes) == 1 else None, targets=verdict.classes)
+        confirmed = [c for c in candidates if c.evidence is not None and c.evidence.confirmed]
     if not confirmed:
         return GuardResult(model, data, record, verdict, None)
 
-    t = time.perf_counter()
-    positions = torch.cat([c.suspects for c in confirmed if c.suspects is not None]).unique()  # sorted
-    in_work = torch.full((len(data),), -1, dtype=torch.int64)
-    in_work[work] = torch.arange(len(work))
-    suspects = in_work[positions]
-    record["suspects"] = len(suspects)
-    tail = TailInputs(split.cut, seen.tail_inputs) if split is not None and seen.tail_inputs is not None else None
-    subset = data.subset(work) if partial else data
-    pool = torch.arange(len(screen)) if partial else None
-    fixed, final, info = unlearn(model, subset, seen.logits, suspects, verdict.classes, spec, config, pool=pool,
-                                 tail=tail, device=device, batch_size=batch_size,
-                                 progress=lambda f: say("unlearn", f), should_cancel=should_cancel)
-    if config.scope == "tail" and tail is None:
-        info["scope_note"] = ("no cut point leaves the tail enough of the network" if split is None else
-                              f"the tail's inputs would exceed max_cache_mb={config.max_cache_mb}")
-    final = work[final].sort().values  # positions in the training data as given
-    info["suspect_indices"] = final.tolist()
-    timings["unlearn_s"] = time.perf_counter() - t
+    with timed(Stage.UNLEARN, timings, say):
+        positions = torch.cat([c.suspects for c in confirmed if c.suspects is not None]).unique()  # sorted
+        in_work = torch.full((len(data),), -1, dtype=torch.int64)
+        in_work[work] = torch.arange(len(work))
+        suspects = in_work[positions]
+        record["suspects"] = len(suspects)
+        tail = (TailInputs(split.cut, seen.tail_inputs) if split is not None and seen.tail_inputs is not None
+                else None)
+        subset = data.subset(work) if partial else data
+        pool = torch.arange(len(screen)) if partial else None
+        fixed, final, info = unlearn(model, subset, seen.logits, suspects, verdict.classes, spec, config, pool=pool,
+                                     tail=tail, device=device, batch_size=batch_size,
+                                     progress=lambda f: say(Stage.UNLEARN, f), should_cancel=should_cancel)
+        if config.scope == "tail" and tail is None:
+            info["scope_note"] = ("no cut point leaves the tail enough of the network" if split is None else
+                                  f"the tail's inputs would exceed max_cache_mb={config.max_cache_mb}")
+        final = work[final].sort().values  # positions in the training data as given
+        info["suspect_indices"] = final.tolist()
     keep = torch.ones(len(data), dtype=torch.bool)
     keep[final] = False
     return GuardResult(fixed.eval(), data.subset(keep.nonzero().flatten()), record, verdict, info)
@@ -265,7 +263,7 @@ def _verdict(candidates: list[_Candidate], top: int | None, z: float) -> Verdict
 def _read_whole_classes(
     model: nn.Module, data: ImageData, spec: ModelSpec, seen: FeaturePass, screen: torch.Tensor, classes: list[int],
     split: Split | None, cache_bytes: int, *, device: torch.device | str, batch_size: int,
-    should_cancel: Callable[[], bool] | None, say: Callable[[str, float], None],
+    should_cancel: Callable[[], bool] | None, say: Progress,
 ) -> tuple[torch.Tensor, FeaturePass]:
     """The screen plus the candidate classes' unread samples (positions in ``data``), and the pass over both.
 
@@ -281,7 +279,7 @@ def _read_whole_classes(
     more = feature_pass(model, data.subset(rest), spec, split=split if seen.tail_inputs is not None else None,
                         max_cache_bytes=max(0, cache_bytes - kept_bytes), device=device,
                         batch_size=batch_size, should_cancel=should_cancel,
-                        progress=lambda f: say("detect_poison", 0.8 + 0.2 * f))
+                        progress=lambda f: say(Stage.CONFIRM, 0.5 * f))
     tails = (torch.cat([seen.tail_inputs, more.tail_inputs])
              if seen.tail_inputs is not None and more.tail_inputs is not None else None)
     peaks = torch.cat([seen.peaks, more.peaks]) if seen.peaks is not None and more.peaks is not None else None

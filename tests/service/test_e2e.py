@@ -17,6 +17,7 @@ import torch
 
 from clipguard.data import load_data
 from clipguard.remote import Client
+from clipguard.stages import Stage
 from clipguard.train import train_victim
 
 
@@ -57,6 +58,23 @@ def test_purify_over_http_with_a_real_worker(live, model_file, small_npz, tmp_pa
 
     # The job store, not Celery, answers: the job row is in PostgreSQL and /metrics counts it.
     assert 'clipguard_jobs{state="succeeded"} 1.0' in httpx.get(f"{live.url}/metrics").text
+
+
+def test_a_guard_jobs_percent_only_rises_to_100_over_http(live, model_file, small_npz):
+    """The default method, as a client polls it: stages in pipeline order, the percent never going back."""
+    with Client(live.url, live.key("acme")) as client:
+        model = client.wait_model(client.upload_model(model_file, arch="small_cnn", num_classes=10).id)
+        data = client.add_dataset(str(small_npz))
+        job = client.submit(model.id, data.id, test_data_id=data.id, attack="badnets")  # method: guard, the default
+        seen: list[tuple[str | None, float | None]] = []
+        job = client.wait(job.id, poll_s=0.1, timeout_s=300, on_update=lambda j: seen.append((j.stage, j.percent)))
+        assert job.state == "succeeded", (job, live.log("worker")[-3000:])
+    running = [(stage, pct) for stage, pct in seen if stage not in (None, "starting")]
+    percents = [pct or 0.0 for _, pct in seen]
+    assert percents == sorted(percents) and percents[-1] == 100.0, seen
+    order = list(Stage)
+    assert [order.index(Stage(stage)) for stage, _ in running] == sorted(order.index(Stage(s)) for s, _ in running)
+    assert {"detect_poison", "confirm"} <= set(job.summary["timings"]), job.summary  # guard's stages ran
 
 
 @pytest.fixture(scope="module")

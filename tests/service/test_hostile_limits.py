@@ -193,7 +193,7 @@ def test_data_errors_name_the_dataset_and_never_a_server_path(client, settings, 
     error = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["error"]
     assert (
         error == f"training data dataset '{folder}' has 16x16 images but small_cnn takes 32x32; resize the "
-        'data first, or ask for resizing (clipguard purify --resize, the job field "resize": true)'
+        'data first, or ask for resizing (the job field "resize": true)'
     ), error
     resized = client.post("/v1/jobs", headers=auth, json=job_body(ready_model, big, method="paper", resize=True)).json()
     assert resized["params"]["resize"] is True

@@ -57,7 +57,7 @@ from clipguard.devices import describe, resolve_device
 from clipguard.errors import Cancelled, ClipguardError, DataError, literal
 from clipguard.export import export_program, export_torchscript
 from clipguard.lam import lam_problem
-from clipguard.lambda_selection import DEFAULT_GRID, select_lambda
+from clipguard.lambda_selection import DEFAULT_GRID, DEFAULT_SAMPLES, select_lambda
 from clipguard.metrics import der, evaluate
 from clipguard.models import ModelSpec, resolve_spec
 from clipguard.report import SCHEMA, publishable, to_json
@@ -299,14 +299,17 @@ def load_inputs(options: PurifyOptions, say: Progress = _silent, should_cancel: 
         load_weights(model, options.weights)
         model = model.to(device).eval()
         # Images larger than the model's input are refused before they are decoded (or scaled, with `resize`).
-        sizing = {"image_size": spec.input_size if options.resize else None, "max_image_size": spec.input_size,
-                  "cache_dir": options.cache_dir or default_cache_dir(), "cache_max_bytes": options.cache_max_bytes,
-                  "limits": options.data_limits or Limits()}
-        data = load_data(options.data, default_split="train", progress=loading(0.0, 0.5), **sizing)
+        def load(ref: str, split: str, progress: Callable[[float], None]) -> ImageData:
+            return load_data(ref, default_split=split, progress=progress,
+                             image_size=spec.input_size if options.resize else None, max_image_size=spec.input_size,
+                             cache_dir=options.cache_dir or default_cache_dir(),
+                             cache_max_bytes=options.cache_max_bytes, limits=options.data_limits or Limits())
+
+        data = load(options.data, "train", loading(0.0, 0.5))
         _check_input(data, spec, "training data")
         eval_data = None
         if options.eval_data:
-            eval_data = load_data(options.eval_data, default_split="test", progress=loading(0.5, 0.5), **sizing)
+            eval_data = load(options.eval_data, "test", loading(0.5, 0.5))
             _check_input(eval_data, spec, "evaluation data")
         attack = eval_attack(options.attack, (eval_data or data).image_size, files=options.attack_files) \
             if options.attack else None
@@ -378,12 +381,12 @@ def choose_lambda(inputs: Inputs, cleaned: Cleaned, stats: SiteStats, recipe: Re
                   should_cancel: ShouldCancel | None = None,
                   timings: dict[str, float] | None = None) -> tuple[float, dict]:
     """:data:`Stage.SELECT_LAMBDA`: λ chosen on the training data, and the sweep that chose it."""
-    more = {} if recipe.lambda_samples is None else {"max_samples": recipe.lambda_samples}
     with timed(Stage.SELECT_LAMBDA, {} if timings is None else timings, say):
         return select_lambda(cleaned.model, stats, cleaned.data, inputs.spec, device=inputs.device,
                              batch_size=recipe.batch_size,
+                             max_samples=DEFAULT_SAMPLES if recipe.lambda_samples is None else recipe.lambda_samples,
                              rule="agreement" if cleaned.unlearning is not None else "class_drop",
-                             progress=lambda f: say(Stage.SELECT_LAMBDA, f), should_cancel=should_cancel, **more)
+                             progress=lambda f: say(Stage.SELECT_LAMBDA, f), should_cancel=should_cancel)
 
 
 def assess(inputs: Inputs, purified: Purified, options: PurifyOptions, say: Progress = _silent,
@@ -552,7 +555,10 @@ def eval_attack(spec: str | Mapping[str, object], image_size: tuple[int, int], *
         raise DataError(literal(f"{name} attack: a trigger image file is not read from an attack record;")
                         + " give {attack} as a saved attack file with its tensors", options=True)
     try:
-        made_for = tuple(int(v) for v in record.setdefault("image_size", list(image_size)))
+        size = record.setdefault("image_size", list(image_size))
+        made_for = tuple(int(v) for v in size) if isinstance(size, list | tuple) else ()
+        if len(made_for) != 2:
+            raise ValueError("image_size must be two numbers")
         if made_for != tuple(image_size):
             raise DataError(f"the {name} trigger was made for {made_for[0]}x{made_for[1]} images, the "
                             f"evaluation data are {image_size[0]}x{image_size[1]}")

@@ -47,7 +47,8 @@ BROAD_FLIP = 0.5
 """An all-to-one trigger: the median source's share sent to the candidate by the suspects' graft."""
 SPECIFIC_FLIP = 0.8
 """A source-specific trigger: the share of one source's images sent to the candidate. Set high because a
-genuine group's look can send many images of one look-alike class (ship on water, deer on grass) along."""
+genuine group's look can send many images of one look-alike class (ship on water, deer on grass) along
+(docs/method.md)."""
 SPECIFIC_MARGIN = 0.6
 """How far that share must exceed what the genuine group's graft sends of the same source."""
 MIN_MARGIN = 0.3

@@ -11,8 +11,8 @@ the centred features on directions in the plane of their top two principal direc
 look for the best split of that
 projection into a small and a large group (Otsu's criterion: the share of the variance the
 split explains). For a single Gaussian blob the best split explains ``2/π ≈ 0.64``; a
-poisoned class, holding a separate cluster of triggered samples, explains far more (0.76 and
-0.83 measured on BadNets and Blend victims, against 0.63-0.68 for the clean classes).
+poisoned class, holding a separate cluster of triggered samples, explains far more (the
+measured scores are in docs/method.md).
 
 The target is the class whose split stands out from the others (a robust z-score over the
 classes) and reaches ``min_separation``; its small group is the suspect set, unless
@@ -43,8 +43,8 @@ from clipguard.models import ModelSpec
 from clipguard.split import Split
 
 MIN_SEPARATION = 3.3
-"""Group separation a target class must reach (a Gaussian blob: 2.66 on one direction; clean classes
-measured ≤ 2.99 with the plane scan)."""
+"""Group separation a target class must reach: above a Gaussian blob's and the clean classes' scores
+(docs/method.md has the measurements the bar sits between)."""
 MIN_Z = 4.0
 """How far, in robust standard deviations, the target's score must stand above the other classes'."""
 ESCALATE_Z = 3.0
@@ -322,11 +322,9 @@ def class_split(features: torch.Tensor) -> tuple[float, torch.Tensor]:
     :func:`best_split` over directions in the plane of the class's top two principal directions.
 
     Why a plane and not the top direction alone: at 1% poison the triggered cluster is too
-    small to own a principal direction. Measured on two 1% BadNets victims, its direction
-    (poisoned mean minus clean mean) had |cos| 0.63 and 0.74 with the top two, and along
-    the top one alone the poisoned class scored like a Gaussian blob (2.66-2.68) and was
-    missed. Scanning the plane found it (4.15 and 4.59), while the clean classes stayed at
-    2.70-2.98, under ``MIN_SEPARATION`` (docs/method.md).
+    small to own a principal direction: its direction lies between the top two, and along the
+    top one alone the poisoned class can score like a Gaussian blob. Scanning the plane finds
+    it while clean classes stay under ``MIN_SEPARATION`` (measurements in docs/method.md).
     """
     centred = features.double() - features.double().mean(0)
     basis = torch.linalg.svd(centred, full_matrices=False)[2][:2]
@@ -355,8 +353,7 @@ def second_choice_entropy(logits: torch.Tensor, target: int) -> float:
     classes, and the model's runner-up for it mostly follows that content, so over the poisoned
     samples the runner-up spreads across the classes. A genuine target-class sample's runner-up
     is one of the few classes that look like the target (for CIFAR-10 airplanes: ship, bird).
-    Measured, poisoned against genuine: 0.81 against 0.67 (SmallCNN, BadNets at 15%), 0.94 against
-    0.72 (SmallCNN, WaNet at 12%), 0.98-0.99 against 0.76-0.77 (ResNet-18, WaNet at 10%, two seeds).
+    The measured entropies of both sides are in docs/method.md ("Which group is the poisoned one").
     """
     if len(logits) == 0 or logits.shape[1] < 3:
         return 0.0

@@ -21,8 +21,8 @@ accuracy against λ = 6 (docs/benchmarks.md); agreement at 2% chose λ = 6.
 
 Why the mean and a loose-looking tolerance: victims fit their training data better than
 unseen data, and clipping costs more accuracy on memorised training samples than on test
-images (measured: 4.8 points on training data vs 1.1 on the test set for the same λ), so
-the training-data drop is a conservative proxy; see docs/benchmarks.md for the sweeps.
+images, so the training-data drop is a conservative proxy; docs/method.md and
+docs/benchmarks.md have the measurements and the sweeps.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Why: guard's unlearning has to break one shortcut (trigger → target class), an
 layers nearest the output are where a class decision can be rewired. Fine-tuning only the
 tail, on the body's outputs cached during the detection pass that runs anyway, skips every
 forward and backward pass through the body. The early features that clean accuracy rests
-on stay as they were. Measured on the issue-8 victims: the same ASR as fine-tuning the whole
-network, at about a quarter of its time (docs/benchmarks.md).
+on stay as they were. How it compares with fine-tuning the whole network, in ASR and time, is
+measured in docs/benchmarks.md.
 
 A *cut point* is a node of the traced graph whose output is the only value computed so far
 that later nodes still read: a stage boundary such as the input of ResNet's ``layer4``. A

@@ -46,7 +46,7 @@ from clipguard.train import nesterov_sgd, one_cycle
 
 @dataclass
 class UnlearnConfig:
-    """Fine-tuning recipe; defaults measured on the issue-8 victims (docs/method.md)."""
+    """Fine-tuning recipe; the defaults' evidence is in docs/method.md."""
 
     epochs: int = 2
     lr: float = 0.01

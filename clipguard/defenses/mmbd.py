@@ -32,10 +32,10 @@ Differences from the release, on purpose:
   ``resnet18`` the default sites are the release's three (stem ReLU, ``layer1`` output,
   ``layer2`` output); for other architectures the first half of the activation sites.
 * ``c0 = 0.5`` is the release's value for its ResNet-18, but the balance between the
-  logit MSE and ``c·‖Z‖`` depends on the model's logit scale and channel counts. On a weak
-  ``small_cnn`` (57% accuracy) ``c0 = 0.5`` drove every bound to ~0.25 and the model to
-  chance (measured); ``c0 = 0.05`` gave 55% / 7.6% ASR. ``bench/table1.py``'s CPU profiles
-  pass ``c0=0.05``; the GPU profile keeps the release's 0.5.
+  logit MSE and ``c·‖Z‖`` depends on the model's logit scale and channel counts: on a weak
+  ``small_cnn`` the release's value drives the bounds so low the model falls to chance
+  (docs/defenses.md). ``bench/table1.py``'s CPU profiles pass ``c0=0.05``; the GPU profile
+  keeps the release's 0.5.
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ SGD (momentum 0.9, Nesterov, weight decay 1e-4), batch 64, lr 0.1 for two epochs
 
 ``BACKDOORBENCH`` holds BackdoorBench's settings (teacher 10 and student 10 epochs, batch
 256, lr 0.01 throughout). Why both: the release's two epochs at lr 0.1 on 2,500 images wreck
-a ResNet-18 trained with a one-cycle schedule (measured on an H100: ACC 89 → 22-27% on all
-three Table 1 victims), so a comparison against the release's settings alone would compare
-against a straw man; BackdoorBench's are the ones its leaderboard's NAD rows (ACC ≈ 90%) used.
+a ResNet-18 trained with a one-cycle schedule (docs/defenses.md), so a comparison against the
+release's settings alone would compare against a straw man; BackdoorBench's are the ones its
+leaderboard's NAD rows used.
 
 Layer groups: for ResNets (``resnet18``, ``preact_resnet18``, torchvision ResNets) the
 outputs of ``layer2``, ``layer3`` and ``layer4`` (NAD used the three groups of a WRN-16-1).

@@ -3,7 +3,7 @@
 Why a second way into the job store: the poll is the hot route, and through SQLAlchemy it
 costs a thread hop (a worker thread fighting the event loop for the GIL), a pool checkout and
 SQLAlchemy's execution and row machinery around a sub-millisecond query. Measured in process
-(docs/benchmarks.md, "Service load"), that was about 0.43 ms of CPU per poll against 0.1 ms for
+(docs/lab/benchmarks.md, "Service load"), that was about 0.43 ms of CPU per poll against 0.1 ms for
 the same statement on psycopg's async connection, with the event loop never blocked.
 
 The statement is still SQLAlchemy's: it is compiled once per statement for the engine's dialect,

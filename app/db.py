@@ -196,7 +196,7 @@ POOL_SIZE, POOL_OVERFLOW = 10, 10
 
 SQLAlchemy's default (5 + 10) made a status-poll burst open and close a PostgreSQL connection
 for most requests: every overflow connection is closed on return, and a connect costs the API
-more CPU than the query it serves (bench/load.py, docs/benchmarks.md). The hot read path is
+more CPU than the query it serves (bench/load.py, docs/lab/benchmarks.md). The hot read path is
 capped at ``Settings.poll_threads`` (at most ``POOL_SIZE``) concurrent queries (``app.routes.jobs``),
 so it never overflows."""
 PING_IDLE_AFTER_S = 1.0

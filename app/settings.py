@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     poll_threads: int = Field(2, ge=1, le=10)  # at most app.db.POOL_SIZE: a thread needs a connection
     """Status polls each API process runs at once in its thread pool (``app.routes.jobs.get_job``). Few is
     fast: the poll's query is sub-millisecond, and more threads only fight the event loop for the GIL
-    (docs/benchmarks.md, "Service load"). Raise it where the database is far away."""
+    (docs/lab/benchmarks.md, "Service load"). Raise it where the database is far away."""
     poll_reader: Literal["async", "thread"] = "async"
     """``async``: status polls read on the event loop through psycopg's async pool when the job store is
     ``postgresql+psycopg`` and ``psycopg-pool`` is installed (``app.async_reads``; the read costs a quarter

@@ -24,7 +24,7 @@ purifying, so victims can be prepared ahead; a later run without it reuses their
 draws the training subset, the poisoned samples, random triggers and the initialisation).
 
 Writes ``<out>/generalize.json`` (appended per victim, so a long run can be read while it
-goes) and prints the markdown table docs/results.md quotes, with the medians the issue asks for.
+goes) and prints the markdown table docs/lab/results.md quotes, with the medians the issue asks for.
 Per victim and method it keeps the report's own fields (detection, unlearning, and whatever a
 newer report adds, such as a verdict) and, with the victim's provenance, how many of guard's
 named suspects were poisoned samples, cover samples or clean ones.

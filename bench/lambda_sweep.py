@@ -173,7 +173,7 @@ def sweep_and_select(model, train_data, test, trigger, before, spec, device, gra
 
 
 def markdown(result: dict) -> str:
-    """The tables docs/benchmarks.md quotes."""
+    """The tables docs/lab/benchmarks.md quotes."""
     lines = [f"profile {result['profile']} on {result['device']}, {result['test_samples']} test images", ""]
     for row in result["rows"]:
         a = row["attack"]

@@ -375,7 +375,7 @@ def poisoned_side(members: torch.Tensor, small: torch.Tensor, logits: torch.Tens
     are a minority of their class. They are not once the rate nears ``1 / classes``: 10% WaNet on
     CIFAR-10 puts 5,000 triggered images beside 4,500 genuine ones, the smaller group was the
     genuine airplanes, and unlearning them cost 8 points of accuracy and left ASR at 90% (H100
-    Table 1 run, docs/results.md). The larger group is taken only when two independent signals
+    Table 1 run, docs/lab/results.md). The larger group is taken only when two independent signals
     agree, so the usual case cannot flip on one noisy reading:
 
     * size: an all-to-one attack adds its poisoned samples to the target class, so (with

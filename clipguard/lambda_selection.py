@@ -17,12 +17,12 @@ break: the clip is a second line against what unlearning missed, and every decis
 the training data (the suspects already removed) is clean behaviour lost. So that rule takes the
 smallest λ whose clipped model agrees with the unclipped one on all but ``tolerance`` of the
 samples. The class-drop rule's 2% would have chosen λ = 4 there and cost 1.8-2.5 points of test
-accuracy against λ = 6 (docs/benchmarks.md); agreement at 2% chose λ = 6.
+accuracy against λ = 6 (docs/lab/benchmarks.md); agreement at 2% chose λ = 6.
 
 Why the mean and a loose-looking tolerance: victims fit their training data better than
 unseen data, and clipping costs more accuracy on memorised training samples than on test
 images, so the training-data drop is a conservative proxy; docs/method.md and
-docs/benchmarks.md have the measurements and the sweeps.
+docs/lab/benchmarks.md have the measurements and the sweeps.
 """
 
 from __future__ import annotations

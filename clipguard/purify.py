@@ -72,16 +72,16 @@ DEFAULT_BOUNDS_SAMPLES = 5000
 """Training images μ and σ are measured on, at most (a seeded random subset of larger sets; 0 = all).
 
 The statistics pass is the recipe's whole cost and grows with the data, while the estimates do
-not need it: on the BadNets, Blend and WaNet victims of bench/bounds_samples.py (docs/benchmarks.md)
+not need it: on the BadNets, Blend and WaNet victims of bench/bounds_samples.py (docs/lab/benchmarks.md)
 bounds from 2,000 random images moved no bound by more than 5.3% and left ACC and ASR within 0.2
 points of the full pass, for the recipe and for guard. Smaller samples are not safe in general: on
-Table 1's BadNets victim 1,000 images let the recipe's ASR rise from 9.4 to 16.4 (docs/results.md).
+Table 1's BadNets victim 1,000 images let the recipe's ASR rise from 9.4 to 16.4 (docs/lab/results.md).
 5,000 keeps a margin (within 3.3% and 0.1 points there, 10.2 on that victim; the size of
 ``select_lambda``'s sample too) and makes the pass 10x cheaper on a 50,000-image set.
 
 Channel granularity only: an element's μ and σ rest on one value per image, not one per image and
 position, and with element bounds a 5,000 sample moved the recipe's BadNets ASR by up to 3 points
-between draws (docs/benchmarks.md), so element granularity measures on every image unless told."""
+between draws (docs/lab/benchmarks.md), so element granularity measures on every image unless told."""
 
 
 def default_bounds_samples(granularity: str) -> int:
@@ -143,7 +143,7 @@ class PurifyResult:
 
 
 DEFAULT_LAM = {"paper": 4.0, "guard": 6.0}
-"""λ when none is given. ``paper``: the recipe's λ (docs/benchmarks.md, λ sweep). ``guard``: the
+"""λ when none is given. ``paper``: the recipe's λ (docs/lab/benchmarks.md, λ sweep). ``guard``: the
 clip follows unlearning and only has to catch what is left far out of range; a looser λ keeps
 clean accuracy (docs/method.md, issue-8 measurements). A guard run that flags nothing is the
 paper's recipe and takes the paper's λ."""

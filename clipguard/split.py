@@ -5,7 +5,7 @@ layers nearest the output are where a class decision can be rewired. Fine-tuning
 tail, on the body's outputs cached during the detection pass that runs anyway, skips every
 forward and backward pass through the body. The early features that clean accuracy rests
 on stay as they were. How it compares with fine-tuning the whole network, in ASR and time, is
-measured in docs/benchmarks.md.
+measured in docs/lab/benchmarks.md.
 
 A *cut point* is a node of the traced graph whose output is the only value computed so far
 that later nodes still read: a stage boundary such as the input of ResNet's ``layer4``. A

@@ -3,7 +3,7 @@
 Why relabel rather than drop or gradient-ascend: a suspect (found by
 :mod:`clipguard.detection`) is a triggered image labelled with the target class. Dropping it
 leaves the trigger → target shortcut in the weights; pushing its loss up (gradient ascent)
-is unbounded and, with imperfect suspects, wrecks clean accuracy (docs/results.md,
+is unbounded and, with imperfect suspects, wrecks clean accuracy (docs/lab/results.md,
 generalisation matrix). Teaching the model that the triggered image belongs to *some other* class is a
 bounded, ordinary training signal that contradicts the shortcut directly. The label is the
 model's own best non-target class: the trigger leaves the image's content in place, so that

@@ -200,7 +200,7 @@ def create_job(body: JobCreate, response: Response, tenant: TenantDep, sessions:
 # FastAPI closes a generator dependency on another threadpool thread after the route returns, so
 # under load (more requests than threadpool threads and pooled connections) the threads waiting
 # for a connection starve the closes that would give connections back, and every request waits
-# out the pool timeout (30 s). bench/load.py at 64 clients: 1 poll/s before, see docs/benchmarks.md.
+# out the pool timeout (30 s). bench/load.py at 64 clients: 1 poll/s before, see docs/lab/benchmarks.md.
 
 
 def gate_tenant(request: Request) -> str:

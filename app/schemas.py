@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from clipguard.lam import LAM_MAX, LAM_MIN
+from clipguard.report import Summary
 
 ModelStatus = Literal["awaiting_upload", "validating", "ready", "rejected"]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -342,7 +343,9 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     artifacts: list[ArtifactOut]
-    summary: dict[str, Any] | None = Field(None, description="λ and ACC/ASR before and after, from report.json")
+    summary: Summary | None = Field(None, description=(
+        "report.json at a glance (λ, ACC/ASR before and after, the verdict, the reactivation check) once the job "
+        "succeeded; the same type the engine's `clipguard.report.Summary` is"))
 
 
 T = TypeVar("T")

@@ -481,6 +481,50 @@ def read(text: str | bytes) -> Report:
     return Report.model_validate_json(text)
 
 
+# --------------------------------------------------------------------------- the report at a glance
+
+
+class SummaryVerdict(Section):
+    """The verdict without its evidence."""
+
+    status: Literal["backdoor_found", "no_evidence", "inconclusive"] = Field(description="As `verdict.status`.")
+    classes: list[int] = Field(description="As `verdict.classes`.")
+
+
+class SummaryReactivation(Section):
+    """The reactivation check's outcome without its protocol."""
+
+    after: Metrics | None = Field(None, description="As `reactivation.after`.")
+    agreement: Share = Field(description="As `reactivation.agreement`.")
+
+
+class Summary(Section):
+    """What a client wants at a glance (a job's ``summary`` in the API): λ, ACC/ASR, the verdict, the check."""
+
+    lam: float = Field(description="λ of the published clip.")
+    before: Metrics | None = Field(None, description="The uploaded model on the evaluation data.")
+    after: Metrics | None = Field(None, description="The purified model on the evaluation data.")
+    der: float | None = Field(None, description="Defense effectiveness rating, with an attack.")
+    timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage, keyed by stage name.")
+    bounds_images_per_s: float | None = Field(None, description="Speed of the μ/σ pass.")
+    verdict: SummaryVerdict | None = Field(None, description="guard's verdict.")
+    reactivation: SummaryReactivation | None = Field(None, description="With the reactivation check.")
+
+
+def summarize(report: Report) -> Summary:
+    """The report at a glance; what the worker stores as a job's summary and the API serves."""
+    ev, verdict, again = report.evaluation, report.verdict, report.reactivation
+    images, seconds = report.inputs.data.samples, report.timings.bounds_s
+    return Summary(
+        lam=report.lam, before=ev.before if ev else None, after=ev.after if ev else None,
+        der=ev.der if ev else None,
+        timings={k.removesuffix("_s"): v for k, v in report.timings.model_dump(exclude_unset=True).items()
+                 if isinstance(v, float | int)},
+        bounds_images_per_s=images / seconds if images and seconds else None,
+        verdict=SummaryVerdict(status=verdict.status, classes=verdict.classes) if verdict else None,
+        reactivation=SummaryReactivation(after=again.after, agreement=again.agreement) if again else None)
+
+
 # --------------------------------------------------------------------------- docs/report-schema.md
 
 INTRO = f"""\

@@ -175,8 +175,11 @@ def test_the_workers_summary_reads_the_typed_report():
     summary = _summary(report)
     assert summary["lam"] == 4.0 and summary["after"]["acc"] is None and summary["before"]["acc"] == 0.5
     assert summary["timings"] == {"load": 0.1, "total": 1.0} and summary["bounds_images_per_s"] is None
-    assert "verdict" not in summary and "reactivation" not in summary
+    assert summary["verdict"] is None and summary["reactivation"] is None  # a paper run has neither
     json.dumps(summary, allow_nan=False)
+    from clipguard.report import Summary
+
+    assert Summary.model_validate(summary).model_dump(mode="json") == summary  # what the API declares it is
 
 
 def test_the_cli_summary_reads_the_typed_report(tmp_path):

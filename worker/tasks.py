@@ -379,24 +379,13 @@ def _artifact(job_id: str, path: Path, location: str) -> Artifact:
 
 
 def _summary(report: dict) -> dict:
-    """What a client wants at a glance: the λ used, ACC/ASR before and after, the verdict and the reactivation check.
+    """What a client wants at a glance (``clipguard.report.Summary``, the API's ``JobOut.summary``).
 
     ``report`` is what ``purify`` published: checked against ``clipguard.report.Report``, its
     non-finite numbers already null (JSON has no NaN and PostgreSQL's json type refuses it).
     """
-    from clipguard.report import Report
+    from clipguard.report import Report, summarize
 
-    r = Report.model_validate(report)
-    ev, verdict, again = r.evaluation, r.verdict, r.reactivation
-    # Seconds per engine stage ("bounds_s" -> "bounds") and the bounds pass's speed: /metrics reads them.
-    timings = {k.removesuffix("_s"): v for k, v in r.timings.model_dump(exclude_unset=True).items()}
-    images, seconds = r.inputs.data.samples, r.timings.bounds_s
-    return {"lam": r.lam, "before": _dump(ev and ev.before), "after": _dump(ev and ev.after),
-            "der": ev.der if ev else None, "timings": timings,
-            "bounds_images_per_s": images / seconds if images and seconds else None,
-            **({"verdict": {"status": verdict.status, "classes": verdict.classes}} if verdict else {}),
-            **({"reactivation": {"after": _dump(again.after), "agreement": again.agreement}} if again else {})}
+    return summarize(Report.model_validate(report)).model_dump(mode="json", by_alias=True)
 
 
-def _dump(section: Any) -> dict | None:
-    return None if section is None else section.model_dump(mode="json", by_alias=True, exclude_unset=True)

@@ -61,7 +61,7 @@ from clipguard.lambda_selection import DEFAULT_GRID, DEFAULT_SAMPLES, select_lam
 from clipguard.metrics import der, evaluate
 from clipguard.models import ModelSpec, resolve_spec
 from clipguard.report import SCHEMA, publishable, to_json
-from clipguard.reports import write_html
+from clipguard.report_html import write_html
 from clipguard.stages import Progress, Stage, plan, timed
 from clipguard.verdict import Verdict
 

@@ -17,7 +17,7 @@ reads a newer writer's report that added a field, and keeps the field when it re
 report, so nothing a newer writer said is lost on the way through an older reader. The writer's
 own completeness is kept by a test that finds no unknown field in a real run's report.
 Validation is strict (no string-to-number or bool-to-int coercion), so a wrong type is an error.
-:mod:`clipguard.reports` renders the same record as HTML.
+:mod:`clipguard.report_html` renders the same record as HTML.
 """
 
 from __future__ import annotations

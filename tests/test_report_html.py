@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipguard import reports
-from clipguard.reports import render_html, write_html
+from clipguard import report_html
+from clipguard.report_html import render_html, write_html
 
 PNG = 'src="data:image/png;base64,'
 EVIL = "<script>alert(1)</script>"
@@ -121,9 +121,9 @@ def count_png(page: str) -> int:
 @pytest.fixture(scope="module", autouse=True)
 def low_dpi() -> Iterator[None]:
     """Page structure does not depend on resolution; rasterising at a third of it keeps the suite fast."""
-    saved, reports.DPI = reports.DPI, 48
+    saved, report_html.DPI = report_html.DPI, 48
     yield
-    reports.DPI = saved
+    report_html.DPI = saved
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +216,7 @@ def test_write_html_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     def boom(src: object, dst: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(reports.os, "replace", boom)
+    monkeypatch.setattr(report_html.os, "replace", boom)
     before = target.read_text(encoding="utf-8")
     with pytest.raises(OSError):
         write_html(copy.deepcopy(report), target)
@@ -224,7 +224,7 @@ def test_write_html_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_detection_verdict_is_shown_and_escaped():
-    from clipguard.reports import render_html
+    from clipguard.report_html import render_html
 
     page = render_html({"detection": {"method": "MM-BD", "flagged": True, "p_value": 0.012,
                                       "target": "<b>0</b>", "statistics": [9.5, 2.0, 2.5]}})

@@ -85,3 +85,16 @@ def test_fast_statistics_on_one_thread_give_the_bounds_of_the_exact_pass(restore
     want, got = exact.bounds(4.0), fast.bounds(4.0)
     for name in exact.names:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=float(1e-4 * want[name].abs().max()))
+
+
+def test_the_worker_setting_takes_what_the_cli_takes(monkeypatch, tmp_path):
+    from pydantic import ValidationError
+
+    from app.settings import Settings
+
+    monkeypatch.setenv("CLIPGUARD_HOME", str(tmp_path))
+    for good in ("auto", "all", "1", "16"):
+        assert Settings(threads=good).threads == good
+    for bad in ("0", "-2", "many"):
+        with pytest.raises(ValidationError):
+            Settings(threads=bad)

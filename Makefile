@@ -20,11 +20,11 @@ setup: $(BIN)/.installed
 # Train a small backdoored CNN on real CIFAR-10, then purify it and print ACC/ASR before and after.
 demo: setup
 	mkdir -p $(DEMO)
-	$(BIN)/clipguard train --arch small_cnn --data '$(CIFAR10)#train' --limit 10000 --epochs 8 --no-augment \
-		--attack badnets:pattern=checkerboard --poison-rate 0.03 --lr 0.05 --batch-size 128 \
+	$(BIN)/clipguard train --arch small_cnn --data '$(CIFAR10)#train' --limit 5000 --epochs 6 --no-augment \
+		--attack badnets:pattern=checkerboard --poison-rate 0.05 --lr 0.05 --batch-size 128 \
 		--out $(DEMO)/victim.safetensors --save-data $(DEMO)/poisoned-train.npz --quiet > $(DEMO).train.json
 	$(BIN)/clipguard purify --arch small_cnn --weights $(DEMO)/victim.safetensors \
-		--data $(DEMO)/poisoned-train.npz --eval-data '$(CIFAR10)#test' \
+		--data $(DEMO)/poisoned-train.npz --eval-data '$(CIFAR10)#test' --no-sweep \
 		--attack $(DEMO)/victim.safetensors.attack.json --out $(DEMO)/purified --overwrite
 
 test: setup

@@ -10,7 +10,7 @@ a thread the scheduler has set aside. The passes that cut their work into many s
 So a job's thread count is bounded, never left at torch's default of every core:
 
 * ``auto`` (the default): the cores this process may run on, less the ones other processes
-  keep busy (the one-minute load average, rounded), never fewer than one. On an idle machine
+  keep busy when the job starts (:func:`busy_cores`), never fewer than one. On an idle machine
   that is every core, as before; beside a process burning the cores it is one.
 * a number: exactly that many threads (a worker running ``-c N`` jobs on a machine would use
   ``cores // N``).
@@ -23,6 +23,9 @@ passes) is bounded to the same number, where torch still allows it (before its f
 from __future__ import annotations
 
 import os
+import statistics
+import time
+from pathlib import Path
 
 from clipguard.errors import ClipguardError
 
@@ -38,8 +41,21 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def busy_cores() -> float:
-    """Cores other processes keep busy, as far as the one-minute load average tells (0 when unknown)."""
+def busy_cores(samples: int = 5, every_s: float = 0.01) -> float:
+    """Cores other processes keep busy now: the median of a few reads of the kernel's count of
+    runnable threads, less the reading one. The load average would be simpler, but it remembers
+    the last minute: a command started right after another on an idle machine would take one core.
+    Where there is no ``/proc/loadavg``, the one-minute load average; 0 when neither is known."""
+    counts = []
+    for i in range(samples):
+        try:
+            counts.append(int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]) - 1)
+        except (OSError, ValueError, IndexError):
+            break
+        if i + 1 < samples:
+            time.sleep(every_s)
+    if counts:
+        return max(0.0, float(statistics.median(counts)))
     try:
         return max(0.0, os.getloadavg()[0])
     except (AttributeError, OSError):

@@ -98,3 +98,17 @@ def test_the_worker_setting_takes_what_the_cli_takes(monkeypatch, tmp_path):
     for bad in ("0", "-2", "many"):
         with pytest.raises(ValidationError):
             Settings(threads=bad)
+
+
+def test_busy_cores_counts_the_threads_runnable_now_not_the_last_minute(monkeypatch):
+    import clipguard.threads as threads
+
+    class Proc:
+        def __init__(self, _path: str) -> None:
+            pass
+
+        def read_text(self) -> str:
+            return "9.50 9.00 8.00 3/180 4242\n"  # a busy last minute, three runnable now (this one among them)
+
+    monkeypatch.setattr(threads, "Path", Proc)
+    assert threads.busy_cores(every_s=0) == 2.0

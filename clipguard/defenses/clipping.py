@@ -403,7 +403,7 @@ def _fresh_and_private(gm: fx.GraphModule, node: fx.Node) -> bool:
         return False
     if node.op == "call_module":
         return isinstance(gm.get_submodule(str(node.target)), FRESH_PRODUCERS)
-    return node.op == "call_function" and node.target in (operator.add, torch.add)
+    return node.op == "call_function" and node.target in (operator.add, torch.add) and "out" not in node.kwargs
 
 
 def export_form(model: nn.Module) -> nn.Module:

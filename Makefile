@@ -10,9 +10,10 @@ DEMO ?= runs/demo
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first, pinned to the release this machine carries on disk (any torch>=2.10 works).
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev]'
+	# torch first, pinned to the release this machine carries on disk (any torch>=2.10 works). --no-compile:
+	# byte-compiling all of torch took half the install; Python compiles what a command imports, when it does.
+	$(BIN)/pip install -q --no-compile torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q --no-compile -e '.[dev]'
 	touch $@
 
 setup: $(BIN)/.installed

@@ -11,9 +11,10 @@ DEMO ?= runs/demo
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first, pinned to the release CI has on disk (any torch>=2.10 works).
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev]'
+	# torch first, pinned to the release CI has on disk (any torch>=2.10 works). --no-compile:
+	# byte-compiling all of torch took half the install; Python compiles what a command imports, when it does.
+	$(BIN)/pip install -q --no-compile torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q --no-compile -e '.[dev]'
 	touch $@
 
 setup: $(BIN)/.installed
@@ -21,11 +22,11 @@ setup: $(BIN)/.installed
 # Train a small backdoored CNN on real CIFAR-10, then purify it and print ACC/ASR before and after.
 demo: setup
 	mkdir -p $(DEMO)
-	$(BIN)/clipguard train --arch small_cnn --data '$(CIFAR10)#train' --limit 10000 --epochs 8 --no-augment \
-		--attack badnets:pattern=checkerboard --poison-rate 0.03 --lr 0.05 --batch-size 128 \
+	$(BIN)/clipguard train --arch small_cnn --data '$(CIFAR10)#train' --limit 5000 --epochs 6 --no-augment \
+		--attack badnets:pattern=checkerboard --poison-rate 0.05 --lr 0.05 --batch-size 128 \
 		--out $(DEMO)/victim.safetensors --save-data $(DEMO)/poisoned-train.npz --quiet > $(DEMO).train.json
 	$(BIN)/clipguard purify --arch small_cnn --weights $(DEMO)/victim.safetensors \
-		--data $(DEMO)/poisoned-train.npz --eval-data '$(CIFAR10)#test' \
+		--data $(DEMO)/poisoned-train.npz --eval-data '$(CIFAR10)#test' --no-sweep \
 		--attack $(DEMO)/victim.safetensors.attack.json --out $(DEMO)/purified --overwrite
 
 lint: setup

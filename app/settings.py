@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     tenant_quota_bytes: int = Field(50 * 1024**3, ge=0)
     """Bytes one tenant may store (uploads and job artifacts); 0: no quota. Past it uploads and new jobs get 403."""
     device: str = "auto"
+    threads: str = Field("auto", pattern=r"^(auto|all|[1-9][0-9]*)$")
+    """CPU threads each job's torch uses (``clipguard.threads``): ``auto`` takes the cores other processes
+    leave free when the job starts (at least one), ``all`` every core, or a number. A team larger than the
+    free cores waits at every operation for a thread the scheduler set aside (API and worker share a machine)."""
     rate_limit_per_minute: int = Field(600, ge=0)
     """Requests per API key and minute (429 beyond); 0 turns the limit off. 600 leaves a client polling
     every second ten times the room it needs."""

@@ -18,21 +18,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what importing clipguard sets; OpenMP reads it once, now
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clipguard.data import iter_batches, load_data  # noqa: E402
-from clipguard.defenses.clipping import clipped_model, compute_statistics  # noqa: E402
+from clipguard.defenses.clipping import clipped_model, compute_statistics, export_form  # noqa: E402
 from clipguard.devices import describe, resolve_device  # noqa: E402
 from clipguard.models import resolve_spec  # noqa: E402
+from clipguard.threads import bound_threads  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -57,11 +60,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true", help="small_cnn-sized run for a CPU in under two minutes")
+    ap.add_argument("--threads", default=None, help="auto (default), all or a number, as the CLI's --threads")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
     if args.quick:
         args.samples, args.repeats, args.batch_size = min(args.samples, 4096), 3, 256
     args.arch = args.arch or ("small_cnn" if args.quick else "resnet18")
+    load_before = os.getloadavg()
+    threads = bound_threads(args.threads)
     device = resolve_device(args.device)
     torch.backends.cudnn.benchmark = True
     spec = resolve_spec(args.arch)
@@ -96,7 +102,7 @@ def main() -> None:
     clipped = clipped_model(model, stats_holder["s"].bounds(4.0)).to(device).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ts_clipped = torch.jit.script(clipped)
+        ts_clipped = torch.jit.script(export_form(clipped))  # what clipguard.export scripts
         ts_plain = torch.jit.script(model)
 
     def run(m) -> None:
@@ -116,7 +122,9 @@ def main() -> None:
     med = statistics.median
     result = {
         "arch": args.arch, "samples": n, "batch_size": args.batch_size, "repeats": args.repeats,
-        "device": describe(device), "torch": torch.__version__,
+        "device": describe(device), "torch": torch.__version__, "threads": threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "plain_img_s": n / med(t_plain), "bounds_img_s": n / med(t_bounds), "exact_bounds_img_s": n / med(t_exact),
         "torchscript_unclipped_img_s": n / med(t_ts_plain), "torchscript_clipped_img_s": n / med(t_ts_clipped),
     }

@@ -242,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir", type=Path, default=None)
+    _add_threads_option(p)
     p.set_defaults(func=cmd_evaluate)
 
     from clipguard.remote_cli import register as register_remote
@@ -273,6 +274,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--cache-dir", type=Path, default=None, help="where decoded datasets are cached")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_threads_option(p)
+
+
+def _add_threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", default=None,
+                   help="CPU threads for torch: auto (default, or $CLIPGUARD_THREADS): the cores other processes "
+                        "leave free, at least 1; all; or a number")
 
 
 def flag(option: str) -> str:
@@ -284,6 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "threads"):  # an engine command: bound torch's threads before any work
+            from clipguard.threads import bound_threads
+
+            bound_threads(args.threads)
         return int(args.func(args) or 0)
     except ClipguardError as exc:
         print(f"clipguard: error: {exc.worded(flag)}", file=sys.stderr)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clipguard.defenses.clipping import export_form
 from clipguard.errors import ExportError
 
 MAX_ABS_DIFF = 1e-5
@@ -59,14 +60,15 @@ def export_torchscript(
     ``batch``; the returned dict is the check that goes into the report.
     """
     model = model.eval()
+    form = export_form(model)  # a clipped model's ReLU clips then run in place where that is safe
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # every torch.jit call warns that TorchScript is deprecated
         try:
-            scripted = torch.jit.script(model)
+            scripted = torch.jit.script(form)
             how = "script"
         except Exception:
             with torch.inference_mode():
-                scripted = torch.jit.trace(model, batch, check_trace=False)
+                scripted = torch.jit.trace(form, batch, check_trace=False)
             how = "trace"
         buffer = io.BytesIO()
         torch.jit.save(scripted, buffer, _extra_files={META_FILE: json.dumps(metadata or {})})

@@ -495,7 +495,7 @@ class SummaryReactivation(Section):
     """The reactivation check's outcome without its protocol."""
 
     after: Metrics | None = Field(None, description="As `reactivation.after`.")
-    agreement: Share = Field(description="As `reactivation.agreement`.")
+    agreement: Share | None = Field(None, description="As `reactivation.agreement`.")
 
 
 class Summary(Section):

@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipguard.defenses.clipping import clipped_model, compute_statistics
+from clipguard.defenses.clipping import (
+    Clip,
+    ReluClip,
+    clipped_model,
+    compute_statistics,
+    export_form,
+    instrument,
+    site_modules,
+)
 from clipguard.errors import ExportError
 from clipguard.export import export_program, export_torchscript, load_exported
 from clipguard.models import resolve_spec
@@ -75,3 +83,42 @@ def test_a_full_disk_is_an_export_error_not_a_crash(tmp_path):
     with pytest.raises(ExportError, match="No space left"):
         export_torchscript(model, torch.randn(2, 3, 8, 8), target)
     assert Path("/dev/full").exists()
+
+
+class _Shared(torch.nn.Module):
+    """A ReLU whose input another branch reads too: it must not be overwritten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = torch.nn.ReLU()
+        self.relu2 = torch.nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.relu2(self.relu(y) + y)
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet18", "shared"])
+def test_the_exported_clipped_model_computes_min_of_activation_and_bound(arch, tmp_path):
+    torch.manual_seed(0)
+    model = _Shared().eval() if arch == "shared" else resolve_spec(arch).build().eval()
+    x = torch.randn(8, 3, 32, 32)
+    bounds = compute_statistics(model, lambda: [x]).bounds(0.5)
+    gm = clipped_model(model, bounds)
+    form = export_form(gm)
+    flags = [m.inplace for m in site_modules(form) if isinstance(m, ReluClip)]
+    # In place wherever the pre-activation is private (every site of these victims), never otherwise.
+    assert flags == ([False, True] if arch == "shared" else [True] * len(flags)) and flags
+    assert not any(m.inplace for m in site_modules(gm) if isinstance(m, ReluClip))  # the engine's copy is untouched
+    reference, _ = instrument(model, lambda name, i: Clip(bounds[name]))  # ReLU, then min(a, bound)
+    export_torchscript(gm, x, tmp_path / "p.pt")
+    loaded, _ = load_exported(tmp_path / "p.pt")
+    before = x.clone()
+    with torch.inference_mode():
+        want = reference(x)
+        torch.testing.assert_close(loaded(x), want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(form(x), want, rtol=0, atol=1e-6)
+    assert torch.equal(x, before)  # the caller's batch is never overwritten
+    with torch.enable_grad():  # with autograd the sites take the out-of-place clamp, same values
+        torch.testing.assert_close(gm(x.requires_grad_()), want, rtol=0, atol=1e-6)

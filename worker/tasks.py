@@ -212,6 +212,7 @@ def _run_attempt(sessions: sessionmaker, settings: Settings, claim: store.Claim,
     from clipguard.data import trim_cache
     from clipguard.errors import Cancelled, ClipguardError
     from clipguard.purify import purify, stages_of
+    from clipguard.threads import bound_threads
 
     job_dir = settings.jobs_dir / claim.job_id
     out = job_dir / f"attempt-{claim.attempt}"
@@ -220,6 +221,7 @@ def _run_attempt(sessions: sessionmaker, settings: Settings, claim: store.Claim,
         options = _options(sessions, settings, claim.job_id, out, public)
         _check_room(settings.jobs_dir, options.weights)
         reporter.percent = Tracker(stages_of(options), ceiling=RUNNING_MAX_PERCENT)
+        bound_threads(settings.threads)  # "auto" reads the load now, when the job starts, not when the child forked
         result = purify(options, progress=reporter.progress, should_cancel=reporter.should_cancel)
     except Cancelled:
         store.finish(sessions, claim, "cancelled")

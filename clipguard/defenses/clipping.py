@@ -15,7 +15,9 @@ the statistics and the clipping are guaranteed to address the same tensors.
 
 from __future__ import annotations
 
+import copy
 import math
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -62,11 +64,17 @@ class Clip(nn.Module):
 
 
 class ReluClip(Clip):
-    """``min(relu(x), upper)`` as one ``clamp(x, 0, upper)``: a plain ReLU site then costs
-    the purified model nothing over the original (one elementwise pass instead of two).
+    """``min(relu(x), upper)`` in place of the ReLU: a plain ReLU site then costs the purified
+    model nothing over the original (one pass over fresh memory, as the ReLU's own).
 
     It replaces the ReLU call itself, so it receives the pre-activation. The two forms agree
     for every bound (``clamp`` returns ``upper`` wherever ``upper < 0``, as ``min`` does).
+
+    Without autograd the clamp is a ReLU then an in-place ``clamp_max_``: torch's clamp between
+    two tensors is a slower kernel than either half. With :attr:`inplace` (set only on an
+    export's copy, by :func:`export_form`, where nothing else reads the pre-activation) the
+    ReLU overwrites its input too, so the site allocates nothing where the original ReLU
+    allocated its output.
     """
 
     fuses_relu = True
@@ -75,10 +83,15 @@ class ReluClip(Clip):
 
     def __init__(self, upper: torch.Tensor) -> None:
         super().__init__(upper)
-        self.register_buffer("lower", torch.zeros_like(self.upper))  # tensor bounds: one fused kernel
+        self.register_buffer("lower", torch.zeros_like(self.upper))  # for the autograd path's clamp
+        self.inplace = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(x, self.lower.to(x.dtype), self.upper.to(x.dtype))
+        upper = self.upper.to(x.dtype)
+        if x.requires_grad:  # relu saves its output for backward: no in-place op may touch it
+            return torch.clamp(x, self.lower.to(x.dtype), upper)
+        y = torch.relu_(x) if self.inplace else torch.relu(x)
+        return y.clamp_max_(upper)
 
 
 # --------------------------------------------------------------------------- tracing
@@ -384,3 +397,38 @@ def clipped_model(model: nn.Module, bounds: dict[str, torch.Tensor]) -> fx.Graph
         raise ClipguardError(f"bounds name sites this model does not have: {sorted(unknown)[:3]}")
     gm.eval()
     return gm
+
+
+FRESH_PRODUCERS: tuple[type[nn.Module], ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    nn.GroupNorm, nn.LayerNorm,
+)
+
+
+def _fresh_and_private(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node``'s tensor is new memory (not an input, a parameter or a view) that only
+    one consumer reads, so that consumer may overwrite it."""
+    if len(node.users) != 1:
+        return False
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), FRESH_PRODUCERS)
+    return node.op == "call_function" and node.target in (operator.add, torch.add) and "out" not in node.kwargs
+
+
+def export_form(model: nn.Module) -> nn.Module:
+    """A copy of a clipped model for export whose fused ReLU clips overwrite their input wherever
+    nothing else reads it (a convolution's, normalisation's or residual sum's private output).
+
+    Same outputs as ``model``; forward hooks on the sites would see the clipped input, which is
+    why only the export gets this form. A model without clipguard sites is returned as it is.
+    """
+    if not isinstance(model, fx.GraphModule) or not hasattr(model, SITES_CONTAINER):
+        return model
+    out = copy.deepcopy(model)
+    for node in out.graph.nodes:
+        if node.op != "call_module" or not str(node.target).startswith(SITES_CONTAINER + "."):
+            continue
+        site = out.get_submodule(str(node.target))
+        if isinstance(site, ReluClip) and node.args and isinstance(node.args[0], fx.Node):
+            site.inplace = _fresh_and_private(out, node.args[0])
+    return out

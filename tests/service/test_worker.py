@@ -67,3 +67,27 @@ def test_bad_input_fails_the_job_with_the_engines_message(settings, job):
     run_attempt(sessions, settings, store.claim(sessions, job_id, max_attempts=3))
     row = state(sessions, job_id)
     assert row.state == "failed" and "not found" in row.error
+
+
+def test_the_engine_runs_on_the_threads_the_worker_setting_allows(settings, job, monkeypatch):
+    import torch
+
+    import clipguard.purify
+    from clipguard.errors import Cancelled
+
+    seen = []
+
+    def engine(options, **_):
+        seen.append(torch.get_num_threads())
+        raise Cancelled("enough")
+
+    monkeypatch.setattr(clipguard.purify, "purify", engine)
+    monkeypatch.setattr(settings, "threads", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sessions, job_id = job
+        run_attempt(sessions, settings, store.claim(sessions, job_id, max_attempts=3))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1] and state(sessions, job_id).state == "cancelled"

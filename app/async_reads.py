@@ -41,8 +41,15 @@ class AsyncReader:
         conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         # Connections come up in the background (open(wait=False)), so an API that starts while the
         # database is down still starts, and answers 503 on the poll until it is back.
-        self.pool = AsyncConnectionPool(conninfo, min_size=size, max_size=size, open=False, timeout=POOL_TIMEOUT_S,
-                                        kwargs={"autocommit": True}, name="clipguard-polls")
+        self.pool = AsyncConnectionPool(
+            conninfo,
+            min_size=size,
+            max_size=size,
+            open=False,
+            timeout=POOL_TIMEOUT_S,
+            kwargs={"autocommit": True},
+            name="clipguard-polls",
+        )
         self._compiled: dict[int, list] = {}
 
     @classmethod
@@ -75,8 +82,10 @@ class AsyncReader:
 
     def _processors(self, statement: Select, description: Any) -> list[Callable | None]:
         """Each column's SQLAlchemy result processor, as SQLAlchemy picks it: by type and the driver's type code."""
-        return [c.type.dialect_impl(self.dialect).result_processor(self.dialect, d.type_code)
-                for c, d in zip(statement.selected_columns, description, strict=True)]
+        return [
+            c.type.dialect_impl(self.dialect).result_processor(self.dialect, d.type_code)
+            for c, d in zip(statement.selected_columns, description, strict=True)
+        ]
 
     async def fetch(self, statement: Select, params: dict[str, Any]) -> list[dict[str, Any]]:
         """The statement's rows as ``{column label: value}``; a store that cannot answer is a 503 problem.
@@ -100,5 +109,6 @@ class AsyncReader:
                 await self.pool.check()  # drop every idle connection the server closed, not just this one
             except self._no_connection as exc:
                 raise store_unavailable(f"no connection within {POOL_TIMEOUT_S:g} s") from exc
-        return [{k: (p(v) if p is not None else v) for k, p, v in zip(keys, processors, row, strict=True)}
-                for row in raw]
+        return [
+            {k: (p(v) if p is not None else v) for k, p, v in zip(keys, processors, row, strict=True)} for row in raw
+        ]

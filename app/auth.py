@@ -142,8 +142,13 @@ def bearer_token(headers: Headers) -> str | None:
 
 def unauthorized(request: Request) -> JSONResponse:
     """The one answer for a missing, unknown or revoked key: the same body, so it tells an attacker nothing."""
-    return problem_response(request, 401, "missing or unknown API key; send `Authorization: Bearer <key>`",
-                            kind="unauthorized", headers={"WWW-Authenticate": "Bearer"})
+    return problem_response(
+        request,
+        401,
+        "missing or unknown API key; send `Authorization: Bearer <key>`",
+        kind="unauthorized",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 async def tenant_of(state: Any, key_hash: str) -> str | None:
@@ -194,9 +199,12 @@ class Gate:
         verdict = await limiter.hit(key_hash) if limiter is not None else None
         if verdict is not None and not verdict.allowed:
             response = problem_response(
-                Request(scope), 429, f"more than {verdict.limit} requests a minute with this API key; "
-                f"retry in {verdict.retry_after_s} s", kind="rate-limited",
-                headers={"Retry-After": str(verdict.retry_after_s)})
+                Request(scope),
+                429,
+                f"more than {verdict.limit} requests a minute with this API key; retry in {verdict.retry_after_s} s",
+                kind="rate-limited",
+                headers={"Retry-After": str(verdict.retry_after_s)},
+            )
             await response(scope, receive, send)
             return
         scope.setdefault("state", {})["tenant"] = tenant

@@ -20,11 +20,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="run the REST API and a worker on this machine")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--no-worker", action="store_true",
-                   help="API only (production: run `celery -A worker.celery_app:celery_app worker -Q gpu` apart)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="API processes (uvicorn workers); one Python process uses at most one core, so about one "
-                        "per core for a busy API. Settings then come from the environment only.")
+    p.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="API only (production: run `celery -A worker.celery_app:celery_app worker -Q gpu` apart)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="API processes (uvicorn workers); one Python process uses at most one core, so about one "
+        "per core for a busy API. Settings then come from the environment only.",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = subparsers.add_parser("keys", help="manage API keys")
@@ -32,12 +39,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     k = keys.add_parser("create", help="create an API key and print it (only the key) on stdout")
     k.add_argument("--tenant", required=True, help="tenant the key belongs to; tenants never see each other")
     k.set_defaults(func=cmd_keys_create)
-    k = keys.add_parser("revoke", help="revoke one key, or every key of a tenant (effective at once in new "
-                                       "requests; running API processes may accept a key they know for up to "
-                                       "CLIPGUARD_KEY_CACHE_TTL_S more seconds)")
+    k = keys.add_parser(
+        "revoke",
+        help="revoke one key, or every key of a tenant (effective at once in new "
+        "requests; running API processes may accept a key they know for up to "
+        "CLIPGUARD_KEY_CACHE_TTL_S more seconds)",
+    )
     which = k.add_mutually_exclusive_group(required=True)
-    which.add_argument("--key", help="the key as it was issued; '-' reads it from stdin (keeps it out of ps and "
-                                     "the shell history)")
+    which.add_argument(
+        "--key", help="the key as it was issued; '-' reads it from stdin (keeps it out of ps and the shell history)"
+    )
     which.add_argument("--tenant", help="revoke every key of this tenant; its jobs and models stay")
     k.set_defaults(func=cmd_keys_revoke)
 
@@ -79,9 +90,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = get_settings()
     worker = None
     if not args.no_worker:
-        worker = EmbeddedWorker(settings.home, ["-A", "worker.celery_app:celery_app", "worker", "-Q", "gpu", "-c", "1",
-                                               "-P", "prefork", "--loglevel", "INFO",
-                                               "-n", f"embedded-{os.getpid()}@%h"]).start()
+        worker = EmbeddedWorker(
+            settings.home,
+            [
+                "-A",
+                "worker.celery_app:celery_app",
+                "worker",
+                "-Q",
+                "gpu",
+                "-c",
+                "1",
+                "-P",
+                "prefork",
+                "--loglevel",
+                "INFO",
+                "-n",
+                f"embedded-{os.getpid()}@%h",
+            ],
+        ).start()
     print(f"clipguard: serving on http://{args.host}:{args.port} (home {settings.home})", file=sys.stderr)
     bounded = {"http": BoundedHttpToolsProtocol, "h11_max_incomplete_event_size": settings.max_header_bytes}
     # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default action the
@@ -92,8 +118,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from app.migrate import upgrade
 
             upgrade(settings.database_url)  # once, here: workers starting together would race through it
-            uvicorn.run("app.main:create_app", factory=True, workers=args.workers, host=args.host, port=args.port,
-                        log_level="info", **bounded)
+            uvicorn.run(
+                "app.main:create_app",
+                factory=True,
+                workers=args.workers,
+                host=args.host,
+                port=args.port,
+                log_level="info",
+                **bounded,
+            )
         else:
             uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info", **bounded)
     finally:

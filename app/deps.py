@@ -34,8 +34,11 @@ def get_celery(request: Request) -> Celery:
     return request.app.state.celery
 
 
-def get_tenant(request: Request, session: Annotated[Session, Depends(get_session)],
-               credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+def get_tenant(
+    request: Request,
+    session: Annotated[Session, Depends(get_session)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
     """The caller's tenant: already found by ``app.auth.Gate`` (before the body was read), else looked up here.
 
     The fallback keeps a route safe even if it is mounted where the gate does not run.
@@ -44,8 +47,12 @@ def get_tenant(request: Request, session: Annotated[Session, Depends(get_session
     if tenant is None and credentials:
         tenant = tenant_for(session, credentials.credentials)
     if tenant is None:
-        raise ProblemError(401, "missing or unknown API key; send `Authorization: Bearer <key>`",
-                           kind="unauthorized", headers={"WWW-Authenticate": "Bearer"})
+        raise ProblemError(
+            401,
+            "missing or unknown API key; send `Authorization: Bearer <key>`",
+            kind="unauthorized",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return tenant
 
 

@@ -83,9 +83,13 @@ def _json_default(value: object) -> str:
 
 def formatter(fmt: LogFormat) -> logging.Formatter:
     if fmt == "json":
-        return JsonFormatter(["levelname", "name", "message", "process"], timestamp=True,
-                             rename_fields={"levelname": "level", "name": "logger"},
-                             reserved_attrs=_RESERVED, json_default=_json_default)
+        return JsonFormatter(
+            ["levelname", "name", "message", "process"],
+            timestamp=True,
+            rename_fields={"levelname": "level", "name": "logger"},
+            reserved_attrs=_RESERVED,
+            json_default=_json_default,
+        )
     return logging.Formatter(TEXT_FORMAT)
 
 

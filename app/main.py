@@ -46,13 +46,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sessions = make_sessionmaker(settings.database_url)
         app.state.key_cache = auth.KeyCache(settings.key_cache_ttl_s)
         app.state.poll_limiter = anyio.CapacityLimiter(settings.poll_threads)  # see app.routes.jobs.get_job
-        app.state.async_reader = AsyncReader.for_engine(app.state.sessions.kw["bind"], settings.poll_threads) \
-            if settings.poll_reader == "async" else None
+        app.state.async_reader = (
+            AsyncReader.for_engine(app.state.sessions.kw["bind"], settings.poll_threads)
+            if settings.poll_reader == "async"
+            else None
+        )
         if app.state.async_reader is not None:
             await app.state.async_reader.open()
         app.state.celery = make_celery(settings)
         app.state.ratelimiter = ratelimit.RateLimiter(
-            settings.rate_limit_per_minute, ratelimit.storage_url(settings.ratelimit_url, settings.broker_url))
+            settings.rate_limit_per_minute, ratelimit.storage_url(settings.ratelimit_url, settings.broker_url)
+        )
         app.state.quarantine = QuarantineQueue(settings.quarantine_concurrency, settings.quarantine_queue_per_tenant)
         _resume_quarantine(app)
         sweeper = asyncio.create_task(_sweep_forever(app))
@@ -66,8 +70,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if app.state.async_reader is not None:
                 await app.state.async_reader.close()
 
-    app = FastAPI(title="clipguard", version="1", lifespan=lifespan,
-                  description="Upload suspect image classifiers, purify them, download the results.")
+    app = FastAPI(
+        title="clipguard",
+        version="1",
+        lifespan=lifespan,
+        description="Upload suspect image classifiers, purify them, download the results.",
+    )
     problems.install(app)
     storage.install(app)  # object-storage failures: 503/502 as problem+json
     app.add_middleware(auth.Gate)  # key and rate limit checked before any body is read
@@ -89,8 +97,11 @@ def _resume_quarantine(app: FastAPI) -> None:
         pending = s.scalars(select(Model).where(Model.status == "validating")).all()
     for model in pending:
         upload = settings.blobs_dir / f"{model.upload_sha256}.upload"
-        app.state.quarantine.submit(model.tenant, functools.partial(
-            models.run_quarantine, app.state.sessions, settings, model.id, upload), reserved=False)
+        app.state.quarantine.submit(
+            model.tenant,
+            functools.partial(models.run_quarantine, app.state.sessions, settings, model.id, upload),
+            reserved=False,
+        )
 
 
 async def _sweep_forever(app: FastAPI) -> None:
@@ -98,9 +109,13 @@ async def _sweep_forever(app: FastAPI) -> None:
     settings: Settings = app.state.settings
     while True:
         try:
-            ids = await anyio.to_thread.run_sync(lambda: store.sweep(
-                app.state.sessions, stale_after=timedelta(seconds=settings.stale_after_s),
-                max_attempts=settings.max_attempts))
+            ids = await anyio.to_thread.run_sync(
+                lambda: store.sweep(
+                    app.state.sessions,
+                    stale_after=timedelta(seconds=settings.stale_after_s),
+                    max_attempts=settings.max_attempts,
+                )
+            )
             for job_id in ids:
                 log.warning("re-enqueueing stuck job %s", job_id)
                 await anyio.to_thread.run_sync(jobs.enqueue, app.state.celery, app.state.sessions, job_id)

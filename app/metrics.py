@@ -116,13 +116,24 @@ class StoreCollector(Collector):
                 yield gauge
         with self.sessions() as s:
             yield self._histogram(
-                s, "clipguard_job_stage_duration_seconds", "engine stage durations of succeeded jobs",
-                {stage: Job.summary[("timings", stage)].as_float() for stage in STAGES}, STAGE_BUCKETS, "stage")
+                s,
+                "clipguard_job_stage_duration_seconds",
+                "engine stage durations of succeeded jobs",
+                {stage: Job.summary[("timings", stage)].as_float() for stage in STAGES},
+                STAGE_BUCKETS,
+                "stage",
+            )
             yield self._histogram(
-                s, "clipguard_bounds_throughput_images_per_second", "bounds pass speed of succeeded jobs",
-                {None: Job.summary[("bounds_images_per_s",)].as_float()}, THROUGHPUT_BUCKETS, None)
-            reason = case(*[(Job.error.startswith(p, autoescape=True), r) for r, p in FAILURE_REASONS],
-                          else_=OTHER_FAILURE)
+                s,
+                "clipguard_bounds_throughput_images_per_second",
+                "bounds pass speed of succeeded jobs",
+                {None: Job.summary[("bounds_images_per_s",)].as_float()},
+                THROUGHPUT_BUCKETS,
+                None,
+            )
+            reason = case(
+                *[(Job.error.startswith(p, autoescape=True), r) for r, p in FAILURE_REASONS], else_=OTHER_FAILURE
+            )
             rows = s.execute(select(reason, func.count()).where(Job.state == "failed").group_by(reason)).all()
         failures = CounterMetricFamily("clipguard_job_failures", "failed jobs by reason", labels=["reason"])
         counts = dict(rows)
@@ -131,17 +142,31 @@ class StoreCollector(Collector):
         yield failures
 
     @staticmethod
-    def _histogram(s: Any, name: str, documentation: str, values: dict[str | None, Any],
-                   buckets: tuple[float, ...], label: str | None) -> HistogramMetricFamily:
+    def _histogram(
+        s: Any,
+        name: str,
+        documentation: str,
+        values: dict[str | None, Any],
+        buckets: tuple[float, ...],
+        label: str | None,
+    ) -> HistogramMetricFamily:
         """One SQL aggregate per label value: cumulative bucket counts, the sum and the count."""
         family = HistogramMetricFamily(name, documentation, labels=[label] if label else None)
         done = Job.state == "succeeded"
         for key, value in values.items():
-            row = s.execute(select(*[func.coalesce(func.sum(case((value <= b, 1), else_=0)), 0) for b in buckets],
-                                   func.coalesce(func.sum(value), 0.0), func.count(value)).where(done)).one()
-            counts, total, n = row[:len(buckets)], row[-2], row[-1]
-            family.add_metric([key] if label else [], [*((str(b), c) for b, c in zip(buckets, counts, strict=True)),
-                                                       ("+Inf", n)], float(total))
+            row = s.execute(
+                select(
+                    *[func.coalesce(func.sum(case((value <= b, 1), else_=0)), 0) for b in buckets],
+                    func.coalesce(func.sum(value), 0.0),
+                    func.count(value),
+                ).where(done)
+            ).one()
+            counts, total, n = row[: len(buckets)], row[-2], row[-1]
+            family.add_metric(
+                [key] if label else [],
+                [*((str(b), c) for b, c in zip(buckets, counts, strict=True)), ("+Inf", n)],
+                float(total),
+            )
         return family
 
 

@@ -29,18 +29,33 @@ class ProblemError(HTTPException):
     raised while a multipart body streams in would otherwise become a generic 400).
     """
 
-    def __init__(self, status: int, detail: str, *, kind: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, detail: str, *, kind: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(status, detail, headers)
         self.status, self.kind = status, kind
 
 
-def problem_response(request: Request, status: int, detail: str | None, *, kind: str | None = None,
-                     errors: list[dict] | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = Problem(type=f"/problems/{kind}" if kind else "about:blank", title=HTTPStatus(status).phrase,
-                   status=status, detail=detail, instance=request.url.path, errors=errors)
-    return JSONResponse(jsonable_encoder(body, exclude_none=True), status_code=status, headers=headers,
-                        media_type=MEDIA_TYPE)
+def problem_response(
+    request: Request,
+    status: int,
+    detail: str | None,
+    *,
+    kind: str | None = None,
+    errors: list[dict] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = Problem(
+        type=f"/problems/{kind}" if kind else "about:blank",
+        title=HTTPStatus(status).phrase,
+        status=status,
+        detail=detail,
+        instance=request.url.path,
+        errors=errors,
+    )
+    return JSONResponse(
+        jsonable_encoder(body, exclude_none=True), status_code=status, headers=headers, media_type=MEDIA_TYPE
+    )
 
 
 def error_response(request: Request, exc: ProblemError) -> JSONResponse:
@@ -54,8 +69,9 @@ def store_unavailable(detail: str) -> ProblemError:
     Raised for a refused or dropped connection or a pool that has none to give; the request
     changed nothing, so retrying it later is safe.
     """
-    return ProblemError(503, f"job store unavailable: {detail}", kind="store-unavailable",
-                        headers={"Retry-After": STORE_RETRY_AFTER_S})
+    return ProblemError(
+        503, f"job store unavailable: {detail}", kind="store-unavailable", headers={"Retry-After": STORE_RETRY_AFTER_S}
+    )
 
 
 def install(app: FastAPI) -> None:
@@ -75,8 +91,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                  for e in exc.errors()]
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
+        ]
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         detail = f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
         return problem_response(request, 422, detail, kind="validation", errors=errors)
@@ -117,8 +134,9 @@ class BodyLimit:
         limit = self.limit if streamed else self.buffered_limit
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            response = problem_response(Request(scope), 413, f"request body exceeds {limit} bytes",
-                                        kind="upload-too-large")
+            response = problem_response(
+                Request(scope), 413, f"request body exceeds {limit} bytes", kind="upload-too-large"
+            )
             await response(scope, receive, send)
             return
         seen = 0
@@ -155,8 +173,9 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         if "\x00" in scope["path"] or b"%00" in scope["query_string"] or b"\x00" in scope["query_string"]:
-            await problem_response(Request(scope), 400, "NUL bytes are not allowed in a URL",
-                                   kind="malformed-url")(scope, receive, send)
+            await problem_response(Request(scope), 400, "NUL bytes are not allowed in a URL", kind="malformed-url")(
+                scope, receive, send
+            )
             return
         media, params = parse_options_header(Headers(scope=scope).get("content-type", ""))
         boundary = params.get(b"boundary")
@@ -173,10 +192,13 @@ class RequestGuard:
                 if not complete:
                     window = tail + message.get("body", b"")
                     complete = closing in window
-                    tail = window[-len(closing):]
+                    tail = window[-len(closing) :]
                 if not complete and not message.get("more_body", False):
-                    raise ProblemError(400, "the multipart body ends before its closing boundary (truncated upload?)",
-                                       kind="malformed-multipart")
+                    raise ProblemError(
+                        400,
+                        "the multipart body ends before its closing boundary (truncated upload?)",
+                        kind="malformed-multipart",
+                    )
             return message
 
         await self.app(scope, watched, send)

@@ -36,18 +36,43 @@ class Verdict:
     reason: str | None = None
 
 
-def quarantine(upload: Path, *, arch: str, num_classes: int, mean: list[float] | None, std: list[float] | None,
-               blobs: Path, tmp: Path, timeout_s: int, memory_bytes: int) -> Verdict:
+def quarantine(
+    upload: Path,
+    *,
+    arch: str,
+    num_classes: int,
+    mean: list[float] | None,
+    std: list[float] | None,
+    blobs: Path,
+    tmp: Path,
+    timeout_s: int,
+    memory_bytes: int,
+) -> Verdict:
     """Check ``upload`` and, if it passes, store its canonical form as ``blobs/<sha256>.safetensors``."""
     staged = tmp / f"{uuid.uuid4().hex}.safetensors"
-    request = {"upload": str(upload), "arch": arch, "num_classes": num_classes, "mean": mean, "std": std,
-               "out": str(staged), "cpu_s": timeout_s, "memory_bytes": memory_bytes,
-               "file_bytes": 4 * upload.stat().st_size + 2**20}
+    request = {
+        "upload": str(upload),
+        "arch": arch,
+        "num_classes": num_classes,
+        "mean": mean,
+        "std": std,
+        "out": str(staged),
+        "cpu_s": timeout_s,
+        "memory_bytes": memory_bytes,
+        "file_bytes": 4 * upload.stat().st_size + 2**20,
+    }
     env = {k: os.environ[k] for k in ENV_KEEP if k in os.environ}
     env.update(CUDA_VISIBLE_DEVICES="", TORCH_FORCE_WEIGHTS_ONLY_LOAD="1", OMP_NUM_THREADS="1", HOME=str(tmp))
     try:
-        proc = subprocess.run([sys.executable, "-m", "app.quarantine", json.dumps(request)], env=env, cwd=tmp,
-                              capture_output=True, text=True, timeout=timeout_s, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "app.quarantine", json.dumps(request)],
+            env=env,
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         staged.unlink(missing_ok=True)
         return Verdict(False, reason=f"checking the checkpoint took longer than {timeout_s} s")
@@ -66,9 +91,13 @@ def quarantine(upload: Path, *, arch: str, num_classes: int, mean: list[float] |
 def _limit_self(cpu_s: int, memory_bytes: int, file_bytes: int) -> None:
     import resource
 
-    for which, value in ((resource.RLIMIT_AS, memory_bytes), (resource.RLIMIT_CPU, cpu_s),
-                         (resource.RLIMIT_FSIZE, file_bytes), (resource.RLIMIT_NOFILE, 256),
-                         (resource.RLIMIT_CORE, 0)):
+    for which, value in (
+        (resource.RLIMIT_AS, memory_bytes),
+        (resource.RLIMIT_CPU, cpu_s),
+        (resource.RLIMIT_FSIZE, file_bytes),
+        (resource.RLIMIT_NOFILE, 256),
+        (resource.RLIMIT_CORE, 0),
+    ):
         hard = resource.getrlimit(which)[1]
         value = value if hard == resource.RLIM_INFINITY else min(value, hard)
         resource.setrlimit(which, (value, value))  # hard limit too, so the child cannot raise it back
@@ -86,7 +115,6 @@ def _child(request: dict) -> dict:
         return {"ok": True, "sha256": canonicalize(request["upload"], spec, request["out"])}
     except ClipguardError as exc:
         return {"ok": False, "reason": exc.worded(api_words)}
-
 
 
 class QueueFull(Exception):
@@ -112,8 +140,10 @@ class QuarantineQueue:
         self._held: Counter[str] = Counter()
         self.running = self.peak = 0
         self._closed = False
-        self._threads = [threading.Thread(target=self._serve, name=f"clipguard-quarantine-{i}", daemon=True)
-                         for i in range(concurrency)]
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"clipguard-quarantine-{i}", daemon=True)
+            for i in range(concurrency)
+        ]
         for thread in self._threads:
             thread.start()
 

@@ -60,8 +60,12 @@ class RateLimiter:
         self._item = RateLimitItemPerMinute(max(per_minute, 1))
         options: dict = {"wrap_exceptions": True}
         if "redis" in url:
-            options.update(implementation="redispy", key_prefix=key_prefix, socket_timeout=STORE_TIMEOUT_S,
-                           socket_connect_timeout=STORE_TIMEOUT_S)
+            options.update(
+                implementation="redispy",
+                key_prefix=key_prefix,
+                socket_timeout=STORE_TIMEOUT_S,
+                socket_connect_timeout=STORE_TIMEOUT_S,
+            )
         self.storage: Storage = storage_from_string(url, **options)
         self._limiter = FixedWindowRateLimiter(self.storage)
         self._warned_at = -math.inf
@@ -82,7 +86,10 @@ class RateLimiter:
             now = time.monotonic()
             if now - self._warned_at > WARN_EVERY_S:
                 self._warned_at = now
-                log.warning("rate-limit store %s unavailable; not limiting until it is back",
-                            self.url.split("@")[-1], exc_info=True)
+                log.warning(
+                    "rate-limit store %s unavailable; not limiting until it is back",
+                    self.url.split("@")[-1],
+                    exc_info=True,
+                )
             return Verdict(True, self.per_minute)
         return Verdict(False, self.per_minute, max(1, math.ceil(stats.reset_time - time.time())))

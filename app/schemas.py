@@ -47,10 +47,27 @@ class Problem(BaseModel):
 
 
 class ModelOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [{
-        "id": "4f1c0b6f0a6a4d8f9a1e2b3c4d5e6f70", "name": "victim", "arch": "small_cnn", "num_classes": 10,
-        "mean": None, "std": None, "status": "ready", "reject_reason": None,
-        "sha256": "9b1e…", "upload_sha256": "51aa…", "size": 1234567, "created_at": "2026-11-24T12:00:00Z"}]})
+    model_config = ConfigDict(
+        from_attributes=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "4f1c0b6f0a6a4d8f9a1e2b3c4d5e6f70",
+                    "name": "victim",
+                    "arch": "small_cnn",
+                    "num_classes": 10,
+                    "mean": None,
+                    "std": None,
+                    "status": "ready",
+                    "reject_reason": None,
+                    "sha256": "9b1e…",
+                    "upload_sha256": "51aa…",
+                    "size": 1234567,
+                    "created_at": "2026-11-24T12:00:00Z",
+                }
+            ]
+        },
+    )
 
     id: str
     name: str | None
@@ -84,8 +101,9 @@ class DatasetPath(BaseModel):
     name: str | None = Field(None, description="a dataset name registered by the operator, e.g. `cifar10-train`")
 
 
-ResourceId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$",
-                                   description="an id this API returned")]
+ResourceId = Annotated[
+    str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$", description="an id this API returned")
+]
 """Ids in request bodies: an unknown one answers 404, but control characters (a NUL cannot be
 stored in PostgreSQL) and absurd lengths are a 422 before any query."""
 
@@ -101,9 +119,11 @@ Side = Annotated[int, Field(ge=1, le=MAX_TRIGGER_SIDE)]
 
 def _no_image(v: object) -> None:
     if v is not None:
-        raise ValueError("a trigger made from an image file cannot be given in a job body: the server reads no file "
-                         "a request names; use the default (generated) trigger, or evaluate locally with "
-                         "`clipguard evaluate`")
+        raise ValueError(
+            "a trigger made from an image file cannot be given in a job body: the server reads no file "
+            "a request names; use the default (generated) trigger, or evaluate locally with "
+            "`clipguard evaluate`"
+        )
     return None
 
 
@@ -211,8 +231,13 @@ SPEC_OPTIONS: dict[str, frozenset[str]] = {
 """Options a spec string may set besides ``mode`` and ``target``: the engine's (``clipguard.attacks``), less
 ``image`` (a file). An attack family added to the engine is refused here until it is described in this module."""
 _SPEC_FIELDS: dict[str, type[_AttackObject]] = {
-    "badnets": BadNetsAttack, "blend": BlendAttack, "wanet": WaNetAttack, "adap_blend": AdapBlendAttack,
-    "adap_patch": AdapPatchAttack, "sig": SigAttack, "tact": TactAttack,
+    "badnets": BadNetsAttack,
+    "blend": BlendAttack,
+    "wanet": WaNetAttack,
+    "adap_blend": AdapBlendAttack,
+    "adap_patch": AdapPatchAttack,
+    "sig": SigAttack,
+    "tact": TactAttack,
 }
 
 
@@ -264,9 +289,11 @@ Lam = Annotated[float, Field(strict=True, gt=LAM_MIN, le=LAM_MAX, allow_inf_nan=
 class EvalSpec(BaseModel):
     test_data_id: ResourceId
     attack: AttackField | None = Field(
-        None, description="attack spec (`badnets`, `blend:alpha=0.2`, …) or the `.attack.json` object written by "
-                          "`clipguard train` (its trigger is rebuilt from the seed and checked against the recorded "
-                          "sha256), to report ASR before and after. Never a file: Blend's `image` is refused")
+        None,
+        description="attack spec (`badnets`, `blend:alpha=0.2`, …) or the `.attack.json` object written by "
+        "`clipguard train` (its trigger is rebuilt from the seed and checked against the recorded "
+        "sha256), to report ASR before and after. Never a file: Blend's `image` is refused",
+    )
 
     @field_validator("attack", mode="before")
     @classmethod
@@ -281,32 +308,63 @@ class EvalSpec(BaseModel):
 
 
 class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
-        "model_id": "4f1c0b6f0a6a4d8f9a1e2b3c4d5e6f70", "train_data_id": "0a9d…", "method": "guard", "lam": "auto",
-        "granularity": "channel", "eval": {"test_data_id": "77ef…", "attack": "badnets"}}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_id": "4f1c0b6f0a6a4d8f9a1e2b3c4d5e6f70",
+                    "train_data_id": "0a9d…",
+                    "method": "guard",
+                    "lam": "auto",
+                    "granularity": "channel",
+                    "eval": {"test_data_id": "77ef…", "attack": "badnets"},
+                }
+            ]
+        },
+    )
 
     model_id: ResourceId
     train_data_id: ResourceId
-    method: PurifyMethod = Field("guard", description=(
-        "`guard` (default): find the poisoned share of the training data from the model's own features, "
-        "unlearn it in a short fine-tune, then clip at μ+λσ with bounds from the rest of the data; the "
-        "purified weights differ from the upload. `paper`: the paper's recipe, the μ+λσ clip alone, with "
-        "the uploaded weights unchanged"))
+    method: PurifyMethod = Field(
+        "guard",
+        description=(
+            "`guard` (default): find the poisoned share of the training data from the model's own features, "
+            "unlearn it in a short fine-tune, then clip at μ+λσ with bounds from the rest of the data; the "
+            "purified weights differ from the upload. `paper`: the paper's recipe, the μ+λσ clip alone, with "
+            "the uploaded weights unchanged"
+        ),
+    )
     lam: Lam | Literal["auto"] | None = Field(
-        None, description=f"λ in μ+λσ, {LAM_MIN:g} < λ <= {LAM_MAX:g}, `auto`, or null for the method's default "
-                          "(6 for `guard`, 4 for `paper`)")
+        None,
+        description=f"λ in μ+λσ, {LAM_MIN:g} < λ <= {LAM_MAX:g}, `auto`, or null for the method's default "
+        "(6 for `guard`, 4 for `paper`)",
+    )
     granularity: Literal["channel", "element"] = "channel"
     bounds_samples: int | None = Field(
-        None, ge=0, le=10_000_000,
+        None,
+        ge=0,
+        le=10_000_000,
         description="measure μ and σ on at most this many training images, a fixed random subset; 0 = all, "
-                    "null = the engine's default (5000 with channel granularity, all with element)")
-    resize: bool = Field(False, strict=True, description=(
-        "scale every image to the architecture's input size; without it, images of another size fail the job "
-        "(larger ones before they are decoded)"))
-    reactivation_check: bool = Field(False, strict=True, description=(
-        "after purifying, fine-tune a copy of the purified model briefly on a random slice of the training data "
-        "without the suspects and report whether the backdoor comes back (ASR when `eval.attack` is given) and "
-        "how far the predictions move (report field `reactivation`); the artifacts are not changed by it"))
+        "null = the engine's default (5000 with channel granularity, all with element)",
+    )
+    resize: bool = Field(
+        False,
+        strict=True,
+        description=(
+            "scale every image to the architecture's input size; without it, images of another size fail the job "
+            "(larger ones before they are decoded)"
+        ),
+    )
+    reactivation_check: bool = Field(
+        False,
+        strict=True,
+        description=(
+            "after purifying, fine-tune a copy of the purified model briefly on a random slice of the training data "
+            "without the suspects and report whether the backdoor comes back (ASR when `eval.attack` is given) and "
+            "how far the predictions move (report field `reactivation`); the artifacts are not changed by it"
+        ),
+    )
     eval: EvalSpec | None = None
 
 
@@ -319,12 +377,29 @@ class ArtifactOut(BaseModel):
 
 
 class JobOut(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "id": "c0ffee…", "state": "running", "stage": "bounds", "percent": 42.0, "error": None, "attempts": 1,
-        "model_id": "4f1c…", "train_data_id": "0a9d…", "test_data_id": None,
-        "params": {"method": "guard", "lam": 3.0, "granularity": "channel", "attack": None},
-        "created_at": "2026-11-24T12:00:00Z", "started_at": "2026-11-24T12:00:01Z", "finished_at": None,
-        "artifacts": [], "summary": None}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "c0ffee…",
+                    "state": "running",
+                    "stage": "bounds",
+                    "percent": 42.0,
+                    "error": None,
+                    "attempts": 1,
+                    "model_id": "4f1c…",
+                    "train_data_id": "0a9d…",
+                    "test_data_id": None,
+                    "params": {"method": "guard", "lam": 3.0, "granularity": "channel", "attack": None},
+                    "created_at": "2026-11-24T12:00:00Z",
+                    "started_at": "2026-11-24T12:00:01Z",
+                    "finished_at": None,
+                    "artifacts": [],
+                    "summary": None,
+                }
+            ]
+        }
+    )
 
     id: str
     state: JobState
@@ -336,16 +411,23 @@ class JobOut(BaseModel):
     model_id: str
     train_data_id: str
     test_data_id: str | None
-    params: dict[str, Any] = Field(description=(
-        "what the job was created with: `method`, `lam`, `granularity`, `attack`, and `bounds_samples` when "
-        "given (a job created before `method` existed has none and is run with `guard`)"))
+    params: dict[str, Any] = Field(
+        description=(
+            "what the job was created with: `method`, `lam`, `granularity`, `attack`, and `bounds_samples` when "
+            "given (a job created before `method` existed has none and is run with `guard`)"
+        )
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
     artifacts: list[ArtifactOut]
-    summary: Summary | None = Field(None, description=(
-        "report.json at a glance (λ, ACC/ASR before and after, the verdict, the reactivation check) once the job "
-        "succeeded; the same type the engine's `clipguard.report.Summary` is"))
+    summary: Summary | None = Field(
+        None,
+        description=(
+            "report.json at a glance (λ, ACC/ASR before and after, the verdict, the reactivation check) once the job "
+            "succeeded; the same type the engine's `clipguard.report.Summary` is"
+        ),
+    )
 
 
 T = TypeVar("T")

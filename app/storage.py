@@ -99,8 +99,16 @@ async def upload_chunks(file: object) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def store_stream(chunks: AsyncIterator[bytes], *, blobs: Path, tmp: Path, limit: int, suffix: str,
-                       room: int | None = None, over_room: Callable[[int], Exception] | None = None) -> Blob:
+async def store_stream(
+    chunks: AsyncIterator[bytes],
+    *,
+    blobs: Path,
+    tmp: Path,
+    limit: int,
+    suffix: str,
+    room: int | None = None,
+    over_room: Callable[[int], Exception] | None = None,
+) -> Blob:
     """Write the stream into the store; raises 413 as soon as it passes ``limit`` bytes, and
     ``over_room(size)`` as soon as it passes ``room`` (what the tenant's quota leaves)."""
     part = tmp / f"{uuid.uuid4().hex}.part"
@@ -212,17 +220,26 @@ class S3Storage:
         self.blobs_dir, self.tmp_dir = settings.blobs_dir, settings.tmp_dir
         self.expiry_s = settings.presign_expiry_s
         secret = settings.s3_secret_access_key.get_secret_value()
-        credentials = {"aws_access_key_id": settings.s3_access_key_id, "aws_secret_access_key": secret} \
-            if settings.s3_access_key_id else {}
+        credentials = (
+            {"aws_access_key_id": settings.s3_access_key_id, "aws_secret_access_key": secret}
+            if settings.s3_access_key_id
+            else {}
+        )
         # Path-style addressing: self-hosted servers are rarely set up for bucket.host virtual hosting.
-        config = Config(signature_version="s3v4", retries={"mode": "standard"},
-                        s3={"addressing_style": "path" if settings.s3_endpoint_url else "auto"})
+        config = Config(
+            signature_version="s3v4",
+            retries={"mode": "standard"},
+            s3={"addressing_style": "path" if settings.s3_endpoint_url else "auto"},
+        )
         session = boto3.session.Session(region_name=settings.s3_region, **credentials)
         self.client = session.client("s3", endpoint_url=settings.s3_endpoint_url or None, config=config)
         public = settings.s3_public_url or settings.s3_endpoint_url
         # Presigning is local computation; the URL must name the endpoint the *client* reaches.
-        self.presigner = session.client("s3", endpoint_url=public or None, config=config) \
-            if public != settings.s3_endpoint_url else self.client
+        self.presigner = (
+            session.client("s3", endpoint_url=public or None, config=config)
+            if public != settings.s3_endpoint_url
+            else self.client
+        )
         self._bucket_ready = False
 
     def _key(self, key: str) -> str:
@@ -275,9 +292,16 @@ class S3Storage:
         url = urlsplit(location)
         if url.scheme != "s3":
             return None  # written before the switch to S3: still a local file
-        return self.presigner.generate_presigned_url("get_object", ExpiresIn=self.expiry_s, Params={
-            "Bucket": url.netloc, "Key": url.path.lstrip("/"), "ResponseContentType": media_type,
-            "ResponseContentDisposition": f'attachment; filename="{filename}"'})
+        return self.presigner.generate_presigned_url(
+            "get_object",
+            ExpiresIn=self.expiry_s,
+            Params={
+                "Bucket": url.netloc,
+                "Key": url.path.lstrip("/"),
+                "ResponseContentType": media_type,
+                "ResponseContentDisposition": f'attachment; filename="{filename}"',
+            },
+        )
 
     def delete_blob(self, name: str) -> None:
         with s3_errors(f"deleting blob {name}"):
@@ -298,8 +322,13 @@ def storage_for(settings: Settings) -> Storage:
     """The storage ``settings`` name, built once per process (a boto3 client is thread-safe and slow to make)."""
     if not settings.storage_url:
         return LocalStorage(settings.home)
-    key = (settings.storage_url, settings.s3_endpoint_url, settings.s3_public_url, settings.s3_access_key_id,
-           settings.home)
+    key = (
+        settings.storage_url,
+        settings.s3_endpoint_url,
+        settings.s3_public_url,
+        settings.s3_access_key_id,
+        settings.home,
+    )
     with _storages_lock:
         if key not in _storages:
             _storages[key] = S3Storage(settings)

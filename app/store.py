@@ -53,14 +53,31 @@ def claim(sessions: sessionmaker, job_id: str, max_attempts: int, task_id: str |
             return None
         if seen >= max_attempts:  # the last attempt's transient fault if it left one, else a lost worker
             why = f"the last one: {job.error}" if job.error else "the worker running this job was lost each time"
-            s.execute(update(Job).where(same).values(
-                state="failed", finished_at=now, error=f"gave up after {seen} attempts; {why}"))
+            s.execute(
+                update(Job)
+                .where(same)
+                .values(state="failed", finished_at=now, error=f"gave up after {seen} attempts; {why}")
+            )
             s.commit()
             return None
         token = new_id()
-        won = s.execute(update(Job).where(same).values(
-            attempts=seen + 1, claim=token, state="running", stage="starting", percent=0.0, error=None,
-            started_at=job.started_at or now, heartbeat_at=now)).rowcount == 1
+        won = (
+            s.execute(
+                update(Job)
+                .where(same)
+                .values(
+                    attempts=seen + 1,
+                    claim=token,
+                    state="running",
+                    stage="starting",
+                    percent=0.0,
+                    error=None,
+                    started_at=job.started_at or now,
+                    heartbeat_at=now,
+                )
+            ).rowcount
+            == 1
+        )
         s.commit()
         return Claim(job_id, token, seen + 1) if won else None
 
@@ -88,9 +105,21 @@ def cancel_requested(sessions: sessionmaker, c: Claim) -> bool:
 def succeed(sessions: sessionmaker, c: Claim, artifacts: list[Artifact], summary: dict) -> bool:
     """Publish the artifacts and the final state in one transaction."""
     with sessions.begin() as s:
-        done = s.execute(update(Job).where(_owned(c)).values(
-            state="succeeded", stage="done", percent=100.0, finished_at=utcnow(), summary=summary, error=None,
-        )).rowcount == 1
+        done = (
+            s.execute(
+                update(Job)
+                .where(_owned(c))
+                .values(
+                    state="succeeded",
+                    stage="done",
+                    percent=100.0,
+                    finished_at=utcnow(),
+                    summary=summary,
+                    error=None,
+                )
+            ).rowcount
+            == 1
+        )
         if done:
             for old in s.scalars(select(Artifact).where(Artifact.job_id == c.job_id)):
                 s.delete(old)
@@ -102,9 +131,18 @@ def succeed(sessions: sessionmaker, c: Claim, artifacts: list[Artifact], summary
 def finish(sessions: sessionmaker, c: Claim, state: str, error: str | None = None) -> bool:
     """End an attempt as ``failed`` (with a one-line reason) or ``cancelled``."""
     with sessions.begin() as s:
-        return s.execute(update(Job).where(_owned(c)).values(
-            state=state, error=error, finished_at=utcnow(),
-        )).rowcount == 1
+        return (
+            s.execute(
+                update(Job)
+                .where(_owned(c))
+                .values(
+                    state=state,
+                    error=error,
+                    finished_at=utcnow(),
+                )
+            ).rowcount
+            == 1
+        )
 
 
 def release(sessions: sessionmaker, c: Claim, reason: str | None = None) -> None:
@@ -127,8 +165,13 @@ def request_cancel(s: Session, job: Job) -> bool:
     return True
 
 
-def sweep(sessions: sessionmaker, *, stale_after: timedelta, max_attempts: int, now: datetime | None = None,
-          ) -> list[str]:
+def sweep(
+    sessions: sessionmaker,
+    *,
+    stale_after: timedelta,
+    max_attempts: int,
+    now: datetime | None = None,
+) -> list[str]:
     """Find jobs that would otherwise be stuck and return the ids that must be (re-)enqueued.
 
     - ``running`` with a heartbeat older than ``stale_after``: its worker died without the
@@ -141,18 +184,25 @@ def sweep(sessions: sessionmaker, *, stale_after: timedelta, max_attempts: int, 
     cutoff = now - stale_after
     requeue: list[str] = []
     with sessions() as s:
-        stale = s.scalars(select(Job).where(or_(
-            and_(Job.state == "running", Job.heartbeat_at < cutoff),
-            and_(Job.state == "queued", Job.enqueued_at.is_(None), Job.created_at < cutoff),
-        ))).all()
+        stale = s.scalars(
+            select(Job).where(
+                or_(
+                    and_(Job.state == "running", Job.heartbeat_at < cutoff),
+                    and_(Job.state == "queued", Job.enqueued_at.is_(None), Job.created_at < cutoff),
+                )
+            )
+        ).all()
         for job in stale:
             # Conditional on what was read: a job that moved meanwhile (heartbeat, claim) is left alone.
             beat = Job.heartbeat_at.is_(None) if job.heartbeat_at is None else Job.heartbeat_at == job.heartbeat_at
             same = and_(Job.id == job.id, Job.state == job.state, Job.attempts == job.attempts, beat)
             if job.state == "running" and job.attempts >= max_attempts:
                 silence = int(stale_after.total_seconds())
-                values: dict = {"state": "failed", "finished_at": now, "error": (
-                    f"worker lost: no heartbeat for {silence} s after {job.attempts} attempts")}
+                values: dict = {
+                    "state": "failed",
+                    "finished_at": now,
+                    "error": (f"worker lost: no heartbeat for {silence} s after {job.attempts} attempts"),
+                }
             elif job.cancel_requested:
                 values = {"state": "cancelled", "finished_at": now}
             else:
@@ -170,8 +220,12 @@ def assign_task(sessions: sessionmaker, job_id: str, task_id: str) -> bool:
     row (see :func:`claim`). False when the job is no longer queued: nothing to publish.
     """
     with sessions.begin() as s:
-        return s.execute(update(Job).where(Job.id == job_id, Job.state == "queued").values(
-            celery_task_id=task_id)).rowcount == 1
+        return (
+            s.execute(
+                update(Job).where(Job.id == job_id, Job.state == "queued").values(celery_task_id=task_id)
+            ).rowcount
+            == 1
+        )
 
 
 def mark_enqueued(sessions: sessionmaker, job_id: str, task_id: str) -> None:
@@ -186,8 +240,10 @@ def discard_unpublished(sessions: sessionmaker, job_id: str) -> bool:
     reported failure did reach a worker, the job is running and stays.
     """
     with sessions.begin() as s:
-        return s.execute(delete(Job).where(Job.id == job_id, Job.state == "queued",
-                                           Job.enqueued_at.is_(None))).rowcount == 1
+        return (
+            s.execute(delete(Job).where(Job.id == job_id, Job.state == "queued", Job.enqueued_at.is_(None))).rowcount
+            == 1
+        )
 
 
 def requeue_published_before(sessions: sessionmaker, before: datetime) -> list[str]:
@@ -198,10 +254,20 @@ def requeue_published_before(sessions: sessionmaker, before: datetime) -> list[s
     replicas noticing the same loss one takes it, and a job claimed meanwhile is left alone.
     """
     with sessions() as s:
-        rows = s.execute(select(Job.id, Job.enqueued_at).where(
-            Job.state == "queued", Job.enqueued_at.is_not(None), Job.enqueued_at < before)).all()
-        taken = [row.id for row in rows if s.execute(update(Job).where(
-            Job.id == row.id, Job.state == "queued", Job.enqueued_at == row.enqueued_at).values(
-            enqueued_at=None)).rowcount == 1]
+        rows = s.execute(
+            select(Job.id, Job.enqueued_at).where(
+                Job.state == "queued", Job.enqueued_at.is_not(None), Job.enqueued_at < before
+            )
+        ).all()
+        taken = [
+            row.id
+            for row in rows
+            if s.execute(
+                update(Job)
+                .where(Job.id == row.id, Job.state == "queued", Job.enqueued_at == row.enqueued_at)
+                .values(enqueued_at=None)
+            ).rowcount
+            == 1
+        ]
         s.commit()
     return taken

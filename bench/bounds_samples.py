@@ -42,8 +42,9 @@ LAMS = {"paper": 4.0, "guard": 6.0}
 
 def stats_on(model, data: ImageData, spec, device, granularity: str) -> tuple[object, float]:
     t = time.perf_counter()
-    stats = compute_statistics(model, lambda: iter_batches(data, 512, spec.mean, spec.std, device),
-                               granularity=granularity)
+    stats = compute_statistics(
+        model, lambda: iter_batches(data, 512, spec.mean, spec.std, device), granularity=granularity
+    )
     return stats, time.perf_counter() - t
 
 
@@ -97,14 +98,29 @@ def main() -> None:
                     else:
                         stats, secs = full, full_s
                     bounds = stats.bounds(lam)
-                    r = evaluate(clipped_model(net, bounds).eval(), test, spec.mean, spec.std, attack=trigger,
-                                 device=device)
-                    row = {"size": min(size, len(data)), "repeat": rep, "seconds": secs, "acc": r["acc"],
-                           "asr": r["asr"], "max_rel_change": max_rel_change(full_bounds, bounds)}
+                    r = evaluate(
+                        clipped_model(net, bounds).eval(), test, spec.mean, spec.std, attack=trigger, device=device
+                    )
+                    row = {
+                        "size": min(size, len(data)),
+                        "repeat": rep,
+                        "seconds": secs,
+                        "acc": r["acc"],
+                        "asr": r["asr"],
+                        "max_rel_change": max_rel_change(full_bounds, bounds),
+                    }
                     rows.append(row)
                     print(f"[{attack}] {method} λ={lam:g} {json.dumps(row)}", flush=True)
-            entries.append({"attack": attack, "method": method, "lam": lam, "granularity": args.granularity,
-                            "data": len(data), "rows": rows})
+            entries.append(
+                {
+                    "attack": attack,
+                    "method": method,
+                    "lam": lam,
+                    "granularity": args.granularity,
+                    "data": len(data),
+                    "rows": rows,
+                }
+            )
     result = {**provenance(args.profile, device, len(test)), "entries": entries}
     name = "bounds_samples.json" if args.granularity == "channel" else f"bounds_samples-{args.granularity}.json"
     (args.out / name).write_text(json.dumps(result, indent=2) + "\n")
@@ -112,10 +128,13 @@ def main() -> None:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Bounds from subsets ({result['profile']} profile) on {result['device']}, {result['date']}; "
-             f"{result['test_samples']} test images. Command: `{result['command']}`", "",
-             "| victim | method | images | ACC (min-max) | ASR (min-max) | max bound change | pass s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Bounds from subsets ({result['profile']} profile) on {result['device']}, {result['date']}; "
+        f"{result['test_samples']} test images. Command: `{result['command']}`",
+        "",
+        "| victim | method | images | ACC (min-max) | ASR (min-max) | max bound change | pass s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for e in result["entries"]:
         sizes = sorted({r["size"] for r in e["rows"]})
         for size in sizes:
@@ -127,8 +146,10 @@ def markdown(result: dict) -> str:
 
             change = max(r["max_rel_change"] for r in rows)
             secs = sum(r["seconds"] for r in rows) / len(rows)
-            lines.append(f"| {e['attack']} | {e['method']} λ={e['lam']:g} {e['granularity']} | {size} "
-                         f"| {span('acc')} | {span('asr')} | {100 * change:.1f}% | {secs:.1f} |")
+            lines.append(
+                f"| {e['attack']} | {e['method']} λ={e['lam']:g} {e['granularity']} | {size} "
+                f"| {span('acc')} | {span('asr')} | {100 * change:.1f}% | {secs:.1f} |"
+            )
     return "\n".join(lines)
 
 

@@ -121,12 +121,21 @@ def main() -> None:
     n = len(data)
     med = statistics.median
     result = {
-        "arch": args.arch, "samples": n, "batch_size": args.batch_size, "repeats": args.repeats,
-        "device": describe(device), "torch": torch.__version__, "threads": threads,
+        "arch": args.arch,
+        "samples": n,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "device": describe(device),
+        "torch": torch.__version__,
+        "threads": threads,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-        "plain_img_s": n / med(t_plain), "bounds_img_s": n / med(t_bounds), "exact_bounds_img_s": n / med(t_exact),
-        "torchscript_unclipped_img_s": n / med(t_ts_plain), "torchscript_clipped_img_s": n / med(t_ts_clipped),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "plain_img_s": n / med(t_plain),
+        "bounds_img_s": n / med(t_bounds),
+        "exact_bounds_img_s": n / med(t_exact),
+        "torchscript_unclipped_img_s": n / med(t_ts_plain),
+        "torchscript_clipped_img_s": n / med(t_ts_clipped),
     }
     result["bounds_over_plain"] = result["bounds_img_s"] / result["plain_img_s"]
     result["fast_over_exact"] = result["bounds_img_s"] / result["exact_bounds_img_s"]
@@ -134,8 +143,10 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"bounds/plain={result['bounds_over_plain']:.3f} fast/exact={result['fast_over_exact']:.3f} "
-          f"clipped/unclipped={result['clipped_over_unclipped']:.3f}")
+    print(
+        f"bounds/plain={result['bounds_over_plain']:.3f} fast/exact={result['fast_over_exact']:.3f} "
+        f"clipped/unclipped={result['clipped_over_unclipped']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """A competing process for the busy-core benchmarks: one pure-Python busy loop for SECONDS seconds.
 
-    python bench/burn.py 700 & python bench/burn.py 700 &    # both cores of a 2-core machine taken
+python bench/burn.py 700 & python bench/burn.py 700 &    # both cores of a 2-core machine taken
 """
 
 from __future__ import annotations

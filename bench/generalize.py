@@ -131,9 +131,13 @@ MATRIX = {
     "gpu-arch": [
         (f"{a.split(':')[0]}-{arch.replace('torchvision:', 'tv-')}-{rate}", arch, a, rate, t)
         for arch in ("resnet18", "torchvision:resnet18", "vgg16_bn", "torchvision:mobilenet_v3_large")
-        for a, rate, t in (("badnets", 0.01, 0), ("blend", 0.01, 0), ("wanet", 0.01, 0),
-                           ("badnets:size=5,pattern=checkerboard,position=top-left", 0.005, 3),
-                           ("blend:image={trigger}", 0.05, 2))
+        for a, rate, t in (
+            ("badnets", 0.01, 0),
+            ("blend", 0.01, 0),
+            ("wanet", 0.01, 0),
+            ("badnets:size=5,pattern=checkerboard,position=top-left", 0.005, 3),
+            ("blend:image={trigger}", 0.05, 2),
+        )
     ],
     "smoke": [("blend-noise", "small_cnn", "blend", 0.05, 0), ("clean", "small_cnn", None, 0.0, 0)],
     # all 50,000 images with crop-and-flip augmentation, as the GPU victims are trained: where a
@@ -154,14 +158,28 @@ RECIPES = {
     "cpu50k-aug": dict(limit=None, epochs=8, augment=True, lr=0.05, batch_size=128, test_stride=4),
 }
 # Heavier architectures get a subset on CPU so the profile stays inside its time budget.
-CPU_OVERRIDES = {"torchvision:resnet18": dict(limit=10000, epochs=6, augment=False, lr=0.05),
-                 "torchvision:mobilenet_v3_small": dict(limit=10000, epochs=10, augment=False, lr=0.05)}
+CPU_OVERRIDES = {
+    "torchvision:resnet18": dict(limit=10000, epochs=6, augment=False, lr=0.05),
+    "torchvision:mobilenet_v3_small": dict(limit=10000, epochs=10, augment=False, lr=0.05),
+}
 CPU_PROFILES = ("cpu", "families")
 LEARNED_ASR = 0.5
 """A victim counts as backdoored (and enters the medians) when its undefended ASR reaches this."""
 # Report fields that are not about what the defense decided (kept in report.json beside the victim).
-REPORT_SKIP = ("schema", "clipguard_version", "created", "inputs", "statistics", "sites", "export", "evaluation",
-               "device", "torch_version", "timings", "artifacts")
+REPORT_SKIP = (
+    "schema",
+    "clipguard_version",
+    "created",
+    "inputs",
+    "statistics",
+    "sites",
+    "export",
+    "evaluation",
+    "device",
+    "torch_version",
+    "timings",
+    "artifacts",
+)
 
 
 def trigger_image(archive: Path, out: Path) -> Path:
@@ -191,16 +209,38 @@ def train_row(row: tuple, profile: str, args: argparse.Namespace, seed: int, dev
     weights = folder / "victim.safetensors"
     t = time.perf_counter()
     if not weights.exists() or args.retrain:
-        train_victim(arch=arch, data=f"{args.data}#train", out=weights, attack=attack, poison_rate=rate,
-                     target=target, epochs=recipe["epochs"], batch_size=recipe["batch_size"], lr=recipe["lr"],
-                     augment=recipe["augment"], seed=seed, device=device, limit=recipe["limit"],
-                     save_data=folder / "train.npz")
+        train_victim(
+            arch=arch,
+            data=f"{args.data}#train",
+            out=weights,
+            attack=attack,
+            poison_rate=rate,
+            target=target,
+            epochs=recipe["epochs"],
+            batch_size=recipe["batch_size"],
+            lr=recipe["lr"],
+            augment=recipe["augment"],
+            seed=seed,
+            device=device,
+            limit=recipe["limit"],
+            save_data=folder / "train.npz",
+        )
     info = json.loads(weights.with_name(weights.name + ".json").read_text())
     poisoning = info.get("poisoning") or {}
-    entry: dict = {"name": name, "seed": seed, "arch": arch, "attack": attack, "poison_rate": rate, "target": target,
-                   "family": family(attack), "clean": attack is None, "recipe": recipe,
-                   "train_s": time.perf_counter() - t,
-                   "poisoned": len(poisoning.get("indices") or []), "covers": len(poisoning.get("cover_indices") or [])}
+    entry: dict = {
+        "name": name,
+        "seed": seed,
+        "arch": arch,
+        "attack": attack,
+        "poison_rate": rate,
+        "target": target,
+        "family": family(attack),
+        "clean": attack is None,
+        "recipe": recipe,
+        "train_s": time.perf_counter() - t,
+        "poisoned": len(poisoning.get("indices") or []),
+        "covers": len(poisoning.get("cover_indices") or []),
+    }
     return folder, entry
 
 
@@ -237,24 +277,44 @@ def run_victim(folder: Path, entry: dict, test_ref: Path, device: str) -> dict:
     info = json.loads(weights.with_name(weights.name + ".json").read_text())
     for method in ("paper", "guard"):
         t = time.perf_counter()
-        result = purify(PurifyOptions(arch=entry["arch"], weights=weights, data=str(folder / "train.npz"),
-                                      out=folder / method, eval_data=str(test_ref),
-                                      attack=str(attack_file) if attack_file.exists() else None,
-                                      method=method, device=device, sweep=method == "paper", overwrite=True,
-                                      # a clean victim has no ASR to come back: its check would only cost time
-                                      reactivation_check=method == "guard" and not entry["clean"]))
+        result = purify(
+            PurifyOptions(
+                arch=entry["arch"],
+                weights=weights,
+                data=str(folder / "train.npz"),
+                out=folder / method,
+                eval_data=str(test_ref),
+                attack=str(attack_file) if attack_file.exists() else None,
+                method=method,
+                device=device,
+                sweep=method == "paper",
+                overwrite=True,
+                # a clean victim has no ASR to come back: its check would only cost time
+                reactivation_check=method == "guard" and not entry["clean"],
+            )
+        )
         rep = result.report
         ev = rep["evaluation"]
         entry["before"] = {k: ev["before"].get(k) for k in ("acc", "asr")}
-        entry[method] = {"lam": rep["lam"], "acc": ev["after"]["acc"], "asr": ev["after"].get("asr"),
-                         "der": ev.get("der"), "seconds": time.perf_counter() - t,
-                         "defense_s": sum(v for k, v in rep["timings"].items()
-                                          if k not in ("load_s", "evaluate_s", "total_s", "export_s")),
-                         "report": report_fields(rep, info)}
+        entry[method] = {
+            "lam": rep["lam"],
+            "acc": ev["after"]["acc"],
+            "asr": ev["after"].get("asr"),
+            "der": ev.get("der"),
+            "seconds": time.perf_counter() - t,
+            "defense_s": sum(
+                v for k, v in rep["timings"].items() if k not in ("load_s", "evaluate_s", "total_s", "export_s")
+            ),
+            "report": report_fields(rep, info),
+        }
         if method == "paper" and entry["before"]["asr"] is not None:
             best = max(ev["sweep"], key=lambda r: der(ev["before"], r))
-            entry["paper_best"] = {"lam": best["lam"], "acc": best["acc"], "asr": best["asr"],
-                                   "scored_on": "the report's λ-sweep subset of the test images"}
+            entry["paper_best"] = {
+                "lam": best["lam"],
+                "acc": best["acc"],
+                "asr": best["asr"],
+                "scored_on": "the report's λ-sweep subset of the test images",
+            }
         elif method == "paper":  # a clean victim: no ASR, so no "best" λ; the sweep's λ=4 row is the paper row
             entry["paper_best"] = None
         else:
@@ -262,9 +322,11 @@ def run_victim(folder: Path, entry: dict, test_ref: Path, device: str) -> dict:
             entry["guard"]["detection"] = {k: found.get(k) for k in ("flagged", "target", "z", "suspects", "side")}
             entry["guard"]["verdict"] = rep.get("verdict")
             again = rep.get("reactivation") or {}
-            entry["guard"]["reactivation"] = {"asr": (again.get("after") or {}).get("asr"),
-                                              "acc": (again.get("after") or {}).get("acc"),
-                                              "agreement": again.get("agreement")}
+            entry["guard"]["reactivation"] = {
+                "asr": (again.get("after") or {}).get("asr"),
+                "acc": (again.get("after") or {}).get("acc"),
+                "agreement": again.get("agreement"),
+            }
     return entry
 
 
@@ -277,28 +339,44 @@ def report_fields(rep: dict, info: dict) -> dict:
         poisoning = info.get("poisoning") or {}
         poisoned, covers = set(poisoning.get("indices") or []), set(poisoning.get("cover_indices") or [])
         kept["unlearning"] = {k: v for k, v in unlearning.items() if k != "suspect_indices"}
-        kept["suspects_named"] = {"total": len(named), "poisoned": len(named & poisoned),
-                                  "covers": len(named & covers), "clean": len(named - poisoned - covers),
-                                  "poisoned_missed": len(poisoned - named)}
+        kept["suspects_named"] = {
+            "total": len(named),
+            "poisoned": len(named & poisoned),
+            "covers": len(named & covers),
+            "clean": len(named - poisoned - covers),
+            "poisoned_missed": len(poisoned - named),
+        }
     return kept
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=sorted(MATRIX), default="cpu")
-    ap.add_argument("--only", nargs="*", default=None,
-                    help="victim names to run, comma- or space-separated (default: the whole matrix)")
+    ap.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="victim names to run, comma- or space-separated (default: the whole matrix)",
+    )
     ap.add_argument("--data", type=Path, default=CIFAR10)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "generalize")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0, help="one seed (kept for earlier commands; see --seeds)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds, each victim runs once per seed (e.g. 0,1)")
     ap.add_argument("--retrain", action="store_true", help="train victims again even if their weights exist")
-    ap.add_argument("--train-only", action="store_true",
-                    help="train (or keep) the victims and print their undefended ACC/ASR; no purification")
-    ap.add_argument("--combine", nargs="+", type=Path, default=None, metavar="JSON",
-                    help="print one table and summary for several generalize.json files (runs split by --only) "
-                         "and exit")
+    ap.add_argument(
+        "--train-only",
+        action="store_true",
+        help="train (or keep) the victims and print their undefended ACC/ASR; no purification",
+    )
+    ap.add_argument(
+        "--combine",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="print one table and summary for several generalize.json files (runs split by --only) and exit",
+    )
     args = ap.parse_args()
     if args.combine:
         print(markdown(combine(args.combine)))
@@ -315,8 +393,15 @@ def main() -> None:
     stride = RECIPES[args.profile]["test_stride"]
     test_ref = save_npz(test.subset(torch.arange(0, len(test), stride)), args.out / f"test-stride{stride}.npz")
     result_path = args.out / ("victims.json" if args.train_only else "generalize.json")
-    result = {"profile": args.profile, "device": describe(device), "torch": torch.__version__, "seeds": seeds,
-              "test_samples": len(range(0, len(test), stride)), "train_only": args.train_only, "rows": []}
+    result = {
+        "profile": args.profile,
+        "device": describe(device),
+        "torch": torch.__version__,
+        "seeds": seeds,
+        "test_samples": len(range(0, len(test), stride)),
+        "train_only": args.train_only,
+        "rows": [],
+    }
     for row in rows:
         for seed in seeds:
             folder, entry = train_row(row, args.profile, args, seed, str(device))
@@ -347,6 +432,7 @@ def strip(value: object) -> object:
 
 def markdown(result: dict) -> str:
     """The table and the issue's summary figures (medians over the victims that learned their backdoor)."""
+
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.1f}"
 
@@ -354,21 +440,28 @@ def markdown(result: dict) -> str:
         return "-" if r is None else f"{pct(r['acc'])} / {pct(r.get('asr'))}"
 
     seeds = ",".join(str(s) for s in result.get("seeds", [result.get("seed", 0)]))
-    head = (f"profile {result['profile']} on {result['device']}, {result['test_samples']} test images, "
-            f"seeds {seeds}")
+    head = f"profile {result['profile']} on {result['device']}, {result['test_samples']} test images, seeds {seeds}"
     rows = result["rows"]
     if result.get("train_only"):
-        lines = [head + " (undefended victims only)", "",
-                 "| victim | seed | arch | family | poison | poisoned + covers | no defense |",
-                 "|---|---|---|---|---|---|---|"]
+        lines = [
+            head + " (undefended victims only)",
+            "",
+            "| victim | seed | arch | family | poison | poisoned + covers | no defense |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
-            lines.append(f"| {r['name']} | {r['seed']} | {r['arch']} | {r['family']} | {100 * r['poison_rate']:g}% | "
-                         f"{r['poisoned']} + {r['covers']} | {cell(r['before'])} |")
+            lines.append(
+                f"| {r['name']} | {r['seed']} | {r['arch']} | {r['family']} | {100 * r['poison_rate']:g}% | "
+                f"{r['poisoned']} + {r['covers']} | {cell(r['before'])} |"
+            )
         return "\n".join(lines)
-    lines = [head, "",
-             "| victim | seed | arch | family | poison | target | no defense | paper λ=4 | paper best λ | "
-             "guard (default) | verdict | named (poisoned / covers / clean) | re-tuned ASR | guard s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        head,
+        "",
+        "| victim | seed | arch | family | poison | target | no defense | paper λ=4 | paper best λ | "
+        "guard (default) | verdict | named (poisoned / covers / clean) | re-tuned ASR | guard s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     learned, clean = [], []
     for r in rows:
         g = r["guard"]
@@ -379,48 +472,74 @@ def markdown(result: dict) -> str:
         again = (g.get("reactivation") or {}).get("asr")
         best = r.get("paper_best")
         best_cell = f"{cell(best)} (λ={best['lam']:g})" if best else "-"
-        lines.append(f"| {r['name']} | {r.get('seed', 0)} | {r['arch']} | {r.get('family', '')} | "
-                     f"{100 * r['poison_rate']:g}% | {r['target']} | {cell(r['before'])} | {cell(r['paper'])} | "
-                     f"{best_cell} | {cell(g)} | {said} | {who} | {pct(again)} | {g['defense_s']:.0f} |")
+        lines.append(
+            f"| {r['name']} | {r.get('seed', 0)} | {r['arch']} | {r.get('family', '')} | "
+            f"{100 * r['poison_rate']:g}% | {r['target']} | {cell(r['before'])} | {cell(r['paper'])} | "
+            f"{best_cell} | {cell(g)} | {said} | {who} | {pct(again)} | {g['defense_s']:.0f} |"
+        )
         if r.get("clean") or r["before"].get("asr") is None:
             clean.append(r)
         elif r["before"]["asr"] >= LEARNED_ASR:
             learned.append(r)
     if learned:
+
         def med(values: list[float]) -> float:
             return 100 * statistics.median(values)
 
         drop = [r["before"]["acc"] - r["guard"]["acc"] for r in learned]
         asr = [r["guard"]["asr"] for r in learned]
         worst = max(learned, key=lambda r: r["guard"]["asr"])
-        worse = [f"{r['name']} (seed {r.get('seed', 0)})" for r in learned
-                 if r["guard"]["asr"] > r["paper"]["asr"] + 0.01 or r["guard"]["acc"] < r["paper"]["acc"] - 0.01]
-        right = [r for r in learned if (r["guard"].get("verdict") or {}).get("status") == "backdoor_found"
-                 and r["target"] in ((r["guard"].get("verdict") or {}).get("classes") or [])]
-        again = [r["guard"]["reactivation"]["asr"] for r in learned
-                 if (r["guard"].get("reactivation") or {}).get("asr") is not None]
-        lines += ["", f"Over the {len(learned)} victims whose backdoor was learned (ASR ≥ {100 * LEARNED_ASR:.0f}% "
-                      "undefended):",
-                  f"- guard: median ASR {med(asr):.1f}%, worst {100 * max(asr):.1f}% ({worst['name']} seed "
-                  f"{worst.get('seed', 0)}); median ACC drop {med(drop):.1f} points (worst {100 * max(drop):.1f})",
-                  f"- paper λ=4: median ASR {med([r['paper']['asr'] for r in learned]):.1f}%, median ACC drop "
-                  f"{med([r['before']['acc'] - r['paper']['acc'] for r in learned]):.1f} points",
-                  f"- verdict 'backdoor found' with the true target: {len(right)} of {len(learned)}",
-                  f"- victims where guard is worse than paper λ=4 (ASR by > 1 point or ACC by > 1 point): "
-                  f"{', '.join(worse) or 'none'}"]
+        worse = [
+            f"{r['name']} (seed {r.get('seed', 0)})"
+            for r in learned
+            if r["guard"]["asr"] > r["paper"]["asr"] + 0.01 or r["guard"]["acc"] < r["paper"]["acc"] - 0.01
+        ]
+        right = [
+            r
+            for r in learned
+            if (r["guard"].get("verdict") or {}).get("status") == "backdoor_found"
+            and r["target"] in ((r["guard"].get("verdict") or {}).get("classes") or [])
+        ]
+        again = [
+            r["guard"]["reactivation"]["asr"]
+            for r in learned
+            if (r["guard"].get("reactivation") or {}).get("asr") is not None
+        ]
+        lines += [
+            "",
+            f"Over the {len(learned)} victims whose backdoor was learned (ASR ≥ {100 * LEARNED_ASR:.0f}% undefended):",
+            f"- guard: median ASR {med(asr):.1f}%, worst {100 * max(asr):.1f}% ({worst['name']} seed "
+            f"{worst.get('seed', 0)}); median ACC drop {med(drop):.1f} points (worst {100 * max(drop):.1f})",
+            f"- paper λ=4: median ASR {med([r['paper']['asr'] for r in learned]):.1f}%, median ACC drop "
+            f"{med([r['before']['acc'] - r['paper']['acc'] for r in learned]):.1f} points",
+            f"- verdict 'backdoor found' with the true target: {len(right)} of {len(learned)}",
+            f"- victims where guard is worse than paper λ=4 (ASR by > 1 point or ACC by > 1 point): "
+            f"{', '.join(worse) or 'none'}",
+        ]
         if again:
-            lines.append(f"- after the reactivation check's fine-tune: median ASR {med(again):.1f}%, worst "
-                         f"{100 * max(again):.1f}%")
+            lines.append(
+                f"- after the reactivation check's fine-tune: median ASR {med(again):.1f}%, worst "
+                f"{100 * max(again):.1f}%"
+            )
     if clean:
-        flagged = [f"{r['name']} (seed {r.get('seed', 0)})" for r in clean
-                   if (r["guard"].get("verdict") or {}).get("status") == "backdoor_found"]
-        unsure = [f"{r['name']} (seed {r.get('seed', 0)})" for r in clean
-                  if (r["guard"].get("verdict") or {}).get("status") == "inconclusive"]
+        flagged = [
+            f"{r['name']} (seed {r.get('seed', 0)})"
+            for r in clean
+            if (r["guard"].get("verdict") or {}).get("status") == "backdoor_found"
+        ]
+        unsure = [
+            f"{r['name']} (seed {r.get('seed', 0)})"
+            for r in clean
+            if (r["guard"].get("verdict") or {}).get("status") == "inconclusive"
+        ]
         drop = [r["before"]["acc"] - r["guard"]["acc"] for r in clean]
-        lines += ["", f"Clean victims ({len(clean)}): 'backdoor found' on {len(flagged)} "
-                      f"({', '.join(flagged) or 'none'}), 'inconclusive' on {len(unsure)} "
-                      f"({', '.join(unsure) or 'none'}); ACC drop median {100 * statistics.median(drop):.1f} points, "
-                      f"worst {100 * max(drop):.1f}"]
+        lines += [
+            "",
+            f"Clean victims ({len(clean)}): 'backdoor found' on {len(flagged)} "
+            f"({', '.join(flagged) or 'none'}), 'inconclusive' on {len(unsure)} "
+            f"({', '.join(unsure) or 'none'}); ACC drop median {100 * statistics.median(drop):.1f} points, "
+            f"worst {100 * max(drop):.1f}",
+        ]
     return "\n".join(lines)
 
 

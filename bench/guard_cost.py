@@ -63,19 +63,33 @@ def run_guard(model, train, test, trigger, spec, device, options: dict, poisoned
     r = evaluate(result.model.to(device), test, spec.mean, spec.std, attack=trigger, device=device)
     unlearning = result.info["unlearning"]
     removed = set(unlearning["suspect_indices"]) if unlearning else set()
-    return {"options": options, "seconds": result.seconds, "timings": timings, "acc": r["acc"], "asr": r["asr"],
-            "ra": r["ra"], "flagged": result.info["detection"]["flagged"], "removed": len(removed),
-            "removed_poisoned": len(removed & poisoned), "poisoned": len(poisoned)}
+    return {
+        "options": options,
+        "seconds": result.seconds,
+        "timings": timings,
+        "acc": r["acc"],
+        "asr": r["asr"],
+        "ra": r["ra"],
+        "flagged": result.info["detection"]["flagged"],
+        "removed": len(removed),
+        "removed_poisoned": len(removed & poisoned),
+        "poisoned": len(poisoned),
+    }
 
 
 def baselines(label, model, spec, train, info, test, trigger, mmbm_clean, before, args, device) -> dict:
     """NAD on 5% clean training data and MM-BM on the held-out clean test images, as bench/table1.py runs them."""
     clean = clean_training_data(train, info)
-    clean5 = clean.subset(torch.randperm(len(clean), generator=torch.Generator().manual_seed(args.seed))
-                          [: max(10, round(0.05 * len(train)))])
+    clean5 = clean.subset(
+        torch.randperm(len(clean), generator=torch.Generator().manual_seed(args.seed))[
+            : max(10, round(0.05 * len(train)))
+        ]
+    )
     mmbm_options = TABLE1_PROFILES[args.profile]["mmbd_mitigate"]  # as Table 1 runs MM-BM on this profile
-    runs = {"nad": lambda: nad(model, spec, clean5, device=device, seed=args.seed),
-            "mmbd": lambda: mmbd_mitigate(model, spec, mmbm_clean, device=device, seed=args.seed, **mmbm_options)}
+    runs = {
+        "nad": lambda: nad(model, spec, clean5, device=device, seed=args.seed),
+        "mmbd": lambda: mmbd_mitigate(model, spec, mmbm_clean, device=device, seed=args.seed, **mmbm_options),
+    }
     out = {}
     for name, run in runs.items():
         result = run()
@@ -116,12 +130,12 @@ def main() -> None:
         model, trigger, train, info, _epochs, _ = victim(attack, prof, args, device)
         before = evaluate(model, test, spec.mean, spec.std, attack=trigger, device=device)
         poisoned = set((info.get("poisoning") or {}).get("indices") or [])
-        entry = {"attack": attack, "before": {k: before[k] for k in ("acc", "asr", "ra")}, "baselines": {},
-                 "guard": []}
+        entry = {"attack": attack, "before": {k: before[k] for k in ("acc", "asr", "ra")}, "baselines": {}, "guard": []}
         print(f"[{attack}] victim: {json.dumps(entry['before'])}", flush=True)
         if not args.no_baselines:
-            entry["baselines"] = baselines(attack, model, spec, train, info, test, trigger, mmbm_clean, before,
-                                           args, device)
+            entry["baselines"] = baselines(
+                attack, model, spec, train, info, test, trigger, mmbm_clean, before, args, device
+            )
         for options in variants:
             row = run_guard(model, train, test, trigger, spec, device, options, poisoned)
             row["der"] = der(before, row)
@@ -134,25 +148,35 @@ def main() -> None:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"guard's cost ({result['profile']} profile) on {result['device']}, {result['threads']} threads, "
-             f"{result['date']}; {result['test_samples']} test images.", "", f"Command: `{result['command']}`", "",
-             "| victim | defense | ACC | ASR | DER | caught / poisoned (removed) | time s "
-             "| detect / unlearn / bounds s | NAD / this | MM-BM / this |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"guard's cost ({result['profile']} profile) on {result['device']}, {result['threads']} threads, "
+        f"{result['date']}; {result['test_samples']} test images.",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        "| victim | defense | ACC | ASR | DER | caught / poisoned (removed) | time s "
+        "| detect / unlearn / bounds s | NAD / this | MM-BM / this |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for e in result["entries"]:
         b = e["before"]
         lines.append(f"| {e['attack']} | none | {100 * b['acc']:.1f} | {100 * b['asr']:.1f} | | | | | | |")
         base = e["baselines"]
         for name, row in base.items():
-            lines.append(f"| | {name} | {100 * row['acc']:.1f} | {100 * row['asr']:.1f} | {100 * row['der']:.1f} "
-                         f"| | {row['seconds']:.1f} | | | |")
+            lines.append(
+                f"| | {name} | {100 * row['acc']:.1f} | {100 * row['asr']:.1f} | {100 * row['der']:.1f} "
+                f"| | {row['seconds']:.1f} | | | |"
+            )
         for row in e["guard"]:
             t = row["timings"]
             opts = ",".join(f"{k}={v}" for k, v in row["options"].items()) or "defaults"
             ratio = {n: f"{base[n]['seconds'] / row['seconds']:.2f}x" if n in base else "-" for n in ("nad", "mmbd")}
-            lines.append(f"| | guard {opts} | {100 * row['acc']:.1f} | {100 * row['asr']:.1f} | {100 * row['der']:.1f} "
-                         f"| {row['removed_poisoned']}/{row['poisoned']} ({row['removed']}) | {row['seconds']:.1f} | "
-                         f"{t.get('detect_poison_s', 0):.1f} / {t.get('unlearn_s', 0):.1f} / {t['bounds_s']:.1f} | "
-                         f"{ratio['nad']} | {ratio['mmbd']} |")
+            lines.append(
+                f"| | guard {opts} | {100 * row['acc']:.1f} | {100 * row['asr']:.1f} | {100 * row['der']:.1f} "
+                f"| {row['removed_poisoned']}/{row['poisoned']} ({row['removed']}) | {row['seconds']:.1f} | "
+                f"{t.get('detect_poison_s', 0):.1f} / {t.get('unlearn_s', 0):.1f} / {t['bounds_s']:.1f} | "
+                f"{ratio['nad']} | {ratio['mmbd']} |"
+            )
     return "\n".join(lines)
 
 

@@ -84,12 +84,20 @@ def main() -> None:
         model, trigger, train_data, info, epochs, train_s = victim(attack, prof, args, device)
         before = evaluate(model, test, spec.mean, spec.std, attack=trigger, device=device)
         poisoning = {k: v for k, v in (info.get("poisoning") or {}).items() if not k.endswith("indices")} or None
-        entry = {"attack": trigger.to_dict(), "poisoning": poisoning, "epochs": epochs, "train_s": train_s,
-                 "before": {k: before[k] for k in ("acc", "asr", "asr_all", "ra")}, "sweep": {}, "auto": {}}
+        entry = {
+            "attack": trigger.to_dict(),
+            "poisoning": poisoning,
+            "epochs": epochs,
+            "train_s": train_s,
+            "before": {k: before[k] for k in ("acc", "asr", "asr_all", "ra")},
+            "sweep": {},
+            "auto": {},
+        }
         if args.method in ("paper", "both"):
             for granularity in ("channel", "element"):
                 entry["sweep"][granularity], entry["auto"][granularity] = sweep_and_select(
-                    model, train_data, test, trigger, before, spec, device, granularity)
+                    model, train_data, test, trigger, before, spec, device, granularity
+                )
         if args.method in ("guard", "both"):
             t = time.perf_counter()
             passed = guard_pass(model, train_data, spec, device=device)
@@ -97,27 +105,56 @@ def main() -> None:
             guard_s = time.perf_counter() - t
             poisoned = set((info.get("poisoning") or {}).get("indices") or [])
             flagged_idx = set(unlearning["suspect_indices"]) if unlearning else set()
-            entry["guard"] = {"detection": {k: found[k] for k in ("flagged", "target", "suspects", "z")},
-                              "removed": len(flagged_idx), "removed_poisoned": len(flagged_idx & poisoned),
-                              "poisoned": len(poisoned), "detect_unlearn_s": guard_s}
+            entry["guard"] = {
+                "detection": {k: found[k] for k in ("flagged", "target", "suspects", "z")},
+                "removed": len(flagged_idx),
+                "removed_poisoned": len(flagged_idx & poisoned),
+                "poisoned": len(poisoned),
+                "detect_unlearn_s": guard_s,
+            }
             entry["sweep"]["guard"], entry["auto"]["guard"] = sweep_and_select(
-                fixed, kept, test, trigger, before, spec, device, "channel",
-                rule="agreement" if unlearning else "class_drop")  # as purify --lam auto chooses
+                fixed,
+                kept,
+                test,
+                trigger,
+                before,
+                spec,
+                device,
+                "channel",
+                rule="agreement" if unlearning else "class_drop",
+            )  # as purify --lam auto chooses
         rows.append(entry)
-        print(json.dumps({k: entry[k] for k in ("attack", "before")} | {"auto": {
-            g: {k: v for k, v in a.items() if k != "evidence"} for g, a in entry["auto"].items()}}), flush=True)
-    result = {"profile": args.profile, "device": describe(device), "torch": torch.__version__, "config": prof,
-              "test_samples": len(test), "rows": rows}
+        print(
+            json.dumps(
+                {k: entry[k] for k in ("attack", "before")}
+                | {"auto": {g: {k: v for k, v in a.items() if k != "evidence"} for g, a in entry["auto"].items()}}
+            ),
+            flush=True,
+        )
+    result = {
+        "profile": args.profile,
+        "device": describe(device),
+        "torch": torch.__version__,
+        "config": prof,
+        "test_samples": len(test),
+        "rows": rows,
+    }
     (args.out / "lambda_sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
 
 
 def provenance(profile: str, device: torch.device, test_samples: int) -> dict:
     """Where and how a benchmark ran, recorded beside its figures (shared by the cpu-profile benches)."""
-    return {"profile": profile, "device": describe(device), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "date": datetime.now(UTC).isoformat(timespec="seconds"), "test_samples": test_samples,
-            "command": " ".join(["python", *sys.argv])}
+    return {
+        "profile": profile,
+        "device": describe(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "test_samples": test_samples,
+        "command": " ".join(["python", *sys.argv]),
+    }
 
 
 def victim(attack: str, prof: dict, args: argparse.Namespace, device: torch.device) -> tuple:
@@ -129,47 +166,84 @@ def victim(attack: str, prof: dict, args: argparse.Namespace, device: torch.devi
     """
     spec = resolve_spec(prof["arch"])
     attack, _, override = attack.partition("@")
-    rate, epochs = (float(override.split(",")[0]), int(override.split(",")[1])) if override else (
-        prof["rate"], prof["epochs"])
+    rate, epochs = (
+        (float(override.split(",")[0]), int(override.split(",")[1])) if override else (prof["rate"], prof["epochs"])
+    )
     tag = attack.split(":")[0] + (f"-{override.replace(',', '-')}" if override else "")
     weights = args.out / f"{tag}.safetensors"
     t = time.perf_counter()
     if not (args.reuse and weights.exists() and (args.out / f"{tag}-train.npz").exists()):
-        train_victim(arch=prof["arch"], data=f"{args.data}#train", out=weights, attack=attack,
-                     poison_rate=rate, epochs=epochs, batch_size=prof["batch"],
-                     lr=prof["lr"], augment=prof["augment"], seed=args.seed, device=str(device),
-                     limit=prof["limit"], save_data=args.out / f"{tag}-train.npz")
+        train_victim(
+            arch=prof["arch"],
+            data=f"{args.data}#train",
+            out=weights,
+            attack=attack,
+            poison_rate=rate,
+            epochs=epochs,
+            batch_size=prof["batch"],
+            lr=prof["lr"],
+            augment=prof["augment"],
+            seed=args.seed,
+            device=str(device),
+            limit=prof["limit"],
+            save_data=args.out / f"{tag}-train.npz",
+        )
     train_s = time.perf_counter() - t
     info = json.loads(weights.with_name(weights.name + ".json").read_text())
     model = spec.build()
     load_weights(model, weights)
-    return (model.to(device).eval(), load_attack(attack_path(weights)), load_data(args.out / f"{tag}-train.npz"),
-            info, epochs, train_s)
+    return (
+        model.to(device).eval(),
+        load_attack(attack_path(weights)),
+        load_data(args.out / f"{tag}-train.npz"),
+        info,
+        epochs,
+        train_s,
+    )
 
 
-def sweep_and_select(model, train_data, test, trigger, before, spec, device, granularity,
-                     rule: str = "class_drop") -> tuple[list, dict]:
+def sweep_and_select(
+    model, train_data, test, trigger, before, spec, device, granularity, rule: str = "class_drop"
+) -> tuple[list, dict]:
     """Score every λ on the test set, then let ``select_lambda`` choose from the training data alone."""
     t = time.perf_counter()
     sampled = bounds_sample(train_data, default_bounds_samples(granularity))  # as purify measures μ and σ
-    stats = compute_statistics(model, lambda: iter_batches(sampled, 512, spec.mean, spec.std, device),
-                               granularity=granularity)
+    stats = compute_statistics(
+        model, lambda: iter_batches(sampled, 512, spec.mean, spec.std, device), granularity=granularity
+    )
     bounds_s = time.perf_counter() - t
     sweep = []
     for lam in DEFAULT_GRID:
-        after = evaluate(clipped_model(model, stats.bounds(lam)).to(device), test, spec.mean, spec.std,
-                         attack=trigger, device=device)
-        sweep.append({"lam": lam, "acc": after["acc"], "asr": after["asr"], "asr_all": after["asr_all"],
-                      "ra": after["ra"], "der": der(before, after)})
+        after = evaluate(
+            clipped_model(model, stats.bounds(lam)).to(device), test, spec.mean, spec.std, attack=trigger, device=device
+        )
+        sweep.append(
+            {
+                "lam": lam,
+                "acc": after["acc"],
+                "asr": after["asr"],
+                "asr_all": after["asr_all"],
+                "ra": after["ra"],
+                "der": der(before, after),
+            }
+        )
     t = time.perf_counter()
     lam, evidence = select_lambda(model, stats, train_data, spec, device=device, rule=rule)
     select_s = time.perf_counter() - t
     auto = next(r for r in sweep if r["lam"] == lam)
     best = max(sweep, key=lambda r: r["der"])
-    return sweep, {"lam": lam, "acc": auto["acc"], "asr": auto["asr"], "best_lam": best["lam"],
-                   "best_acc": best["acc"], "best_asr": best["asr"], "bounds_s": bounds_s, "select_s": select_s,
-                   "within_bar": best["acc"] - auto["acc"] <= 0.01 and auto["asr"] - best["asr"] <= 0.02,
-                   "evidence": evidence["sweep"]}
+    return sweep, {
+        "lam": lam,
+        "acc": auto["acc"],
+        "asr": auto["asr"],
+        "best_lam": best["lam"],
+        "best_acc": best["acc"],
+        "best_asr": best["asr"],
+        "bounds_s": bounds_s,
+        "select_s": select_s,
+        "within_bar": best["acc"] - auto["acc"] <= 0.01 and auto["asr"] - best["asr"] <= 0.02,
+        "evidence": evidence["sweep"],
+    }
 
 
 def markdown(result: dict) -> str:
@@ -178,9 +252,11 @@ def markdown(result: dict) -> str:
     for row in result["rows"]:
         a = row["attack"]
         pz = row.get("poisoning") or {}
-        lines.append(f"**{a.get('name', a)}** ({pz.get('mode', '?')} poisoning at {100 * pz.get('rate', 0):g}%, "
-                     f"{row.get('epochs', '?')} epochs): "
-                     f"no defense ACC {100 * row['before']['acc']:.1f} / ASR {100 * row['before']['asr']:.1f}")
+        lines.append(
+            f"**{a.get('name', a)}** ({pz.get('mode', '?')} poisoning at {100 * pz.get('rate', 0):g}%, "
+            f"{row.get('epochs', '?')} epochs): "
+            f"no defense ACC {100 * row['before']['acc']:.1f} / ASR {100 * row['before']['asr']:.1f}"
+        )
         lines.append("")
         kinds = list(row["sweep"])
         grid = row["sweep"][kinds[0]]
@@ -188,18 +264,25 @@ def markdown(result: dict) -> str:
         lines.append("|---" * (len(grid) + 1) + "|")
         for g in kinds:
             label = "guard (after unlearning)" if g == "guard" else f"paper {g}"
-            lines.append(f"| {label} ACC/ASR | " + " | ".join(
-                f"{100 * r['acc']:.1f}/{100 * r['asr']:.1f}" for r in row["sweep"][g]) + " |")
+            lines.append(
+                f"| {label} ACC/ASR | "
+                + " | ".join(f"{100 * r['acc']:.1f}/{100 * r['asr']:.1f}" for r in row["sweep"][g])
+                + " |"
+            )
         for g in kinds:
             au = row["auto"][g]
-            lines.append(f"- {g}: auto λ={au['lam']:g} → {100 * au['acc']:.1f}/{100 * au['asr']:.1f}; best λ (max DER) "
-                         f"={au['best_lam']:g} → {100 * au['best_acc']:.1f}/{100 * au['best_asr']:.1f}; "
-                         f"within 1 ACC / 2 ASR points: {'yes' if au.get('within_bar') else 'no'}")
+            lines.append(
+                f"- {g}: auto λ={au['lam']:g} → {100 * au['acc']:.1f}/{100 * au['asr']:.1f}; best λ (max DER) "
+                f"={au['best_lam']:g} → {100 * au['best_acc']:.1f}/{100 * au['best_asr']:.1f}; "
+                f"within 1 ACC / 2 ASR points: {'yes' if au.get('within_bar') else 'no'}"
+            )
         if "guard" in row:
             gd = row["guard"]
             det = gd["detection"]
-            lines.append(f"- guard detection: flagged {det['flagged']}, target {det['target']}, z {det['z']:.1f}; "
-                         f"removed {gd['removed']} samples, {gd['removed_poisoned']} of {gd['poisoned']} poisoned")
+            lines.append(
+                f"- guard detection: flagged {det['flagged']}, target {det['target']}, z {det['z']:.1f}; "
+                f"removed {gd['removed']} samples, {gd['removed_poisoned']} of {gd['poisoned']} poisoned"
+            )
         lines.append("")
     return "\n".join(lines)
 

@@ -74,20 +74,53 @@ def service(args: argparse.Namespace) -> Iterator[dict]:
     redis_port, api_port = free_port(), free_port()
     procs: list[subprocess.Popen] = []
     try:
-        procs.append(subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                                       "--appendonly", "no"], stdout=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                stdout=subprocess.DEVNULL,
+            )
+        )
         database_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{db}"
-        env = {**os.environ, "CLIPGUARD_HOME": str(home), "CLIPGUARD_DATABASE_URL": database_url,
-               "CLIPGUARD_BROKER_URL": f"redis://127.0.0.1:{redis_port}/0", "CLIPGUARD_RATE_LIMIT_PER_MINUTE": "0",
-               "CLIPGUARD_MAX_UPLOAD_BYTES": str(max(args.upload_mb, 1) * 2**20 + 2**20),
-               "CLIPGUARD_DATA_ROOTS": json.dumps([str(home)]), "OMP_NUM_THREADS": "1",
-               "CLIPGUARD_POLL_READER": args.poll_reader}
+        env = {
+            **os.environ,
+            "CLIPGUARD_HOME": str(home),
+            "CLIPGUARD_DATABASE_URL": database_url,
+            "CLIPGUARD_BROKER_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "CLIPGUARD_RATE_LIMIT_PER_MINUTE": "0",
+            "CLIPGUARD_MAX_UPLOAD_BYTES": str(max(args.upload_mb, 1) * 2**20 + 2**20),
+            "CLIPGUARD_DATA_ROOTS": json.dumps([str(home)]),
+            "OMP_NUM_THREADS": "1",
+            "CLIPGUARD_POLL_READER": args.poll_reader,
+        }
         log = (home / "api.log").open("wb")
-        procs.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app",
-                                       "--host", "127.0.0.1", "--port", str(api_port), "--no-access-log",
-                                       "--log-level", "warning", "--workers", str(args.uvicorn_workers),
-                                       "--http", args.http, "--loop", args.loop],
-                                      env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "--factory",
+                    "app.main:create_app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(api_port),
+                    "--no-access-log",
+                    "--log-level",
+                    "warning",
+                    "--workers",
+                    str(args.uvicorn_workers),
+                    "--http",
+                    args.http,
+                    "--loop",
+                    args.loop,
+                ],
+                env=env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
         url = f"http://127.0.0.1:{api_port}"
 
         def ready() -> bool:
@@ -97,16 +130,21 @@ def service(args: argparse.Namespace) -> Iterator[dict]:
                 return False
 
         wait_for(ready, 90, "the API")
-        key = subprocess.run([sys.executable, "-m", "clipguard.cli", "keys", "create", "--tenant", "load"], env=env,
-                             cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        key = subprocess.run(
+            [sys.executable, "-m", "clipguard.cli", "keys", "create", "--tenant", "load"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         # A ready model and a dataset, straight into the store: job creation needs them, not a real checkpoint.
         sessions = make_sessionmaker(database_url, migrate=False)
         with sessions.begin() as s:
             model = Model(tenant="load", arch="small_cnn", num_classes=10, status="ready", canonical_sha256="0" * 64)
             data = Dataset(tenant="load", kind="path", ref=str(home / "train.npz"))
             s.add_all([model, data])
-        yield {"url": url, "port": api_port, "key": key, "model": model.id, "data": data.id, "api": procs[-1],
-               "db": db}
+        yield {"url": url, "port": api_port, "key": key, "model": model.id, "data": data.id, "api": procs[-1], "db": db}
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -121,6 +159,7 @@ def service(args: argparse.Namespace) -> Iterator[dict]:
 
 # ------------------------------------------------------------------------------------------ load generator
 
+
 async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, bytes]:
     writer.write(request)
     await writer.drain()
@@ -134,8 +173,9 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     return status, await reader.readexactly(length)
 
 
-async def _run_level(port: int, clients: int, seconds: float, max_requests: int,
-                     make_request: Callable[[], bytes], expect: int) -> dict:
+async def _run_level(
+    port: int, clients: int, seconds: float, max_requests: int, make_request: Callable[[], bytes], expect: int
+) -> dict:
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
@@ -162,8 +202,15 @@ async def _run_level(port: int, clients: int, seconds: float, max_requests: int,
     def pct(p: float) -> float:
         return 1000 * latencies[min(len(latencies) - 1, int(p * len(latencies)))] if latencies else float("nan")
 
-    return {"clients": clients, "requests": len(latencies), "errors": errors, "seconds": round(elapsed, 2),
-            "per_s": round(len(latencies) / elapsed, 1), "p50_ms": round(pct(0.50), 1), "p99_ms": round(pct(0.99), 1)}
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": round(elapsed, 2),
+        "per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(pct(0.50), 1),
+        "p99_ms": round(pct(0.99), 1),
+    }
 
 
 def _cpu_s(pids: list[int]) -> dict[int, float]:
@@ -195,8 +242,9 @@ def _used(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(after[p] - before.get(p, 0.0) for p in after)
 
 
-def _levels(svc: dict, levels: list[int], seconds: float, max_requests: int, request: Callable[[], bytes],
-            expect: int) -> list[dict]:
+def _levels(
+    svc: dict, levels: list[int], seconds: float, max_requests: int, request: Callable[[], bytes], expect: int
+) -> list[dict]:
     """Each level, plus CPU time per request of the API, of its database backends and of the load generator.
 
     The API's figure is the cost of one request whatever the neighbours do; the sum of the three is
@@ -227,12 +275,15 @@ def polls(svc: dict, levels: list[int], seconds: float, max_requests: int, jobs:
 
 def creations(svc: dict, levels: list[int], seconds: float, max_requests: int) -> list[dict]:
     body = json.dumps({"model_id": svc["model"], "train_data_id": svc["data"], "lam": 3.0}).encode()
-    request = (f"POST /v1/jobs HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {svc['key']}\r\n"
-               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    request = (
+        f"POST /v1/jobs HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {svc['key']}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
     return _levels(svc, levels, seconds, max_requests, lambda: request, 202)
 
 
 # ------------------------------------------------------------------------------------------ upload memory
+
 
 def _pids(parent: int) -> list[int]:
     """The API process and its children (uvicorn's worker processes when --workers > 1)."""
@@ -273,8 +324,12 @@ def upload(svc: dict, megabytes: int) -> dict:
     chunk = os.urandom(2**20)
     t = time.perf_counter()
     try:
-        r = httpx.put(f"{svc['url']}/v1/models/{model['id']}/content", headers=headers, timeout=600,
-                      content=(chunk for _ in range(megabytes)))
+        r = httpx.put(
+            f"{svc['url']}/v1/models/{model['id']}/content",
+            headers=headers,
+            timeout=600,
+            content=(chunk for _ in range(megabytes)),
+        )
     finally:
         stop.set()
         sampler.join()
@@ -283,19 +338,33 @@ def upload(svc: dict, megabytes: int) -> dict:
         raise SystemExit(f"upload answered {r.status_code}: {r.text[:300]}")
     rss_growth = max(peak[p] - rss0[p] for p in pids) / 1024
     hwm_growth = max(_kib(p, "VmHWM") - hwm0[p] for p in pids) / 1024
-    return {"mib": megabytes, "seconds": round(elapsed, 1), "mib_per_s": round(megabytes / elapsed, 1),
-            "rss_before_mib": round(max(rss0.values()) / 1024, 1), "peak_rss_growth_mib": round(rss_growth, 1),
-            "vmhwm_growth_mib": round(hwm_growth, 1)}
+    return {
+        "mib": megabytes,
+        "seconds": round(elapsed, 1),
+        "mib_per_s": round(megabytes / elapsed, 1),
+        "rss_before_mib": round(max(rss0.values()) / 1024, 1),
+        "peak_rss_growth_mib": round(rss_growth, 1),
+        "vmhwm_growth_mib": round(hwm_growth, 1),
+    }
 
 
 # ------------------------------------------------------------------------------------------ main
 
+
 def table(title: str, rows: list[dict]) -> str:
-    lines = [f"{title}", "", "| clients | requests | req/s | p50 ms | p99 ms | errors | API CPU ms/req "
-             "| DB CPU ms/req | client CPU ms/req |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['clients']} | {r['requests']} | {r['per_s']:,.0f} | {r['p50_ms']} | {r['p99_ms']} "
-              f"| {r['errors']} | {r['server_cpu_ms_per_req']} | {r['db_cpu_ms_per_req']} "
-              f"| {r['client_cpu_ms_per_req']} |" for r in rows]
+    lines = [
+        f"{title}",
+        "",
+        "| clients | requests | req/s | p50 ms | p99 ms | errors | API CPU ms/req "
+        "| DB CPU ms/req | client CPU ms/req |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['clients']} | {r['requests']} | {r['per_s']:,.0f} | {r['p50_ms']} | {r['p99_ms']} "
+        f"| {r['errors']} | {r['server_cpu_ms_per_req']} | {r['db_cpu_ms_per_req']} "
+        f"| {r['client_cpu_ms_per_req']} |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -311,24 +380,36 @@ def main() -> None:
     p.add_argument("--uvicorn-workers", type=int, default=1)
     p.add_argument("--http", default="auto", help="uvicorn --http: auto (httptools when installed), h11, httptools")
     p.add_argument("--loop", default="auto", help="uvicorn --loop: auto (uvloop when installed), asyncio, uvloop")
-    p.add_argument("--poll-reader", choices=["async", "thread"], default="async",
-                   help="CLIPGUARD_POLL_READER: the poll on the event loop (psycopg async) or through a thread")
+    p.add_argument(
+        "--poll-reader",
+        choices=["async", "thread"],
+        default="async",
+        help="CLIPGUARD_POLL_READER: the poll on the event loop (psycopg async) or through a thread",
+    )
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
     levels = [int(n) for n in args.clients.split(",")]
 
     with service(args) as svc:
-        result: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": {
-            "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "load_avg_at_start": os.getloadavg()}, "uvicorn_workers": args.uvicorn_workers,
-            "http": args.http, "loop": args.loop, "poll_reader": args.poll_reader}
+        result: dict = {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "load_avg_at_start": os.getloadavg(),
+            },
+            "uvicorn_workers": args.uvicorn_workers,
+            "http": args.http,
+            "loop": args.loop,
+            "poll_reader": args.poll_reader,
+        }
         if args.upload_mb:  # first, so the poll phases' own peak cannot hide the upload's
             result["upload"] = upload(svc, args.upload_mb)
             print(f"upload {json.dumps(result['upload'])}", flush=True)
         headers = {"Authorization": f"Bearer {svc['key']}"}
         body = {"model_id": svc["model"], "train_data_id": svc["data"], "lam": 3.0}
-        jobs = [httpx.post(f"{svc['url']}/v1/jobs", headers=headers, json=body).json()["id"]
-                for _ in range(args.jobs)]
+        jobs = [httpx.post(f"{svc['url']}/v1/jobs", headers=headers, json=body).json()["id"] for _ in range(args.jobs)]
         polls(svc, [1], 1.0, 1000, jobs)  # warm-up: connections, caches, the JIT-free but lazy imports
         result["polls"] = polls(svc, levels, args.seconds, args.max_requests, jobs)
         print(table("GET /v1/jobs/{id}", result["polls"]), flush=True)

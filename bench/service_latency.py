@@ -51,15 +51,30 @@ def victim(folder: Path, data: Path) -> dict[str, Path]:
     from clipguard.train import train_victim
 
     weights = folder / "victim.safetensors"
-    train_victim(arch="small_cnn", data=f"{data}#train", out=weights, limit=3000, epochs=4, augment=False,
-                 lr=0.05, batch_size=128, attack="badnets:pattern=checkerboard", poison_rate=0.05, device="cpu",
-                 save_data=folder / "train.npz")
+    train_victim(
+        arch="small_cnn",
+        data=f"{data}#train",
+        out=weights,
+        limit=3000,
+        epochs=4,
+        augment=False,
+        lr=0.05,
+        batch_size=128,
+        attack="badnets:pattern=checkerboard",
+        poison_rate=0.05,
+        device="cpu",
+        save_data=folder / "train.npz",
+    )
     test = load_data(f"{data}#test")
     import torch
 
     save_npz(test.subset(torch.arange(0, len(test), 10)), folder / "test.npz")
-    return {"weights": weights, "data": folder / "train.npz", "eval_data": folder / "test.npz",
-            "attack": weights.with_name(weights.name + ".attack.json")}
+    return {
+        "weights": weights,
+        "data": folder / "train.npz",
+        "eval_data": folder / "test.npz",
+        "attack": weights.with_name(weights.name + ".attack.json"),
+    }
 
 
 def main() -> None:
@@ -82,14 +97,24 @@ def main() -> None:
         else:
             inputs = {"weights": args.weights, "data": args.data, "eval_data": args.eval_data, "attack": args.attack}
         port = free_port()
-        env = {**os.environ, "CLIPGUARD_HOME": str(work / "home"), "CLIPGUARD_DEVICE": args.device,
-               "CLIPGUARD_RATE_LIMIT_PER_MINUTE": "0"}
+        env = {
+            **os.environ,
+            "CLIPGUARD_HOME": str(work / "home"),
+            "CLIPGUARD_DEVICE": args.device,
+            "CLIPGUARD_RATE_LIMIT_PER_MINUTE": "0",
+        }
         cli = [sys.executable, "-c", "from clipguard.cli import main; main()"]
-        key = subprocess.run([*cli, "keys", "create", "--tenant", "bench"], env=env, capture_output=True, text=True,
-                             check=True).stdout.strip()
+        key = subprocess.run(
+            [*cli, "keys", "create", "--tenant", "bench"], env=env, capture_output=True, text=True, check=True
+        ).stdout.strip()
         t = time.perf_counter()
-        server = subprocess.Popen([*cli, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                                  stderr=(work / "serve.log").open("w"), start_new_session=True)
+        server = subprocess.Popen(
+            [*cli, "serve", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=(work / "serve.log").open("w"),
+            start_new_session=True,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             while True:
@@ -99,8 +124,9 @@ def main() -> None:
                 except httpx.HTTPError:
                     pass
                 if server.poll() is not None or time.perf_counter() - t > 120:
-                    raise SystemExit("service_latency: the server did not become ready:\n"
-                                     + (work / "serve.log").read_text()[-2000:])
+                    raise SystemExit(
+                        "service_latency: the server did not become ready:\n" + (work / "serve.log").read_text()[-2000:]
+                    )
                 time.sleep(0.2)
             startup = time.perf_counter() - t
             result = run_job(url, key, inputs, args, work)
@@ -108,9 +134,15 @@ def main() -> None:
         finally:
             os.killpg(server.pid, 15)
             server.wait(timeout=60)
-    result.update({"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores",
-                   "date": datetime.now(UTC).isoformat(timespec="seconds"), "load": os.getloadavg(),
-                   "method": args.method, "device": args.device})
+    result.update(
+        {
+            "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores",
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "load": os.getloadavg(),
+            "method": args.method,
+            "device": args.device,
+        }
+    )
     print(table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
@@ -136,8 +168,9 @@ def run_job(url: str, key: str, inputs: dict, args: argparse.Namespace, work: Pa
         spans["quarantine_wait"] = time.perf_counter() - uploaded
         attack = json.loads(Path(inputs["attack"]).read_text()) if inputs.get("attack") and test else None
         t = time.perf_counter()
-        job = client.submit(model.id, train.id, method=args.method, test_data_id=test.id if test else None,
-                            attack=attack)
+        job = client.submit(
+            model.id, train.id, method=args.method, test_data_id=test.id if test else None, attack=attack
+        )
         spans["submit"] = time.perf_counter() - t
 
         def watch(j) -> None:
@@ -164,9 +197,12 @@ def run_job(url: str, key: str, inputs: dict, args: argparse.Namespace, work: Pa
         "engine_total_s": engine,
         "worker_outside_engine_s": None if ran is None or engine is None else ran - engine,
         "upload_complete_to_artifacts_s": finished - uploaded + spans["download"],
-        "summary": None if not job.summary else {
+        "summary": None
+        if not job.summary
+        else {
             **{k: {m: (job.summary.get(k) or {}).get(m) for m in ("acc", "asr")} for k in ("before", "after")},
-            "verdict": job.summary.get("verdict")},
+            "verdict": job.summary.get("verdict"),
+        },
         "artifacts": {p.name: p.stat().st_size for p in paths},
     }
 
@@ -179,11 +215,18 @@ def table(r: dict) -> str:
     rows.append(("worker outside the engine (claim, fetch, publish)", r["worker_outside_engine_s"]))
     rows.append(("download", r["spans"]["download"]))
     total = r["upload_complete_to_artifacts_s"]
-    lines = [f"{r['method']} on {r['device']}, {r['machine']}, {r['date']}, load {r['load'][0]:.1f}", "",
-             "| span | seconds | share of upload-complete -> artifacts |", "|---|---|---|"]
+    lines = [
+        f"{r['method']} on {r['device']}, {r['machine']}, {r['date']}, load {r['load'][0]:.1f}",
+        "",
+        "| span | seconds | share of upload-complete -> artifacts |",
+        "|---|---|---|",
+    ]
     for name, value in rows:
-        share = "" if value is None or name.startswith("server") or name.startswith("upload") else \
-            f"{100 * value / total:.0f}%"
+        share = (
+            ""
+            if value is None or name.startswith("server") or name.startswith("upload")
+            else f"{100 * value / total:.0f}%"
+        )
         lines.append(f"| {name} | {'-' if value is None else f'{value:.2f}'} | {share} |")
     lines.append(f"| **upload complete -> artifacts downloaded** | **{total:.2f}** | 100% |")
     if r.get("summary"):

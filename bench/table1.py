@@ -71,26 +71,90 @@ PROFILES: dict[str, dict] = {
     # victim: arch, training samples (None = all), epochs, poison rate, augmentation, lr, batch, test stride
     # defenses: per-defense keyword overrides (empty = the published defaults). MM-BM's c0 = 0.5 is
     # tuned to the release's ResNet-18 and collapses small_cnn to chance; see clipguard/defenses/mmbd.py.
-    "smoke": dict(arch="small_cnn", limit=2000, epochs=2, rate=0.05, augment=False, lr=0.05, batch=128, stride=25,
-                  attacks=["badnets:pattern=checkerboard"],
-                  nad=dict(teacher_epochs=1, epochs=1), mmbd_detect=dict(images_per_class=4, steps=10),
-                  mmbd_mitigate=dict(epochs=3), unit=dict(steps=10), select_samples=500),
+    "smoke": dict(
+        arch="small_cnn",
+        limit=2000,
+        epochs=2,
+        rate=0.05,
+        augment=False,
+        lr=0.05,
+        batch=128,
+        stride=25,
+        attacks=["badnets:pattern=checkerboard"],
+        nad=dict(teacher_epochs=1, epochs=1),
+        mmbd_detect=dict(images_per_class=4, steps=10),
+        mmbd_mitigate=dict(epochs=3),
+        unit=dict(steps=10),
+        select_samples=500,
+    ),
     # one attack with every defense at its published defaults: a ~5 minute sanity check on one core
-    "mini": dict(arch="small_cnn", limit=5000, epochs=6, rate=0.05, augment=False, lr=0.05, batch=128, stride=10,
-                 attacks=["badnets:pattern=checkerboard"],
-                 nad={}, mmbd_detect={}, mmbd_mitigate=dict(c0=0.05), unit={}, select_samples=5000),
+    "mini": dict(
+        arch="small_cnn",
+        limit=5000,
+        epochs=6,
+        rate=0.05,
+        augment=False,
+        lr=0.05,
+        batch=128,
+        stride=10,
+        attacks=["badnets:pattern=checkerboard"],
+        nad={},
+        mmbd_detect={},
+        mmbd_mitigate=dict(c0=0.05),
+        unit={},
+        select_samples=5000,
+    ),
     # small_cnn on 10k images learns 1% triggers unreliably in 8 epochs; 3% as bench/lambda_sweep.py's cpu profile
-    "cpu": dict(arch="small_cnn", limit=10000, epochs=8, rate=0.03, augment=False, lr=0.05, batch=128, stride=4,
-                attacks=["badnets:pattern=checkerboard", "blend", "wanet"],
-                nad={}, mmbd_detect={}, mmbd_mitigate=dict(c0=0.05), unit={}, select_samples=5000),
+    "cpu": dict(
+        arch="small_cnn",
+        limit=10000,
+        epochs=8,
+        rate=0.03,
+        augment=False,
+        lr=0.05,
+        batch=128,
+        stride=4,
+        attacks=["badnets:pattern=checkerboard", "blend", "wanet"],
+        nad={},
+        mmbd_detect={},
+        mmbd_mitigate=dict(c0=0.05),
+        unit={},
+        select_samples=5000,
+    ),
     # the paper's data setting (all 50,000 training images, 1% poison: NAD's 5% is 2,500 images) with the
     # cpu profile's small model: the time ratios at the paper's data scale, on 2 cores in ~30 minutes
-    "cpu50k": dict(arch="small_cnn", limit=None, epochs=8, rate=0.01, augment=False, lr=0.05, batch=128, stride=4,
-                   attacks=["badnets:pattern=checkerboard", "blend"],
-                   nad={}, mmbd_detect={}, mmbd_mitigate=dict(c0=0.05), unit={}, select_samples=5000),
-    "gpu": dict(arch="resnet18", limit=None, epochs=30, rate=0.01, augment=True, lr=0.1, batch=512, stride=1,
-                attacks=["badnets", "blend", "wanet"],
-                nad={}, mmbd_detect={}, mmbd_mitigate={}, unit={}, select_samples=5000),
+    "cpu50k": dict(
+        arch="small_cnn",
+        limit=None,
+        epochs=8,
+        rate=0.01,
+        augment=False,
+        lr=0.05,
+        batch=128,
+        stride=4,
+        attacks=["badnets:pattern=checkerboard", "blend"],
+        nad={},
+        mmbd_detect={},
+        mmbd_mitigate=dict(c0=0.05),
+        unit={},
+        select_samples=5000,
+    ),
+    "gpu": dict(
+        arch="resnet18",
+        limit=None,
+        epochs=30,
+        rate=0.01,
+        augment=True,
+        lr=0.1,
+        batch=512,
+        stride=1,
+        attacks=["badnets", "blend", "wanet"],
+        nad={},
+        mmbd_detect={},
+        mmbd_mitigate={},
+        unit={},
+        select_samples=5000,
+    ),
 }
 
 PAPER = {
@@ -102,14 +166,30 @@ PAPER = {
 }
 GUARD_LAM = 6.0
 ROW_ORDER = ("none", "nad", "nad_bb", "mmbd", "clp", "ep", "unit", "clipguard", "clipguard_auto", "guard")
-ROW_NAMES = {"none": "no defense", "nad": "NAD (release)", "nad_bb": "NAD (BackdoorBench)",
-             "mmbd": "MM-BD (MM-BM)", "clp": "CLP", "ep": "EP", "unit": "UNIT",
-             "clipguard": f"clipguard paper λ={PAPER_LAM:g}", "clipguard_auto": "clipguard paper λ=auto",
-             "guard": f"clipguard guard (default) λ={GUARD_LAM:g}"}
-DATA_NEEDS = {"none": "-", "nad": "5% clean", "nad_bb": "5% clean",
-              "mmbd": "50/class clean", "clp": "none", "ep": "train (poisoned)",
-              "unit": "5% clean", "clipguard": "train (poisoned)", "clipguard_auto": "train (poisoned)",
-              "guard": "train (poisoned)"}
+ROW_NAMES = {
+    "none": "no defense",
+    "nad": "NAD (release)",
+    "nad_bb": "NAD (BackdoorBench)",
+    "mmbd": "MM-BD (MM-BM)",
+    "clp": "CLP",
+    "ep": "EP",
+    "unit": "UNIT",
+    "clipguard": f"clipguard paper λ={PAPER_LAM:g}",
+    "clipguard_auto": "clipguard paper λ=auto",
+    "guard": f"clipguard guard (default) λ={GUARD_LAM:g}",
+}
+DATA_NEEDS = {
+    "none": "-",
+    "nad": "5% clean",
+    "nad_bb": "5% clean",
+    "mmbd": "50/class clean",
+    "clp": "none",
+    "ep": "train (poisoned)",
+    "unit": "5% clean",
+    "clipguard": "train (poisoned)",
+    "clipguard_auto": "train (poisoned)",
+    "guard": "train (poisoned)",
+}
 
 
 def clean_training_data(train: ImageData, info: dict) -> ImageData:
@@ -119,13 +199,24 @@ def clean_training_data(train: ImageData, info: dict) -> ImageData:
     return train.subset(keep)
 
 
-def clipguard_defense(model: torch.nn.Module, spec: ModelSpec, train: ImageData, *, lam: float | str,
-                      device: torch.device, select_samples: int,
-                      bounds_samples: int = DEFAULT_BOUNDS_SAMPLES) -> DefenseResult:
+def clipguard_defense(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    train: ImageData,
+    *,
+    lam: float | str,
+    device: torch.device,
+    select_samples: int,
+    bounds_samples: int = DEFAULT_BOUNDS_SAMPLES,
+) -> DefenseResult:
     """The paper's recipe through purify's own pipeline (statistics, optional λ selection, clipping), timed
     like the baselines."""
-    recipe = Recipe(method="paper", lam=lam, bounds_samples=bounds_samples,  # type: ignore[arg-type]
-                    lambda_samples=select_samples)
+    recipe = Recipe(
+        method="paper",
+        lam=lam,
+        bounds_samples=bounds_samples,  # type: ignore[arg-type]
+        lambda_samples=select_samples,
+    )
     with Timer(device) as timer:
         done = run_pipeline(Inputs(spec, device, model.to(device).eval(), train), recipe)
         purified = done.clipped.cpu().eval()
@@ -136,24 +227,44 @@ def clipguard_defense(model: torch.nn.Module, spec: ModelSpec, train: ImageData,
     return DefenseResult(purified, seconds, info)
 
 
-def guard_defense(model: torch.nn.Module, spec: ModelSpec, train: ImageData, *, device: torch.device,
-                  bounds_samples: int = DEFAULT_BOUNDS_SAMPLES, unlearn_options: dict | None = None,
-                  timings: dict[str, float] | None = None,
-                  screen_per_class: int | None = SCREEN_PER_CLASS) -> DefenseResult:
+def guard_defense(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    train: ImageData,
+    *,
+    device: torch.device,
+    bounds_samples: int = DEFAULT_BOUNDS_SAMPLES,
+    unlearn_options: dict | None = None,
+    timings: dict[str, float] | None = None,
+    screen_per_class: int | None = SCREEN_PER_CLASS,
+) -> DefenseResult:
     """clipguard's default through purify's own pipeline: detect and unlearn the poisoned share, then clip.
 
     ``unlearn_options`` (``UnlearnConfig`` fields) and ``timings`` (filled per stage) serve
     bench/guard_cost.py, which runs this with cheaper fine-tunes; ``screen_per_class=None``
     makes detection read every training sample, as it did before screening."""
     timings = {} if timings is None else timings
-    recipe = Recipe(method="guard", bounds_samples=bounds_samples, unlearn_options=unlearn_options,
-                    screen_per_class=screen_per_class)
+    recipe = Recipe(
+        method="guard",
+        bounds_samples=bounds_samples,
+        unlearn_options=unlearn_options,
+        screen_per_class=screen_per_class,
+    )
     with Timer(device) as timer:
         done = run_pipeline(Inputs(spec, device, model.to(device).eval(), train), recipe, timings=timings)
         purified = done.clipped.cpu().eval()
         seconds = timer.elapsed()
-    return DefenseResult(purified, seconds, {"defense": "guard", "lam": done.lam, "detection": done.cleaned.poison,
-                                             "unlearning": done.cleaned.unlearning, "timings": dict(timings)})
+    return DefenseResult(
+        purified,
+        seconds,
+        {
+            "defense": "guard",
+            "lam": done.lam,
+            "detection": done.cleaned.poison,
+            "unlearning": done.cleaned.unlearning,
+            "timings": dict(timings),
+        },
+    )
 
 
 def jsonable(obj: object) -> object:
@@ -175,18 +286,36 @@ def reused_victim(weights: Path, npz: Path, prof: dict, attack: str, rate: float
         return None
     info = json.loads(meta.read_text())
     recipe = info.get("train", {})
-    if (info.get("arch"), recipe.get("epochs"), recipe.get("batch_size"), recipe.get("seed"),
-            info.get("poisoning", {}).get("rate"), info.get("attack")) != (
-            prof["arch"], prof["epochs"], prof["batch"], seed, rate,
-            json.loads(json.dumps(build_attack(attack, target=0, seed=seed).to_dict()))):  # as the file holds it
+    if (
+        info.get("arch"),
+        recipe.get("epochs"),
+        recipe.get("batch_size"),
+        recipe.get("seed"),
+        info.get("poisoning", {}).get("rate"),
+        info.get("attack"),
+    ) != (
+        prof["arch"],
+        prof["epochs"],
+        prof["batch"],
+        seed,
+        rate,
+        json.loads(json.dumps(build_attack(attack, target=0, seed=seed).to_dict())),
+    ):  # as the file holds it
         return None
     history = info.get("history") or [{}]
     poisoning = {k: v for k, v in info.get("poisoning", {}).items() if not k.endswith("indices")} or None
     return {"reused": True, "final_train_acc": history[-1].get("train_acc"), "poisoning": poisoning}
 
 
-def run_attack(attack: str, prof: dict, args: argparse.Namespace, device: torch.device,
-               test_eval: ImageData, mmbm_clean: ImageData, seed: int) -> dict:
+def run_attack(
+    attack: str,
+    prof: dict,
+    args: argparse.Namespace,
+    device: torch.device,
+    test_eval: ImageData,
+    mmbm_clean: ImageData,
+    seed: int,
+) -> dict:
     """Train one victim with ``seed`` and run every defense on it."""
     spec = resolve_spec(prof["arch"])
     tag = attack.split(":")[0]
@@ -196,11 +325,22 @@ def run_attack(attack: str, prof: dict, args: argparse.Namespace, device: torch.
     rate = args.rate if args.rate is not None else prof["rate"]
     info = reused_victim(weights, args.out / f"{stem}-train.npz", prof, attack, rate, seed) if args.reuse else None
     if info is None:
-        info = train_victim(arch=prof["arch"], data=f"{args.data}#train", out=weights, attack=attack,
-                            poison_rate=rate, target=0,
-                            epochs=prof["epochs"], batch_size=prof["batch"], lr=prof["lr"], augment=prof["augment"],
-                            seed=seed, device=str(device), limit=prof["limit"],
-                            save_data=args.out / f"{stem}-train.npz")
+        info = train_victim(
+            arch=prof["arch"],
+            data=f"{args.data}#train",
+            out=weights,
+            attack=attack,
+            poison_rate=rate,
+            target=0,
+            epochs=prof["epochs"],
+            batch_size=prof["batch"],
+            lr=prof["lr"],
+            augment=prof["augment"],
+            seed=seed,
+            device=str(device),
+            limit=prof["limit"],
+            save_data=args.out / f"{stem}-train.npz",
+        )
     train_s = None if info.get("reused") else time.perf_counter() - t
     full_info = json.loads(weights.with_name(weights.name + ".json").read_text())
     victim = spec.build()
@@ -209,8 +349,11 @@ def run_attack(attack: str, prof: dict, args: argparse.Namespace, device: torch.
     trigger = load_attack(attack_path(weights))
     train = load_data(args.out / f"{stem}-train.npz")
     clean = clean_training_data(train, full_info)
-    clean5 = clean.subset(torch.randperm(len(clean), generator=torch.Generator().manual_seed(seed))
-                          [: max(10, round(CLEAN_FRACTION * len(train)))])
+    clean5 = clean.subset(
+        torch.randperm(len(clean), generator=torch.Generator().manual_seed(seed))[
+            : max(10, round(CLEAN_FRACTION * len(train)))
+        ]
+    )
     unit_clean = balanced_subset(clean, max(2, round(CLEAN_FRACTION * len(train) / spec.num_classes)), seed)
 
     def score(model: torch.nn.Module) -> dict:
@@ -223,10 +366,14 @@ def run_attack(attack: str, prof: dict, args: argparse.Namespace, device: torch.
     print(f"[{tag}] victim {how}: " + json.dumps(before), flush=True)
     detection = None
     if not args.no_detection:
-        detection = jsonable(mmbd_detect(victim, spec, num_classes=spec.num_classes, device=device, seed=seed,
-                                         **prof["mmbd_detect"]))
-        print(f"[{tag}] MM-BD detection: flagged={detection['flagged']} target={detection['target']} "  # type: ignore[index]
-              f"p={detection['p_value']:.3g} ({detection['seconds']:.1f}s)", flush=True)  # type: ignore[index]
+        detection = jsonable(
+            mmbd_detect(victim, spec, num_classes=spec.num_classes, device=device, seed=seed, **prof["mmbd_detect"])
+        )
+        print(
+            f"[{tag}] MM-BD detection: flagged={detection['flagged']} target={detection['target']} "  # type: ignore[index]
+            f"p={detection['p_value']:.3g} ({detection['seconds']:.1f}s)",
+            flush=True,
+        )  # type: ignore[index]
     defenses = {
         "nad": lambda: nad(victim, spec, clean5, device=device, seed=seed, **prof["nad"]),
         "nad_bb": lambda: nad(victim, spec, clean5, device=device, seed=seed, **(BACKDOORBENCH | prof["nad"])),
@@ -234,12 +381,24 @@ def run_attack(attack: str, prof: dict, args: argparse.Namespace, device: torch.
         "clp": lambda: clp(victim, spec),
         "ep": lambda: ep(victim, spec, train, device=device, seed=seed),
         "unit": lambda: unit(victim, spec, unit_clean, device=device, seed=seed, **prof["unit"]),
-        "clipguard": lambda: clipguard_defense(victim, spec, train, lam=PAPER_LAM, device=device,
-                                               select_samples=prof["select_samples"],
-                                               bounds_samples=args.bounds_samples),
-        "clipguard_auto": lambda: clipguard_defense(victim, spec, train, lam="auto", device=device,
-                                                    select_samples=prof["select_samples"],
-                                                    bounds_samples=args.bounds_samples),
+        "clipguard": lambda: clipguard_defense(
+            victim,
+            spec,
+            train,
+            lam=PAPER_LAM,
+            device=device,
+            select_samples=prof["select_samples"],
+            bounds_samples=args.bounds_samples,
+        ),
+        "clipguard_auto": lambda: clipguard_defense(
+            victim,
+            spec,
+            train,
+            lam="auto",
+            device=device,
+            select_samples=prof["select_samples"],
+            bounds_samples=args.bounds_samples,
+        ),
         "guard": lambda: guard_defense(victim, spec, train, device=device, bounds_samples=args.bounds_samples),
     }
     chosen = {name: run for name, run in defenses.items() if not args.only or name in args.only}
@@ -260,13 +419,23 @@ def run_attack(attack: str, prof: dict, args: argparse.Namespace, device: torch.
     for name in chosen:
         rows[name]["seconds"] = statistics.median(rows[name]["seconds_all"])
     if args.timing_repeats > 1:
-        print(f"[{tag}] times over {args.timing_repeats} rounds: "
-              + json.dumps({n: [round(t, 2) for t in rows[n]["seconds_all"]] for n in chosen}), flush=True)
-    entry = {"attack": trigger.to_dict(), "tag": tag, "seed": seed, "poisoning": info.get("poisoning"),
-             "train_s": train_s,
-             "final_train_acc": info.get("final_train_acc"),
-             "clean_sizes": {"nad": len(clean5), "unit": len(unit_clean), "mmbd": len(mmbm_clean)},
-             "rows": rows, "detection": detection, "infos": infos}
+        print(
+            f"[{tag}] times over {args.timing_repeats} rounds: "
+            + json.dumps({n: [round(t, 2) for t in rows[n]["seconds_all"]] for n in chosen}),
+            flush=True,
+        )
+    entry = {
+        "attack": trigger.to_dict(),
+        "tag": tag,
+        "seed": seed,
+        "poisoning": info.get("poisoning"),
+        "train_s": train_s,
+        "final_train_acc": info.get("final_train_acc"),
+        "clean_sizes": {"nad": len(clean5), "unit": len(unit_clean), "mmbd": len(mmbm_clean)},
+        "rows": rows,
+        "detection": detection,
+        "infos": infos,
+    }
     (args.out / f"table1-{stem}.json").write_text(json.dumps(entry, indent=2) + "\n")
     return entry
 
@@ -281,18 +450,41 @@ def main() -> None:
     ap.add_argument("--data", default=str(CIFAR10))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
-                    help="one victim per attack and seed (the issue asks for 2-3 where time allows)")
-    ap.add_argument("--bounds-samples", type=int, default=DEFAULT_BOUNDS_SAMPLES,
-                    help="training images clipguard's statistics are measured on (purify --bounds-samples; 0 = all)")
-    ap.add_argument("--no-detection", action="store_true",
-                    help="skip MM-BD's data-free detection verdict (minutes per victim; no row depends on it)")
-    ap.add_argument("--timing-repeats", type=int, default=1,
-                    help="run the defenses this many rounds and report each one's median time (results: round 1)")
-    ap.add_argument("--reuse", action="store_true",
-                    help="reuse victims an earlier run left in --out (same profile and seed) instead of training")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="CPU threads for torch; 1 avoids OpenMP stalls on an oversubscribed shared machine")
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="one victim per attack and seed (the issue asks for 2-3 where time allows)",
+    )
+    ap.add_argument(
+        "--bounds-samples",
+        type=int,
+        default=DEFAULT_BOUNDS_SAMPLES,
+        help="training images clipguard's statistics are measured on (purify --bounds-samples; 0 = all)",
+    )
+    ap.add_argument(
+        "--no-detection",
+        action="store_true",
+        help="skip MM-BD's data-free detection verdict (minutes per victim; no row depends on it)",
+    )
+    ap.add_argument(
+        "--timing-repeats",
+        type=int,
+        default=1,
+        help="run the defenses this many rounds and report each one's median time (results: round 1)",
+    )
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse victims an earlier run left in --out (same profile and seed) instead of training",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch; 1 avoids OpenMP stalls on an oversubscribed shared machine",
+    )
     args = ap.parse_args()
     if args.timing_repeats < 1:
         ap.error("--timing-repeats must be at least 1")
@@ -310,16 +502,27 @@ def main() -> None:
     reserved = set(balanced_indices(test, MMBM_PER_CLASS, 0))
     rest = torch.tensor([i for i in range(len(test)) if i not in reserved], dtype=torch.int64)
     test_eval = test.subset(rest[:: prof["stride"]])
-    entries = [run_attack(a, prof, args, device, test_eval, mmbm_clean, seed)
-               for seed in args.seeds for a in (args.attacks or prof["attacks"])]
-    result = {"profile": args.profile, "config": {k: v for k, v in prof.items()}, "rate": args.rate or prof["rate"],
-              "seeds": args.seeds, "device": describe(device), "torch": torch.__version__,
-              "machine": f"{platform.machine()} {platform.processor() or ''} ".strip(),
-              "date": datetime.now(UTC).isoformat(timespec="seconds"), "test_samples": len(test_eval),
-              "command": " ".join(["python", *sys.argv]), "bounds_samples": args.bounds_samples,
-              "timing_repeats": args.timing_repeats,
-              "wall_s": time.perf_counter() - started,
-              "entries": entries}
+    entries = [
+        run_attack(a, prof, args, device, test_eval, mmbm_clean, seed)
+        for seed in args.seeds
+        for a in (args.attacks or prof["attacks"])
+    ]
+    result = {
+        "profile": args.profile,
+        "config": {k: v for k, v in prof.items()},
+        "rate": args.rate or prof["rate"],
+        "seeds": args.seeds,
+        "device": describe(device),
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {platform.processor() or ''} ".strip(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "test_samples": len(test_eval),
+        "command": " ".join(["python", *sys.argv]),
+        "bounds_samples": args.bounds_samples,
+        "timing_repeats": args.timing_repeats,
+        "wall_s": time.perf_counter() - started,
+        "entries": entries,
+    }
     (args.out / "table1.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)
     (args.out / "table1.md").write_text(md + "\n")
@@ -351,10 +554,16 @@ def _cell(values: list[float | None], scale: float = 100.0, digits: int = 1) -> 
 def markdown(result: dict) -> str:
     """Per attack, one table; with several seeds each cell is mean±std over the seeds."""
     repeats = result.get("timing_repeats", 1)
-    lines = [f"Table 1 ({result['profile']} profile) on {result['device']}, {result['date']}; "
-             f"{result['test_samples']} test images (50/class held out for MM-BM); poison rate {result['rate']:g}, "
-             f"target 0, seeds {result['seeds']}" + (f"; times are medians of {repeats} rounds" if repeats > 1 else "")
-             + ".", "", f"Command: `{result['command']}`", ""]
+    lines = [
+        f"Table 1 ({result['profile']} profile) on {result['device']}, {result['date']}; "
+        f"{result['test_samples']} test images (50/class held out for MM-BM); poison rate {result['rate']:g}, "
+        f"target 0, seeds {result['seeds']}"
+        + (f"; times are medians of {repeats} rounds" if repeats > 1 else "")
+        + ".",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+    ]
     tags: dict[str, list[dict]] = {}
     for e in result["entries"]:
         tags.setdefault(e["tag"], []).append(e)
@@ -368,8 +577,10 @@ def markdown(result: dict) -> str:
             if det is None:
                 lines.append(f"- seed {e['seed']}: MM-BD detection not run (--no-detection)")
                 continue
-            lines.append(f"- seed {e['seed']}: MM-BD detection (data-free) flagged={det['flagged']}, "
-                         f"target={det['target']}, p={det['p_value']:.3g}, {det['seconds']:.1f}s")
+            lines.append(
+                f"- seed {e['seed']}: MM-BD detection (data-free) flagged={det['flagged']}, "
+                f"target={det['target']}, p={det['p_value']:.3g}, {det['seconds']:.1f}s"
+            )
         lines.append("")
         lines.append("| defense | data | ACC | ASR | ASR_all | RA | DER | time (s) | paper ACC/ASR |")
         lines.append("|---|---|---|---|---|---|---|---|---|")
@@ -381,21 +592,28 @@ def markdown(result: dict) -> str:
             p = paper.get(key) if key else None
             ptxt = "-" if p is None else f"{p[0] if p[0] is not None else '-'}/{p[1]}"
             cells = " | ".join(_cell([r[k] for r in rows]) for k in ("acc", "asr", "asr_all", "ra", "der"))
-            lines.append(f"| {ROW_NAMES[name]} | {DATA_NEEDS[name]} | {cells} | "
-                         f"{_cell([r['seconds'] for r in rows], 1.0, 2)} | {ptxt} |")
+            lines.append(
+                f"| {ROW_NAMES[name]} | {DATA_NEEDS[name]} | {cells} | "
+                f"{_cell([r['seconds'] for r in rows], 1.0, 2)} | {ptxt} |"
+            )
         ratios = []
         for ours in ("clipguard", "guard"):
             for name in ("nad", "nad_bb", "mmbd"):
-                pairs = [(e["rows"][name]["seconds"], e["rows"][ours]["seconds"]) for e in entries
-                         if name in e["rows"] and ours in e["rows"] and e["rows"][ours]["seconds"] > 0]
+                pairs = [
+                    (e["rows"][name]["seconds"], e["rows"][ours]["seconds"])
+                    for e in entries
+                    if name in e["rows"] and ours in e["rows"] and e["rows"][ours]["seconds"] > 0
+                ]
                 if pairs:
-                    ratios.append(f"{ROW_NAMES[name]} / {ROW_NAMES[ours]} time = "
-                                  f"{_cell([a / b for a, b in pairs], 1.0)}x")
+                    ratios.append(
+                        f"{ROW_NAMES[name]} / {ROW_NAMES[ours]} time = {_cell([a / b for a, b in pairs], 1.0)}x"
+                    )
         if ratios:
             lines.append("")
             lines.append("Speed (same run): " + "; ".join(ratios) + " (goal ≥ 20x).")
         lines.append("")
     return "\n".join(lines)
+
 
 if __name__ == "__main__":
     main()

@@ -58,8 +58,13 @@ _TORCHSCRIPT_FILES = frozenset({"constants.pkl"})
 _TORCHSCRIPT_DIRS = ("code/",)
 _EXPORT_FILES = frozenset({"archive_format", "archive_version", "serialized_exported_program.json"})
 _EXPORT_DIRS = (
-    "models/", "data/weights/", "data/constants/", "data/sample_inputs/", "data/aotinductor/",
-    "data/executorch/", "xl_model_weights/",
+    "models/",
+    "data/weights/",
+    "data/constants/",
+    "data/sample_inputs/",
+    "data/aotinductor/",
+    "data/executorch/",
+    "xl_model_weights/",
 )
 
 
@@ -125,8 +130,7 @@ def _load_torch_zip(f: BinaryIO) -> object:
     names = {m.filename.split("/", 1)[-1] for m in members}
     if names & _TORCHSCRIPT_FILES or any(n.startswith(_TORCHSCRIPT_DIRS) for n in names):
         raise CheckpointError(
-            "TorchScript archives are refused: torch.jit.load cannot load untrusted files safely; "
-            + _SAVE_HINT
+            "TorchScript archives are refused: torch.jit.load cannot load untrusted files safely; " + _SAVE_HINT
         )
     if names & _EXPORT_FILES or any(n.startswith(_EXPORT_DIRS) for n in names):
         raise CheckpointError(
@@ -137,9 +141,7 @@ def _load_torch_zip(f: BinaryIO) -> object:
         raise CheckpointError(f"zip file is not a torch.save checkpoint (no data.pkl); {_SAVE_HINT}")
     if any(m.compress_type != zipfile.ZIP_STORED for m in members):
         # torch.save never compresses; a compressed member is a hand-made archive or a zip bomb.
-        raise CheckpointError(
-            f"compressed zip members are refused (torch.save never compresses); {_SAVE_HINT}"
-        )
+        raise CheckpointError(f"compressed zip members are refused (torch.save never compresses); {_SAVE_HINT}")
 
     try:
         f.seek(0)
@@ -163,12 +165,12 @@ def _pickled_objects_error(f: BinaryIO, exc: Exception) -> CheckpointError:
         culprits = []
     if culprits:
         shown = ", ".join(culprits[:3]) + (f" and {len(culprits) - 3} more" if len(culprits) > 3 else "")
-        what = "a pickled nn.Module" if any(c.startswith("torch.nn.modules.") for c in culprits) else (
-            "pickled Python objects"
+        what = (
+            "a pickled nn.Module"
+            if any(c.startswith("torch.nn.modules.") for c in culprits)
+            else ("pickled Python objects")
         )
-        return CheckpointError(
-            f"checkpoint contains {what} ({shown}); only weights are accepted: {_SAVE_HINT}"
-        )
+        return CheckpointError(f"checkpoint contains {what} ({shown}); only weights are accepted: {_SAVE_HINT}")
     reason = str(exc).split("WeightsUnpickler error:", 1)[-1].strip()
     reason = reason.splitlines()[0].split(". ")[0][:200] if reason else type(exc).__name__
     return CheckpointError(f"checkpoint is not plain weights ({reason}); {_SAVE_HINT}")
@@ -205,7 +207,7 @@ def _as_state_dict(obj: object) -> dict[str, torch.Tensor]:
         stripped = False
         for prefix in _KEY_PREFIXES:
             if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
+                state = {k[len(prefix) :]: v for k, v in state.items()}
                 stripped = True
     return state
 
@@ -220,8 +222,16 @@ def _kind(dtype: torch.dtype) -> str:
         return "complex"
     if dtype == torch.bool:
         return "bool"
-    if dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-                 torch.uint16, torch.uint32, torch.uint64):
+    if dtype in (
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.uint16,
+        torch.uint32,
+        torch.uint64,
+    ):
         return "integer"
     return str(dtype)  # quantized and other exotic dtypes only match themselves
 

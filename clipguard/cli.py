@@ -49,13 +49,20 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def add_model_options(p: argparse.ArgumentParser, weights_required: bool = True) -> None:
     """The options that say which network a weights file fills (shared with ``remote purify``)."""
-    p.add_argument("--arch", required=True, help="registry name (resnet18, preact_resnet18, vgg16_bn, small_cnn) "
-                   "or torchvision:<name>")
+    p.add_argument(
+        "--arch",
+        required=True,
+        help="registry name (resnet18, preact_resnet18, vgg16_bn, small_cnn) or torchvision:<name>",
+    )
     p.add_argument("--num-classes", type=int, default=None, help="number of outputs (default 10)")
     p.add_argument("--mean", type=_floats, default=None, help="input normalisation mean, e.g. 0.49,0.48,0.45")
     p.add_argument("--std", type=_floats, default=None, help="input normalisation std, e.g. 0.25,0.24,0.26")
-    p.add_argument("--weights", type=Path, required=weights_required,
-                   help="suspect checkpoint: .safetensors or torch.save(state_dict)")
+    p.add_argument(
+        "--weights",
+        type=Path,
+        required=weights_required,
+        help="suspect checkpoint: .safetensors or torch.save(state_dict)",
+    )
 
 
 class _Bars:
@@ -74,8 +81,14 @@ class _Bars:
         if stage != self.stage:
             self.close()
             self.stage = stage
-            self.bar = tqdm(total=100, desc=stage, unit="%", leave=False, file=sys.stderr,
-                            bar_format="{desc:>14}: {percentage:3.0f}%|{bar}| {elapsed}")
+            self.bar = tqdm(
+                total=100,
+                desc=stage,
+                unit="%",
+                leave=False,
+                file=sys.stderr,
+                bar_format="{desc:>14}: {percentage:3.0f}%|{bar}| {elapsed}",
+            )
         if self.bar is not None:
             self.bar.n = round(100 * fraction)
             self.bar.refresh()
@@ -93,12 +106,26 @@ def cmd_purify(args: argparse.Namespace) -> int:
     try:
         result = purify(
             PurifyOptions(
-                arch=args.arch, weights=args.weights, data=args.data, out=args.out, num_classes=args.num_classes,
-                mean=args.mean, std=args.std, lam=args.lam, granularity=args.granularity, method=args.method,
-                device=args.device, batch_size=args.batch_size, eval_data=args.eval_data, attack=args.attack,
-                cache_dir=args.cache_dir, overwrite=args.overwrite, sweep=not args.no_sweep,
+                arch=args.arch,
+                weights=args.weights,
+                data=args.data,
+                out=args.out,
+                num_classes=args.num_classes,
+                mean=args.mean,
+                std=args.std,
+                lam=args.lam,
+                granularity=args.granularity,
+                method=args.method,
+                device=args.device,
+                batch_size=args.batch_size,
+                eval_data=args.eval_data,
+                attack=args.attack,
+                cache_dir=args.cache_dir,
+                overwrite=args.overwrite,
+                sweep=not args.no_sweep,
                 detect=args.detect,
-                bounds_samples=args.bounds_samples, resize=args.resize,
+                bounds_samples=args.bounds_samples,
+                resize=args.resize,
                 reactivation_check=args.reactivation_check,
             ),
             progress=bars,
@@ -115,8 +142,10 @@ def summary(report: dict, out: Path) -> str:
     from clipguard.verdict import WORDS
 
     r = Report.model_validate(report)
-    lines = [f"purified {r.inputs.model.arch} with λ={r.lam:g} ({r.method}, {r.granularity}) on "
-             f"{r.inputs.data.samples} samples in {r.timings.total_s or 0.0:.1f}s on {r.device}"]
+    lines = [
+        f"purified {r.inputs.model.arch} with λ={r.lam:g} ({r.method}, {r.granularity}) on "
+        f"{r.inputs.data.samples} samples in {r.timings.total_s or 0.0:.1f}s on {r.device}"
+    ]
     ev = r.evaluation
     if ev:
         line = f"ACC {_pct(ev.before.acc)} -> {_pct(ev.after.acc)}"
@@ -128,19 +157,23 @@ def summary(report: dict, out: Path) -> str:
     if again:
         tuned = f"after a {again.protocol.epochs}-epoch fine-tune on {again.tuned_on} training images: "
         if again.after is not None and "asr" in again.after.model_fields_set:
-            lines.append(f"{tuned}ACC {_pct(again.after.acc)}   ASR {_pct(again.after.asr)}   "
-                         f"agreement {_pct(again.agreement)}")
+            lines.append(
+                f"{tuned}ACC {_pct(again.after.acc)}   ASR {_pct(again.after.asr)}   agreement {_pct(again.agreement)}"
+            )
         else:
             lines.append(f"{tuned}agreement {_pct(again.agreement)} with the purified model")
     if r.verdict is not None:
         lines.append(f"{WORDS[r.verdict.status]}: {r.verdict.summary}")
-        lines.append(f"action: {r.verdict.action}"
-                     + (f" ({r.unlearning.suspects} samples unlearned)" if r.unlearning else ""))
+        lines.append(
+            f"action: {r.verdict.action}" + (f" ({r.unlearning.suspects} samples unlearned)" if r.unlearning else "")
+        )
     det = r.detection
     if det:
         p_value = "n/a" if det.p_value is None else f"{det.p_value:.3g}"
-        lines.append(f"MM-BD: {'backdoor suspected' if det.flagged else 'no backdoor detected'} (p={p_value}, most "
-                     f"suspicious class {det.target})")
+        lines.append(
+            f"MM-BD: {'backdoor suspected' if det.flagged else 'no backdoor detected'} (p={p_value}, most "
+            f"suspicious class {det.target})"
+        )
     lines.append(f"wrote {', '.join(r.artifacts)} to {out}")
     return "\n".join(lines)
 
@@ -156,10 +189,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     bars = _Bars(args.quiet)
     try:
         info = train_victim(
-            arch=args.arch, data=args.data, out=args.out, num_classes=args.num_classes, attack=args.attack,
-            poison_rate=args.poison_rate, target=args.target, epochs=args.epochs, batch_size=args.batch_size,
-            lr=args.lr, augment=not args.no_augment, seed=args.seed, device=args.device, limit=args.limit,
-            cache_dir=args.cache_dir, save_data=args.save_data, progress=bars,
+            arch=args.arch,
+            data=args.data,
+            out=args.out,
+            num_classes=args.num_classes,
+            attack=args.attack,
+            poison_rate=args.poison_rate,
+            target=args.target,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            augment=not args.no_augment,
+            seed=args.seed,
+            device=args.device,
+            limit=args.limit,
+            cache_dir=args.cache_dir,
+            save_data=args.save_data,
+            progress=bars,
         )
     finally:
         bars.close()
@@ -171,8 +217,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from clipguard.metrics import evaluate_model
 
     result = evaluate_model(
-        data=args.data, arch=args.arch, weights=args.weights, model=args.model, num_classes=args.num_classes,
-        mean=args.mean, std=args.std, attack=args.attack, device=args.device, cache_dir=args.cache_dir,
+        data=args.data,
+        arch=args.arch,
+        weights=args.weights,
+        model=args.model,
+        num_classes=args.num_classes,
+        mean=args.mean,
+        std=args.std,
+        attack=args.attack,
+        device=args.device,
+        cache_dir=args.cache_dir,
     )
     print(json.dumps(result, indent=2))
     return 0
@@ -189,25 +243,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
     p.add_argument("--lam", type=lam_argument, default=None, help="λ in μ+λσ, or 'auto' to choose it from the data")
     p.add_argument("--granularity", choices=("channel", "element"), default="channel")
-    p.add_argument("--bounds-samples", type=_count, default=None, metavar="N",
-                   help="measure μ and σ on at most N training images, a fixed random subset (default 5000 "
-                        "with channel granularity, all with element; 0 = all)")
-    p.add_argument("--method", choices=("guard", "paper"), default="guard",
-                   help="guard (default): find the poisoned training samples, unlearn them, then clip; "
-                        "paper: the paper's μ+λσ clipping of the model as given")
-    p.add_argument("--resize", action="store_true",
-                   help="scale the images to the architecture's input size (otherwise other sizes are refused)")
+    p.add_argument(
+        "--bounds-samples",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="measure μ and σ on at most N training images, a fixed random subset (default 5000 "
+        "with channel granularity, all with element; 0 = all)",
+    )
+    p.add_argument(
+        "--method",
+        choices=("guard", "paper"),
+        default="guard",
+        help="guard (default): find the poisoned training samples, unlearn them, then clip; "
+        "paper: the paper's μ+λσ clipping of the model as given",
+    )
+    p.add_argument(
+        "--resize",
+        action="store_true",
+        help="scale the images to the architecture's input size (otherwise other sizes are refused)",
+    )
     p.add_argument("--eval-data", default=None, help="test data to report ACC (and ASR with --attack) before/after")
-    p.add_argument("--attack", default=None, help="trigger to measure ASR with: a name (badnets, blend, wanet, ...) "
-                   "with options, or the .attack.json written by 'clipguard train'")
+    p.add_argument(
+        "--attack",
+        default=None,
+        help="trigger to measure ASR with: a name (badnets, blend, wanet, ...) "
+        "with options, or the .attack.json written by 'clipguard train'",
+    )
     _add_run_options(p)
-    p.add_argument("--no-sweep", action="store_true",
-                   help="skip the ACC/ASR-vs-λ curve on the evaluation data (saves 22 evaluations)")
-    p.add_argument("--detect", action="store_true",
-                   help="also ask MM-BD (data-free) whether the model is backdoored and towards which class")
-    p.add_argument("--reactivation-check", action="store_true",
-                   help="fine-tune a copy of the purified model briefly on training data without the suspects and "
-                        "report ASR (with --attack) and how far its decisions moved (docs/method.md)")
+    p.add_argument(
+        "--no-sweep",
+        action="store_true",
+        help="skip the ACC/ASR-vs-λ curve on the evaluation data (saves 22 evaluations)",
+    )
+    p.add_argument(
+        "--detect",
+        action="store_true",
+        help="also ask MM-BD (data-free) whether the model is backdoored and towards which class",
+    )
+    p.add_argument(
+        "--reactivation-check",
+        action="store_true",
+        help="fine-tune a copy of the purified model briefly on training data without the suspects and "
+        "report ASR (with --attack) and how far its decisions moved (docs/method.md)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_purify)
 
@@ -216,9 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--data", required=True, help="training data reference")
     p.add_argument("--out", type=Path, required=True, help="weights file to write (.safetensors)")
-    p.add_argument("--attack", default=None, help="poison the data with this attack (badnets, blend, wanet, sig, "
-                   "adap_blend, adap_patch, tact; name-all2all; options name:key=value; docs/attacks.md); "
-                   "none: a clean victim")
+    p.add_argument(
+        "--attack",
+        default=None,
+        help="poison the data with this attack (badnets, blend, wanet, sig, "
+        "adap_blend, adap_patch, tact; name-all2all; options name:key=value; docs/attacks.md); "
+        "none: a clean victim",
+    )
     p.add_argument("--poison-rate", type=float, default=0.01)
     p.add_argument("--target", type=int, default=0)
     p.add_argument("--epochs", type=int, default=30)
@@ -226,8 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-augment", action="store_true", help="train without random crop and flip")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="train on a random subset of this many samples")
-    p.add_argument("--save-data", type=Path, default=None,
-                   help="also write the (poisoned) training set as .npz, the data a defender holds")
+    p.add_argument(
+        "--save-data",
+        type=Path,
+        default=None,
+        help="also write the (poisoned) training set as .npz, the data a defender holds",
+    )
     _add_run_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -278,9 +365,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_threads_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", default=None,
-                   help="CPU threads for torch: auto (default, or $CLIPGUARD_THREADS): the cores other processes "
-                        "leave free, at least 1; all; or a number")
+    p.add_argument(
+        "--threads",
+        default=None,
+        help="CPU threads for torch: auto (default, or $CLIPGUARD_THREADS): the cores other processes "
+        "leave free, at least 1; all; or a number",
+    )
 
 
 def flag(option: str) -> str:

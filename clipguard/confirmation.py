@@ -105,13 +105,21 @@ class Transfer:
         if not self.destinations:
             return _median(self.redirected)
         uses = Counter(d for d in self.destinations if d is not None)
-        return _median([None if r is None else (r if uses[d] <= 2 else 0.0)  # type: ignore[index]
-                        for r, d in zip(self.redirected, self.destinations, strict=True)])
+        return _median(
+            [
+                None if r is None else (r if uses[d] <= 2 else 0.0)  # type: ignore[index]
+                for r, d in zip(self.redirected, self.destinations, strict=True)
+            ]
+        )
 
     def to_dict(self) -> dict:
-        return {"to_candidate": [_round(v) for v in self.to_candidate], "broad": round(self.broad, 3),
-                "strongest": round(self.strongest, 3), "redirect": round(self.redirect, 3),
-                "destinations": self.destinations}
+        return {
+            "to_candidate": [_round(v) for v in self.to_candidate],
+            "broad": round(self.broad, 3),
+            "strongest": round(self.strongest, 3),
+            "redirect": round(self.redirect, 3),
+            "destinations": self.destinations,
+        }
 
 
 @dataclass
@@ -133,33 +141,49 @@ class Evidence:
     """The trigger was on the group detection had taken for the genuine one; ``suspects`` counts that group."""
 
     def to_dict(self) -> dict:
-        return {"class": self.candidate, "suspects": self.suspects, "genuine": self.genuine,
-                "confirmed": self.confirmed, "kind": self.kind, "reason": self.reason, "swapped": self.swapped,
-                "suspects_graft": None if self.suspect_transfer is None else self.suspect_transfer.to_dict(),
-                "genuine_graft": None if self.genuine_transfer is None else self.genuine_transfer.to_dict(),
-                "warp": self.warp}
+        return {
+            "class": self.candidate,
+            "suspects": self.suspects,
+            "genuine": self.genuine,
+            "confirmed": self.confirmed,
+            "kind": self.kind,
+            "reason": self.reason,
+            "swapped": self.swapped,
+            "suspects_graft": None if self.suspect_transfer is None else self.suspect_transfer.to_dict(),
+            "genuine_graft": None if self.genuine_transfer is None else self.genuine_transfer.to_dict(),
+            "warp": self.warp,
+        }
 
 
 def judge(suspect: Transfer, genuine: Transfer) -> tuple[str | None, str]:
     """Which kind of backdoor the two transfers show, if any, and why (one sentence)."""
     if suspect.broad >= BROAD_FLIP and suspect.broad - genuine.broad >= MIN_MARGIN:
-        return "all_to_one", (f"the suspects' pattern sends a median {suspect.broad:.0%} of other classes' images "
-                              f"to the class, the genuine group's {genuine.broad:.0%}")
+        return "all_to_one", (
+            f"the suspects' pattern sends a median {suspect.broad:.0%} of other classes' images "
+            f"to the class, the genuine group's {genuine.broad:.0%}"
+        )
     source, gap = _widest_gap(suspect, genuine)
     if source is not None and suspect.to_candidate[source] >= SPECIFIC_FLIP and gap >= SPECIFIC_MARGIN:  # type: ignore[operator]
-        return "source_specific", (f"the suspects' pattern sends {suspect.to_candidate[source]:.0%} of class "
-                                   f"{source}'s images to the class, the genuine group's "
-                                   f"{genuine.to_candidate[source]:.0%}")
+        return "source_specific", (
+            f"the suspects' pattern sends {suspect.to_candidate[source]:.0%} of class "
+            f"{source}'s images to the class, the genuine group's "
+            f"{genuine.to_candidate[source]:.0%}"
+        )
     if suspect.redirect >= BROAD_FLIP and suspect.redirect - genuine.redirect >= MIN_MARGIN:
-        return "all_to_all", (f"the suspects' pattern moves a median {suspect.redirect:.0%} of each other class's "
-                              f"images to one other class, the genuine group's {genuine.redirect:.0%}")
-    return None, (f"the suspects' pattern moves few decisions: a median {suspect.broad:.0%} of other classes' "
-                  f"images to the class (genuine group {genuine.broad:.0%}), at most {suspect.strongest:.0%} of "
-                  f"one source")
+        return "all_to_all", (
+            f"the suspects' pattern moves a median {suspect.redirect:.0%} of each other class's "
+            f"images to one other class, the genuine group's {genuine.redirect:.0%}"
+        )
+    return None, (
+        f"the suspects' pattern moves few decisions: a median {suspect.broad:.0%} of other classes' "
+        f"images to the class (genuine group {genuine.broad:.0%}), at most {suspect.strongest:.0%} of "
+        f"one source"
+    )
 
 
-def reference_indices(labels: torch.Tensor, num_classes: int, per_class: int = REFERENCE_PER_CLASS,
-                      seed: int = 1) -> list[torch.Tensor]:
+def reference_indices(
+    labels: torch.Tensor, num_classes: int, per_class: int = REFERENCE_PER_CLASS, seed: int = 1
+) -> list[torch.Tensor]:
     """Per class, a seeded draw of up to ``per_class`` positions in ``labels`` (the images grafts are stamped on)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -176,9 +200,17 @@ class GraftTest:
     costs one forward pass over the other classes' reference images.
     """
 
-    def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: ModelSpec, *,
-                 device: torch.device | str = "cpu", batch_size: int = 256,
-                 should_cancel: Callable[[], bool] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        spec: ModelSpec,
+        *,
+        device: torch.device | str = "cpu",
+        batch_size: int = 256,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> None:
         self.spec, self.device, self.batch_size = spec, device, batch_size
         self.should_cancel = should_cancel
         self.runner = fast_copy(model, device)
@@ -226,16 +258,32 @@ class GraftTest:
         samples are the larger part of the class) is found too: then the groups swap, and
         :attr:`Evidence.swapped` says so."""
         if len(suspects) < MIN_GROUP or len(genuine) < MIN_GROUP:
-            return Evidence(candidate, len(suspects), len(genuine), None, None, False,
-                            reason=f"too few images to test (suspects {len(suspects)}, genuine {len(genuine)})")
+            return Evidence(
+                candidate,
+                len(suspects),
+                len(genuine),
+                None,
+                None,
+                False,
+                reason=f"too few images to test (suspects {len(suspects)}, genuine {len(genuine)})",
+            )
         s = self.transfer(data.images[suspects], candidate)
         g = self.transfer(data.images[genuine], candidate)
         kind, reason = judge(s, g)
         if kind is None:
             other, other_reason = judge(g, s)
             if other is not None:
-                return Evidence(candidate, len(genuine), len(suspects), g, s, True, other,
-                                other_reason.replace("the genuine group's", "the other group's"), swapped=True)
+                return Evidence(
+                    candidate,
+                    len(genuine),
+                    len(suspects),
+                    g,
+                    s,
+                    True,
+                    other,
+                    other_reason.replace("the genuine group's", "the other group's"),
+                    swapped=True,
+                )
         return Evidence(candidate, len(suspects), len(genuine), s, g, kind is not None, kind, reason)
 
     def unresolved(self, evidence: Evidence) -> bool:
@@ -245,16 +293,24 @@ class GraftTest:
         if evidence.confirmed or s is None or g is None:
             return False
         source, gap = _widest_gap(s, g)
-        return ((s.broad >= BROAD_FLIP / 2 and s.broad - g.broad >= MIN_MARGIN / 2)
-                or (s.redirect >= BROAD_FLIP / 2 and s.redirect - g.redirect >= MIN_MARGIN / 2)
-                or (source is not None and gap >= SPECIFIC_MARGIN / 2
-                    and (s.to_candidate[source] or 0.0) >= (SPECIFIC_FLIP + BROAD_FLIP) / 2))
+        return (
+            (s.broad >= BROAD_FLIP / 2 and s.broad - g.broad >= MIN_MARGIN / 2)
+            or (s.redirect >= BROAD_FLIP / 2 and s.redirect - g.redirect >= MIN_MARGIN / 2)
+            or (
+                source is not None
+                and gap >= SPECIFIC_MARGIN / 2
+                and (s.to_candidate[source] or 0.0) >= (SPECIFIC_FLIP + BROAD_FLIP) / 2
+            )
+        )
 
 
 def _widest_gap(suspect: Transfer, genuine: Transfer) -> tuple[int | None, float]:
     """The source class on which the suspects' graft outdoes the genuine group's most, and by how much."""
-    gaps = [(c, a - b) for c, (a, b) in enumerate(zip(suspect.to_candidate, genuine.to_candidate, strict=True))
-            if a is not None and b is not None]
+    gaps = [
+        (c, a - b)
+        for c, (a, b) in enumerate(zip(suspect.to_candidate, genuine.to_candidate, strict=True))
+        if a is not None and b is not None
+    ]
     return max(gaps, key=lambda cg: cg[1], default=(None, 0.0))
 
 
@@ -274,10 +330,12 @@ def smooth_warp(images: torch.Tensor, control: torch.Tensor, pixels: float) -> t
     no pixel moves by more than ``pixels``; the same field moves every image, as a warp trigger does."""
     n, _, h, w = images.shape
     field = F.interpolate(torch.tanh(control), size=(h, w), mode="bicubic", align_corners=True)
-    field = field.permute(0, 2, 3, 1) * torch.tensor([2 * pixels / max(w - 1, 1), 2 * pixels / max(h - 1, 1)],
-                                                     device=images.device)
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=images.device),
-                            torch.linspace(-1, 1, w, device=images.device), indexing="ij")
+    field = field.permute(0, 2, 3, 1) * torch.tensor(
+        [2 * pixels / max(w - 1, 1), 2 * pixels / max(h - 1, 1)], device=images.device
+    )
+    ys, xs = torch.meshgrid(
+        torch.linspace(-1, 1, h, device=images.device), torch.linspace(-1, 1, w, device=images.device), indexing="ij"
+    )
     grid = (torch.stack([xs, ys], -1)[None] + field).clamp(-1, 1)
     return F.grid_sample(images, grid.expand(n, -1, -1, -1), mode="bilinear", align_corners=True)
 
@@ -293,8 +351,16 @@ class WarpTest:
     moves other classes' images towards the suspects in the model's features, not towards the
     class's genuine images (a warp that made them look like the class itself would do the latter)."""
 
-    def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: ModelSpec, *,
-                 device: torch.device | str = "cpu", should_cancel: Callable[[], bool] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        spec: ModelSpec,
+        *,
+        device: torch.device | str = "cpu",
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> None:
         self.model, self.spec, self.device, self.should_cancel = model.eval(), spec, device, should_cancel
         refs = reference_indices(labels, spec.num_classes, WARP_IMAGES_PER_CLASS, seed=2)
         self.images = torch.cat([images[r] for r in refs])
@@ -340,7 +406,8 @@ class WarpTest:
 
         kept: list[torch.Tensor] = []
         hook = feature_layer(self.model).register_forward_pre_hook(
-            lambda _m, args: kept.append(args[0].detach().flatten(1).float().cpu()))
+            lambda _m, args: kept.append(args[0].detach().flatten(1).float().cpu())
+        )
         try:
             for start in range(0, len(x), 256):
                 self._logits(x[start : start + 256])
@@ -348,8 +415,9 @@ class WarpTest:
             hook.remove()
         return torch.cat(kept)
 
-    def _toward(self, data: ImageData, suspects: torch.Tensor, genuine: torch.Tensor, candidate: int,
-                control: torch.Tensor) -> float:
+    def _toward(
+        self, data: ImageData, suspects: torch.Tensor, genuine: torch.Tensor, candidate: int, control: torch.Tensor
+    ) -> float:
         """Share of the other classes' images that the warp ``control`` moves, in the model's features, closer
         to the suspects' mean than to the genuine group's (by how much each distance shrinks)."""
         cap = 500  # the means need a sample of each group, not all of it
@@ -363,8 +431,9 @@ class WarpTest:
         closer_g = (before - mean_g).norm(dim=1) - (after - mean_g).norm(dim=1)
         return float((closer_s > closer_g).float().mean())
 
-    def confirm(self, data: ImageData, suspects: torch.Tensor, genuine: torch.Tensor, candidate: int,
-                controls: list[int]) -> tuple[bool, bool, dict, str]:
+    def confirm(
+        self, data: ImageData, suspects: torch.Tensor, genuine: torch.Tensor, candidate: int, controls: list[int]
+    ) -> tuple[bool, bool, dict, str]:
         """Whether a warp is the candidate's trigger and the suspects carry it.
 
         Returns (confirmed, partial, numbers, reason); ``partial`` is half the bars met, for the verdict's
@@ -373,15 +442,21 @@ class WarpTest:
         hit, control = self.search(candidate)
         numbers: dict = {"success": round(hit, 3), "pixels": WARP_PIXELS}
         if hit < WARP_SUCCESS / 2:
-            return False, False, numbers, (f"no smooth warp of at most {WARP_PIXELS:g} px sends many images to the "
-                                           f"class ({hit:.0%})")
+            return (
+                False,
+                False,
+                numbers,
+                (f"no smooth warp of at most {WARP_PIXELS:g} px sends many images to the class ({hit:.0%})"),
+            )
         ordinary = {c: self.search(c)[0] for c in controls}
         worst = max(ordinary.values(), default=0.0)
         toward = self._toward(data, suspects, genuine, candidate, control)
         numbers.update(controls={str(c): round(v, 3) for c, v in ordinary.items()}, toward_suspects=round(toward, 3))
         ok = hit >= WARP_SUCCESS and hit - worst >= WARP_MARGIN and toward >= WARP_TOWARD
         partial = not ok and hit - worst >= WARP_MARGIN / 2 and toward >= WARP_TOWARD / 2
-        reason = (f"a smooth warp of at most {WARP_PIXELS:g} px sends {hit:.0%} of other classes' images to the class "
-                  f"(ordinary classes: at most {worst:.0%}), and moves {toward:.0%} of them towards the suspects "
-                  "rather than the genuine group in the model's features")
+        reason = (
+            f"a smooth warp of at most {WARP_PIXELS:g} px sends {hit:.0%} of other classes' images to the class "
+            f"(ordinary classes: at most {worst:.0%}), and moves {toward:.0%} of them towards the suspects "
+            "rather than the genuine group in the model's features"
+        )
         return ok, partial, numbers, reason

@@ -51,7 +51,16 @@ typically draws its poisoned indices with one (``clipguard train`` draws them wi
 same N starts with the same indices. With seed 0 on both sides, the 5,000-image statistics
 sample of a 1%-poisoned CIFAR-10 held all 500 poisoned images, a 10% share that inflated σ."""
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
 
 
@@ -248,9 +257,14 @@ class _Sizes:
         if h * w > self.limits.max_image_pixels:
             raise DataError(f"{label}: {what} declares {w}x{h} pixels, over the {self.limits.max_image_pixels} cap")
         if self.resize is None and self.largest is not None and (h > self.largest[0] or w > self.largest[1]):
-            raise DataError(literal(f"{label}: {what} is {h}x{w}, larger than the model's {self.largest[0]}x"
-                                    f"{self.largest[1]} input; resize the data first, or ask for resizing")
-                            + " ({resize})", options=True)
+            raise DataError(
+                literal(
+                    f"{label}: {what} is {h}x{w}, larger than the model's {self.largest[0]}x"
+                    f"{self.largest[1]} input; resize the data first, or ask for resizing"
+                )
+                + " ({resize})",
+                options=True,
+            )
 
     def check_resized(self, count: int, label: str) -> None:
         """``count`` images scaled to the resize target must fit the cap too (a target may be larger)."""
@@ -260,8 +274,9 @@ class _Sizes:
 
     def check_decoded(self, nbytes: int, label: str, what: str) -> None:
         if nbytes > self.limits.max_decoded_bytes:
-            raise DataError(f"{label}: {what} would decode to {nbytes} bytes, over the cap of "
-                            f"{self.limits.max_decoded_bytes} bytes")
+            raise DataError(
+                f"{label}: {what} would decode to {nbytes} bytes, over the cap of {self.limits.max_decoded_bytes} bytes"
+            )
 
 
 def open_regular(path: str | os.PathLike) -> io.BufferedReader:
@@ -355,9 +370,7 @@ def _open_tree(path: Path, limits: Limits) -> _Tree:
         return _zip_tree(path, limits)
     if name.endswith(".npz"):
         return _Tree({path.name: path}, lambda p: _read_regular(Path(p), limits.max_total_bytes, str(path)))
-    raise DataError(
-        f"unsupported data reference {path}: expected a folder, .npz, .tar, .tar.gz or .zip"
-    )
+    raise DataError(f"unsupported data reference {path}: expected a folder, .npz, .tar, .tar.gz or .zip")
 
 
 def _tar_tree(path: Path, limits: Limits) -> _Tree:
@@ -440,19 +453,19 @@ def _decode_tree(
         names = [n for n in names if n.startswith(prefix)]
         if not names:
             raise DataError(f"{label}: no split {split!r} in it")
-        tree = _Tree({n[len(prefix):]: tree.files[n] for n in names}, tree._reader)
+        tree = _Tree({n[len(prefix) :]: tree.files[n] for n in names}, tree._reader)
         names = tree.names()
     # Strip a single common top-level folder that wraps the content (``cifar-10-batches-py/``,
     # ``mydata/<class>/...``), but not a lone class folder of a one-class ImageFolder.
     while names and all("/" in n for n in names) and len({n.split("/", 1)[0] for n in names}) == 1:
         top = names[0].split("/", 1)[0] + "/"
-        inner = [n[len(top):] for n in names]
+        inner = [n[len(top) :] for n in names]
         wraps = all("/" in n for n in inner) or any(
             n in (CIFAR_TEST_BATCH, *CIFAR_TRAIN_BATCHES) or n.endswith(".npz") for n in inner
         )
         if not wraps:
             break
-        tree = _Tree({n[len(top):]: tree.files[n] for n in names}, tree._reader)
+        tree = _Tree({n[len(top) :]: tree.files[n] for n in names}, tree._reader)
         names = tree.names()
     if not names:
         raise DataError(f"{label}: no files found")
@@ -536,8 +549,12 @@ def _resized(images: torch.Tensor, size: tuple[int, int] | None, chunk: int = 10
     out = torch.empty((images.shape[0], 3, *size), dtype=torch.uint8)
     for start in range(0, images.shape[0], chunk):
         part = images[start : start + chunk].float()
-        out[start : start + chunk] = F.interpolate(part, size=size, mode="bilinear", antialias=True,
-                                                   align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+        out[start : start + chunk] = (
+            F.interpolate(part, size=size, mode="bilinear", antialias=True, align_corners=False)
+            .round_()
+            .clamp_(0, 255)
+            .to(torch.uint8)
+        )
     return out
 
 

@@ -80,9 +80,16 @@ class Detection:
     """Per class, its split's small group (indices into the features, sorted; empty when unscored)."""
 
     def to_dict(self) -> dict:
-        return {"method": "spectral split of penultimate features", "flagged": self.flagged, "target": self.target,
-                "suspects": len(self.suspects), "scores": self.scores, "z": self.z,
-                "min_separation": MIN_SEPARATION, "min_z": MIN_Z}
+        return {
+            "method": "spectral split of penultimate features",
+            "flagged": self.flagged,
+            "target": self.target,
+            "suspects": len(self.suspects),
+            "scores": self.scores,
+            "z": self.z,
+            "min_separation": MIN_SEPARATION,
+            "min_z": MIN_Z,
+        }
 
 
 MAX_FEATURES = 4096
@@ -105,8 +112,9 @@ def feature_layer(model: nn.Module) -> nn.Linear:
     leaves = [m for m in model.modules() if not any(True for _ in m.children())]
     positions = [i for i, m in enumerate(leaves) if isinstance(m, nn.Linear)]
     if not positions:
-        raise ClipguardError("the model has no linear classifier layer; poison detection needs one "
-                             "(set {method} to paper)", options=True)
+        raise ClipguardError(
+            "the model has no linear classifier layer; poison detection needs one (set {method} to paper)", options=True
+        )
     chosen = leaves[positions[-1]]
     assert isinstance(chosen, nn.Linear)
     for module in reversed(leaves[: positions[-1]]):
@@ -195,8 +203,9 @@ def feature_pass(
     head = runner.get_submodule(head_name)
     captured: list[torch.Tensor] = []
     peaks: list[torch.Tensor] = []
-    handles = [head.register_forward_pre_hook(
-        lambda _m, args: captured.append(args[0].detach().flatten(1).float().cpu()))]
+    handles = [
+        head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().flatten(1).float().cpu()))
+    ]
     pool = None
     for part in (runner, body):  # with a split, the pool is in the tail or, cut after it, in the body
         if pool is None and part is not None and pool_name is not None:
@@ -205,9 +214,11 @@ def feature_pass(
             except AttributeError:
                 pass
     if pool is not None:
+
         def keep_peaks(_m: nn.Module, args: tuple) -> None:
             if args[0].shape[2] * args[0].shape[3] > 1:  # a 1×1 map's peaks are its averages: nothing to add
                 peaks.append(args[0].detach().amax((2, 3)).float().cpu())
+
         handles.append(pool.register_forward_pre_hook(keep_peaks))
     logits: list[torch.Tensor] = []
     cache: list[torch.Tensor] | None = [] if split is not None else None
@@ -232,8 +243,12 @@ def feature_pass(
     finally:
         for handle in handles:
             handle.remove()
-    return FeaturePass(torch.cat(captured), torch.cat(logits), torch.cat(cache) if cache else None,
-                       torch.cat(peaks) if peaks and len(peaks) == len(captured) else None)
+    return FeaturePass(
+        torch.cat(captured),
+        torch.cat(logits),
+        torch.cat(cache) if cache else None,
+        torch.cat(peaks) if peaks and len(peaks) == len(captured) else None,
+    )
 
 
 def penultimate_features(
@@ -247,13 +262,15 @@ def penultimate_features(
     should_cancel: Callable[[], bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features entering the classifier head (:func:`feature_layer`) and the logits, per training sample (CPU)."""
-    found = feature_pass(model, data, spec, device=device, batch_size=batch_size, progress=progress,
-                         should_cancel=should_cancel)
+    found = feature_pass(
+        model, data, spec, device=device, batch_size=batch_size, progress=progress, should_cancel=should_cancel
+    )
     return found.features, found.logits
 
 
-def screen_indices(labels: torch.Tensor, num_classes: int, per_class: int | None = SCREEN_PER_CLASS,
-                   seed: int = SAMPLE_SEED) -> torch.Tensor:
+def screen_indices(
+    labels: torch.Tensor, num_classes: int, per_class: int | None = SCREEN_PER_CLASS, seed: int = SAMPLE_SEED
+) -> torch.Tensor:
     """A seeded draw of up to ``per_class`` samples of each class (sorted indices); all of them with ``None``.
 
     Why a sample: detection asks which class holds a separate cluster, and a uniform draw keeps
@@ -364,8 +381,9 @@ def second_choice_entropy(logits: torch.Tensor, target: int) -> float:
     return float(entropy / math.log(logits.shape[1] - 1))
 
 
-def poisoned_side(members: torch.Tensor, small: torch.Tensor, logits: torch.Tensor, target: int,
-                  class_counts: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def poisoned_side(
+    members: torch.Tensor, small: torch.Tensor, logits: torch.Tensor, target: int, class_counts: torch.Tensor
+) -> tuple[torch.Tensor, dict]:
     """Which group of the flagged class's split holds the poisoned samples: the suspects (sorted) and the evidence.
 
     ``members`` index the flagged class's rows of ``logits``; ``small`` (a subset of them) is the
@@ -397,8 +415,11 @@ def poisoned_side(members: torch.Tensor, small: torch.Tensor, logits: torch.Tens
     h_large = second_choice_entropy(logits[large], target)
     majority = expected > len(members) / 2 and h_large > h_small
     chosen = large if majority else small
-    evidence = {"side": "larger" if majority else "smaller", "expected_poisoned": round(expected),
-                "second_choice_entropy": {"smaller": h_small, "larger": h_large}}
+    evidence = {
+        "side": "larger" if majority else "smaller",
+        "expected_poisoned": round(expected),
+        "second_choice_entropy": {"smaller": h_small, "larger": h_large},
+    }
     return chosen.sort().values, evidence
 
 

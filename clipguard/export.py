@@ -75,8 +75,14 @@ def export_torchscript(
         write_file(path, buffer.getvalue())
         loaded = torch.jit.load(str(path), map_location="cpu")
     diff = _compare(model, loaded, batch)
-    check = {"format": "torchscript", "method": how, "batch": int(batch.shape[0]), "max_abs_diff": diff,
-             "tolerance": MAX_ABS_DIFF, "ok": diff <= MAX_ABS_DIFF}
+    check = {
+        "format": "torchscript",
+        "method": how,
+        "batch": int(batch.shape[0]),
+        "max_abs_diff": diff,
+        "tolerance": MAX_ABS_DIFF,
+        "ok": diff <= MAX_ABS_DIFF,
+    }
     if not check["ok"]:
         Path(path).unlink(missing_ok=True)
         raise ExportError(f"TorchScript export differs from the clipped model by {diff:.3g} (> {MAX_ABS_DIFF})")
@@ -106,8 +112,13 @@ def export_program(model: nn.Module, batch: torch.Tensor, path: str | os.PathLik
     ok = diff <= MAX_ABS_DIFF
     if not ok:
         Path(path).unlink(missing_ok=True)
-    return {"format": "torch.export", "batch": int(batch.shape[0]), "max_abs_diff": diff,
-            "tolerance": MAX_ABS_DIFF, "ok": ok}
+    return {
+        "format": "torch.export",
+        "batch": int(batch.shape[0]),
+        "max_abs_diff": diff,
+        "tolerance": MAX_ABS_DIFF,
+        "ok": ok,
+    }
 
 
 def load_exported(path: str | os.PathLike) -> tuple[nn.Module, dict]:

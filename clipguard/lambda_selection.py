@@ -83,20 +83,29 @@ def select_lambda(
         if should_cancel is not None and should_cancel():
             raise Cancelled("cancelled during the λ sweep")
         clipped = clipped_model(model, stats.bounds(lam)).to(device)
-        pred = _predict_unless_rejected(clipped, data, spec, idx, labels, ref, base, rule, tolerance, device,
-                                        batch_size)
+        pred = _predict_unless_rejected(
+            clipped, data, spec, idx, labels, ref, base, rule, tolerance, device, batch_size
+        )
         n = len(pred)  # all of idx, or the prefix after which the rule could no longer accept this λ
         scored_base = base if n == len(idx) else accuracy_by_class(ref[:n], labels[:n], spec.num_classes)
-        drops = [b - a for a, b in zip(accuracy_by_class(pred, labels[:n], spec.num_classes), scored_base,
-                                       strict=True)]
+        drops = [b - a for a, b in zip(accuracy_by_class(pred, labels[:n], spec.num_classes), scored_base, strict=True)]
         worst = max(range(len(drops)), key=drops.__getitem__)
         others = [d for c, d in enumerate(drops) if c != worst]
         mean_drop_others = sum(others) / len(others) if others else 0.0
         agreement = float((pred == ref[:n]).float().mean())
         ok = n == len(idx) and (mean_drop_others if rule == "class_drop" else 1.0 - agreement) <= tolerance
-        rows.append({"lam": lam, "samples": n, "train_acc": float((pred == labels[:n]).float().mean()),
-                     "agreement": agreement, "drop_by_class": drops,
-                     "most_affected_class": worst, "mean_drop_others": mean_drop_others, "accepted": ok})
+        rows.append(
+            {
+                "lam": lam,
+                "samples": n,
+                "train_acc": float((pred == labels[:n]).float().mean()),
+                "agreement": agreement,
+                "drop_by_class": drops,
+                "most_affected_class": worst,
+                "mean_drop_others": mean_drop_others,
+                "accepted": ok,
+            }
+        )
         if progress is not None:
             progress((i + 1) / len(grid))
         if ok:
@@ -104,19 +113,37 @@ def select_lambda(
             break
     if chosen is None:
         chosen = max(grid)
-    words = (f"smallest λ whose mean per-class training-accuracy drop, excluding the most affected class, is at "
-             f"most {tolerance:.3f}" if rule == "class_drop" else
-             f"smallest λ whose clipped model disagrees with the unclipped one on at most {tolerance:.3f} of the "
-             "training samples")
-    evidence = {"rule": words, "criterion": rule, "tolerance": tolerance, "samples": len(idx),
-                "train_acc_before": float((ref == labels).float().mean()),
-                "grid": sorted(grid), "sweep": rows, "chosen": chosen}
+    words = (
+        f"smallest λ whose mean per-class training-accuracy drop, excluding the most affected class, is at "
+        f"most {tolerance:.3f}"
+        if rule == "class_drop"
+        else f"smallest λ whose clipped model disagrees with the unclipped one on at most {tolerance:.3f} of the "
+        "training samples"
+    )
+    evidence = {
+        "rule": words,
+        "criterion": rule,
+        "tolerance": tolerance,
+        "samples": len(idx),
+        "train_acc_before": float((ref == labels).float().mean()),
+        "grid": sorted(grid),
+        "sweep": rows,
+        "chosen": chosen,
+    }
     return chosen, evidence
 
 
 def _predict_unless_rejected(
-    clipped: nn.Module, data: ImageData, spec: ModelSpec, idx: torch.Tensor, labels: torch.Tensor,
-    ref: torch.Tensor, base: Sequence[float], rule: str, tolerance: float, device: torch.device | str,
+    clipped: nn.Module,
+    data: ImageData,
+    spec: ModelSpec,
+    idx: torch.Tensor,
+    labels: torch.Tensor,
+    ref: torch.Tensor,
+    base: Sequence[float],
+    rule: str,
+    tolerance: float,
+    device: torch.device | str,
     batch_size: int,
 ) -> torch.Tensor:
     """Predictions on ``idx`` in order, stopped as soon as the rule can no longer accept this λ.
@@ -150,5 +177,6 @@ def _predict_unless_rejected(
         lower = (base_t - best_acc).tolist()
         return classes > 1 and (sum(lower) - max(lower)) / (classes - 1) > tolerance
 
-    return predict(clipped, data, spec.mean, spec.std, device=device, batch_size=batch_size, indices=idx,
-                   stop=cannot_pass)
+    return predict(
+        clipped, data, spec.mean, spec.std, device=device, batch_size=batch_size, indices=idx, stop=cannot_pass
+    )

@@ -72,8 +72,10 @@ def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
 
 def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float | None]:
     """Accuracy per true class; ``None`` for a class absent from the data (JSON has no NaN)."""
-    return [accuracy(pred[labels == c], labels[labels == c]) if bool((labels == c).any()) else None
-            for c in range(num_classes)]
+    return [
+        accuracy(pred[labels == c], labels[labels == c]) if bool((labels == c).any()) else None
+        for c in range(num_classes)
+    ]
 
 
 def evaluate(
@@ -106,12 +108,14 @@ def evaluate(
     stamp = attack.apply  # type: ignore[attr-defined]
     bd_pred = predict(model, data, mean, std, transform=stamp, device=device, batch_size=batch_size)
     keep = claimed & (targets != data.labels)
-    result.update({
-        "asr": accuracy(bd_pred[keep], targets[keep]),
-        "asr_all": accuracy(bd_pred[claimed], targets[claimed]),
-        "ra": accuracy(bd_pred[keep], data.labels[keep]),
-        "asr_samples": int(keep.sum()),
-    })
+    result.update(
+        {
+            "asr": accuracy(bd_pred[keep], targets[keep]),
+            "asr_all": accuracy(bd_pred[claimed], targets[claimed]),
+            "ra": accuracy(bd_pred[keep], data.labels[keep]),
+            "asr_samples": int(keep.sum()),
+        }
+    )
     return result
 
 

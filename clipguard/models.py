@@ -42,9 +42,7 @@ class BasicBlock(nn.Module):
         self.relu2 = nn.ReLU(inplace=False)
         self.shortcut: nn.Module = nn.Sequential()
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
-            )
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))
@@ -125,7 +123,24 @@ class PreActResNet18(nn.Module):
 
 
 VGG16_CFG: tuple[int | str, ...] = (
-    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
 )
 
 
@@ -165,7 +180,12 @@ class SmallCNN(nn.Module):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
 
         self.features = nn.Sequential(
-            block(3, w), nn.MaxPool2d(2), block(w, 2 * w), nn.MaxPool2d(2), block(2 * w, 4 * w), nn.MaxPool2d(2),
+            block(3, w),
+            nn.MaxPool2d(2),
+            block(w, 2 * w),
+            nn.MaxPool2d(2),
+            block(2 * w, 4 * w),
+            nn.MaxPool2d(2),
             block(4 * w, 4 * w),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -232,7 +252,7 @@ def _build(arch: str, num_classes: int) -> nn.Module:
     if arch.startswith(TORCHVISION_PREFIX):
         from torchvision import models as tvm
 
-        name = arch[len(TORCHVISION_PREFIX):]
+        name = arch[len(TORCHVISION_PREFIX) :]
         if name not in _torchvision_names():
             raise ModelSpecError(f"unknown torchvision classifier {name!r}")
         try:
@@ -253,13 +273,12 @@ def resolve_spec(
     if arch in _BUILDERS:
         defaults = _BUILDERS[arch][1]
     elif arch.startswith(TORCHVISION_PREFIX):
-        if arch[len(TORCHVISION_PREFIX):] not in _torchvision_names():
-            raise ModelSpecError(f"unknown torchvision classifier {arch[len(TORCHVISION_PREFIX):]!r}")
+        if arch[len(TORCHVISION_PREFIX) :] not in _torchvision_names():
+            raise ModelSpecError(f"unknown torchvision classifier {arch[len(TORCHVISION_PREFIX) :]!r}")
         defaults = {"input_size": (224, 224), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     else:
         raise ModelSpecError(f"unknown architecture {arch!r}; choose one of {', '.join(available_architectures())}")
-    spec = ModelSpec(arch, 10, defaults["input_size"], defaults["mean"], defaults["std"],
-                     fixed_input=arch in _BUILDERS)
+    spec = ModelSpec(arch, 10, defaults["input_size"], defaults["mean"], defaults["std"], fixed_input=arch in _BUILDERS)
     if num_classes is not None:
         if num_classes < 2:
             raise ModelSpecError(f"num_classes must be at least 2, got {num_classes}")

@@ -132,8 +132,15 @@ class PurifyOptions:
     extra: dict = field(default_factory=dict)
 
     def recipe(self) -> Recipe:
-        return Recipe(method=self.method, lam=self.lam, granularity=self.granularity, batch_size=self.batch_size,
-                      bounds_samples=self.bounds_samples, detect=self.detect, unlearn_options=self.extra.get("unlearn"))
+        return Recipe(
+            method=self.method,
+            lam=self.lam,
+            granularity=self.granularity,
+            batch_size=self.batch_size,
+            bounds_samples=self.bounds_samples,
+            detect=self.detect,
+            unlearn_options=self.extra.get("unlearn"),
+        )
 
 
 @dataclass
@@ -263,8 +270,10 @@ def purify(
     say = progress or _silent
     out = Path(options.out)
     if not options.overwrite and out.exists() and (out.is_file() or any(out.iterdir())):
-        raise ClipguardError(literal(f"output folder {out} already exists and is not empty;")
-                             + " set {overwrite} to replace it", options=True)
+        raise ClipguardError(
+            literal(f"output folder {out} already exists and is not empty;") + " set {overwrite} to replace it",
+            options=True,
+        )
     recipe = options.recipe()
     recipe.check()
     inputs = load_inputs(options, say, should_cancel, timings)
@@ -277,12 +286,21 @@ def purify(
 
 def stages_of(options: PurifyOptions) -> tuple[Stage, ...]:
     """The stages a run with ``options`` passes through, for an overall percent (:func:`clipguard.stages.percent`)."""
-    return plan(method=options.method, detect=options.detect, select_lambda=options.lam == "auto",
-                evaluate=bool(options.eval_data), reactivation=options.reactivation_check)
+    return plan(
+        method=options.method,
+        detect=options.detect,
+        select_lambda=options.lam == "auto",
+        evaluate=bool(options.eval_data),
+        reactivation=options.reactivation_check,
+    )
 
 
-def load_inputs(options: PurifyOptions, say: Progress = _silent, should_cancel: ShouldCancel | None = None,
-                timings: dict[str, float] | None = None) -> Inputs:
+def load_inputs(
+    options: PurifyOptions,
+    say: Progress = _silent,
+    should_cancel: ShouldCancel | None = None,
+    timings: dict[str, float] | None = None,
+) -> Inputs:
     """:data:`Stage.LOAD`: the suspect checkpoint, the training data and (optionally) the evaluation data and attack."""
     spec = resolve_spec(options.arch, options.num_classes, options.mean, options.std)
     device = resolve_device(options.device)
@@ -292,18 +310,26 @@ def load_inputs(options: PurifyOptions, say: Progress = _silent, should_cancel: 
             say(Stage.LOAD, start + span * fraction)
             if should_cancel is not None and should_cancel():
                 raise Cancelled("cancelled while loading data")
+
         return step
 
     with timed(Stage.LOAD, {} if timings is None else timings, say):
         model = spec.build()
         load_weights(model, options.weights)
         model = model.to(device).eval()
+
         # Images larger than the model's input are refused before they are decoded (or scaled, with `resize`).
         def load(ref: str, split: str, progress: Callable[[float], None]) -> ImageData:
-            return load_data(ref, default_split=split, progress=progress,
-                             image_size=spec.input_size if options.resize else None, max_image_size=spec.input_size,
-                             cache_dir=options.cache_dir or default_cache_dir(),
-                             cache_max_bytes=options.cache_max_bytes, limits=options.data_limits or Limits())
+            return load_data(
+                ref,
+                default_split=split,
+                progress=progress,
+                image_size=spec.input_size if options.resize else None,
+                max_image_size=spec.input_size,
+                cache_dir=options.cache_dir or default_cache_dir(),
+                cache_max_bytes=options.cache_max_bytes,
+                limits=options.data_limits or Limits(),
+            )
 
         data = load(options.data, "train", loading(0.0, 0.5))
         _check_input(data, spec, "training data")
@@ -311,13 +337,21 @@ def load_inputs(options: PurifyOptions, say: Progress = _silent, should_cancel: 
         if options.eval_data:
             eval_data = load(options.eval_data, "test", loading(0.5, 0.5))
             _check_input(eval_data, spec, "evaluation data")
-        attack = eval_attack(options.attack, (eval_data or data).image_size, files=options.attack_files) \
-            if options.attack else None
+        attack = (
+            eval_attack(options.attack, (eval_data or data).image_size, files=options.attack_files)
+            if options.attack
+            else None
+        )
     return Inputs(spec, device, model, data, eval_data, attack)
 
 
-def run_pipeline(inputs: Inputs, recipe: Recipe, say: Progress = _silent, should_cancel: ShouldCancel | None = None,
-                 timings: dict[str, float] | None = None) -> Purified:
+def run_pipeline(
+    inputs: Inputs,
+    recipe: Recipe,
+    say: Progress = _silent,
+    should_cancel: ShouldCancel | None = None,
+    timings: dict[str, float] | None = None,
+) -> Purified:
     """The compute half, with no file I/O: guard's pass, the statistics, λ, and the clipped model."""
     timings = {} if timings is None else timings
     lam = recipe.check()
@@ -335,22 +369,41 @@ def run_pipeline(inputs: Inputs, recipe: Recipe, say: Progress = _silent, should
     return Purified(cleaned, stats, statistics, lam, selection, bounds, clipped, detection)
 
 
-def clean(inputs: Inputs, recipe: Recipe, say: Progress = _silent, should_cancel: ShouldCancel | None = None,
-          timings: dict[str, float] | None = None) -> Cleaned:
+def clean(
+    inputs: Inputs,
+    recipe: Recipe,
+    say: Progress = _silent,
+    should_cancel: ShouldCancel | None = None,
+    timings: dict[str, float] | None = None,
+) -> Cleaned:
     """Guard's stages (find candidates, confirm, unlearn the confirmed; docs/method.md); ``paper`` keeps the suspect."""
     if recipe.method != "guard":
         return Cleaned(inputs.model, inputs.data)
     from clipguard.defenses.guard import guard_pass
 
-    found = guard_pass(inputs.model, inputs.data, inputs.spec, device=inputs.device, batch_size=recipe.batch_size,
-                       screen_per_class=recipe.screen_per_class, unlearn_options=recipe.unlearn_options,
-                       progress=say, should_cancel=should_cancel, timings=timings)
+    found = guard_pass(
+        inputs.model,
+        inputs.data,
+        inputs.spec,
+        device=inputs.device,
+        batch_size=recipe.batch_size,
+        screen_per_class=recipe.screen_per_class,
+        unlearn_options=recipe.unlearn_options,
+        progress=say,
+        should_cancel=should_cancel,
+        timings=timings,
+    )
     return Cleaned(found.model, found.data, found.detection, found.unlearning, found.verdict)
 
 
-def measure_statistics(inputs: Inputs, cleaned: Cleaned, recipe: Recipe, say: Progress = _silent,
-                       should_cancel: ShouldCancel | None = None,
-                       timings: dict[str, float] | None = None) -> tuple[SiteStats, dict]:
+def measure_statistics(
+    inputs: Inputs,
+    cleaned: Cleaned,
+    recipe: Recipe,
+    say: Progress = _silent,
+    should_cancel: ShouldCancel | None = None,
+    timings: dict[str, float] | None = None,
+) -> tuple[SiteStats, dict]:
     """:data:`Stage.BOUNDS`: μ and σ per site on a fixed sample of the data the bounds are for, and the sample."""
     cap = default_bounds_samples(recipe.granularity) if recipe.bounds_samples is None else recipe.bounds_samples
     with timed(Stage.BOUNDS, {} if timings is None else timings, say):
@@ -364,8 +417,12 @@ def measure_statistics(inputs: Inputs, cleaned: Cleaned, recipe: Recipe, say: Pr
             progress=lambda f: say(Stage.BOUNDS, f),
             should_cancel=should_cancel,
         )
-    return stats, {"samples": len(sample), "of": len(cleaned.data), "max_samples": cap or None,
-                   "seed": BOUNDS_SAMPLE_SEED}
+    return stats, {
+        "samples": len(sample),
+        "of": len(cleaned.data),
+        "max_samples": cap or None,
+        "seed": BOUNDS_SAMPLE_SEED,
+    }
 
 
 def detect_backdoor(inputs: Inputs, timings: dict[str, float] | None = None, say: Progress = _silent) -> dict:
@@ -373,29 +430,56 @@ def detect_backdoor(inputs: Inputs, timings: dict[str, float] | None = None, say
     from clipguard.defenses.mmbd import mmbd_detect
 
     with timed(Stage.DETECT, {} if timings is None else timings, say):
-        return {"method": "MM-BD (Wang et al., IEEE S&P 2024)",
-                **mmbd_detect(inputs.model, inputs.spec, num_classes=inputs.spec.num_classes, device=inputs.device)}
+        return {
+            "method": "MM-BD (Wang et al., IEEE S&P 2024)",
+            **mmbd_detect(inputs.model, inputs.spec, num_classes=inputs.spec.num_classes, device=inputs.device),
+        }
 
 
-def choose_lambda(inputs: Inputs, cleaned: Cleaned, stats: SiteStats, recipe: Recipe, say: Progress = _silent,
-                  should_cancel: ShouldCancel | None = None,
-                  timings: dict[str, float] | None = None) -> tuple[float, dict]:
+def choose_lambda(
+    inputs: Inputs,
+    cleaned: Cleaned,
+    stats: SiteStats,
+    recipe: Recipe,
+    say: Progress = _silent,
+    should_cancel: ShouldCancel | None = None,
+    timings: dict[str, float] | None = None,
+) -> tuple[float, dict]:
     """:data:`Stage.SELECT_LAMBDA`: λ chosen on the training data, and the sweep that chose it."""
     with timed(Stage.SELECT_LAMBDA, {} if timings is None else timings, say):
-        return select_lambda(cleaned.model, stats, cleaned.data, inputs.spec, device=inputs.device,
-                             batch_size=recipe.batch_size,
-                             max_samples=DEFAULT_SAMPLES if recipe.lambda_samples is None else recipe.lambda_samples,
-                             rule="agreement" if cleaned.unlearning is not None else "class_drop",
-                             progress=lambda f: say(Stage.SELECT_LAMBDA, f), should_cancel=should_cancel)
+        return select_lambda(
+            cleaned.model,
+            stats,
+            cleaned.data,
+            inputs.spec,
+            device=inputs.device,
+            batch_size=recipe.batch_size,
+            max_samples=DEFAULT_SAMPLES if recipe.lambda_samples is None else recipe.lambda_samples,
+            rule="agreement" if cleaned.unlearning is not None else "class_drop",
+            progress=lambda f: say(Stage.SELECT_LAMBDA, f),
+            should_cancel=should_cancel,
+        )
 
 
-def assess(inputs: Inputs, purified: Purified, options: PurifyOptions, say: Progress = _silent,
-           should_cancel: ShouldCancel | None = None, timings: dict[str, float] | None = None) -> Assessment:
+def assess(
+    inputs: Inputs,
+    purified: Purified,
+    options: PurifyOptions,
+    say: Progress = _silent,
+    should_cancel: ShouldCancel | None = None,
+    timings: dict[str, float] | None = None,
+) -> Assessment:
     """What the report shows about the purified model; no file I/O."""
     timings = {} if timings is None else timings
     with timed(Stage.CLIP_FRACTION, timings, say):
-        fractions, activations = clip_fractions(purified.clipped, inputs.data, inputs.spec, device=inputs.device,
-                                                max_samples=CLIP_FRACTION_SAMPLES, batch_size=options.batch_size)
+        fractions, activations = clip_fractions(
+            purified.clipped,
+            inputs.data,
+            inputs.spec,
+            device=inputs.device,
+            max_samples=CLIP_FRACTION_SAMPLES,
+            batch_size=options.batch_size,
+        )
     if should_cancel is not None and should_cancel():
         raise Cancelled("cancelled before export")
     evaluation = None
@@ -408,9 +492,16 @@ def assess(inputs: Inputs, purified: Purified, options: PurifyOptions, say: Prog
 
         with timed(Stage.REACTIVATION, timings, say):
             reactivation = reactivation_check(
-                purified.clipped, purified.cleaned.data, inputs.spec, eval_data=inputs.eval_data,
-                attack=inputs.attack, device=inputs.device, batch_size=options.batch_size,
-                progress=lambda f: say(Stage.REACTIVATION, f), should_cancel=should_cancel)
+                purified.clipped,
+                purified.cleaned.data,
+                inputs.spec,
+                eval_data=inputs.eval_data,
+                attack=inputs.attack,
+                device=inputs.device,
+                batch_size=options.batch_size,
+                progress=lambda f: say(Stage.REACTIVATION, f),
+                should_cancel=should_cancel,
+            )
     return Assessment(fractions, activations, evaluation, reactivation)
 
 
@@ -418,22 +509,51 @@ def evaluate_purified(inputs: Inputs, purified: Purified, options: PurifyOptions
     """:data:`Stage.EVALUATE`: ACC (and ASR with an attack) before and after on the evaluation data, and the λ sweep."""
     data, spec, attack, device = inputs.eval_data, inputs.spec, inputs.attack, inputs.device
     assert data is not None
-    before = evaluate(inputs.model, data, spec.mean, spec.std, attack=attack, device=device,
-                      batch_size=options.batch_size)
-    after = evaluate(purified.clipped.to(device), data, spec.mean, spec.std, attack=attack, device=device,
-                     batch_size=options.batch_size)
+    before = evaluate(
+        inputs.model, data, spec.mean, spec.std, attack=attack, device=device, batch_size=options.batch_size
+    )
+    after = evaluate(
+        purified.clipped.to(device),
+        data,
+        spec.mean,
+        spec.std,
+        attack=attack,
+        device=device,
+        batch_size=options.batch_size,
+    )
     unlearned = purified.cleaned.unlearning is not None
-    return {"data": {"ref": str(options.eval_data), "sha256": data.sha256, "samples": len(data)},
-            "attack": attack.to_dict() if attack is not None else None,
-            "before": before, "after": after,
-            "der": der(before, after) if attack is not None else None,
-            "sweep_model": "unlearned" if unlearned else "suspect",
-            "sweep": _sweep(purified.cleaned.model, purified.stats, data, spec, attack, device, options.batch_size,
-                            lambda f: say(Stage.EVALUATE, f)) if options.sweep else None}
+    return {
+        "data": {"ref": str(options.eval_data), "sha256": data.sha256, "samples": len(data)},
+        "attack": attack.to_dict() if attack is not None else None,
+        "before": before,
+        "after": after,
+        "der": der(before, after) if attack is not None else None,
+        "sweep_model": "unlearned" if unlearned else "suspect",
+        "sweep": _sweep(
+            purified.cleaned.model,
+            purified.stats,
+            data,
+            spec,
+            attack,
+            device,
+            options.batch_size,
+            lambda f: say(Stage.EVALUATE, f),
+        )
+        if options.sweep
+        else None,
+    }
 
 
-def build_report(options: PurifyOptions, inputs: Inputs, purified: Purified, assessment: Assessment,
-                 export_checks: dict, model_sha: str, timings: dict[str, float], artifacts: list[str]) -> dict:
+def build_report(
+    options: PurifyOptions,
+    inputs: Inputs,
+    purified: Purified,
+    assessment: Assessment,
+    export_checks: dict,
+    model_sha: str,
+    timings: dict[str, float],
+    artifacts: list[str],
+) -> dict:
     """report.json's content (before NaN becomes null); ``artifacts`` are the files published beside it."""
     spec, data, verdict = inputs.spec, inputs.data, purified.cleaned.verdict
     return {
@@ -442,8 +562,13 @@ def build_report(options: PurifyOptions, inputs: Inputs, purified: Purified, ass
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "inputs": {
             "model": {**spec.to_dict(), "weights": Path(options.weights).name, "sha256": model_sha},
-            "data": {"ref": str(options.data), "sha256": data.sha256, "samples": len(data),
-                     "classes": list(data.classes), "image_size": list(data.image_size)},
+            "data": {
+                "ref": str(options.data),
+                "sha256": data.sha256,
+                "samples": len(data),
+                "classes": list(data.classes),
+                "image_size": list(data.image_size),
+            },
         },
         "method": options.method,
         "verdict": None if verdict is None else verdict.to_dict(),
@@ -453,8 +578,10 @@ def build_report(options: PurifyOptions, inputs: Inputs, purified: Purified, ass
         "unlearning": purified.cleaned.unlearning,
         "granularity": options.granularity,
         "statistics": purified.statistics,
-        "sites": [{"name": n, "shape": list(purified.bounds[n].shape), "clip_fraction": assessment.fractions[n]}
-                  for n in purified.stats.names],
+        "sites": [
+            {"name": n, "shape": list(purified.bounds[n].shape), "clip_fraction": assessment.fractions[n]}
+            for n in purified.stats.names
+        ],
         "export": export_checks,
         "evaluation": assessment.evaluation,
         "reactivation": assessment.reactivation,
@@ -466,9 +593,16 @@ def build_report(options: PurifyOptions, inputs: Inputs, purified: Purified, ass
     }
 
 
-def publish(options: PurifyOptions, inputs: Inputs, purified: Purified, assessment: Assessment,
-            timings: dict[str, float], started: float, say: Progress = _silent,
-            should_cancel: ShouldCancel | None = None) -> dict:
+def publish(
+    options: PurifyOptions,
+    inputs: Inputs,
+    purified: Purified,
+    assessment: Assessment,
+    timings: dict[str, float],
+    started: float,
+    say: Progress = _silent,
+    should_cancel: ShouldCancel | None = None,
+) -> dict:
     """The one writer: exports, the bounds file, report.json and report.html into a staging folder,
     renamed into ``options.out`` only when all of them are written. Returns the report."""
     out = Path(options.out)
@@ -479,27 +613,50 @@ def publish(options: PurifyOptions, inputs: Inputs, purified: Purified, assessme
         with timed(Stage.EXPORT, timings, say):
             cpu_model = purified.clipped.to("cpu").eval()
             example = normalize(inputs.data.images[:EXPORT_CHECK_BATCH], spec.mean, spec.std)
-            export_checks = {"torchscript": export_torchscript(
-                cpu_model, example, staging / "purified.pt",
-                metadata={**spec.to_dict(), "lam": lam, "method": options.method, "granularity": options.granularity,
-                          "clipguard_version": __version__})}
+            export_checks = {
+                "torchscript": export_torchscript(
+                    cpu_model,
+                    example,
+                    staging / "purified.pt",
+                    metadata={
+                        **spec.to_dict(),
+                        "lam": lam,
+                        "method": options.method,
+                        "granularity": options.granularity,
+                        "clipguard_version": __version__,
+                    },
+                )
+            }
             export_checks["torch_export"] = export_program(cpu_model, example, staging / "purified.pt2")
         say(Stage.PUBLISH, 0.0)
         model_sha = file_sha256(options.weights)
-        save_bounds(staging / "bounds.safetensors", purified.bounds, purified.stats, {
-            "lam": lam, "granularity": options.granularity, "method": options.method,
-            "samples": purified.stats.samples, "arch": spec.arch, "model_sha256": model_sha,
-            "data_sha256": inputs.data.sha256,
-        })
+        save_bounds(
+            staging / "bounds.safetensors",
+            purified.bounds,
+            purified.stats,
+            {
+                "lam": lam,
+                "granularity": options.granularity,
+                "method": options.method,
+                "samples": purified.stats.samples,
+                "arch": spec.arch,
+                "model_sha256": model_sha,
+                "data_sha256": inputs.data.sha256,
+            },
+        )
         timings["total_s"] = time.perf_counter() - started
         artifacts = [*(p.name for p in staging.iterdir()), "report.json", "report.html"]
         report = build_report(options, inputs, purified, assessment, export_checks, model_sha, timings, artifacts)
         report = publishable(report)  # checked against clipguard.report.Report, NaN made null: what readers get
         fractions, values = assessment.fractions, assessment.activations
         top = sorted(fractions, key=fractions.__getitem__, reverse=True)[:HISTOGRAM_SITES]
-        write_html(report, staging / "report.html",
-                   activations={n: {"values": values[n], "bound": purified.bounds[n].flatten().numpy()}
-                                for n in top if n in values})
+        write_html(
+            report,
+            staging / "report.html",
+            activations={
+                n: {"values": values[n], "bound": purified.bounds[n].flatten().numpy()} for n in top if n in values
+            },
+        )
         (staging / "report.json").write_text(to_json(report))
         if should_cancel is not None and should_cancel():
             raise Cancelled("cancelled before publishing")
@@ -519,8 +676,16 @@ HISTOGRAM_SITES = 4
 SWEEP_SAMPLES = 2000
 
 
-def _sweep(model: nn.Module, stats: object, data: ImageData, spec: ModelSpec, attack: object | None,
-           device: torch.device, batch_size: int, progress: Callable[[float], None]) -> list[dict]:
+def _sweep(
+    model: nn.Module,
+    stats: object,
+    data: ImageData,
+    spec: ModelSpec,
+    attack: object | None,
+    device: torch.device,
+    batch_size: int,
+    progress: Callable[[float], None],
+) -> list[dict]:
     """ACC (and ASR) for every λ of the grid: the report's sweep curve.
 
     Scored on an evenly spaced subset of at most ``SWEEP_SAMPLES`` evaluation images, so the
@@ -552,16 +717,21 @@ def eval_attack(spec: str | Mapping[str, object], image_size: tuple[int, int], *
     if name not in ATTACKS:
         raise DataError(f"unknown attack {name!r}; known: {', '.join(sorted(ATTACKS))}")
     if record.get("image"):
-        raise DataError(literal(f"{name} attack: a trigger image file is not read from an attack record;")
-                        + " give {attack} as a saved attack file with its tensors", options=True)
+        raise DataError(
+            literal(f"{name} attack: a trigger image file is not read from an attack record;")
+            + " give {attack} as a saved attack file with its tensors",
+            options=True,
+        )
     try:
         size = record.setdefault("image_size", list(image_size))
         made_for = tuple(int(v) for v in size) if isinstance(size, list | tuple) else ()
         if len(made_for) != 2:
             raise ValueError("image_size must be two numbers")
         if made_for != tuple(image_size):
-            raise DataError(f"the {name} trigger was made for {made_for[0]}x{made_for[1]} images, the "
-                            f"evaluation data are {image_size[0]}x{image_size[1]}")
+            raise DataError(
+                f"the {name} trigger was made for {made_for[0]}x{made_for[1]} images, the "
+                f"evaluation data are {image_size[0]}x{image_size[1]}"
+            )
         return ATTACKS[name].from_state(record, {})
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise DataError(f"malformed {name} attack ({type(exc).__name__}: {exc})"[:300]) from exc
@@ -571,9 +741,14 @@ def _check_input(data: ImageData, spec: ModelSpec, what: str) -> None:
     """Labels within the model's outputs, and images of the size the architecture takes."""
     h, w = data.image_size
     if spec.fixed_input and (h, w) != tuple(spec.input_size):
-        raise DataError(literal(f"{what} {data.source} has {h}x{w} images but {spec.arch} takes {spec.input_size[0]}x"
-                                f"{spec.input_size[1]}; resize the data first, or ask for resizing")
-                        + " ({resize})", options=True)
+        raise DataError(
+            literal(
+                f"{what} {data.source} has {h}x{w} images but {spec.arch} takes {spec.input_size[0]}x"
+                f"{spec.input_size[1]}; resize the data first, or ask for resizing"
+            )
+            + " ({resize})",
+            options=True,
+        )
     _check_labels(data, spec, what)
 
 
@@ -581,8 +756,12 @@ def _check_labels(data: ImageData, spec: ModelSpec, what: str) -> None:
     top = int(data.labels.max()) if len(data) else -1
     if top >= spec.num_classes:
         raise ClipguardError(
-            literal(f"{what} has labels up to {top} ({len(data.classes)} classes) but the model has "
-                    f"{spec.num_classes} outputs;") + " set {num_classes}", options=True
+            literal(
+                f"{what} has labels up to {top} ({len(data.classes)} classes) but the model has "
+                f"{spec.num_classes} outputs;"
+            )
+            + " set {num_classes}",
+            options=True,
         )
 
 
@@ -606,8 +785,9 @@ def clip_fractions(
         counts[name] = [0.0, 0.0]
         samples[name] = []
 
-        def hook(mod: nn.Module, inp: tuple, _out: torch.Tensor, c: list = counts[name],
-                 keep: list = samples[name]) -> None:
+        def hook(
+            mod: nn.Module, inp: tuple, _out: torch.Tensor, c: list = counts[name], keep: list = samples[name]
+        ) -> None:
             if hasattr(mod, "upper"):
                 x = inp[0].relu() if getattr(mod, "fuses_relu", False) else inp[0]
                 c[0] += float((x > mod.upper).sum())

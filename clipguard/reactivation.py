@@ -45,9 +45,16 @@ class ReactivationConfig:
             raise ClipguardError(f"reactivation check settings out of range: {asdict(self)}")
 
 
-def retune(model: nn.Module, data: ImageData, spec: ModelSpec, config: ReactivationConfig, *,
-           device: torch.device | str = "cpu", should_cancel: Callable[[], bool] | None = None,
-           progress: Callable[[float], None] | None = None) -> tuple[nn.Module, torch.Tensor]:
+def retune(
+    model: nn.Module,
+    data: ImageData,
+    spec: ModelSpec,
+    config: ReactivationConfig,
+    *,
+    device: torch.device | str = "cpu",
+    should_cancel: Callable[[], bool] | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> tuple[nn.Module, torch.Tensor]:
     """A fine-tuned copy of ``model`` and the positions in ``data`` it was tuned on."""
     gen = torch.Generator().manual_seed(config.seed)
     picked = torch.randperm(len(data), generator=gen)[: config.samples]
@@ -93,22 +100,28 @@ def reactivation_check(
     the re-tuned copy predicts what the purified model predicts: on ``eval_data`` when given, else on
     training images the fine-tune did not see."""
     config = config or ReactivationConfig()
-    retuned, seen = retune(purified, kept, spec, config, device=device, should_cancel=should_cancel,
-                           progress=progress)
+    retuned, seen = retune(purified, kept, spec, config, device=device, should_cancel=should_cancel, progress=progress)
     if eval_data is not None:
         probe, where = eval_data, "evaluation data"
     else:
         unseen = torch.ones(len(kept), dtype=torch.bool)
         unseen[seen] = False
         rest = unseen.nonzero().flatten()
-        probe = kept.subset(rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(config.seed))
-                                 [:2000]].sort().values)
+        probe = kept.subset(
+            rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(config.seed))[:2000]].sort().values
+        )
         where = "training images the fine-tune did not use"
     before = predict(purified, probe, spec.mean, spec.std, device=device, batch_size=batch_size)
     after = predict(retuned, probe, spec.mean, spec.std, device=device, batch_size=batch_size)
-    record: dict = {"protocol": asdict(config), "tuned_on": len(seen), "agreement": accuracy(after, before),
-                    "agreement_on": where, "agreement_samples": len(probe)}
+    record: dict = {
+        "protocol": asdict(config),
+        "tuned_on": len(seen),
+        "agreement": accuracy(after, before),
+        "agreement_on": where,
+        "agreement_samples": len(probe),
+    }
     if eval_data is not None:
-        record["after"] = evaluate(retuned, eval_data, spec.mean, spec.std, attack=attack, device=device,
-                                   batch_size=batch_size)
+        record["after"] = evaluate(
+            retuned, eval_data, spec.mean, spec.std, attack=attack, device=device, batch_size=batch_size
+        )
     return record

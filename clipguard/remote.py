@@ -239,8 +239,12 @@ class TarStream:
         try:
             # GNU format: PAX (the default) adds an extended header to every member for its fractional mtime.
             # (typeshed's file object protocol wants reads and seeks; a "w|" stream only writes)
-            with tarfile.open(fileobj=self, mode="w|", dereference=True,  # type: ignore[call-overload]
-                              format=tarfile.GNU_FORMAT) as tar:
+            with tarfile.open(
+                fileobj=self,
+                mode="w|",
+                dereference=True,  # type: ignore[call-overload]
+                format=tarfile.GNU_FORMAT,
+            ) as tar:
                 for path in self.files(self.root):
                     tar.add(path, arcname=path.relative_to(self.root).as_posix(), recursive=False)
             item: bytes | BaseException | None = None

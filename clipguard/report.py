@@ -62,8 +62,10 @@ Share = float
 class ModelInput(Section):
     """The suspect model: its architecture as the registry knows it, and which weights file."""
 
-    arch: str = Field(description="Registry architecture (`resnet18`, `preact_resnet18`, `vgg16_bn`, `small_cnn`, "
-                                  "`torchvision:<name>`).")
+    arch: str = Field(
+        description="Registry architecture (`resnet18`, `preact_resnet18`, `vgg16_bn`, `small_cnn`, "
+        "`torchvision:<name>`)."
+    )
     num_classes: int = Field(description="Number of model outputs.")
     input_size: list[int] = Field(description="Input height and width the architecture expects.")
     mean: list[float] = Field(description="Per-channel normalisation mean applied to `[0, 1]` images.")
@@ -76,9 +78,11 @@ class DataInput(Section):
     """The training data the bounds come from."""
 
     ref: str = Field(description="The data reference as given (`path`, `path#split`).")
-    sha256: str = Field(description="Hex digest identifying the reference: SHA-256 of the file's bytes (for a "
-                                    "directory, of its file names, sizes and modification times) plus the split and "
-                                    "image size. Equal digests mean the same input; not a hash of the decoded images.")
+    sha256: str = Field(
+        description="Hex digest identifying the reference: SHA-256 of the file's bytes (for a "
+        "directory, of its file names, sizes and modification times) plus the split and "
+        "image size. Equal digests mean the same input; not a hash of the decoded images."
+    )
     samples: int = Field(description="Number of training images loaded.")
     classes: list[str] = Field(description="Class names, index = label.")
     image_size: list[int] = Field(description="Height and width of the images.")
@@ -99,14 +103,17 @@ class Graft(Section):
 
     to_candidate: list[float | None] = Field(
         description="Per class: share of its reference images newly predicted as the candidate (`null`: the "
-                    "candidate itself).")
+        "candidate itself)."
+    )
     broad: Share = Field(description="Median of `to_candidate` over the source classes.")
     strongest: Share = Field(description="Largest `to_candidate` of any source class.")
-    redirect: Share = Field(description="Median share of a source class sent to one other class of its own "
-                                        "(the all-to-all signal).")
+    redirect: Share = Field(
+        description="Median share of a source class sent to one other class of its own (the all-to-all signal)."
+    )
     destinations: list[int | None] = Field(
         description="Per class: the class its redirected images went to (`null` where nothing moved, or for the "
-                    "candidate).")
+        "candidate)."
+    )
 
 
 class Warp(Section):
@@ -115,48 +122,61 @@ class Warp(Section):
     success: Share = Field(description="Share of other classes' images the best smooth warp sends to the class.")
     pixels: float = Field(description="Largest displacement the warp may make, in pixels.")
     controls: dict[str, Share] | None = Field(
-        None, description="The same search's success for ordinary classes, by class (as a string); "
-                          "absent when the candidate's own search found too little to compare.")
+        None,
+        description="The same search's success for ordinary classes, by class (as a string); "
+        "absent when the candidate's own search found too little to compare.",
+    )
     toward_suspects: Share | None = Field(
-        None, description="With `controls`: share of warped images moved towards the suspects rather "
-                          "than the genuine group in the model's features.")
+        None,
+        description="With `controls`: share of warped images moved towards the suspects rather "
+        "than the genuine group in the model's features.",
+    )
 
 
 class Side(Section):
     """Which group of a class's split is taken as poisoned (`clipguard.detection.poisoned_side`)."""
 
     side: Literal["smaller", "larger"] = Field(
-        description="`smaller` (the usual case) or `larger` (the poisoned samples outnumber the class's genuine "
-                    "ones).")
-    expected_poisoned: int = Field(description="The class's count minus the median of the others' (what an "
-                                               "all-to-one attack adds).")
+        description="`smaller` (the usual case) or `larger` (the poisoned samples outnumber the class's genuine ones)."
+    )
+    expected_poisoned: int = Field(
+        description="The class's count minus the median of the others' (what an all-to-one attack adds)."
+    )
     second_choice_entropy: dict[str, float | None] = Field(
         description="Per group (`smaller`, `larger`): entropy of the model's best non-target class as a share of "
-                    "`log(classes − 1)`.")
+        "`log(classes − 1)`."
+    )
 
 
 class Candidate(Section):
     """One class put to the test: why, its split scores, and the graft (and warp) evidence."""
 
     class_: int = Field(alias="class", description="The candidate class.")
-    why_tested: str = Field(description="Why it became a candidate: its split stands out, its small group's "
-                                        "pattern moves decisions, or both.")
+    why_tested: str = Field(
+        description="Why it became a candidate: its split stands out, its small group's "
+        "pattern moves decisions, or both."
+    )
     screen_score: float = Field(description="Its split's separation on the screened sample.")
-    z: float = Field(description="That score's distance above the other classes' median, in robust standard "
-                                 "deviations.")
+    z: float = Field(
+        description="That score's distance above the other classes' median, in robust standard deviations."
+    )
     whole_class_score: float | None = Field(description="The separation once the whole class was read.")
     side: Side | None = Field(description="Which group of the whole-class split was taken as poisoned.")
     unresolved: bool = Field(description="Not confirmed, yet not dismissed: makes the verdict `inconclusive`.")
-    suspects: int | None = Field(None, description="Samples in the suspect group (present with the graft "
-                                                   "evidence, as are the fields below).")
+    suspects: int | None = Field(
+        None, description="Samples in the suspect group (present with the graft evidence, as are the fields below)."
+    )
     genuine: int | None = Field(None, description="Samples in the genuine group.")
-    confirmed: bool | None = Field(None, description="Whether the suspects were shown to carry a "
-                                                     "trigger.")
+    confirmed: bool | None = Field(None, description="Whether the suspects were shown to carry a trigger.")
     kind: Literal["all_to_one", "source_specific", "all_to_all", "warp"] | None = Field(
-        None, description="The backdoor's kind when confirmed.")
+        None, description="The backdoor's kind when confirmed."
+    )
     reason: str | None = Field(None, description="The evidence in one sentence.")
-    swapped: bool | None = Field(None, description="The trigger was on the group detection had taken "
-                                                   "for the genuine one; `suspects` counts that group.")
+    swapped: bool | None = Field(
+        None,
+        description="The trigger was on the group detection had taken "
+        "for the genuine one; `suspects` counts that group.",
+    )
     suspects_graft: Graft | None = Field(None, description="The suspects' graft.")
     genuine_graft: Graft | None = Field(None, description="The genuine group's graft (the control).")
     warp: Warp | None = Field(None, description="The warp search, when it ran.")
@@ -167,8 +187,9 @@ class Verdict(Section):
 
     status: Literal["backdoor_found", "no_evidence", "inconclusive"] = Field(
         description="`backdoor_found`: a candidate's suspects were shown to carry a trigger; `inconclusive`: "
-                    "something stood out but was not confirmed (nothing is unlearned on its account); "
-                    "`no_evidence`: nothing stood out, or every candidate was dismissed.")
+        "something stood out but was not confirmed (nothing is unlearned on its account); "
+        "`no_evidence`: nothing stood out, or every candidate was dismissed."
+    )
     classes: list[int] = Field(description="The confirmed target classes (empty unless `backdoor_found`).")
     summary: str = Field(description="One line: what was found, with the evidence in words.")
     action: str = Field(description="What the run did because of the verdict (unlearned, or clipped only).")
@@ -178,20 +199,25 @@ class Verdict(Section):
 class PoisonDetection(Section):
     """What guard's spectral split found (`clipguard.detection`, `clipguard.defenses.guard`)."""
 
-    method: str = Field(description="`\"spectral split of penultimate features\"`.")
+    method: str = Field(description='`"spectral split of penultimate features"`.')
     flagged: bool = Field(description="Whether a backdoor was confirmed (the verdict's `backdoor_found`).")
     target: int | None = Field(description="The confirmed class when there is exactly one, else `null`.")
-    suspects: int = Field(description="The split's suspect count on the screen; after unlearning, the confirmed "
-                                      "classes' suspects.")
+    suspects: int = Field(
+        description="The split's suspect count on the screen; after unlearning, the confirmed classes' suspects."
+    )
     scores: list[float | None] = Field(
         description="Per class, the separation of the two groups of its split of penultimate features (one "
-                    "Gaussian blob: about 2.66); `null` for a class with too few samples.")
-    z: float = Field(description="The top score's distance above the other classes' median, in robust standard "
-                                 "deviations.")
+        "Gaussian blob: about 2.66); `null` for a class with too few samples."
+    )
+    z: float = Field(
+        description="The top score's distance above the other classes' median, in robust standard deviations."
+    )
     min_separation: float = Field(description="Score a class's split must reach to stand out.")
     min_z: float = Field(description="`z` a class's split must reach to stand out.")
-    peaks: bool = Field(description="Whether the split also read the spatial maximum of the pooled feature map "
-                                    "(catches a patch the average dilutes).")
+    peaks: bool = Field(
+        description="Whether the split also read the spatial maximum of the pooled feature map "
+        "(catches a patch the average dilutes)."
+    )
     screened: int = Field(description="Training samples the first pass read (a class-balanced seeded draw).")
     of: int = Field(description="Training samples there were.")
     candidates: list[Candidate] = Field(description="The classes put to the test (as in `verdict.candidates`).")
@@ -201,8 +227,9 @@ class PoisonDetection(Section):
 class UnlearnRound(Section):
     round: int = Field(description="Round number, from 1.")
     suspects: int = Field(description="Suspects relabelled in this round.")
-    flipped_added: int | None = Field(None, description="Samples whose target prediction flipped and "
-                                                        "joined the next round.")
+    flipped_added: int | None = Field(
+        None, description="Samples whose target prediction flipped and joined the next round."
+    )
 
 
 class UnlearnConfig(Section):
@@ -223,15 +250,19 @@ class Unlearning(Section):
     """The fine-tune that unlearned the confirmed classes' suspects; the purified weights differ from the input's."""
 
     config: UnlearnConfig = Field(description="The fine-tune's recipe.")
-    scope: Literal["tail", "full"] = Field(description="What was trained: the part after `cut` on cached body "
-                                                       "outputs, or every layer on the images.")
+    scope: Literal["tail", "full"] = Field(
+        description="What was trained: the part after `cut` on cached body outputs, or every layer on the images."
+    )
     cut: str | None = Field(None, description="`tail` only: the traced node where the frozen body ends.")
     rounds: list[UnlearnRound] = Field(description="Per round.")
     suspects: int = Field(description="Final suspect count; the bounds are computed without these samples.")
-    scope_note: str | None = Field(None, description="Why the whole network was trained when the "
-                                                     "config asked for the tail.")
-    suspect_indices: list[int] = Field(description="The final suspects: positions in the training data as loaded, "
-                                                   "ascending. The samples to inspect, or drop before retraining.")
+    scope_note: str | None = Field(
+        None, description="Why the whole network was trained when the config asked for the tail."
+    )
+    suspect_indices: list[int] = Field(
+        description="The final suspects: positions in the training data as loaded, "
+        "ascending. The samples to inspect, or drop before retraining."
+    )
 
 
 # --------------------------------------------------------------------------- λ, statistics, sites, export
@@ -239,13 +270,16 @@ class Unlearning(Section):
 
 class LamSweepRow(Section):
     lam: float = Field(description="λ tried.")
-    samples: int = Field(description="Images scored at this λ (fewer than the sweep's when the rule could no "
-                                     "longer accept it).")
+    samples: int = Field(
+        description="Images scored at this λ (fewer than the sweep's when the rule could no longer accept it)."
+    )
     train_acc: Share = Field(description="Training accuracy of the clipped model.")
-    agreement: Share = Field(description="Share of samples on which the clipped model predicts what the unclipped "
-                                         "one does.")
-    drop_by_class: list[float | None] = Field(description="Per training label: unclipped accuracy minus clipped "
-                                                          "(positive = lost).")
+    agreement: Share = Field(
+        description="Share of samples on which the clipped model predicts what the unclipped one does."
+    )
+    drop_by_class: list[float | None] = Field(
+        description="Per training label: unclipped accuracy minus clipped (positive = lost)."
+    )
     most_affected_class: int = Field(description="Label with the largest drop, left out of `class_drop`.")
     mean_drop_others: float = Field(description="Mean drop over the other classes.")
     accepted: bool = Field(description="Whether the rule accepts this λ.")
@@ -257,7 +291,8 @@ class LamSelection(Section):
     rule: str = Field(description="The selection rule in words, with its tolerance.")
     criterion: Literal["class_drop", "agreement"] = Field(
         description="`class_drop` (the paper's recipe, or guard with nothing unlearned) or `agreement` (guard "
-                    "after unlearning: nothing may break).")
+        "after unlearning: nothing may break)."
+    )
     tolerance: float = Field(description="The rule's tolerance (a share).")
     samples: int = Field(description="Training images the sweep measured on (a seeded random subset).")
     train_acc_before: Share = Field(description="Training accuracy of the unclipped model on those images.")
@@ -276,12 +311,17 @@ class Statistics(Section):
 
 
 class Site(Section):
-    name: str = Field(description="Module path of the activation call (`layer1.0.relu1`, `#k` for its k-th call), "
-                                  "or the FX node name. Matches the keys in `bounds.safetensors`.")
-    shape: list[int] = Field(description="Shape of the bound tensor: `[C, 1, 1]` per channel, `[C, H, W]` per "
-                                         "element, `[F]` for a 2-D activation.")
-    clip_fraction: Share = Field(description="Share of the site's activations above their bound on up to 2048 "
-                                             "training images.")
+    name: str = Field(
+        description="Module path of the activation call (`layer1.0.relu1`, `#k` for its k-th call), "
+        "or the FX node name. Matches the keys in `bounds.safetensors`."
+    )
+    shape: list[int] = Field(
+        description="Shape of the bound tensor: `[C, 1, 1]` per channel, `[C, H, W]` per "
+        "element, `[F]` for a 2-D activation."
+    )
+    clip_fraction: Share = Field(
+        description="Share of the site's activations above their bound on up to 2048 training images."
+    )
 
 
 class ExportCheck(Section):
@@ -291,11 +331,13 @@ class ExportCheck(Section):
     ok: bool = Field(description="`max_abs_diff <= tolerance` (TorchScript: always `true`, a failure aborts).")
     method: Literal["script", "trace"] | None = Field(None, description="TorchScript: how it was made.")
     batch: int | None = Field(None, description="Images in the check batch.")
-    max_abs_diff: float | None = Field(None, description="Largest absolute logit difference between the "
-                                                         "reloaded file and the eager model.")
+    max_abs_diff: float | None = Field(
+        None, description="Largest absolute logit difference between the reloaded file and the eager model."
+    )
     tolerance: float | None = Field(None, description="Largest difference accepted.")
-    error: str | None = Field(None, description="torch.export: why the model did not export (then no `batch`, "
-                                                "`max_abs_diff`, `tolerance`).")
+    error: str | None = Field(
+        None, description="torch.export: why the model did not export (then no `batch`, `max_abs_diff`, `tolerance`)."
+    )
 
 
 class Export(Section):
@@ -311,11 +353,15 @@ class Metrics(Section):
 
     samples: int = Field(description="Evaluation images.")
     acc: Share | None = Field(description="Clean accuracy (`null` over zero images).")
-    per_class_acc: list[Share | None] = Field(description="Clean accuracy per true label; `null` for a label with "
-                                                          "no images.")
-    asr: Share | None = Field(None, description="With an attack, as are the fields below: attack success rate "
-                                                "over the images whose label is not their target; `null` when there "
-                                                "are none.")
+    per_class_acc: list[Share | None] = Field(
+        description="Clean accuracy per true label; `null` for a label with no images."
+    )
+    asr: Share | None = Field(
+        None,
+        description="With an attack, as are the fields below: attack success rate "
+        "over the images whose label is not their target; `null` when there "
+        "are none.",
+    )
     asr_all: Share | None = Field(None, description="ASR over all images the attack claims.")
     ra: Share | None = Field(None, description="Robust accuracy on the images `asr` counts.")
     asr_samples: int | None = Field(None, description="Images counted in `asr` and `ra`.")
@@ -344,16 +390,18 @@ class Evaluation(Section):
     data: EvalData = Field(description="The evaluation data.")
     attack: dict[str, Any] | None = Field(
         description="The trigger as `Attack.to_dict()` writes it (`name`, `target`, `mode`, `poisoning`, "
-                    "`image_size` and the attack's own parameters, which differ per attack: an open object); "
-                    "`null` without `--attack`.")
+        "`image_size` and the attack's own parameters, which differ per attack: an open object); "
+        "`null` without `--attack`."
+    )
     before: Metrics = Field(description="The suspect model.")
     after: Metrics = Field(description="The purified model.")
     der: Share | None = Field(description="Defense effectiveness rate; `null` without an attack (or with no ASR).")
     sweep_model: Literal["suspect", "unlearned"] | None = Field(
-        None, description="The model the sweep clipped: the unlearned one after guard's fine-tune.")
-    sweep: list[EvalSweepRow] | None = Field(None, description="ACC/ASR at every λ of the grid on a "
-                                                               "subset of the evaluation data; `null` with "
-                                                               "`--no-sweep`.")
+        None, description="The model the sweep clipped: the unlearned one after guard's fine-tune."
+    )
+    sweep: list[EvalSweepRow] | None = Field(
+        None, description="ACC/ASR at every λ of the grid on a subset of the evaluation data; `null` with `--no-sweep`."
+    )
 
 
 class ReactivationProtocol(Section):
@@ -371,10 +419,12 @@ class Reactivation(Section):
 
     protocol: ReactivationProtocol = Field(description="The fine-tune's settings.")
     tuned_on: int = Field(description="Training images the copy was fine-tuned on (the suspects excluded).")
-    agreement: Share | None = Field(description="Share of `agreement_on` on which the re-tuned copy predicts what the "
-                                                "purified model predicts.")
-    agreement_on: str = Field(description="Where agreement was measured: the evaluation data, or training images "
-                                          "the fine-tune did not use.")
+    agreement: Share | None = Field(
+        description="Share of `agreement_on` on which the re-tuned copy predicts what the purified model predicts."
+    )
+    agreement_on: str = Field(
+        description="Where agreement was measured: the evaluation data, or training images the fine-tune did not use."
+    )
     agreement_samples: int = Field(description="Images agreement was measured on.")
     after: Metrics | None = Field(None, description="With `--eval-data`: the re-tuned copy's metrics.")
 
@@ -390,13 +440,12 @@ class MMBDNull(Section):
 class MMBDDetection(Section):
     """MM-BD's data-free verdict (`--detect`; `clipguard.defenses.mmbd`)."""
 
-    method: str = Field(description="`\"MM-BD (Wang et al., IEEE S&P 2024)\"`.")
-    defense: str = Field(description="`\"mmbd_detect\"`.")
+    method: str = Field(description='`"MM-BD (Wang et al., IEEE S&P 2024)"`.')
+    defense: str = Field(description='`"mmbd_detect"`.')
     statistics: list[float] = Field(description="Per class, the largest margin the optimisation reached.")
     target: int = Field(description="The class with the largest statistic (the most suspicious).")
     null: MMBDNull = Field(description="The Gamma null fitted to the other classes.")
-    p_value: float | None = Field(description="Chance of a statistic this large among clean classes, under the "
-                                            "null.")
+    p_value: float | None = Field(description="Chance of a statistic this large among clean classes, under the null.")
     alpha: float = Field(description="Significance level.")
     flagged: bool = Field(description="`p_value <= alpha`.")
     images_per_class: int = Field(description="Random images each class's optimisation starts from.")
@@ -428,22 +477,27 @@ class Timings(Section):
 class Report(Section):
     """`report.json`: what was purified, with what, how, and (with test data) with what effect."""
 
-    schema_: Literal["clipguard.report/1"] = Field(alias="schema", description="The schema version; a report of "
-                                                                               "another version is refused.")
+    schema_: Literal["clipguard.report/1"] = Field(
+        alias="schema", description="The schema version; a report of another version is refused."
+    )
     clipguard_version: str = Field(description="Version of clipguard that wrote the report.")
     created: str = Field(description="When the report was written: ISO 8601, UTC, seconds.")
     inputs: Inputs = Field(description="What was purified: the model and the training data.")
     method: Literal["guard", "paper"] = Field(
         description="`guard` (detect, confirm and unlearn the poisoned samples, then clip) or `paper` (clip the "
-                    "model as given). See [method.md](method.md).")
+        "model as given). See [method.md](method.md)."
+    )
     verdict: Verdict | None = Field(description="guard only (`null` for paper).")
-    lam: float = Field(description="The λ used, given or chosen by `--lam auto`. Default 6.0 for guard when it "
-                                   "unlearned, else 4.0 (the paper's).")
+    lam: float = Field(
+        description="The λ used, given or chosen by `--lam auto`. Default 6.0 for guard when it "
+        "unlearned, else 4.0 (the paper's)."
+    )
     lam_selection: LamSelection | None = Field(description="`--lam auto` only.")
     poison_detection: PoisonDetection | None = Field(description="guard only.")
     unlearning: Unlearning | None = Field(description="guard, when a backdoor was confirmed.")
-    granularity: Literal["channel", "element"] = Field(description="One bound per channel (pooled over space) or "
-                                                                    "one per activation.")
+    granularity: Literal["channel", "element"] = Field(
+        description="One bound per channel (pooled over space) or one per activation."
+    )
     statistics: Statistics = Field(description="The images μ and σ were measured on.")
     sites: list[Site] = Field(description="One per clip site, in execution order.")
     export: Export = Field(description="The checks of the exported artifacts.")
@@ -516,13 +570,19 @@ def summarize(report: Report) -> Summary:
     ev, verdict, again = report.evaluation, report.verdict, report.reactivation
     images, seconds = report.inputs.data.samples, report.timings.bounds_s
     return Summary(
-        lam=report.lam, before=ev.before if ev else None, after=ev.after if ev else None,
+        lam=report.lam,
+        before=ev.before if ev else None,
+        after=ev.after if ev else None,
         der=ev.der if ev else None,
-        timings={k.removesuffix("_s"): v for k, v in report.timings.model_dump(exclude_unset=True).items()
-                 if isinstance(v, float | int)},
+        timings={
+            k.removesuffix("_s"): v
+            for k, v in report.timings.model_dump(exclude_unset=True).items()
+            if isinstance(v, float | int)
+        },
         bounds_images_per_s=images / seconds if images and seconds else None,
         verdict=SummaryVerdict(status=verdict.status, classes=verdict.classes) if verdict else None,
-        reactivation=SummaryReactivation(after=again.after, agreement=again.agreement) if again else None)
+        reactivation=SummaryReactivation(after=again.after, agreement=again.agreement) if again else None,
+    )
 
 
 # --------------------------------------------------------------------------- docs/report-schema.md
@@ -639,8 +699,10 @@ def _doc(model: type[BaseModel]) -> str:
 def markdown() -> str:
     """``docs/report-schema.md``: the prose above and one table per model, from the field types and descriptions."""
     sections = _sections()
-    anchors = {m: "top-level" if m is Report else paths[0].replace(".", "-").replace("[]", "").replace("*", "")
-               for m, paths in sections.items()}
+    anchors = {
+        m: "top-level" if m is Report else paths[0].replace(".", "-").replace("[]", "").replace("*", "")
+        for m, paths in sections.items()
+    }
     parts = [INTRO, VERSIONING]
     for model, paths in sections.items():
         title = "Top level" if model is Report else ", ".join(f"`{p}`" for p in paths)

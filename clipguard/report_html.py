@@ -150,7 +150,7 @@ def _mpl(text: object, limit: int = 48) -> str:
     """Text for a matplotlib label: ``$`` would start mathtext (and can raise), long names keep their tail."""
     s = str(text)
     if len(s) > limit:
-        s = "…" + s[-(limit - 1):]
+        s = "…" + s[-(limit - 1) :]
     return s.replace("$", r"\$")
 
 
@@ -222,8 +222,12 @@ def _metrics_plot(metrics: list[tuple[str, float | None, float | None]]) -> str:
         column = [m[1] if idx == 1 else m[2] for m in metrics]
         vals = [100 * v if v is not None else 0.0 for v in column]
         bars = ax.bar(xs, vals, width, label=label, color=color)
-        ax.bar_label(bars, labels=[f"{v:.1f}" if c is not None else "" for v, c in zip(vals, column, strict=True)],
-                     fontsize=8, padding=2)
+        ax.bar_label(
+            bars,
+            labels=[f"{v:.1f}" if c is not None else "" for v, c in zip(vals, column, strict=True)],
+            fontsize=8,
+            padding=2,
+        )
     ax.set_xticks(range(len(metrics)), [m[0] for m in metrics])
     ax.set_ylim(0, 112)
     ax.set_ylabel("%")
@@ -238,15 +242,19 @@ def _eval_sweep_plot(rows: list[Mapping[str, Any]], chosen: float | None) -> str
     fig = _new_figure(7.6, 3.4)
     ax = fig.add_subplot()
     lams = [float(r["lam"]) for r in rows]
-    for key, label, color, marker in (("acc", "ACC", ACC_COLOR, "o"), ("asr", "ASR", ASR_COLOR, "s"),
-                                      ("ra", "RA", RA_COLOR, "^")):
+    for key, label, color, marker in (
+        ("acc", "ACC", ACC_COLOR, "o"),
+        ("asr", "ASR", ASR_COLOR, "s"),
+        ("ra", "RA", RA_COLOR, "^"),
+    ):
         pts = [(lam, 100 * v) for lam, r in zip(lams, rows, strict=True) if (v := _num(r.get(key))) is not None]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker=marker, markersize=4, color=color, label=label)
     if chosen is not None:
         ax.axvline(chosen, color="#1f2933", linestyle="--", linewidth=1)
-        ax.annotate(f"chosen λ = {chosen:g}", (chosen, 103), xytext=(4, 0), textcoords="offset points",
-                    fontsize=8, va="center")
+        ax.annotate(
+            f"chosen λ = {chosen:g}", (chosen, 103), xytext=(4, 0), textcoords="offset points", fontsize=8, va="center"
+        )
     ax.set_xlabel("λ (bound = μ + λσ; smaller clips harder)")
     ax.set_ylabel("% of test images")
     ax.set_ylim(-3, 108)
@@ -269,14 +277,18 @@ def _selection_plot(selection: Mapping[str, Any]) -> str:
     Left axis: how much of the model's behaviour on its own training data survives each λ.
     Right axis: the rule's criterion against its tolerance, which is what actually decided.
     """
-    rows = sorted((r for r in _list(selection.get("sweep")) if isinstance(r, Mapping) and _num(r.get("lam"))
-                   is not None), key=lambda r: float(r["lam"]))
+    rows = sorted(
+        (r for r in _list(selection.get("sweep")) if isinstance(r, Mapping) and _num(r.get("lam")) is not None),
+        key=lambda r: float(r["lam"]),
+    )
     lams = [float(r["lam"]) for r in rows]
     fig = _new_figure(7.6, 3.4)
     ax = fig.add_subplot()
     lines = []
-    series = (("agreement", "agreement with the suspect model", ACC_COLOR, "o"),
-              ("train_acc", "training accuracy", RA_COLOR, "^"))
+    series = (
+        ("agreement", "agreement with the suspect model", ACC_COLOR, "o"),
+        ("train_acc", "training accuracy", RA_COLOR, "^"),
+    )
     for key, label, color, marker in series:
         pts = [(lam, 100 * v) for lam, r in zip(lams, rows, strict=True) if (v := _num(r.get(key))) is not None]
         if pts:
@@ -287,13 +299,15 @@ def _selection_plot(selection: Mapping[str, Any]) -> str:
         pts = [(lam, 100 * v) for lam, r in zip(lams, rows, strict=True) if (v := _num(r.get(crit))) is not None]
         if pts:
             ax2 = ax.twinx()
-            label = ("mean accuracy drop, other classes" if crit == "mean_drop_others"
-                     else "min agreement, other classes")
+            label = (
+                "mean accuracy drop, other classes" if crit == "mean_drop_others" else "min agreement, other classes"
+            )
             lines += ax2.plot(*zip(*pts, strict=True), marker="s", markersize=4, color=BOUND_COLOR, label=label)
             if tol is not None:
                 limit = 100 * (tol if crit == "mean_drop_others" else 1 - tol)
-                lines.append(ax2.axhline(limit, color=BOUND_COLOR, linestyle=":", linewidth=1.2,
-                                         label=f"tolerance ({limit:g}%)"))
+                lines.append(
+                    ax2.axhline(limit, color=BOUND_COLOR, linestyle=":", linewidth=1.2, label=f"tolerance ({limit:g}%)")
+                )
             ax2.set_ylabel("criterion, %", color="#b45309")
             ax2.tick_params(colors="#b45309")
             ax2.set_ylim(bottom=0)
@@ -301,8 +315,15 @@ def _selection_plot(selection: Mapping[str, Any]) -> str:
     chosen = _num(selection.get("chosen"))
     if chosen is not None:
         ax.axvline(chosen, color="#1f2933", linestyle="--", linewidth=1)
-        ax.annotate(f"accepted λ = {chosen:g}", (chosen, 0.03), xycoords=("data", "axes fraction"),
-                    xytext=(-4, 0), textcoords="offset points", fontsize=8, ha="right")
+        ax.annotate(
+            f"accepted λ = {chosen:g}",
+            (chosen, 0.03),
+            xycoords=("data", "axes fraction"),
+            xytext=(-4, 0),
+            textcoords="offset points",
+            fontsize=8,
+            ha="right",
+        )
     ax.set_xlabel("λ")
     ax.set_ylabel("% of training samples")
     fig.legend(handles=lines, frameon=False, loc="outside lower center", ncols=2, fontsize=8)
@@ -348,30 +369,37 @@ def _histogram_plot(items: list[tuple[str, Any, Any, float | None]]) -> str:
         if hi <= lo:
             hi = lo + 1.0
         edges = np.linspace(lo, hi, 61)
-        ax.hist(values, bins=edges, color=AFTER_COLOR, alpha=0.85, label="activations", log=True,
-                histtype="stepfilled")
+        ax.hist(values, bins=edges, color=AFTER_COLOR, alpha=0.85, label="activations", log=True, histtype="stepfilled")
         ax.set_ylabel("activations", fontsize=8)
         ax.yaxis.set_minor_locator(NullLocator())  # log-axis minor ticks cost time and add nothing here
         if bounds.size:
             ax2 = ax.twinx()
-            ax2.hist(bounds, bins=edges, color=BOUND_COLOR, alpha=0.55, label="bounds (per node)",
-                     histtype="stepfilled")
+            ax2.hist(
+                bounds, bins=edges, color=BOUND_COLOR, alpha=0.55, label="bounds (per node)", histtype="stepfilled"
+            )
             ax2.set_ylabel("nodes", fontsize=8, color="#b45309")
             ax2.tick_params(labelsize=7, colors="#b45309")
             ax2.spines[["top"]].set_visible(False)
             med = float(np.median(bounds))
             ax.axvline(med, color="#b45309", linestyle="--", linewidth=1)
             above = float((values > med).mean())
-            ax.text(0.98, 0.95, f"median bound {med:.3g}\n{100 * above:.2f}% of values above it",
-                    transform=ax.transAxes, ha="right", va="top", fontsize=7,
-                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1.5})
+            ax.text(
+                0.98,
+                0.95,
+                f"median bound {med:.3g}\n{100 * above:.2f}% of values above it",
+                transform=ax.transAxes,
+                ha="right",
+                va="top",
+                fontsize=7,
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1.5},
+            )
         title = _mpl(name, 40)
         if fraction is not None:
             title += f"  (clipped {100 * fraction:.2f}%)"
         ax.set_title(title, fontsize=9, fontfamily="monospace")
         ax.tick_params(labelsize=7)
         ax.spines[["top"]].set_visible(False)
-    for ax in axes[len(items):]:
+    for ax in axes[len(items) :]:
         ax.set_visible(False)
     handles = [
         _patch(AFTER_COLOR, 0.85, "sampled training activations (log count)"),
@@ -400,29 +428,46 @@ def _header(report: Mapping[str, Any]) -> str:
     size = "×".join(str(x) for x in _list(model.get("input_size")))
     classes = _list(data.get("classes"))
     rows = [
-        ("Model", f"<code>{_esc(arch)}</code>"
-                  + (f", {_esc(model.get('num_classes'))} classes" if model.get("num_classes") is not None else "")
-                  + (f", input {_esc(size)}" if size else "")),
+        (
+            "Model",
+            f"<code>{_esc(arch)}</code>"
+            + (f", {_esc(model.get('num_classes'))} classes" if model.get("num_classes") is not None else "")
+            + (f", input {_esc(size)}" if size else ""),
+        ),
         ("Weights", f"<code>{_esc(model.get('weights') or '—')}</code> · sha256 {_short_hash(model.get('sha256'))}"),
         ("Training data", f"<code>{_esc(data.get('ref') or '—')}</code> · sha256 {_short_hash(data.get('sha256'))}"),
-        ("Samples", _esc(data.get("samples", "—"))
-                    + (f" in {len(classes)} classes" if classes else "")
-                    + (f", images {_esc('×'.join(str(x) for x in _list(data.get('image_size'))))}"
-                       if _list(data.get("image_size")) else "")),
+        (
+            "Samples",
+            _esc(data.get("samples", "—"))
+            + (f" in {len(classes)} classes" if classes else "")
+            + (
+                f", images {_esc('×'.join(str(x) for x in _list(data.get('image_size'))))}"
+                if _list(data.get("image_size"))
+                else ""
+            ),
+        ),
         ("Method", f"{_esc(report.get('method') or '—')}, {_esc(report.get('granularity') or '—')} granularity"),
         ("λ", _esc(lam_text)),
-        ("Device", _esc(report.get("device") or "—")
-                   + (f" · torch {_esc(report['torch_version'])}" if report.get("torch_version") else "")),
+        (
+            "Device",
+            _esc(report.get("device") or "—")
+            + (f" · torch {_esc(report['torch_version'])}" if report.get("torch_version") else ""),
+        ),
         ("Total time", _seconds(_dict(report.get("timings")).get("total_s"))),
         ("Created", _esc(report.get("created") or "—")),
-        ("clipguard", _esc(report.get("clipguard_version") or "—")
-                      + (f" · schema <code>{_esc(report['schema'])}</code>" if report.get("schema") else "")),
+        (
+            "clipguard",
+            _esc(report.get("clipguard_version") or "—")
+            + (f" · schema <code>{_esc(report['schema'])}</code>" if report.get("schema") else ""),
+        ),
     ]
     if model.get("mean") or model.get("std"):
         rows.insert(1, ("Normalisation", f"mean {_inline(model.get('mean'))}, std {_inline(model.get('std'))}"))
     sub = f"{_esc(arch)} purified with λ = {_esc(lam)} on {_esc(data.get('samples', '?'))} training samples"
-    return (f"<header><h1>clipguard purification report</h1><p class=\"sub\">{sub}</p></header>"
-            f"{_cards(report)}<section><h2>Run</h2>{_kv_table(rows)}</section>")
+    return (
+        f'<header><h1>clipguard purification report</h1><p class="sub">{sub}</p></header>'
+        f"{_cards(report)}<section><h2>Run</h2>{_kv_table(rows)}</section>"
+    )
 
 
 def _cards(report: Mapping[str, Any]) -> str:
@@ -435,16 +480,24 @@ def _cards(report: Mapping[str, Any]) -> str:
         if b is None and a is None:
             continue
         cls = "" if b is None or a is None or abs(a - b) < 5e-5 else ("good" if (a > b) == higher else "bad")
-        cards.append(f'<div class="card"><div class="label">{label}</div><div class="value">{_pct(b)}'
-                     f'<span class="arrow">→</span><span class="{cls}">{_pct(a)}</span></div></div>')
+        cards.append(
+            f'<div class="card"><div class="label">{label}</div><div class="value">{_pct(b)}'
+            f'<span class="arrow">→</span><span class="{cls}">{_pct(a)}</span></div></div>'
+        )
     if _num(ev.get("der")) is not None:
-        cards.append(f'<div class="card"><div class="label">DER (BackdoorBench)</div>'
-                     f'<div class="value">{_pct(ev.get("der"))}</div></div>')
+        cards.append(
+            f'<div class="card"><div class="label">DER (BackdoorBench)</div>'
+            f'<div class="value">{_pct(ev.get("der"))}</div></div>'
+        )
     if not cards:
-        return ('<p class="note">No evaluation in this report: give <code>--eval-data</code> (and '
-                "<code>--attack</code>) to measure ACC and ASR before and after.</p>")
-    cards.append(f'<div class="card"><div class="label">λ</div><div class="value">{_esc(_lam(report.get("lam")))}'
-                 f'{" <small>(auto)</small>" if report.get("lam_selection") else ""}</div></div>')
+        return (
+            '<p class="note">No evaluation in this report: give <code>--eval-data</code> (and '
+            "<code>--attack</code>) to measure ACC and ASR before and after.</p>"
+        )
+    cards.append(
+        f'<div class="card"><div class="label">λ</div><div class="value">{_esc(_lam(report.get("lam")))}'
+        f"{' <small>(auto)</small>' if report.get('lam_selection') else ''}</div></div>"
+    )
     return f'<div class="cards">{"".join(cards)}</div>'
 
 
@@ -453,32 +506,43 @@ def _evaluation(report: Mapping[str, Any]) -> str:
     if not ev:
         return ""
     before, after = _dict(ev.get("before")), _dict(ev.get("after"))
-    metrics = (("acc", "ACC", "clean accuracy", True),
-               ("asr", "ASR", "triggered non-target images sent to the target", False),
-               ("asr_all", "ASR (all)", "as ASR, target-class images included", False),
-               ("ra", "RA", "triggered non-target images still correctly classified", True))
+    metrics = (
+        ("acc", "ACC", "clean accuracy", True),
+        ("asr", "ASR", "triggered non-target images sent to the target", False),
+        ("asr_all", "ASR (all)", "as ASR, target-class images included", False),
+        ("ra", "RA", "triggered non-target images still correctly classified", True),
+    )
     rows, plotted = [], []
     for key, label, meaning, higher in metrics:
         b, a = before.get(key), after.get(key)
         if _num(b) is None and _num(a) is None:
             continue
-        rows.append(f"<tr><td><b>{label}</b></td><td>{meaning}</td><td class=\"num\">{_pct(b)}</td>"
-                    f"<td class=\"num\">{_pct(a)}</td><td class=\"num\">{_delta_pp(b, a, higher)}</td></tr>")
+        rows.append(
+            f'<tr><td><b>{label}</b></td><td>{meaning}</td><td class="num">{_pct(b)}</td>'
+            f'<td class="num">{_pct(a)}</td><td class="num">{_delta_pp(b, a, higher)}</td></tr>'
+        )
         if key != "asr_all":
             plotted.append((label, _num(b), _num(a)))
     if _num(ev.get("der")) is not None:
-        rows.append(f"<tr><td><b>DER</b></td><td>[max(0, ΔASR) − max(0, ΔACC) + 1] / 2</td><td></td>"
-                    f"<td class=\"num\">{_pct(ev.get('der'))}</td><td></td></tr>")
+        rows.append(
+            f"<tr><td><b>DER</b></td><td>[max(0, ΔASR) − max(0, ΔACC) + 1] / 2</td><td></td>"
+            f'<td class="num">{_pct(ev.get("der"))}</td><td></td></tr>'
+        )
     data = _dict(ev.get("data"))
     facts = []
     if data:
-        facts.append(f"Evaluated on <code>{_esc(data.get('ref') or '—')}</code> ({_esc(data.get('samples', '?'))} "
-                     f"images, sha256 {_short_hash(data.get('sha256'))})")
+        facts.append(
+            f"Evaluated on <code>{_esc(data.get('ref') or '—')}</code> ({_esc(data.get('samples', '?'))} "
+            f"images, sha256 {_short_hash(data.get('sha256'))})"
+        )
     attack = ev.get("attack")
     if isinstance(attack, Mapping) and attack:
         name = attack.get("name") or attack.get("attack") or "attack"
-        params = ", ".join(f"{_esc(k)}={_short_hash(v) if str(k).endswith('sha256') else _inline(v)}"
-                           for k, v in attack.items() if k not in ("name", "attack"))
+        params = ", ".join(
+            f"{_esc(k)}={_short_hash(v) if str(k).endswith('sha256') else _inline(v)}"
+            for k, v in attack.items()
+            if k not in ("name", "attack")
+        )
         facts.append(f"trigger <b>{_esc(name)}</b>" + (f" ({params})" if params else ""))
     elif attack is None:
         facts.append("no attack given, so no ASR")
@@ -489,9 +553,11 @@ def _evaluation(report: Mapping[str, Any]) -> str:
     if facts:
         out.append(f'<p class="note">{"; ".join(facts)}.</p>')
     if rows:
-        out.append('<table><thead><tr><th>Metric</th><th>Meaning</th><th class="num">Before</th>'
-                   f'<th class="num">After</th><th class="num">Change</th></tr></thead><tbody>{"".join(rows)}'
-                   "</tbody></table>")
+        out.append(
+            '<table><thead><tr><th>Metric</th><th>Meaning</th><th class="num">Before</th>'
+            f'<th class="num">After</th><th class="num">Change</th></tr></thead><tbody>{"".join(rows)}'
+            "</tbody></table>"
+        )
     if plotted:
         out.append(_metrics_plot(plotted))
     out.append("</section>")
@@ -509,8 +575,10 @@ def _lambda(report: Mapping[str, Any]) -> str:
     if sweep:
         out.append("<h3>ACC and ASR on the evaluation data against λ</h3>")
         if ev.get("sweep_model") == "unlearned":
-            out.append('<p class="note">Clipping the unlearned model (method guard) at each λ; the "before" '
-                       "numbers above are the suspect model's.</p>")
+            out.append(
+                '<p class="note">Clipping the unlearned model (method guard) at each λ; the "before" '
+                "numbers above are the suspect model's.</p>"
+            )
         out.append(_eval_sweep_plot(sweep, _num(report.get("lam"))))
     if sel_rows:
         out.append("<h3>Training-data evidence for <code>--lam auto</code></h3>")
@@ -566,7 +634,7 @@ def _selection_table(report: Mapping[str, Any], rows: list[Mapping[str, Any]]) -
         early = f" (certain after {int(scored)} images)" if scored is not None and total and scored < total else ""
         cells.append('<td class="ok">yes</td>' if r.get("accepted") else f"<td>no{_esc(early)}</td>")
         body.append(f"<tr>{''.join(cells)}</tr>")
-    return f'<table><thead><tr>{"".join(head)}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return f"<table><thead><tr>{''.join(head)}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 def _sites(report: Mapping[str, Any]) -> str:
@@ -575,20 +643,26 @@ def _sites(report: Mapping[str, Any]) -> str:
         return ""
     total = sum(_num(s.get("clip_fraction")) or 0.0 for s in sites)
     top = max(sites, key=lambda s: _num(s.get("clip_fraction")) or 0.0)
-    note = (f"{len(sites)} activation sites in execution order; mean clipped share "
-            f"{_pct(total / len(sites))}, most at <code>{_esc(top.get('name'))}</code> "
-            f"({_pct(top.get('clip_fraction'))}).")
+    note = (
+        f"{len(sites)} activation sites in execution order; mean clipped share "
+        f"{_pct(total / len(sites))}, most at <code>{_esc(top.get('name'))}</code> "
+        f"({_pct(top.get('clip_fraction'))})."
+    )
     rows = "".join(
-        f"<tr><td class=\"num\">{i}</td><td><code>{_esc(s.get('name'))}</code></td>"
-        f"<td class=\"mono\">{_esc('×'.join(str(x) for x in _list(s.get('shape'))) or '—')}</td>"
-        f"<td class=\"num\">{_pct(s.get('clip_fraction'), 3)}</td></tr>"
+        f'<tr><td class="num">{i}</td><td><code>{_esc(s.get("name"))}</code></td>'
+        f'<td class="mono">{_esc("×".join(str(x) for x in _list(s.get("shape"))) or "—")}</td>'
+        f'<td class="num">{_pct(s.get("clip_fraction"), 3)}</td></tr>'
         for i, s in enumerate(sites)
     )
-    table = ('<details><summary>Site table</summary><div class="scroll"><table><thead><tr><th class="num">#</th>'
-             '<th>site</th><th>bound shape</th><th class="num">clipped</th></tr></thead>'
-             f"<tbody>{rows}</tbody></table></div></details>")
-    return (f"<section><h2>Activations clipped per site</h2><p class=\"note\">{note}</p>"
-            f"{_clip_fraction_plot(sites)}{table}</section>")
+    table = (
+        '<details><summary>Site table</summary><div class="scroll"><table><thead><tr><th class="num">#</th>'
+        '<th>site</th><th>bound shape</th><th class="num">clipped</th></tr></thead>'
+        f"<tbody>{rows}</tbody></table></div></details>"
+    )
+    return (
+        f'<section><h2>Activations clipped per site</h2><p class="note">{note}</p>'
+        f"{_clip_fraction_plot(sites)}{table}</section>"
+    )
 
 
 def _histograms(report: Mapping[str, Any], activations: Mapping[str, Mapping[str, Any]] | None) -> str:
@@ -596,8 +670,9 @@ def _histograms(report: Mapping[str, Any], activations: Mapping[str, Mapping[str
         return ""
     import numpy as np
 
-    fractions = {str(s.get("name")): _num(s.get("clip_fraction"))
-                 for s in _list(report.get("sites")) if isinstance(s, Mapping)}
+    fractions = {
+        str(s.get("name")): _num(s.get("clip_fraction")) for s in _list(report.get("sites")) if isinstance(s, Mapping)
+    }
     items = []
     for name, entry in activations.items():
         if not isinstance(entry, Mapping):
@@ -611,10 +686,12 @@ def _histograms(report: Mapping[str, Any], activations: Mapping[str, Mapping[str
         return ""
     items.sort(key=lambda it: -(it[3] or 0.0))
     items = items[:MAX_HISTOGRAMS]
-    return ("<section><h2>Activation histograms, most-clipped sites</h2><p class=\"note\">Sampled training "
-            "activations per site (log scale) and the distribution of that site's per-node bounds; everything "
-            "right of a node's bound is cut to it. A backdoor shows as a far tail that the bounds sit well "
-            "inside.</p>" + _histogram_plot(items) + "</section>")
+    return (
+        '<section><h2>Activation histograms, most-clipped sites</h2><p class="note">Sampled training '
+        "activations per site (log scale) and the distribution of that site's per-node bounds; everything "
+        "right of a node's bound is cut to it. A backdoor shows as a far tail that the bounds sit well "
+        "inside.</p>" + _histogram_plot(items) + "</section>"
+    )
 
 
 def _per_class(report: Mapping[str, Any]) -> str:
@@ -625,19 +702,24 @@ def _per_class(report: Mapping[str, Any]) -> str:
     if not n:
         return ""
     names = _class_names(report, n)
-    pairs = [(_num(before[i]) if i < len(before) else None, _num(after[i]) if i < len(after) else None)
-             for i in range(n)]
+    pairs = [
+        (_num(before[i]) if i < len(before) else None, _num(after[i]) if i < len(after) else None) for i in range(n)
+    ]
     worst = max(range(n), key=lambda i: (pairs[i][0] or 0.0) - (pairs[i][1] or 0.0))
     rows = []
     for i, (b, a) in enumerate(pairs):
         bar = f'<span class="bar" style="width:{round(80 * a) if a is not None else 0}px"></span>'
         mark = " ◀ largest drop" if i == worst and b is not None and a is not None and b - a > 0.0005 else ""
-        rows.append(f"<tr><td class=\"num\">{i}</td><td>{_esc(names[i])}<span class=\"bad\">{mark}</span></td>"
-                    f"<td class=\"num\">{_pct(b)}</td><td class=\"num\">{_pct(a)}</td>"
-                    f"<td class=\"num\">{_delta_pp(b, a, True)}</td><td>{bar}</td></tr>")
-    return ("<section><h2>Per-class accuracy</h2><div class=\"scroll\"><table><thead><tr><th class=\"num\">#</th>"
-            "<th>class</th><th class=\"num\">Before</th><th class=\"num\">After</th><th class=\"num\">Change</th>"
-            f"<th>after</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div></section>")
+        rows.append(
+            f'<tr><td class="num">{i}</td><td>{_esc(names[i])}<span class="bad">{mark}</span></td>'
+            f'<td class="num">{_pct(b)}</td><td class="num">{_pct(a)}</td>'
+            f'<td class="num">{_delta_pp(b, a, True)}</td><td>{bar}</td></tr>'
+        )
+    return (
+        '<section><h2>Per-class accuracy</h2><div class="scroll"><table><thead><tr><th class="num">#</th>'
+        '<th>class</th><th class="num">Before</th><th class="num">After</th><th class="num">Change</th>'
+        f"<th>after</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div></section>"
+    )
 
 
 def _detection(report: Mapping[str, Any]) -> str:
@@ -646,22 +728,33 @@ def _detection(report: Mapping[str, Any]) -> str:
     if not det:
         return ""
     flagged = bool(det.get("flagged"))
-    verdict = ('<span class="fail">backdoor suspected</span>' if flagged
-               else '<span class="ok">no backdoor detected</span>')
+    verdict = (
+        '<span class="fail">backdoor suspected</span>' if flagged else '<span class="ok">no backdoor detected</span>'
+    )
     p = _num(det.get("p_value"))
     stats = det.get("statistics") or []
-    cells = "".join(f"<td class=\"num\">{_esc(f'{float(v):.2f}')}</td>" for v in stats)
-    heads = "".join(f"<th class=\"num\">{i}</th>" for i in range(len(stats)))
-    return (f"<section><h2>Is this model backdoored?</h2><p>{_esc(det.get('method') or 'MM-BD')}: {verdict} "
-            f"(p = {'—' if p is None else f'{p:.3g}'}; most suspicious class {_esc(det.get('target'))}). "
-            "The statistic per class is the largest logit margin that gradient ascent on inputs reaches; "
-            "a backdoor target stands out from a Gamma fit to the others.</p>"
-            + (f"<table><thead><tr><th>class</th>{heads}</tr></thead><tbody><tr><td>max margin</td>{cells}</tr>"
-               "</tbody></table>" if stats else "") + "</section>")
+    cells = "".join(f'<td class="num">{_esc(f"{float(v):.2f}")}</td>' for v in stats)
+    heads = "".join(f'<th class="num">{i}</th>' for i in range(len(stats)))
+    return (
+        f"<section><h2>Is this model backdoored?</h2><p>{_esc(det.get('method') or 'MM-BD')}: {verdict} "
+        f"(p = {'—' if p is None else f'{p:.3g}'}; most suspicious class {_esc(det.get('target'))}). "
+        "The statistic per class is the largest logit margin that gradient ascent on inputs reaches; "
+        "a backdoor target stands out from a Gamma fit to the others.</p>"
+        + (
+            f"<table><thead><tr><th>class</th>{heads}</tr></thead><tbody><tr><td>max margin</td>{cells}</tr>"
+            "</tbody></table>"
+            if stats
+            else ""
+        )
+        + "</section>"
+    )
 
 
-VERDICT_WORDS = {"backdoor_found": ("fail", "Backdoor found"), "no_evidence": ("ok", "No evidence of a backdoor"),
-                 "inconclusive": ("warn", "Inconclusive")}
+VERDICT_WORDS = {
+    "backdoor_found": ("fail", "Backdoor found"),
+    "no_evidence": ("ok", "No evidence of a backdoor"),
+    "inconclusive": ("warn", "Inconclusive"),
+}
 
 
 def _verdict(report: Mapping[str, Any]) -> str:
@@ -673,29 +766,45 @@ def _verdict(report: Mapping[str, Any]) -> str:
     rows = []
     for c in (_dict(x) for x in _list(verdict.get("candidates"))):
         s, g = _dict(c.get("suspects_graft")), _dict(c.get("genuine_graft"))
-        state = ('<span class="fail">confirmed</span>' + (f" ({_esc(c.get('kind'))})" if c.get("kind") else "")
-                 if c.get("confirmed") else ('<span class="warn">not confirmed</span>' if c.get("unresolved")
-                                             else '<span class="ok">dismissed</span>'))
-        rows.append(f"<tr><td class=\"num\">{_esc(c.get('class'))}</td><td>{_esc(c.get('why_tested'))}</td>"
-                    f"<td class=\"num\">{_fixed(c.get('screen_score'))}</td>"
-                    f"<td class=\"num\">{_fixed(c.get('z'), 1)}</td>"
-                    f"<td class=\"num\">{_fixed(c.get('whole_class_score'))}</td>"
-                    f"<td class=\"num\">{_esc(c.get('suspects'))}</td>"
-                    f"<td class=\"num\">{_pct(_num(s.get('broad')), 0)} / {_pct(_num(s.get('strongest')), 0)}</td>"
-                    f"<td class=\"num\">{_pct(_num(g.get('broad')), 0)} / {_pct(_num(g.get('strongest')), 0)}</td>"
-                    f"<td>{state}</td></tr>")
-    table = ("<table><thead><tr><th class=\"num\">class</th><th>why tested</th><th class=\"num\">split</th>"
-             "<th class=\"num\">z</th><th class=\"num\">whole class</th><th class=\"num\">suspects</th>"
-             "<th class=\"num\">suspects' graft: median / best source</th>"
-             "<th class=\"num\">genuine graft</th><th>outcome</th></tr></thead>"
-             f"<tbody>{''.join(rows)}</tbody></table>") if rows else ""
-    return (f"<section><h2>Verdict</h2><p class=\"verdict\"><span class=\"{css}\">{_esc(words)}</span>: "
-            f"{_esc(verdict.get('summary'))}</p><p><b>Done:</b> {_esc(verdict.get('action'))}.</p>{table}"
-            "<p class=\"note\">A candidate is a class whose penultimate features split into a separate group, or "
-            "whose split's smaller group carries a pattern that moves decisions. It is confirmed only when that "
-            "group's per-pixel look, grafted onto images of the other classes, sends them to the class far more often "
-            "than the genuine group's look does: a trigger transfers, a natural mode of a class does not. Only "
-            "confirmed classes are unlearned.</p></section>")
+        state = (
+            '<span class="fail">confirmed</span>' + (f" ({_esc(c.get('kind'))})" if c.get("kind") else "")
+            if c.get("confirmed")
+            else (
+                '<span class="warn">not confirmed</span>'
+                if c.get("unresolved")
+                else '<span class="ok">dismissed</span>'
+            )
+        )
+        rows.append(
+            f'<tr><td class="num">{_esc(c.get("class"))}</td><td>{_esc(c.get("why_tested"))}</td>'
+            f'<td class="num">{_fixed(c.get("screen_score"))}</td>'
+            f'<td class="num">{_fixed(c.get("z"), 1)}</td>'
+            f'<td class="num">{_fixed(c.get("whole_class_score"))}</td>'
+            f'<td class="num">{_esc(c.get("suspects"))}</td>'
+            f'<td class="num">{_pct(_num(s.get("broad")), 0)} / {_pct(_num(s.get("strongest")), 0)}</td>'
+            f'<td class="num">{_pct(_num(g.get("broad")), 0)} / {_pct(_num(g.get("strongest")), 0)}</td>'
+            f"<td>{state}</td></tr>"
+        )
+    table = (
+        (
+            '<table><thead><tr><th class="num">class</th><th>why tested</th><th class="num">split</th>'
+            '<th class="num">z</th><th class="num">whole class</th><th class="num">suspects</th>'
+            '<th class="num">suspects\' graft: median / best source</th>'
+            '<th class="num">genuine graft</th><th>outcome</th></tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>"
+        )
+        if rows
+        else ""
+    )
+    return (
+        f'<section><h2>Verdict</h2><p class="verdict"><span class="{css}">{_esc(words)}</span>: '
+        f"{_esc(verdict.get('summary'))}</p><p><b>Done:</b> {_esc(verdict.get('action'))}.</p>{table}"
+        '<p class="note">A candidate is a class whose penultimate features split into a separate group, or '
+        "whose split's smaller group carries a pattern that moves decisions. It is confirmed only when that "
+        "group's per-pixel look, grafted onto images of the other classes, sends them to the class far more often "
+        "than the genuine group's look does: a trigger transfers, a natural mode of a class does not. Only "
+        "confirmed classes are unlearned.</p></section>"
+    )
 
 
 def _fixed(value: object, digits: int = 2) -> str:
@@ -710,26 +819,40 @@ def _poison(report: Mapping[str, Any]) -> str:
         return ""
     scores = _list(found.get("scores"))
     targets = set(_list(found.get("targets")))
-    heads = "".join(f"<th class=\"num\">{i}</th>" for i in range(len(scores)))
-    cells = "".join(f"<td class=\"num{' fail' if i in targets else ''}\">"
-                    f"{'—' if v is None else _esc(f'{float(v):.3f}')}</td>" for i, v in enumerate(scores))
+    heads = "".join(f'<th class="num">{i}</th>' for i in range(len(scores)))
+    cells = "".join(
+        f'<td class="num{" fail" if i in targets else ""}">{"—" if v is None else _esc(f"{float(v):.3f}")}</td>'
+        for i, v in enumerate(scores)
+    )
     unl = _dict(report.get("unlearning"))
     if unl:
-        rounds = "; ".join(f"round {_esc(r.get('round'))}: {_esc(r.get('suspects'))} suspects"
-                           + (f", {_esc(r['flipped_added'])} flips added" if r.get("flipped_added") is not None else "")
-                           for r in _list(unl.get("rounds")))
-        done = (f"{_esc(unl.get('suspects'))} training samples relabelled and unlearned ({rounds}). The purified "
-                "model's weights differ from the input's; its bounds come from the training data without the "
-                "suspects.")
+        rounds = "; ".join(
+            f"round {_esc(r.get('round'))}: {_esc(r.get('suspects'))} suspects"
+            + (f", {_esc(r['flipped_added'])} flips added" if r.get("flipped_added") is not None else "")
+            for r in _list(unl.get("rounds"))
+        )
+        done = (
+            f"{_esc(unl.get('suspects'))} training samples relabelled and unlearned ({rounds}). The purified "
+            "model's weights differ from the input's; its bounds come from the training data without the "
+            "suspects."
+        )
     else:
         done = "Nothing was unlearned: the model was clipped as given (the paper's recipe)."
-    return ("<section><h2>Poisoned training data</h2><p>" + done + "</p><p class=\"note\">Per class, the "
-            "penultimate features are split in two (Otsu) along the best of 36 directions in the plane of their "
-            "top two principal directions, and the score is how far apart the "
-            "groups are, in pooled standard deviations (one Gaussian blob: about 2.7)."
-            + _screened(found) + "</p>"
-            + (f"<table><thead><tr><th>class</th>{heads}</tr></thead><tbody><tr><td>split score</td>{cells}</tr>"
-               "</tbody></table>" if scores else "") + "</section>")
+    return (
+        "<section><h2>Poisoned training data</h2><p>" + done + '</p><p class="note">Per class, the '
+        "penultimate features are split in two (Otsu) along the best of 36 directions in the plane of their "
+        "top two principal directions, and the score is how far apart the "
+        "groups are, in pooled standard deviations (one Gaussian blob: about 2.7)."
+        + _screened(found)
+        + "</p>"
+        + (
+            f"<table><thead><tr><th>class</th>{heads}</tr></thead><tbody><tr><td>split score</td>{cells}</tr>"
+            "</tbody></table>"
+            if scores
+            else ""
+        )
+        + "</section>"
+    )
 
 
 def _screened(found: Mapping[str, Any]) -> str:
@@ -737,8 +860,10 @@ def _screened(found: Mapping[str, Any]) -> str:
     screened, total = found.get("screened"), found.get("of")
     if not isinstance(screened, int) or not isinstance(total, int) or screened >= total:
         return ""
-    return (f" Scores from a class-balanced sample of {screened:,} of the {total:,} training samples; each "
-            "candidate class was then read whole to be confirmed and to name every suspect.")
+    return (
+        f" Scores from a class-balanced sample of {screened:,} of the {total:,} training samples; each "
+        "candidate class was then read whole to be confirmed and to name every suspect."
+    )
 
 
 def _reactivation(report: Mapping[str, Any]) -> str:
@@ -750,11 +875,13 @@ def _reactivation(report: Mapping[str, Any]) -> str:
     after = _dict(again.get("after"))
     asr = f", ASR {_pct(_num(after.get('asr')), 1)}" if "asr" in after else ""
     numbers = f"ACC {_pct(_num(after.get('acc')), 1)}{asr}; " if after else ""
-    return ("<section><h2>Does the backdoor come back?</h2><p>After fine-tuning a copy of the purified model for "
-            f"{_esc(protocol.get('epochs'))} epochs on {_esc(again.get('tuned_on'))} training images without the "
-            f"suspects (lr {_esc(protocol.get('lr'))}, batch {_esc(protocol.get('batch_size'))}): {numbers}"
-            f"it agrees with the purified model on {_pct(_num(again.get('agreement')), 1)} of "
-            f"{_esc(again.get('agreement_samples'))} {_esc(again.get('agreement_on'))}.</p></section>")
+    return (
+        "<section><h2>Does the backdoor come back?</h2><p>After fine-tuning a copy of the purified model for "
+        f"{_esc(protocol.get('epochs'))} epochs on {_esc(again.get('tuned_on'))} training images without the "
+        f"suspects (lr {_esc(protocol.get('lr'))}, batch {_esc(protocol.get('batch_size'))}): {numbers}"
+        f"it agrees with the purified model on {_pct(_num(again.get('agreement')), 1)} of "
+        f"{_esc(again.get('agreement_samples'))} {_esc(again.get('agreement_on'))}.</p></section>"
+    )
 
 
 def _export(report: Mapping[str, Any]) -> str:
@@ -774,13 +901,17 @@ def _export(report: Mapping[str, Any]) -> str:
         if c.get("error"):
             detail.append(f"<code>{_esc(c['error'])}</code>")
         diff, tol = _num(c.get("max_abs_diff")), _num(c.get("tolerance"))
-        rows.append(f"<tr><td><b>{_esc(c.get('format') or key)}</b></td><td>{status}</td>"
-                    f"<td class=\"num\">{'—' if diff is None else f'{diff:.2e}'}</td>"
-                    f"<td class=\"num\">{'—' if tol is None else f'{tol:.0e}'}</td><td>{', '.join(detail)}</td></tr>")
-    return ("<section><h2>Export checks</h2><p class=\"note\">Each artifact was loaded back and compared with the "
-            "clipped model on real training images.</p><table><thead><tr><th>format</th><th>status</th>"
-            "<th class=\"num\">max |Δ logit|</th><th class=\"num\">tolerance</th><th>details</th></tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table></section>")
+        rows.append(
+            f"<tr><td><b>{_esc(c.get('format') or key)}</b></td><td>{status}</td>"
+            f'<td class="num">{"—" if diff is None else f"{diff:.2e}"}</td>'
+            f'<td class="num">{"—" if tol is None else f"{tol:.0e}"}</td><td>{", ".join(detail)}</td></tr>'
+        )
+    return (
+        '<section><h2>Export checks</h2><p class="note">Each artifact was loaded back and compared with the '
+        "clipped model on real training images.</p><table><thead><tr><th>format</th><th>status</th>"
+        '<th class="num">max |Δ logit|</th><th class="num">tolerance</th><th>details</th></tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></section>"
+    )
 
 
 def _timings(report: Mapping[str, Any]) -> str:
@@ -794,18 +925,24 @@ def _timings(report: Mapping[str, Any]) -> str:
         share = float(value) / total if total and key != "total_s" else None
         bar = f'<span class="bar" style="width:{round(160 * min(share, 1.0))}px"></span>' if share is not None else ""
         weight = ("<b>", "</b>") if key == "total_s" else ("", "")
-        rows.append(f"<tr><td>{weight[0]}{_esc(label)}{weight[1]}</td><td class=\"num\">{_seconds(value)}</td>"
-                    f"<td class=\"num\">{_pct(share, 0) if share is not None else ''}</td><td>{bar}</td></tr>")
-    return ("<section><h2>Timings</h2><table><thead><tr><th>stage</th><th class=\"num\">time</th>"
-            f"<th class=\"num\">share</th><th></th></tr></thead><tbody>{''.join(rows)}</tbody></table></section>")
+        rows.append(
+            f'<tr><td>{weight[0]}{_esc(label)}{weight[1]}</td><td class="num">{_seconds(value)}</td>'
+            f'<td class="num">{_pct(share, 0) if share is not None else ""}</td><td>{bar}</td></tr>'
+        )
+    return (
+        '<section><h2>Timings</h2><table><thead><tr><th>stage</th><th class="num">time</th>'
+        f'<th class="num">share</th><th></th></tr></thead><tbody>{"".join(rows)}</tbody></table></section>'
+    )
 
 
 def _footer(report: Mapping[str, Any]) -> str:
     artifacts = _list(report.get("artifacts"))
     files = ", ".join(f"<code>{_esc(a)}</code>" for a in artifacts)
-    return (f"<footer>{'Artifacts: ' + files + '. ' if files else ''}Generated by clipguard "
-            f"{_esc(report.get('clipguard_version') or '')}; the machine-readable record is "
-            "<code>report.json</code>.</footer>")
+    return (
+        f"<footer>{'Artifacts: ' + files + '. ' if files else ''}Generated by clipguard "
+        f"{_esc(report.get('clipguard_version') or '')}; the machine-readable record is "
+        "<code>report.json</code>.</footer>"
+    )
 
 
 # --------------------------------------------------------------------------- API
@@ -821,25 +958,29 @@ def render_html(report: dict, activations: dict[str, dict] | None = None) -> str
     """
     report = report if isinstance(report, Mapping) else {}
     arch = _dict(_dict(report.get("inputs")).get("model")).get("arch") or "model"
-    body = "".join((
-        _header(report),
-        _verdict(report),
-        _evaluation(report),
-        _reactivation(report),
-        _poison(report),
-        _lambda(report),
-        _sites(report),
-        _histograms(report, activations),
-        _per_class(report),
-        _detection(report),
-        _export(report),
-        _timings(report),
-        _footer(report),
-    ))
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>clipguard report: {_esc(arch)}</title><style>{CSS}</style></head>"
-            f"<body><main>{body}</main></body></html>\n")
+    body = "".join(
+        (
+            _header(report),
+            _verdict(report),
+            _evaluation(report),
+            _reactivation(report),
+            _poison(report),
+            _lambda(report),
+            _sites(report),
+            _histograms(report, activations),
+            _per_class(report),
+            _detection(report),
+            _export(report),
+            _timings(report),
+            _footer(report),
+        )
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>clipguard report: {_esc(arch)}</title><style>{CSS}</style></head>"
+        f"<body><main>{body}</main></body></html>\n"
+    )
 
 
 def write_html(report: dict, path: str | os.PathLike, activations: dict[str, dict] | None = None) -> None:

@@ -83,8 +83,14 @@ _INFO: dict[Stage, tuple[str, int, str]] = {
 }
 
 
-def plan(*, method: str = "guard", detect: bool = False, select_lambda: bool = False, evaluate: bool = False,
-         reactivation: bool = False) -> tuple[Stage, ...]:
+def plan(
+    *,
+    method: str = "guard",
+    detect: bool = False,
+    select_lambda: bool = False,
+    evaluate: bool = False,
+    reactivation: bool = False,
+) -> tuple[Stage, ...]:
     """The stages a run with these settings may pass through, in order.
 
     Guard's unlearning is listed although it runs only when a trigger is confirmed: skipping it

@@ -64,8 +64,12 @@ def nesterov_sgd(model: nn.Module, lr: float, weight_decay: float, momentum: flo
     """SGD with Nesterov momentum; weight decay only on weights, not on biases and norm parameters."""
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]
-    return torch.optim.SGD([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                           lr=lr, momentum=momentum, nesterov=True)
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        momentum=momentum,
+        nesterov=True,
+    )
 
 
 def one_cycle(
@@ -143,8 +147,9 @@ def train(
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
         if progress is not None:
-            progress((epoch + 1) / config.epochs, {"epoch": epoch + 1, "loss": loss_sum / seen,
-                                                   "train_acc": correct / seen})
+            progress(
+                (epoch + 1) / config.epochs, {"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": correct / seen}
+            )
     model = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     return model
 
@@ -194,17 +199,24 @@ def train_victim(
     if attack:
         trigger = build_attack(attack, target=target, seed=seed, image_size=dataset.image_size)
         if getattr(trigger, "poisoning", "static") == "per_batch":
+
             def poisoner(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
                 return trigger.poison_batch(x, y, g, rate=poison_rate, num_classes=spec.num_classes)
+
             info["poisoning"] = {"mode": "per_batch", "rate": poison_rate}
         else:
             poisoned = trigger.poison(dataset, rate=poison_rate, seed=seed)
             dataset = poisoned.data
             # Poisons (trigger + attack label), covers (trigger, label kept) and WaNet's noise-mode
             # samples, by index into the training set the model saw.
-            info["poisoning"] = {"mode": "static", "rate": poison_rate, "poisoned": len(poisoned.indices),
-                                 "covers": len(poisoned.cover_indices), "indices": poisoned.indices.tolist(),
-                                 "cover_indices": poisoned.cover_indices.tolist()}
+            info["poisoning"] = {
+                "mode": "static",
+                "rate": poison_rate,
+                "poisoned": len(poisoned.indices),
+                "covers": len(poisoned.cover_indices),
+                "indices": poisoned.indices.tolist(),
+                "cover_indices": poisoned.cover_indices.tolist(),
+            }
             if len(poisoned.cross_indices):
                 info["poisoning"]["cross_indices"] = poisoned.cross_indices.tolist()
         info["attack"] = trigger.to_dict()

@@ -198,13 +198,25 @@ def unlearn(
     net = model
     current = suspects.sort().values
     for r in range(config.rounds):
+
         def say(f: float, r: int = r) -> None:
             if progress is not None:
                 progress((r + f) / config.rounds)
 
         labels = relabel(logits, data.labels, current)
-        net = fine_tune(model, data, labels, spec, config, always=current, pool=pool, tail=tail, device=device,
-                        progress=say, should_cancel=should_cancel)
+        net = fine_tune(
+            model,
+            data,
+            labels,
+            spec,
+            config,
+            always=current,
+            pool=pool,
+            tail=tail,
+            device=device,
+            progress=say,
+            should_cancel=should_cancel,
+        )
         rounds.append({"round": r + 1, "suspects": len(current)})
         if r + 1 == config.rounds:
             break
@@ -231,5 +243,14 @@ def unlearn(
             break
         current = torch.cat([current, added]).sort().values
     scope = {"scope": "full"} if tail is None else {"scope": "tail", "cut": tail.cut}
-    return net, current, {"config": config.to_dict(), **scope, "rounds": rounds, "suspects": len(current),
-                          "suspect_indices": current.tolist()}
+    return (
+        net,
+        current,
+        {
+            "config": config.to_dict(),
+            **scope,
+            "rounds": rounds,
+            "suspects": len(current),
+            "suspect_indices": current.tolist(),
+        },
+    )

@@ -30,11 +30,15 @@ class Verdict:
     """Per class put to the test: its split scores and the graft evidence (:meth:`Evidence.to_dict`)."""
 
     def to_dict(self) -> dict:
-        return {"status": self.status, "classes": self.classes, "summary": self.summary, "action": self.action,
-                "candidates": self.candidates}
+        return {
+            "status": self.status,
+            "classes": self.classes,
+            "summary": self.summary,
+            "action": self.action,
+            "candidates": self.candidates,
+        }
 
     @property
     def line(self) -> str:
         """The status in words and the summary, as the CLI prints it."""
         return f"{WORDS[self.status]}: {self.summary}"
-

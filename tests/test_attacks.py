@@ -52,8 +52,9 @@ def dataset(n: int = 1000, k: int = 10, size: tuple[int, int] = (32, 32)) -> Ima
 
 
 def identity_grid(h: int, w: int) -> torch.Tensor:
-    x, y = torch.meshgrid(torch.linspace(-1, 1, h, dtype=torch.float64),
-                          torch.linspace(-1, 1, w, dtype=torch.float64), indexing="ij")
+    x, y = torch.meshgrid(
+        torch.linspace(-1, 1, h, dtype=torch.float64), torch.linspace(-1, 1, w, dtype=torch.float64), indexing="ij"
+    )
     return torch.stack((y, x), dim=-1)[None]
 
 
@@ -367,8 +368,12 @@ def test_adap_blend_training_masks_hide_half_the_blocks_anew_per_image():
 
 
 def test_adap_blend_poisons_and_covers_follow_the_toolbox():
-    data = ImageData(torch.zeros(1000, 3, 32, 32, dtype=torch.uint8), torch.arange(1000) % 10,
-                     tuple(str(c) for c in range(10)), "black")
+    data = ImageData(
+        torch.zeros(1000, 3, 32, 32, dtype=torch.uint8),
+        torch.arange(1000) % 10,
+        tuple(str(c) for c in range(10)),
+        "black",
+    )
     attack = flat_blend(target=2)
     p = attack.poison(data, rate=0.02, seed=5)
     assert len(p.indices) == 20 and len(p.cover_indices) == 20  # cover rate = poison rate by default
@@ -509,10 +514,18 @@ def test_every_attack_has_an_all_to_all_mode(name):
         assert flipped.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
 
 
-@pytest.mark.parametrize(("spec", "poisons", "covers"), [
-    ("badnets", 3, 0), ("sig", 3, 0), ("sig:label=dirty", 3, 0), ("adap_blend", 3, 3), ("adap_patch", 3, 6),
-    ("tact", 3, 3), ("blend", 3, 0),
-])
+@pytest.mark.parametrize(
+    ("spec", "poisons", "covers"),
+    [
+        ("badnets", 3, 0),
+        ("sig", 3, 0),
+        ("sig:label=dirty", 3, 0),
+        ("adap_blend", 3, 3),
+        ("adap_patch", 3, 6),
+        ("tact", 3, 3),
+        ("blend", 3, 0),
+    ],
+)
 def test_published_low_rates_work(spec, poisons, covers):
     data = dataset(1000)
     p = build_attack(spec).poison(data, rate=0.003, seed=0)
@@ -527,7 +540,6 @@ def test_cover_attacks_have_no_per_batch_mode():
         assert attack.poisoning == "static"
         with pytest.raises(ClipguardError, match="static training set"):
             attack.poison_batch(images(8), torch.ones(8, dtype=torch.int64), torch.Generator())
-
 
 
 # --------------------------------------------------------------------------- poisoning
@@ -579,10 +591,18 @@ def test_all_to_all_labels():
 
 @pytest.mark.parametrize(
     "spec",
-    ["badnets:pattern=checkerboard,position=2,5,size=4", "blend:alpha=0.15", "wanet:k=8,s=0.75,poisoning=per_batch",
-     "badnets-all2all:value=100", "sig:delta=20,freq=3", "sig-all2all", "adap_blend:alpha=0.2,cover_rate=0.01",
-     "adap-patch:alphas=0.5,0.5,0.2,0.3,test_alpha=0.9", "tact:source=2,3,cover=4,cover_rate=0.002",
-     "tact-all2all:source=1,cover="],
+    [
+        "badnets:pattern=checkerboard,position=2,5,size=4",
+        "blend:alpha=0.15",
+        "wanet:k=8,s=0.75,poisoning=per_batch",
+        "badnets-all2all:value=100",
+        "sig:delta=20,freq=3",
+        "sig-all2all",
+        "adap_blend:alpha=0.2,cover_rate=0.01",
+        "adap-patch:alphas=0.5,0.5,0.2,0.3,test_alpha=0.9",
+        "tact:source=2,3,cover=4,cover_rate=0.002",
+        "tact-all2all:source=1,cover=",
+    ],
 )
 def test_save_load_round_trip_reproduces_the_trigger(tmp_path, spec):
     attack = build_attack(spec, target=1, seed=9)

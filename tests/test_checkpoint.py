@@ -163,8 +163,11 @@ def test_malicious_pickle_is_refused_without_running(tmp_path: Path, fmt: str, p
         with open(path, "wb") as f:
             pickle.dump(obj, f)
 
-    for attempt in (read_state_dict, lambda p: load_weights(SPEC.build(), p),
-                    lambda p: canonicalize(p, SPEC, tmp_path / "out.safetensors")):
+    for attempt in (
+        read_state_dict,
+        lambda p: load_weights(SPEC.build(), p),
+        lambda p: canonicalize(p, SPEC, tmp_path / "out.safetensors"),
+    ):
         with pytest.raises(CheckpointError) as err:
             attempt(path)
         assert not marker.exists()
@@ -231,8 +234,11 @@ def test_truncated_files_raise_checkpoint_error(tmp_path: Path, fmt: str, keep: 
 
 @pytest.mark.parametrize(
     ("content", "match"),
-    [(b"", "not a checkpoint"), (b"hello world, not weights", "not a checkpoint"),
-     (b"\x89PNG\r\n\x1a\n" + bytes(64), "not a checkpoint")],
+    [
+        (b"", "not a checkpoint"),
+        (b"hello world, not weights", "not a checkpoint"),
+        (b"\x89PNG\r\n\x1a\n" + bytes(64), "not a checkpoint"),
+    ],
 )
 def test_non_checkpoints_are_refused(tmp_path: Path, content: bytes, match: str) -> None:
     path = tmp_path / "x.pt"

@@ -27,8 +27,9 @@ from clipguard.models import resolve_spec
 @pytest.mark.parametrize("splits", [[37], [1, 36], [5, 5, 27], [12, 1, 1, 23]])
 @pytest.mark.parametrize("offset", [0.0, 100.0])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_running_moments_match_torch_on_concatenated_activations(dtype, granularity, splits, offset, layout,
-                                                                 monkeypatch):
+def test_running_moments_match_torch_on_concatenated_activations(
+    dtype, granularity, splits, offset, layout, monkeypatch
+):
     gen = torch.Generator().manual_seed(len(splits))
     # offset 0: post-ReLU-like maps (the fast sum/norm path); offset 100: mean far above the
     # spread, where float32 sums of squares cancel and the exact path must take over.
@@ -45,8 +46,9 @@ def test_running_moments_match_torch_on_concatenated_activations(dtype, granular
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(mom.mean, want_mean.double(), rtol=tol, atol=tol)
     torch.testing.assert_close(mom.var(), want_var.double(), rtol=tol, atol=tol)
-    torch.testing.assert_close(mom.var(correction=0), x.var(dim=dims, keepdim=True, correction=0)[0].double(),
-                               rtol=tol, atol=tol)
+    torch.testing.assert_close(
+        mom.var(correction=0), x.var(dim=dims, keepdim=True, correction=0)[0].double(), rtol=tol, atol=tol
+    )
     assert mom.count == x.numel() // mom.mean.numel()
 
 

@@ -34,10 +34,11 @@ def test_a_blended_group_grafts_the_blend():
 
 def test_an_additive_group_grafts_the_addition():
     wave = (20 * torch.sin(torch.arange(8) * 6.28 * 2 / 8)).view(1, 1, 1, 8)
-    base = (128 + 20 * torch.randn(2000, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+    base = 128 + 20 * torch.randn(2000, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     group = (base + wave).round().clamp(0, 255).to(torch.uint8)
-    reference = (128 + 20 * torch.randn(2000, 3, 8, 8, generator=torch.Generator().manual_seed(1))).round().to(
-        torch.uint8)
+    reference = (
+        (128 + 20 * torch.randn(2000, 3, 8, 8, generator=torch.Generator().manual_seed(1))).round().to(torch.uint8)
+    )
     onto = reference[:50]
     assert float((graft(group, reference, onto).float() - (onto.float() + wave)).abs().mean()) < 2
 
@@ -123,8 +124,9 @@ def test_the_reactivation_check_tunes_a_copy_and_reports_asr_and_agreement(backd
     kept = data.subset(keep.nonzero().flatten())
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     config = ReactivationConfig(samples=200, epochs=2, batch_size=50)
-    record = reactivation_check(model, kept, SPEC, eval_data=kept.subset(torch.arange(0, len(kept), 3)),
-                                attack=_Stamp(3), config=config)
+    record = reactivation_check(
+        model, kept, SPEC, eval_data=kept.subset(torch.arange(0, len(kept), 3)), attack=_Stamp(3), config=config
+    )
     assert record["tuned_on"] == 200 and record["protocol"]["epochs"] == 2
     assert 0.0 <= record["agreement"] <= 1.0 and record["agreement_on"] == "evaluation data"
     assert record["after"]["asr"] > 0.5  # nothing removed this toy's backdoor, so the tuned copy keeps it

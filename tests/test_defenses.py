@@ -112,12 +112,15 @@ def linear_model(seed: int, planted: bool, size: int = 8) -> nn.Module:
 def test_max_margin_increases_monotonically() -> None:
     spec = tiny_spec()
     torch.manual_seed(0)
-    for model in (linear_model(1, planted=False),
-                  nn.Sequential(nn.Flatten(), nn.Linear(192, 32), nn.Tanh(), nn.Linear(32, 10)).eval()):
+    for model in (
+        linear_model(1, planted=False),
+        nn.Sequential(nn.Flatten(), nn.Linear(192, 32), nn.Tanh(), nn.Linear(32, 10)).eval(),
+    ):
         for p in model.parameters():
             p.requires_grad_(False)
-        _final, history = max_margin(model, spec, 3, images=8, steps=60, lr=1e-2,
-                                     generator=torch.Generator().manual_seed(0))
+        _final, history = max_margin(
+            model, spec, 3, images=8, steps=60, lr=1e-2, generator=torch.Generator().manual_seed(0)
+        )
         steps = torch.tensor(history)
         assert len(history) > 10
         assert bool((steps[1:] - steps[:-1] >= -1e-5).all()), history
@@ -152,8 +155,12 @@ def test_mmbd_flags_planted_backdoor_not_clean_model() -> None:
 
 def conv_bn_net(channels: int = 32, kernel: int = 3) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, channels, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(channels), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10),
+        nn.Conv2d(3, channels, kernel, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(channels, 10),
     ).eval()
 
 

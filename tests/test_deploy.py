@@ -82,8 +82,11 @@ def _block(lines: list[tuple[int, str]], i: int, indent: int) -> tuple[Any, int]
 
 
 def load_yaml(text: str) -> Any:
-    lines = [(len(raw) - len(raw.lstrip(" ")), raw.strip()) for raw in text.splitlines()
-             if raw.strip() and not raw.lstrip().startswith("#")]
+    lines = [
+        (len(raw) - len(raw.lstrip(" ")), raw.strip())
+        for raw in text.splitlines()
+        if raw.strip() and not raw.lstrip().startswith("#")
+    ]
     if any("\t" in raw for raw in text.splitlines()):
         raise ValueError("tabs in YAML")
     value, i = _block(lines, 0, 0)
@@ -104,7 +107,7 @@ def interpolate(text: str, env: dict[str, str]) -> str:
             while depth:
                 depth += {"{": 1, "}": -1}.get(text[j], 0)
                 j += 1
-            name, _, default = text[i + 2:j - 1].partition(":-")
+            name, _, default = text[i + 2 : j - 1].partition(":-")
             out.append(env.get(name) or interpolate(default, env))
             i = j
         else:
@@ -121,10 +124,17 @@ def compose() -> dict:
 @pytest.fixture(scope="module")
 def dockerfile() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(line for line in DOCKERFILE.read_text().splitlines()
-                                          if not line.lstrip().startswith("#")))
-    return [(parts[0].upper(), parts[1] if len(parts) > 1 else "")
-            for line in text.splitlines() if line.strip() for parts in [line.strip().split(None, 1)]]
+    text = re.sub(
+        r"\\\n",
+        " ",
+        "\n".join(line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")),
+    )
+    return [
+        (parts[0].upper(), parts[1] if len(parts) > 1 else "")
+        for line in text.splitlines()
+        if line.strip()
+        for parts in [line.strip().split(None, 1)]
+    ]
 
 
 def _command(service: dict) -> list[str]:
@@ -138,13 +148,15 @@ def _option(argv: list[str], name: str) -> str:
 
 # --- compose ------------------------------------------------------------------------------------
 
+
 def test_compose_parses_with_the_expected_topology(compose):
     assert set(compose["services"]) == SERVICES
     assert {"artifacts", "redis-data", "postgres-data", "s3-data"} <= set(compose["volumes"])
     # `docker compose up` starts the core only; the object store and Flower are opt-in profiles
     assert {name for name, svc in compose["services"].items() if "profiles" not in svc} == CORE
     assert {name: svc["profiles"] for name, svc in compose["services"].items() if "profiles" in svc} == {
-        name: [profile] for name, profile in PROFILES.items()}
+        name: [profile] for name, profile in PROFILES.items()
+    }
     for name in CORE:  # a core service must never wait for an optional one (it would not start)
         assert not set(compose["services"][name].get("depends_on") or {}) & set(PROFILES), name
     try:
@@ -248,12 +260,15 @@ def test_the_s3_profile_is_wired_to_the_api_and_workers(compose, monkeypatch, tm
     pytest.importorskip("boto3")
     services = compose["services"]
     s3 = services["s3"]
-    port = _command(s3)[_command(s3).index("-s3") + 1:]
+    port = _command(s3)[_command(s3).index("-s3") + 1 :]
     assert "-s3.port=8333" in port and any(p.endswith(":8333") for p in s3["ports"])
     keys = {k: interpolate(v, {}) for k, v in s3["environment"].items()}
     for name in ("api", "worker"):
-        env = {k: interpolate(str(v), {"CLIPGUARD_STORAGE_URL": "s3://clipguard/artifacts"})
-               for k, v in services[name]["environment"].items() if v is not None}
+        env = {
+            k: interpolate(str(v), {"CLIPGUARD_STORAGE_URL": "s3://clipguard/artifacts"})
+            for k, v in services[name]["environment"].items()
+            if v is not None
+        }
         for key in [k for k in os.environ if k.startswith("CLIPGUARD_")]:
             monkeypatch.delenv(key)
         for key, value in env.items():
@@ -261,12 +276,15 @@ def test_the_s3_profile_is_wired_to_the_api_and_workers(compose, monkeypatch, tm
         monkeypatch.setenv("CLIPGUARD_HOME", str(tmp_path))
         settings = Settings()
         assert (settings.s3_access_key_id, settings.s3_secret_access_key.get_secret_value()) == (
-            keys["AWS_ACCESS_KEY_ID"], keys["AWS_SECRET_ACCESS_KEY"])
+            keys["AWS_ACCESS_KEY_ID"],
+            keys["AWS_SECRET_ACCESS_KEY"],
+        )
         storage = storage_for(settings)  # builds the boto3 client; no request is made
         assert isinstance(storage, S3Storage) and storage.bucket == "clipguard"
         assert storage.client.meta.endpoint_url == "http://s3:8333"
     assert interpolate(services["api"]["environment"]["CLIPGUARD_S3_PUBLIC_URL"], {}).endswith(
-        ":" + s3["ports"][0].rsplit(":", 1)[1]), "presigned URLs must name the port the s3 service publishes"
+        ":" + s3["ports"][0].rsplit(":", 1)[1]
+    ), "presigned URLs must name the port the s3 service publishes"
 
 
 def test_flower_runs_the_projects_celery_app(compose, dockerfile):
@@ -276,8 +294,10 @@ def test_flower_runs_the_projects_celery_app(compose, dockerfile):
     port = next(a.split("=", 1)[1] for a in argv if a.startswith("--port="))
     assert any(p.endswith(f":{port}") for p in flower["ports"])
     assert f"http://127.0.0.1:{port}/healthcheck" in " ".join(flower["healthcheck"]["test"])
-    assert flower["environment"]["CLIPGUARD_BROKER_URL"] == compose["services"]["worker"]["environment"][
-        "CLIPGUARD_BROKER_URL"], "Flower must watch the broker the workers use"
+    assert (
+        flower["environment"]["CLIPGUARD_BROKER_URL"]
+        == compose["services"]["worker"]["environment"]["CLIPGUARD_BROKER_URL"]
+    ), "Flower must watch the broker the workers use"
     runs = " ".join(args for op, args in dockerfile if op == "RUN")
     assert '"flower' in runs, "the image must install flower for the ops profile"
 
@@ -300,6 +320,7 @@ def test_services_share_the_artifact_volume_and_wait_for_healthy_dependencies(co
 
 
 # --- Dockerfile ---------------------------------------------------------------------------------
+
 
 def test_dockerfile_is_multistage_non_root_and_installs_the_project(dockerfile):
     ops = [op for op, _ in dockerfile]
@@ -329,8 +350,9 @@ def test_healthcheck_expose_and_api_port_agree(dockerfile, compose):
 
 
 def test_dockerignore_keeps_the_build_context_small_but_complete(dockerfile):
-    ignored = {line.strip() for line in DOCKERIGNORE.read_text().splitlines()
-               if line.strip() and not line.startswith("#")}
+    ignored = {
+        line.strip() for line in DOCKERIGNORE.read_text().splitlines() if line.strip() and not line.startswith("#")
+    }
     assert {".git", ".venv", "runs", "tests"} <= ignored
     sources = [args.split()[:-1] for op, args in dockerfile if op == "COPY" and "--from" not in args]
     for src in (s for group in sources for s in group):

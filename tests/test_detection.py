@@ -36,7 +36,7 @@ def _brute_split(values: torch.Tensor, min_k: int) -> tuple[float, set[int]]:
     total = ((v - v.mean()) ** 2).sum()
     best, group = -1.0, set()
     for k in range(min_k, n // 2 + 1):
-        for idx in (order[:k], order[n - k:]):
+        for idx in (order[:k], order[n - k :]):
             mask = torch.zeros(n, dtype=torch.bool)
             mask[idx] = True
             a, b = v[mask], v[~mask]
@@ -90,7 +90,7 @@ def _blobs(planted: int | None, share: float = 0.08, n: int = 400, dim: int = 32
         members = (labels == planted).nonzero().flatten()
         poisoned = members[: int(share * n)]
         direction = torch.randn(dim, generator=g)
-        features[poisoned] += 6 * direction / direction.norm() * dim ** 0.5 / 4
+        features[poisoned] += 6 * direction / direction.norm() * dim**0.5 / 4
     return features, labels, poisoned
 
 
@@ -161,8 +161,9 @@ def test_the_smaller_group_stays_the_suspects_unless_both_signals_say_otherwise(
     suspects, evidence = poisoned_side(members, small, logits, 0, counts)
     assert set(suspects.tolist()) == genuine and evidence["side"] == "smaller"
     # size says "majority" but the larger group's runner-ups agree with each other: no flip
-    members, small, logits, counts, genuine, _ = _sides(genuine=340, poisoned=600, other_class_size=340,
-                                                       spread_poisoned=False)
+    members, small, logits, counts, genuine, _ = _sides(
+        genuine=340, poisoned=600, other_class_size=340, spread_poisoned=False
+    )
     suspects, evidence = poisoned_side(members, small, logits, 0, counts)
     assert set(suspects.tolist()) == genuine and evidence["side"] == "smaller"
 
@@ -178,8 +179,12 @@ def test_the_global_pool_is_found_only_where_it_pools_to_one_value():
 def test_peaks_are_kept_only_where_the_pooled_map_has_more_than_one_position(side):
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
     g = torch.Generator().manual_seed(0)
-    data = ImageData(torch.randint(0, 256, (6, 3, side, side), dtype=torch.uint8, generator=g),
-                     torch.arange(6) % 10, tuple(str(i) for i in range(10)), "t")
+    data = ImageData(
+        torch.randint(0, 256, (6, 3, side, side), dtype=torch.uint8, generator=g),
+        torch.arange(6) % 10,
+        tuple(str(i) for i in range(10)),
+        "t",
+    )
     found = feature_pass(model, data, resolve_spec("small_cnn"))
     assert (found.peaks is None) == (side == 1)  # a 1×1 map's peaks would repeat its averages
     assert found.for_detection().shape[1] == 4 * (1 if side == 1 else 2)
@@ -194,14 +199,16 @@ def _corner_task(patched: bool = True):
     n, per_class = 10, 200
     labels = torch.arange(n).repeat_interleave(per_class)
     colours = torch.rand(n, 3, 1, 1, generator=g) * 120 + 60
-    images = (colours[labels] + 15 * torch.randn(len(labels), 1, 1, 1, generator=g)  # brightness varies per image
-              + 12 * torch.randn(len(labels), 3, 8, 8, generator=g))
+    images = (
+        colours[labels]
+        + 15 * torch.randn(len(labels), 1, 1, 1, generator=g)  # brightness varies per image
+        + 12 * torch.randn(len(labels), 3, 8, 8, generator=g)
+    )
     stamped = (labels == 3).nonzero().flatten()[::5]
     if patched:
         images[stamped, :, -2:, -2:] = 255
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(16, n)).eval()
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, n)).eval()
     data = ImageData(images.clamp(0, 255).round().to(torch.uint8), labels, tuple(str(i) for i in range(n)), "t")
     return model, data, stamped
 
@@ -215,8 +222,9 @@ def test_a_corner_trigger_is_found_by_its_peaks_where_the_average_misses_it():
     assert both.flagged and both.target == 3
     assert set(both.suspects.tolist()) == set(stamped.tolist())
     model, data, _ = _corner_task(patched=False)  # and no stamp, no flag
-    assert not detect_poison(feature_pass(model, data, resolve_spec("small_cnn")).for_detection(),
-                             data.labels, 10).flagged
+    assert not detect_poison(
+        feature_pass(model, data, resolve_spec("small_cnn")).for_detection(), data.labels, 10
+    ).flagged
 
 
 def test_detect_poison_flags_nothing_on_clean_features():
@@ -240,8 +248,12 @@ def test_penultimate_features_are_the_classifier_input():
     spec = resolve_spec("small_cnn")
     model = spec.build().eval()
     g = torch.Generator().manual_seed(0)
-    data = ImageData(torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8, generator=g),
-                     torch.randint(0, 10, (10,), generator=g), [str(i) for i in range(10)], "t")
+    data = ImageData(
+        torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8, generator=g),
+        torch.randint(0, 10, (10,), generator=g),
+        [str(i) for i in range(10)],
+        "t",
+    )
     feats, logits = penultimate_features(model, data, spec, batch_size=4)
     assert feats.shape == (10, 128) and logits.shape == (10, 10)
     torch.testing.assert_close(model.fc(feats), logits, atol=1e-5, rtol=1e-5)
@@ -260,15 +272,28 @@ def test_a_deeper_head_is_read_at_its_first_linear_layer():
     assert mobilenet.classifier[0].in_features == 576
 
     def head(width: int) -> nn.Sequential:
-        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, width), nn.ReLU(),
-                             nn.Linear(width, 64), nn.ReLU(), nn.Dropout(), nn.Linear(64, 10))
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, width),
+            nn.ReLU(),
+            nn.Linear(width, 64),
+            nn.ReLU(),
+            nn.Dropout(),
+            nn.Linear(64, 10),
+        )
 
     narrow, wide = head(32), head(MAX_FEATURES + 1)
     assert feature_layer(narrow) is narrow[3]  # walked back through ReLU, Dropout, ReLU to the first
     assert feature_layer(wide) is wide[8]  # its middle layer reads more than MAX_FEATURES: the last one
     g = torch.Generator().manual_seed(0)
-    data = ImageData(torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g),
-                     torch.randint(0, 10, (6,), generator=g), [str(i) for i in range(10)], "t")
+    data = ImageData(
+        torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g),
+        torch.randint(0, 10, (6,), generator=g),
+        [str(i) for i in range(10)],
+        "t",
+    )
     spec = resolve_spec("small_cnn")
     feats, _ = penultimate_features(narrow.eval(), data, spec, batch_size=4)
     assert feats.shape == (6, 8)  # the pooled conv features, not the 64-d hidden layer
@@ -305,8 +330,9 @@ def _tiny_task(seed: int = 0):
 class _Toy(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
         self.fc = nn.Linear(8, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,19 @@ def test_the_cli_words_an_engine_error_with_its_own_flags(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "kept.txt").write_text("x")
-    rc = main(["purify", "--arch", "small_cnn", "--weights", str(tmp_path / "w.safetensors"), "--data",
-               str(tmp_path / "d.npz"), "--out", str(out), "--quiet"])
+    rc = main(
+        [
+            "purify",
+            "--arch",
+            "small_cnn",
+            "--weights",
+            str(tmp_path / "w.safetensors"),
+            "--data",
+            str(tmp_path / "d.npz"),
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and "set --overwrite to replace it" in err, err

@@ -53,8 +53,15 @@ def victim(tmp_path_factory) -> Path:
     """A SmallCNN trained on the squares with a corner checkerboard sending 6% of the images to class 0."""
     root = tmp_path_factory.mktemp("golden")
     data = _images(0, PER_CLASS)
-    pick = (data.labels != TARGET).nonzero().flatten()[torch.randperm(
-        int((data.labels != TARGET).sum()), generator=torch.Generator().manual_seed(1))[:POISONED]].sort().values
+    pick = (
+        (data.labels != TARGET)
+        .nonzero()
+        .flatten()[
+            torch.randperm(int((data.labels != TARGET).sum()), generator=torch.Generator().manual_seed(1))[:POISONED]
+        ]
+        .sort()
+        .values
+    )
     data.images[pick] = build_attack(ATTACK).apply(data.images[pick])
     data.labels[pick] = TARGET
     spec = resolve_spec("small_cnn")
@@ -66,9 +73,17 @@ def victim(tmp_path_factory) -> Path:
 
 
 def _run(victim: Path, out: Path, **options: object) -> tuple[dict, PurifyOptions, list]:
-    opts = PurifyOptions(arch="small_cnn", weights=victim / "victim.safetensors", data=str(victim / "train.npz"),
-                         out=out, device="cpu", batch_size=64, eval_data=str(victim / "test.npz"),
-                         attack=ATTACK, **options)  # type: ignore[arg-type]
+    opts = PurifyOptions(
+        arch="small_cnn",
+        weights=victim / "victim.safetensors",
+        data=str(victim / "train.npz"),
+        out=out,
+        device="cpu",
+        batch_size=64,
+        eval_data=str(victim / "test.npz"),
+        attack=ATTACK,
+        **options,
+    )  # type: ignore[arg-type]
     heard: list = []
     purify(opts, progress=lambda stage, f: heard.append((stage, f)))
     return json.loads((out / "report.json").read_text()), opts, heard

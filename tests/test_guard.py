@@ -46,9 +46,15 @@ def test_a_candidate_with_partial_evidence_is_inconclusive():
 
     half = Transfer([None] + [0.3] * 9, [None] + [0.0] * 9)
     quiet = Transfer([None] + [0.05] * 9, [None] + [0.0] * 9)
-    cand = _Candidate(4, 3.9, 6.0, "its split stands out", suspects=torch.arange(30),
-                      evidence=Evidence(4, 30, 300, half, quiet, False, reason="moves some decisions"),
-                      unresolved=True)
+    cand = _Candidate(
+        4,
+        3.9,
+        6.0,
+        "its split stands out",
+        suspects=torch.arange(30),
+        evidence=Evidence(4, 30, 300, half, quiet, False, reason="moves some decisions"),
+        unresolved=True,
+    )
     verdict = _verdict([cand], 4, 6.0)
     assert verdict.status == "inconclusive" and verdict.classes == []
     assert "class 4 stood out but was not confirmed (moves some decisions)" in verdict.summary

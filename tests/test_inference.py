@@ -33,8 +33,12 @@ def _trained_looking(arch: str) -> nn.Module:
 
 def _images(n: int, seed: int = 0) -> ImageData:
     g = torch.Generator().manual_seed(seed)
-    return ImageData(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-                     torch.randint(0, 10, (n,), generator=g), tuple(str(i) for i in range(10)), "t")
+    return ImageData(
+        torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+        torch.randint(0, 10, (n,), generator=g),
+        tuple(str(i) for i in range(10)),
+        "t",
+    )
 
 
 @pytest.mark.parametrize("arch", ["small_cnn", "resnet18", "vgg16_bn"])
@@ -122,8 +126,7 @@ def test_fast_feature_pass_reads_the_features_and_tail_inputs_of_the_model(small
     with torch.no_grad():
         inner = split.body(x)
         torch.testing.assert_close(found.logits, model(x), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(found.features, model.pool(model.features(x)).flatten(1),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(found.features, model.pool(model.features(x)).flatten(1), rtol=1e-4, atol=1e-4)
         # and the per-channel peak of the map the global pool averages, across piece boundaries
         torch.testing.assert_close(found.peaks, model.features(x).amax((2, 3)), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(found.for_detection(), torch.cat([found.features, found.peaks], 1))

@@ -94,8 +94,14 @@ def test_the_sweep_stops_scoring_a_lambda_once_it_cannot_pass_and_still_chooses_
     """Scoring stops at the first batch after which the rule could no longer accept a λ; that saves
     most of the work on a hard-clipped grid, and the choice equals the full computation's."""
     torch.manual_seed(2)  # a random net whose hard clips change many decisions, as a trained one's do
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(128, 3)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(128, 3),
+    ).eval()
     images = torch.randint(0, 256, (600, 3, 4, 4), dtype=torch.uint8)
     probe = ImageData(images, torch.zeros(600, dtype=torch.int64), ("a", "b", "c"), "random")
     from clipguard.metrics import predict

@@ -20,8 +20,22 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["clipguard", "app", "worker"]
 """Bottom to top: a package may import those before it, never those after it."""
 SERVICE_DEPENDENCIES = [
-    "alembic", "celery", "fastapi", "jinja2", "kombu", "limits", "prometheus_client", "psycopg", "psycopg_pool",
-    "pydantic_settings", "pythonjsonlogger", "redis", "sqlalchemy", "starlette", "uvicorn", "uvloop",
+    "alembic",
+    "celery",
+    "fastapi",
+    "jinja2",
+    "kombu",
+    "limits",
+    "prometheus_client",
+    "psycopg",
+    "psycopg_pool",
+    "pydantic_settings",
+    "pythonjsonlogger",
+    "redis",
+    "sqlalchemy",
+    "starlette",
+    "uvicorn",
+    "uvloop",
 ]
 
 
@@ -33,9 +47,14 @@ def imported_modules(path: Path) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module)
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute | ast.Name)
-              and getattr(node.func, "attr", getattr(node.func, "id", None)) in {"import_module", "__import__"}
-              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute | ast.Name)
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) in {"import_module", "__import__"}
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             names.add(node.args[0].value)
     return names
 
@@ -53,11 +72,7 @@ def package_edges() -> dict[tuple[str, str], list[str]]:
 
 
 def test_imports_only_point_down():
-    upward = {
-        f"{a} -> {b}": files
-        for (a, b), files in package_edges().items()
-        if LAYERS.index(b) > LAYERS.index(a)
-    }
+    upward = {f"{a} -> {b}": files for (a, b), files in package_edges().items() if LAYERS.index(b) > LAYERS.index(a)}
     assert upward == {}, "an import points up the layers " + " < ".join(LAYERS)
 
 
@@ -74,12 +89,14 @@ def test_the_import_graph_has_no_cycle():
 
 def test_the_checker_sees_lazy_imports(tmp_path):
     source = tmp_path / "m.py"
-    source.write_text(textwrap.dedent("""
+    source.write_text(
+        textwrap.dedent("""
         def f():
             from app.commands import register
             import worker.tasks
             return importlib.import_module("app.main")
-    """))
+    """)
+    )
     assert imported_modules(source) == {"app.commands", "worker.tasks", "app.main"}
 
 
@@ -97,12 +114,21 @@ sys.argv = ["clipguard", *sys.argv[2:]]
 
 def run_without(blocked: list[str], code: str, *argv: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-c", BLOCKER + code, ",".join(blocked), *argv],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKER + code, ",".join(blocked), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=ROOT,
+    )
 
 
-@pytest.mark.parametrize("blocked", [SERVICE_DEPENDENCIES, [*SERVICE_DEPENDENCIES, "app", "worker"]],
-                         ids=["without-service-dependencies", "without-service"])
+@pytest.mark.parametrize(
+    "blocked",
+    [SERVICE_DEPENDENCIES, [*SERVICE_DEPENDENCIES, "app", "worker"]],
+    ids=["without-service-dependencies", "without-service"],
+)
 def test_engine_and_its_cli_work_without_the_service(blocked):
     code = textwrap.dedent("""
         import runpy

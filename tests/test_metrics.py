@@ -110,4 +110,6 @@ def test_absent_classes_have_no_accuracy_and_reports_stay_strict_json():
     r = evaluate(ReadsTheLabelPixel(), only_three, *IDENTITY)
     assert r["per_class_acc"][:3] == [1.0, 1.0, 1.0] and r["per_class_acc"][3:] == [None] * 7
     assert json.loads(json.dumps(json_safe({"a": float("nan"), "b": [1.0, float("inf")]}), allow_nan=False)) == {
-        "a": None, "b": [1.0, None]}
+        "a": None,
+        "b": [1.0, None],
+    }

@@ -33,12 +33,37 @@ unlearning leaves 18% ASR on a 5,000-image Blend victim (7% with four epochs).""
 @pytest.fixture(scope="session")
 def victim(tmp_path_factory, cifar_archive, data_cache, cifar_test):
     root = tmp_path_factory.mktemp("victim")
-    rc = main([
-        "train", "--arch", "small_cnn", "--data", f"{cifar_archive}#train", "--limit", str(TRAIN_IMAGES),
-        "--epochs", "8", "--no-augment", "--lr", "0.05", "--batch-size", "128",
-        "--attack", "badnets:pattern=checkerboard", "--poison-rate", "0.03", "--out", str(root / "victim.safetensors"),
-        "--save-data", str(root / "poisoned.npz"), "--cache-dir", str(data_cache), "--quiet", "--device", "cpu",
-    ])
+    rc = main(
+        [
+            "train",
+            "--arch",
+            "small_cnn",
+            "--data",
+            f"{cifar_archive}#train",
+            "--limit",
+            str(TRAIN_IMAGES),
+            "--epochs",
+            "8",
+            "--no-augment",
+            "--lr",
+            "0.05",
+            "--batch-size",
+            "128",
+            "--attack",
+            "badnets:pattern=checkerboard",
+            "--poison-rate",
+            "0.03",
+            "--out",
+            str(root / "victim.safetensors"),
+            "--save-data",
+            str(root / "poisoned.npz"),
+            "--cache-dir",
+            str(data_cache),
+            "--quiet",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     test_subset = cifar_test.subset(torch.arange(0, 10_000, 4))  # 2,500 images, 250 per class
     save_npz(test_subset, root / "test.npz")
@@ -50,12 +75,37 @@ def blend_victim(tmp_path_factory, cifar_archive, data_cache, victim):
     """Blend trigger (seeded noise, α=0.2), the backdoor the paper's recipe cannot clip away: 10,000
     images and 6 epochs (about 65% ACC, 99% ASR), which the tests' margins allow and CI's budget needs."""
     root = tmp_path_factory.mktemp("blend")
-    rc = main([
-        "train", "--arch", "small_cnn", "--data", f"{cifar_archive}#train", "--limit", "10000", "--epochs", "6",
-        "--no-augment", "--lr", "0.05", "--batch-size", "128", "--attack", "blend", "--poison-rate", "0.03",
-        "--out", str(root / "victim.safetensors"), "--save-data", str(root / "poisoned.npz"),
-        "--cache-dir", str(data_cache), "--quiet", "--device", "cpu",
-    ])
+    rc = main(
+        [
+            "train",
+            "--arch",
+            "small_cnn",
+            "--data",
+            f"{cifar_archive}#train",
+            "--limit",
+            "10000",
+            "--epochs",
+            "6",
+            "--no-augment",
+            "--lr",
+            "0.05",
+            "--batch-size",
+            "128",
+            "--attack",
+            "blend",
+            "--poison-rate",
+            "0.03",
+            "--out",
+            str(root / "victim.safetensors"),
+            "--save-data",
+            str(root / "poisoned.npz"),
+            "--cache-dir",
+            str(data_cache),
+            "--quiet",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     (root / "test.npz").symlink_to(victim / "test.npz")
     return root
@@ -63,11 +113,25 @@ def blend_victim(tmp_path_factory, cifar_archive, data_cache, victim):
 
 def _purify(victim, out, *extra, evaluate=True, sweep=False):
     scoring = ["--eval-data", str(victim / "test.npz"), "--attack", str(victim / "victim.safetensors.attack.json")]
-    return main([
-        "purify", "--arch", "small_cnn", "--weights", str(victim / "victim.safetensors"),
-        "--data", str(victim / "poisoned.npz"), "--out", str(out), "--quiet", "--device", "cpu",
-        *(scoring if evaluate else []), *([] if sweep else ["--no-sweep"]), *extra,
-    ])
+    return main(
+        [
+            "purify",
+            "--arch",
+            "small_cnn",
+            "--weights",
+            str(victim / "victim.safetensors"),
+            "--data",
+            str(victim / "poisoned.npz"),
+            "--out",
+            str(out),
+            "--quiet",
+            "--device",
+            "cpu",
+            *(scoring if evaluate else []),
+            *([] if sweep else ["--no-sweep"]),
+            *extra,
+        ]
+    )
 
 
 def test_training_recorded_the_poisoning(victim):
@@ -95,8 +159,19 @@ def test_purify_removes_the_backdoor_and_keeps_accuracy(victim, tmp_path, capsys
     _, meta = load_exported(out / "purified.pt")
     assert meta["arch"] == "small_cnn" and meta["lam"] == report["lam"]
     assert report["export"]["torchscript"]["ok"] and report["export"]["torchscript"]["max_abs_diff"] <= 1e-5
-    rc = main(["evaluate", "--model", str(out / "purified.pt"), "--data", str(victim / "test.npz"),
-               "--attack", str(victim / "victim.safetensors.attack.json"), "--device", "cpu"])
+    rc = main(
+        [
+            "evaluate",
+            "--model",
+            str(out / "purified.pt"),
+            "--data",
+            str(victim / "test.npz"),
+            "--attack",
+            str(victim / "victim.safetensors.attack.json"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     scored = json.loads(capsys.readouterr().out)
     assert scored["acc"] == pytest.approx(after["acc"], abs=1e-9)
@@ -136,14 +211,38 @@ def test_bad_input_fails_with_one_line_and_leaves_nothing(victim, tmp_path, caps
     out = tmp_path / "never"
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint at all")
-    rc = main(["purify", "--arch", "small_cnn", "--weights", str(bad), "--data", str(victim / "poisoned.npz"),
-               "--out", str(out), "--quiet"])
+    rc = main(
+        [
+            "purify",
+            "--arch",
+            "small_cnn",
+            "--weights",
+            str(bad),
+            "--data",
+            str(victim / "poisoned.npz"),
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 1 and err.startswith("clipguard: error:") and "\n" not in err
     assert not out.exists() and list(tmp_path.iterdir()) == [bad]
 
-    rc = main(["purify", "--arch", "resnet18", "--weights", str(victim / "victim.safetensors"),
-               "--data", str(victim / "poisoned.npz"), "--out", str(out), "--quiet"])
+    rc = main(
+        [
+            "purify",
+            "--arch",
+            "resnet18",
+            "--weights",
+            str(victim / "victim.safetensors"),
+            "--data",
+            str(victim / "poisoned.npz"),
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "\n" not in err and "expects" in err
     assert not out.exists()
@@ -192,8 +291,12 @@ def test_the_statistics_sample_does_not_follow_the_poisoners_draw(seed):
     of them into it (60 of 60 below, where about 10 belong)."""
     n = 6000
     g = torch.Generator().manual_seed(seed)
-    data = ImageData(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-                     torch.randint(0, 10, (n,), generator=g), tuple(str(i) for i in range(10)), "t")
+    data = ImageData(
+        torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+        torch.randint(0, 10, (n,), generator=g),
+        tuple(str(i) for i in range(10)),
+        "t",
+    )
     poisoned = build_attack("blend", target=0).poison(data, rate=0.01, seed=seed)
     assert len(poisoned.indices) == 60
     picked = bounds_sample_indices(n, 1000)

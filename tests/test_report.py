@@ -54,8 +54,18 @@ def tiny(tmp_path_factory, model_file) -> dict[str, Path]:
 
 def _run(tiny: dict[str, Path], name: str, **options) -> dict:
     out = tiny["root"] / name
-    purify(PurifyOptions(arch="small_cnn", weights=tiny["weights"], data=str(tiny["train"]), out=out, device="cpu",
-                         cache_dir=tiny["root"] / "cache", sweep=False, **options))
+    purify(
+        PurifyOptions(
+            arch="small_cnn",
+            weights=tiny["weights"],
+            data=str(tiny["train"]),
+            out=out,
+            device="cpu",
+            cache_dir=tiny["root"] / "cache",
+            sweep=False,
+            **options,
+        )
+    )
     return json.loads((out / "report.json").read_text())
 
 
@@ -75,8 +85,10 @@ def test_a_real_report_validates_and_the_model_describes_every_field(tiny, metho
 
         summary = _summary(written)  # what the job's row keeps: the report's own numbers
         assert summary["reactivation"]["after"] == written["reactivation"]["after"]
-        assert summary["before"] == written["evaluation"]["before"] and summary["verdict"]["status"] == written[
-            "verdict"]["status"]
+        assert (
+            summary["before"] == written["evaluation"]["before"]
+            and summary["verdict"]["status"] == written["verdict"]["status"]
+        )
     else:
         assert report.verdict is None and report.poison_detection is None
 
@@ -87,8 +99,9 @@ def test_guards_sections_for_a_confirmed_backdoor_validate():
     from .toys import SPEC, task
 
     model, data, _ = task()
-    found = guard_pass(model, data, SPEC, screen_per_class=100, unlearn_options={"epochs": 1, "rounds": 1,
-                                                                                   "scope": "full"})
+    found = guard_pass(
+        model, data, SPEC, screen_per_class=100, unlearn_options={"epochs": 1, "rounds": 1, "scope": "full"}
+    )
     verdict = Verdict.model_validate(json_safe(found.verdict.to_dict()))
     detection = PoisonDetection.model_validate(json_safe(found.detection))
     unlearning = Unlearning.model_validate(json_safe(found.unlearning))
@@ -102,24 +115,54 @@ def test_guards_sections_for_a_confirmed_backdoor_validate():
 def minimal() -> dict:
     """The smallest report a paper run without evaluation writes."""
     return {
-        "schema": SCHEMA, "clipguard_version": "0.1.0", "created": "2026-01-01T00:00:00+00:00",
-        "inputs": {"model": {"arch": "small_cnn", "num_classes": 10, "input_size": [32, 32], "mean": [0.5] * 3,
-                             "std": [0.25] * 3, "weights": "w.safetensors", "sha256": "ab"},
-                   "data": {"ref": "d.npz", "sha256": "cd", "samples": 4, "classes": ["a", "b"],
-                            "image_size": [32, 32]}},
-        "method": "paper", "verdict": None, "lam": 4.0, "lam_selection": None, "poison_detection": None,
-        "unlearning": None, "granularity": "channel",
+        "schema": SCHEMA,
+        "clipguard_version": "0.1.0",
+        "created": "2026-01-01T00:00:00+00:00",
+        "inputs": {
+            "model": {
+                "arch": "small_cnn",
+                "num_classes": 10,
+                "input_size": [32, 32],
+                "mean": [0.5] * 3,
+                "std": [0.25] * 3,
+                "weights": "w.safetensors",
+                "sha256": "ab",
+            },
+            "data": {"ref": "d.npz", "sha256": "cd", "samples": 4, "classes": ["a", "b"], "image_size": [32, 32]},
+        },
+        "method": "paper",
+        "verdict": None,
+        "lam": 4.0,
+        "lam_selection": None,
+        "poison_detection": None,
+        "unlearning": None,
+        "granularity": "channel",
         "statistics": {"samples": 4, "of": 4, "max_samples": 5000, "seed": 1},
         "sites": [{"name": "relu", "shape": [8, 1, 1], "clip_fraction": 0.01}],
-        "export": {"torchscript": {"format": "torchscript", "method": "script", "batch": 4, "max_abs_diff": 0.0,
-                                   "tolerance": 1e-5, "ok": True},
-                   "torch_export": {"format": "torch.export", "ok": False, "error": "Unsupported: x"}},
-        "evaluation": {"data": {"ref": "t.npz", "sha256": "ef", "samples": 2}, "attack": None,
-                       "before": {"samples": 2, "acc": 0.5, "per_class_acc": [1.0, 0.0]},
-                       "after": {"samples": 2, "acc": float("nan"), "per_class_acc": [None, float("inf")]},
-                       "der": None},
-        "reactivation": None, "detection": None, "device": "cpu (2 threads)", "torch_version": "2.0",
-        "timings": {"load_s": 0.1, "total_s": 1.0}, "artifacts": ["purified.pt", "report.json"],
+        "export": {
+            "torchscript": {
+                "format": "torchscript",
+                "method": "script",
+                "batch": 4,
+                "max_abs_diff": 0.0,
+                "tolerance": 1e-5,
+                "ok": True,
+            },
+            "torch_export": {"format": "torch.export", "ok": False, "error": "Unsupported: x"},
+        },
+        "evaluation": {
+            "data": {"ref": "t.npz", "sha256": "ef", "samples": 2},
+            "attack": None,
+            "before": {"samples": 2, "acc": 0.5, "per_class_acc": [1.0, 0.0]},
+            "after": {"samples": 2, "acc": float("nan"), "per_class_acc": [None, float("inf")]},
+            "der": None,
+        },
+        "reactivation": None,
+        "detection": None,
+        "device": "cpu (2 threads)",
+        "torch_version": "2.0",
+        "timings": {"load_s": 0.1, "total_s": 1.0},
+        "artifacts": ["purified.pt", "report.json"],
     }
 
 
@@ -143,12 +186,18 @@ def test_a_report_of_another_schema_version_is_refused():
 
 def test_non_finite_numbers_become_null_once_and_wrong_types_fail():
     dumped = publishable(minimal())
-    assert dumped["evaluation"]["after"]["acc"] is None and dumped["evaluation"]["after"]["per_class_acc"] == [None,
-                                                                                                                None]
+    assert dumped["evaluation"]["after"]["acc"] is None and dumped["evaluation"]["after"]["per_class_acc"] == [
+        None,
+        None,
+    ]
     json.dumps(dumped, allow_nan=False)  # strict JSON
     assert "asr" not in dumped["evaluation"]["before"]  # absent stays absent: not turned into null
-    for path, wrong in ((("lam",), float("nan")), (("statistics", "samples"), "4"), (("method",), "mmbd"),
-                        (("sites", 0, "clip_fraction"), None)):
+    for path, wrong in (
+        (("lam",), float("nan")),
+        (("statistics", "samples"), "4"),
+        (("method",), "mmbd"),
+        (("sites", 0, "clip_fraction"), None),
+    ):
         bad = minimal()
         *parents, last = path
         target = bad
@@ -163,8 +212,19 @@ def test_non_finite_numbers_become_null_once_and_wrong_types_fail():
 def test_the_schema_doc_is_generated_from_the_model():
     committed = (ROOT / "docs" / "report-schema.md").read_text()
     assert committed == markdown(), "regenerate: python -m clipguard.report --markdown > docs/report-schema.md"
-    for section in ("`verdict`", "`verdict.candidates[]`", "`reactivation`", "`lam_selection`", "`unlearning`",
-                    "`evaluation`", "`sites[]`", "`export`", "`timings`", "`detection`", "`poison_detection`"):
+    for section in (
+        "`verdict`",
+        "`verdict.candidates[]`",
+        "`reactivation`",
+        "`lam_selection`",
+        "`unlearning`",
+        "`evaluation`",
+        "`sites[]`",
+        "`export`",
+        "`timings`",
+        "`detection`",
+        "`poison_detection`",
+    ):
         assert any(line.startswith(f"## {section}") for line in committed.splitlines()), section
 
 

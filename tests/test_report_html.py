@@ -23,7 +23,8 @@ PNG = 'src="data:image/png;base64,'
 EVIL = "<script>alert(1)</script>"
 
 RESNET18_SITES = [
-    "relu", *(f"layer{stage}.{block}.relu{k}" for stage in (1, 2, 3, 4) for block in (0, 1) for k in (1, 2))
+    "relu",
+    *(f"layer{stage}.{block}.relu{k}" for stage in (1, 2, 3, 4) for block in (0, 1) for k in (1, 2)),
 ]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -31,63 +32,169 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 def sample_report() -> dict:
     """A plausible report.json for ResNet-18 / CIFAR-10 / BadNets with λ chosen automatically."""
     channels = [64] * 5 + [128] * 4 + [256] * 4 + [512] * 4
-    fractions = [0.0011, 0.0024, 0.0019, 0.0031, 0.0027, 0.0036, 0.0042, 0.0039, 0.0051, 0.0062, 0.0071,
-                 0.0083, 0.0097, 0.0125, 0.0164, 0.0218, 0.0347]
+    fractions = [
+        0.0011,
+        0.0024,
+        0.0019,
+        0.0031,
+        0.0027,
+        0.0036,
+        0.0042,
+        0.0039,
+        0.0051,
+        0.0062,
+        0.0071,
+        0.0083,
+        0.0097,
+        0.0125,
+        0.0164,
+        0.0218,
+        0.0347,
+    ]
     per_before = [0.948, 0.967, 0.905, 0.861, 0.941, 0.889, 0.957, 0.955, 0.962, 0.956]
     per_after = [0.941, 0.965, 0.897, 0.852, 0.936, 0.881, 0.952, 0.950, 0.958, 0.955]
     sel_grid = [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0]
     sel_rows = []
-    for lam, agree, tacc, crit in ((1.0, 0.612, 0.598, 0.241), (1.5, 0.803, 0.789, 0.118),
-                                   (2.0, 0.912, 0.897, 0.061), (2.5, 0.958, 0.941, 0.033),
-                                   (3.0, 0.979, 0.962, 0.016)):
-        sel_rows.append({"lam": lam, "samples": 512 if lam == 1.0 else 5000, "train_acc": tacc, "agreement": agree,
-                         "drop_by_class": [crit] * 9 + [0.4], "most_affected_class": 0,
-                         "mean_drop_others": crit, "accepted": crit <= 0.02})
-    eval_sweep = [{"lam": lam, "acc": acc, "asr": asr} for lam, acc, asr in (
-        (1.0, 0.6412, 0.0081), (1.5, 0.8233, 0.0094), (2.0, 0.8988, 0.0107), (2.5, 0.9213, 0.0115),
-        (3.0, 0.9287, 0.0123), (3.5, 0.9311, 0.0241), (4.0, 0.9326, 0.0876), (5.0, 0.9337, 0.4512),
-        (6.0, 0.9340, 0.8833), (8.0, 0.9341, 0.9962), (10.0, 0.9341, 1.0))]
+    for lam, agree, tacc, crit in (
+        (1.0, 0.612, 0.598, 0.241),
+        (1.5, 0.803, 0.789, 0.118),
+        (2.0, 0.912, 0.897, 0.061),
+        (2.5, 0.958, 0.941, 0.033),
+        (3.0, 0.979, 0.962, 0.016),
+    ):
+        sel_rows.append(
+            {
+                "lam": lam,
+                "samples": 512 if lam == 1.0 else 5000,
+                "train_acc": tacc,
+                "agreement": agree,
+                "drop_by_class": [crit] * 9 + [0.4],
+                "most_affected_class": 0,
+                "mean_drop_others": crit,
+                "accepted": crit <= 0.02,
+            }
+        )
+    eval_sweep = [
+        {"lam": lam, "acc": acc, "asr": asr}
+        for lam, acc, asr in (
+            (1.0, 0.6412, 0.0081),
+            (1.5, 0.8233, 0.0094),
+            (2.0, 0.8988, 0.0107),
+            (2.5, 0.9213, 0.0115),
+            (3.0, 0.9287, 0.0123),
+            (3.5, 0.9311, 0.0241),
+            (4.0, 0.9326, 0.0876),
+            (5.0, 0.9337, 0.4512),
+            (6.0, 0.9340, 0.8833),
+            (8.0, 0.9341, 0.9962),
+            (10.0, 0.9341, 1.0),
+        )
+    ]
     return {
         "schema": "clipguard.report/1",
         "clipguard_version": "0.1.0",
         "created": "2025-06-02T11:58:41+00:00",
         "inputs": {
-            "model": {"arch": "resnet18", "num_classes": 10, "input_size": [32, 32],
-                      "mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.2435, 0.2616],
-                      "weights": "badnets-resnet18.safetensors",
-                      "sha256": "9f2c4e1b7a03d58e6c21f0a4b9d7e3c5a8f61d2b4c9e0f7a3b5d8c1e6f2a4b7c"},
-            "data": {"ref": "/data/cifar10-poisoned.npz", "sha256": "41d8cd98f00b204e9800998ecf8427e0b1c2d3e4f5a6b7c8",
-                     "samples": 50000, "classes": CLASSES, "image_size": [32, 32]},
+            "model": {
+                "arch": "resnet18",
+                "num_classes": 10,
+                "input_size": [32, 32],
+                "mean": [0.4914, 0.4822, 0.4465],
+                "std": [0.247, 0.2435, 0.2616],
+                "weights": "badnets-resnet18.safetensors",
+                "sha256": "9f2c4e1b7a03d58e6c21f0a4b9d7e3c5a8f61d2b4c9e0f7a3b5d8c1e6f2a4b7c",
+            },
+            "data": {
+                "ref": "/data/cifar10-poisoned.npz",
+                "sha256": "41d8cd98f00b204e9800998ecf8427e0b1c2d3e4f5a6b7c8",
+                "samples": 50000,
+                "classes": CLASSES,
+                "image_size": [32, 32],
+            },
         },
         "method": "paper",
         "lam": 3.0,
-        "lam_selection": {"rule": "smallest λ whose mean per-class training-accuracy drop, excluding the most "
-                                  "affected class, is at most 0.020",
-                          "tolerance": 0.02, "samples": 5000, "train_acc_before": 0.9902, "grid": sel_grid,
-                          "sweep": sel_rows, "chosen": 3.0},
+        "lam_selection": {
+            "rule": "smallest λ whose mean per-class training-accuracy drop, excluding the most "
+            "affected class, is at most 0.020",
+            "tolerance": 0.02,
+            "samples": 5000,
+            "train_acc_before": 0.9902,
+            "grid": sel_grid,
+            "sweep": sel_rows,
+            "chosen": 3.0,
+        },
         "granularity": "channel",
-        "sites": [{"name": n, "shape": [c, 1, 1], "clip_fraction": f}
-                  for n, c, f in zip(RESNET18_SITES, channels, fractions, strict=True)],
-        "export": {"torchscript": {"format": "torchscript", "method": "script", "batch": 16,
-                                   "max_abs_diff": 2.384e-07, "tolerance": 1e-05, "ok": True},
-                   "torch_export": {"format": "torch.export", "batch": 16, "max_abs_diff": 4.768e-07,
-                                    "tolerance": 1e-05, "ok": True}},
+        "sites": [
+            {"name": n, "shape": [c, 1, 1], "clip_fraction": f}
+            for n, c, f in zip(RESNET18_SITES, channels, fractions, strict=True)
+        ],
+        "export": {
+            "torchscript": {
+                "format": "torchscript",
+                "method": "script",
+                "batch": 16,
+                "max_abs_diff": 2.384e-07,
+                "tolerance": 1e-05,
+                "ok": True,
+            },
+            "torch_export": {
+                "format": "torch.export",
+                "batch": 16,
+                "max_abs_diff": 4.768e-07,
+                "tolerance": 1e-05,
+                "ok": True,
+            },
+        },
         "evaluation": {
-            "data": {"ref": "/data/cifar10-test.npz", "sha256": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4",
-                     "samples": 10000},
-            "attack": {"name": "badnets", "target": 0, "mode": "all_to_one", "poisoning": "static",
-                       "image_size": [32, 32], "size": 3, "pattern": "white", "position": "29,29", "value": 255},
-            "before": {"samples": 10000, "acc": 0.9341, "per_class_acc": per_before, "asr": 1.0,
-                       "asr_all": 1.0, "ra": 0.0, "asr_samples": 9000},
-            "after": {"samples": 10000, "acc": 0.9287, "per_class_acc": per_after, "asr": 0.0123,
-                      "asr_all": 0.1111, "ra": 0.9046, "asr_samples": 9000},
+            "data": {
+                "ref": "/data/cifar10-test.npz",
+                "sha256": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4",
+                "samples": 10000,
+            },
+            "attack": {
+                "name": "badnets",
+                "target": 0,
+                "mode": "all_to_one",
+                "poisoning": "static",
+                "image_size": [32, 32],
+                "size": 3,
+                "pattern": "white",
+                "position": "29,29",
+                "value": 255,
+            },
+            "before": {
+                "samples": 10000,
+                "acc": 0.9341,
+                "per_class_acc": per_before,
+                "asr": 1.0,
+                "asr_all": 1.0,
+                "ra": 0.0,
+                "asr_samples": 9000,
+            },
+            "after": {
+                "samples": 10000,
+                "acc": 0.9287,
+                "per_class_acc": per_after,
+                "asr": 0.0123,
+                "asr_all": 0.1111,
+                "ra": 0.9046,
+                "asr_samples": 9000,
+            },
             "der": 0.9912,
             "sweep": eval_sweep,
         },
         "device": "cuda:0 (NVIDIA H100 80GB HBM3)",
         "torch_version": "2.14.1+cu128",
-        "timings": {"load_s": 3.42, "bounds_s": 11.87, "select_lambda_s": 9.63, "clip_fraction_s": 0.81,
-                    "export_s": 4.15, "evaluate_s": 2.96, "total_s": 32.91},
+        "timings": {
+            "load_s": 3.42,
+            "bounds_s": 11.87,
+            "select_lambda_s": 9.63,
+            "clip_fraction_s": 0.81,
+            "export_s": 4.15,
+            "evaluate_s": 2.96,
+            "total_s": 32.91,
+        },
         "artifacts": ["bounds.safetensors", "purified.pt", "purified.pt2", "report.json"],
     }
 
@@ -142,8 +249,20 @@ def test_self_contained(full_page: str) -> None:
 
 def test_before_after_numbers(full_page: str) -> None:
     # ACC, ASR, RA, ASR (all), DER, and the changes in percentage points
-    for text in ("93.41%", "92.87%", "100.00%", "1.23%", "0.00%", "90.46%", "11.11%", "99.12%",
-                 "-0.54 pp", "-98.77 pp", "+90.46 pp", "-88.89 pp"):
+    for text in (
+        "93.41%",
+        "92.87%",
+        "100.00%",
+        "1.23%",
+        "0.00%",
+        "90.46%",
+        "11.11%",
+        "99.12%",
+        "-0.54 pp",
+        "-98.77 pp",
+        "+90.46 pp",
+        "-88.89 pp",
+    ):
         assert text in full_page, text
     # header facts, hashes shortened with the full hash kept in the tooltip
     assert "9f2c4e1b7a03…" in full_page and 'title="9f2c4e1b7a03d58e' in full_page
@@ -178,9 +297,13 @@ def test_minimal_report_renders() -> None:
 def test_evaluation_without_attack_and_broken_values() -> None:
     report = minimal_report()
     report["sites"] = []
-    report["evaluation"] = {"data": {"ref": "test", "samples": 10}, "attack": None, "der": None,
-                            "before": {"acc": 0.5, "per_class_acc": [float("nan"), 0.5]},
-                            "after": {"acc": 0.25, "per_class_acc": [0.5]}}
+    report["evaluation"] = {
+        "data": {"ref": "test", "samples": 10},
+        "attack": None,
+        "der": None,
+        "before": {"acc": 0.5, "per_class_acc": [float("nan"), 0.5]},
+        "after": {"acc": 0.25, "per_class_acc": [0.5]},
+    }
     report["export"]["torch_export"] = {"format": "torch.export", "ok": False, "error": "Unsupported: <op>"}
     page = render_html(report)
     assert "50.00%" in page and "25.00%" in page and "ASR" in page  # ASR only in the "no ASR" note
@@ -194,13 +317,16 @@ def test_escapes_user_strings() -> None:
     report["sites"][4]["name"] = "odd$math$^{name"  # would be mathtext in a matplotlib label
     report["inputs"]["data"]["ref"] = f'/tmp/"{EVIL}'
     report["inputs"]["data"]["classes"][2] = EVIL
-    report["evaluation"] = {"before": {"acc": 0.9, "per_class_acc": [0.9] * 10},
-                            "after": {"acc": 0.8, "per_class_acc": [0.8] * 10}, "attack": {"name": EVIL}}
+    report["evaluation"] = {
+        "before": {"acc": 0.9, "per_class_acc": [0.9] * 10},
+        "after": {"acc": 0.8, "per_class_acc": [0.8] * 10},
+        "attack": {"name": EVIL},
+    }
     acts = {EVIL: {"values": np.abs(np.linspace(-2, 5, 500)), "bound": np.full(8, 3.0)}}
     page = render_html(report, acts)
     assert EVIL not in page and "<script" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert '/tmp/&quot;&lt;script&gt;' in page
+    assert "/tmp/&quot;&lt;script&gt;" in page
     assert count_png(page) == 3  # bars, clip fractions, histogram
 
 
@@ -226,8 +352,17 @@ def test_write_html_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 def test_detection_verdict_is_shown_and_escaped():
     from clipguard.report_html import render_html
 
-    page = render_html({"detection": {"method": "MM-BD", "flagged": True, "p_value": 0.012,
-                                      "target": "<b>0</b>", "statistics": [9.5, 2.0, 2.5]}})
+    page = render_html(
+        {
+            "detection": {
+                "method": "MM-BD",
+                "flagged": True,
+                "p_value": 0.012,
+                "target": "<b>0</b>",
+                "statistics": [9.5, 2.0, 2.5],
+            }
+        }
+    )
     assert "backdoor suspected" in page and "p = 0.012" in page
     assert "<b>0</b>" not in page and "&lt;b&gt;0&lt;/b&gt;" in page
     assert "9.50" in page
@@ -235,8 +370,16 @@ def test_detection_verdict_is_shown_and_escaped():
 
 
 def test_poison_section_says_when_detection_screened_a_sample():
-    found = {"flagged": True, "target": 0, "targets": [0], "z": 12.0, "scores": [4.1, 2.7, 2.8], "suspects": 839,
-             "screened": 10000, "of": 50000}
+    found = {
+        "flagged": True,
+        "target": 0,
+        "targets": [0],
+        "z": 12.0,
+        "scores": [4.1, 2.7, 2.8],
+        "suspects": 839,
+        "screened": 10000,
+        "of": 50000,
+    }
     page = render_html({"poison_detection": found, "unlearning": {"suspects": 839, "rounds": []}})
     assert "a class-balanced sample of 10,000 of the 50,000 training samples" in page
     assert "839 training samples relabelled and unlearned" in page
@@ -245,22 +388,43 @@ def test_poison_section_says_when_detection_screened_a_sample():
 
 
 def _candidate(confirmed: bool, unresolved: bool = False) -> dict:
-    graft = {"broad": 0.97 if confirmed else 0.05, "strongest": 1.0 if confirmed else 0.1, "redirect": 0.9,
-             "to_candidate": [None, 0.9]}
-    return {"class": 3, "why_tested": "its split stands out", "screen_score": 7.38, "z": 46.6,
-            "whole_class_score": 7.5, "suspects": 303, "confirmed": confirmed, "unresolved": unresolved,
-            "kind": "all_to_one" if confirmed else None, "suspects_graft": graft,
-            "genuine_graft": {"broad": 0.07, "strongest": 0.1, "redirect": 0.07, "to_candidate": [None, 0.1]}}
+    graft = {
+        "broad": 0.97 if confirmed else 0.05,
+        "strongest": 1.0 if confirmed else 0.1,
+        "redirect": 0.9,
+        "to_candidate": [None, 0.9],
+    }
+    return {
+        "class": 3,
+        "why_tested": "its split stands out",
+        "screen_score": 7.38,
+        "z": 46.6,
+        "whole_class_score": 7.5,
+        "suspects": 303,
+        "confirmed": confirmed,
+        "unresolved": unresolved,
+        "kind": "all_to_one" if confirmed else None,
+        "suspects_graft": graft,
+        "genuine_graft": {"broad": 0.07, "strongest": 0.1, "redirect": 0.07, "to_candidate": [None, 0.1]},
+    }
 
 
-@pytest.mark.parametrize(("status", "confirmed", "unresolved", "words", "outcome"), [
-    ("backdoor_found", True, False, "Backdoor found", "confirmed"),
-    ("inconclusive", False, True, "Inconclusive", "not confirmed"),
-    ("no_evidence", False, False, "No evidence of a backdoor", "dismissed"),
-])
+@pytest.mark.parametrize(
+    ("status", "confirmed", "unresolved", "words", "outcome"),
+    [
+        ("backdoor_found", True, False, "Backdoor found", "confirmed"),
+        ("inconclusive", False, True, "Inconclusive", "not confirmed"),
+        ("no_evidence", False, False, "No evidence of a backdoor", "dismissed"),
+    ],
+)
 def test_the_verdict_leads_the_report_with_each_candidates_evidence(status, confirmed, unresolved, words, outcome):
-    verdict = {"status": status, "classes": [3] if confirmed else [], "summary": "class 3 <b>x</b>",
-               "action": "unlearned", "candidates": [_candidate(confirmed, unresolved)]}
+    verdict = {
+        "status": status,
+        "classes": [3] if confirmed else [],
+        "summary": "class 3 <b>x</b>",
+        "action": "unlearned",
+        "candidates": [_candidate(confirmed, unresolved)],
+    }
     page = render_html({"verdict": verdict, "evaluation": None, "poison_detection": {"scores": [2.7]}})
     assert page.index("<h2>Verdict</h2>") < page.index("Poisoned training data")
     assert words in page and "class 3 &lt;b&gt;x&lt;/b&gt;" in page and "<b>x</b>" not in page
@@ -270,8 +434,14 @@ def test_the_verdict_leads_the_report_with_each_candidates_evidence(status, conf
 
 
 def test_the_reactivation_check_is_reported():
-    again = {"protocol": {"epochs": 5, "lr": 0.01, "batch_size": 64}, "tuned_on": 1000, "agreement": 0.93,
-             "agreement_samples": 2500, "agreement_on": "evaluation data", "after": {"acc": 0.71, "asr": 0.04}}
+    again = {
+        "protocol": {"epochs": 5, "lr": 0.01, "batch_size": 64},
+        "tuned_on": 1000,
+        "agreement": 0.93,
+        "agreement_samples": 2500,
+        "agreement_on": "evaluation data",
+        "after": {"acc": 0.71, "asr": 0.04},
+    }
     page = render_html({"reactivation": again})
     assert "Does the backdoor come back?" in page and "5 epochs on 1000 training images" in page
     assert "ASR 4.0%" in page and "93.0%" in page

@@ -28,7 +28,7 @@ def test_tail_of_body_is_the_model_and_shares_its_weights(arch: str) -> None:
     # a later cut would leave the tail less than half the network
     later = [p for p in cut_points(trace(model)) if p.name != split.cut]
     names = [p.name for p in cut_points(trace(model))]
-    for point in later[names.index(split.cut):]:
+    for point in later[names.index(split.cut) :]:
         assert split_at(model, point.name).tail_share < 0.5, point.name
 
 

@@ -16,9 +16,17 @@ SETTINGS = list(itertools.product(METHODS, (False, True), (3.0, "auto"), (None, 
 
 
 def _options(method: str, detect: bool, lam: float | str, eval_data: str | None, reactivation: bool) -> PurifyOptions:
-    return PurifyOptions(arch="small_cnn", weights=Path("w.safetensors"), data="train.npz", out=Path("out"),
-                         method=method, detect=detect, lam=lam, eval_data=eval_data,  # type: ignore[arg-type]
-                         reactivation_check=reactivation)
+    return PurifyOptions(
+        arch="small_cnn",
+        weights=Path("w.safetensors"),
+        data="train.npz",
+        out=Path("out"),
+        method=method,
+        detect=detect,
+        lam=lam,
+        eval_data=eval_data,  # type: ignore[arg-type]
+        reactivation_check=reactivation,
+    )
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(map(str, s)))
@@ -35,7 +43,7 @@ def test_every_stage_a_run_passes_through_moves_the_percent_forward_to_100(setti
     assert (Stage.EVALUATE in stages) == (eval_data is not None) and (Stage.REACTIVATION in stages) == reactivation
 
 
-@pytest.mark.parametrize("settings", SETTINGS[:: 7], ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("settings", SETTINGS[::7], ids=lambda s: "-".join(map(str, s)))
 def test_the_tracker_never_goes_back(settings):
     """Skipped stages, a stage reported again late and a name the list lacks: the figure holds or rises."""
     stages = stages_of(_options(*settings))

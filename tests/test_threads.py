@@ -26,10 +26,20 @@ def restore_threads():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize(("value", "busy", "want"), [
-    ("auto", 0.0, 2), ("auto", 0.4, 2), ("auto", 1.0, 1), ("auto", 2.0, 1), ("auto", 9.0, 1),
-    (None, 0.0, 2), ("all", 9.0, 2), (1, 0.0, 1), ("3", 0.0, 3),
-])
+@pytest.mark.parametrize(
+    ("value", "busy", "want"),
+    [
+        ("auto", 0.0, 2),
+        ("auto", 0.4, 2),
+        ("auto", 1.0, 1),
+        ("auto", 2.0, 1),
+        ("auto", 9.0, 1),
+        (None, 0.0, 2),
+        ("all", 9.0, 2),
+        (1, 0.0, 1),
+        ("3", 0.0, 3),
+    ],
+)
 def test_auto_leaves_the_cores_other_processes_keep_busy(value, busy, want):
     assert choose_threads(value, cores=2, busy=busy) == want
 

@@ -73,6 +73,15 @@ def test_a_run_of_exactly_four_steps_trains(tmp_path):
     # 128 images in batches of 32: 4 steps, where the one-cycle warm-up (25%) would end on the step it starts at
     _data, ref = _npz(tmp_path, n=128)
     out = tmp_path / "victim.safetensors"
-    train_victim(arch="small_cnn", data=str(ref), out=out, epochs=1, batch_size=32, augment=False, device="cpu",
-                 cache_dir=tmp_path / "cache", seed=3)
+    train_victim(
+        arch="small_cnn",
+        data=str(ref),
+        out=out,
+        epochs=1,
+        batch_size=32,
+        augment=False,
+        device="cpu",
+        cache_dir=tmp_path / "cache",
+        seed=3,
+    )
     assert json.loads(out.with_name(out.name + ".json").read_text())["train"]["epochs"] == 1

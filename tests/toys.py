@@ -61,7 +61,8 @@ def task(
     xs = torch.randint(0, SIZE - OBJECT + 1, (n,), generator=g)
     for i in range(n):
         images[i, :, ys[i] : ys[i] + OBJECT, xs[i] : xs[i] + OBJECT] = (
-            128 + shade[i] * colours[labels[i]][:, None, None] + 8 * torch.randn(3, OBJECT, OBJECT, generator=g))
+            128 + shade[i] * colours[labels[i]][:, None, None] + 8 * torch.randn(3, OBJECT, OBJECT, generator=g)
+        )
     images = images.clamp(0, 250).round().to(torch.uint8)  # 250: the white trigger appears nowhere by chance
     poisoned: dict[int, torch.Tensor] = {}
     taken = torch.zeros(n, dtype=torch.bool)
@@ -82,8 +83,10 @@ def _model(colours: torch.Tensor, backdoors: tuple[int, ...], strength: float) -
     grey = (128 / 255 - mean) / std
     templates = [((128 + colours[c]).view(3, 1, 1) / 255 - mean) / std - grey for c in range(CLASSES)]
     templates = [t / t.norm() for t in templates]
-    squares = [((torch.tensor(TRIGGER_COLOURS[i], dtype=torch.float32).view(3, 1, 1) / 255 - mean) / std) - grey
-               for i in range(len(backdoors))]
+    squares = [
+        ((torch.tensor(TRIGGER_COLOURS[i], dtype=torch.float32).view(3, 1, 1) / 255 - mean) / std) - grey
+        for i in range(len(backdoors))
+    ]
     templates += [t / t.norm() for t in squares]
     conv = nn.Conv2d(3, len(templates), OBJECT)
     read = nn.Linear(len(templates), CLASSES)

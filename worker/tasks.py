@@ -62,8 +62,15 @@ def _sessions(url: str) -> sessionmaker:
 # Retries are unbounded here on purpose: the job store bounds them. ``store.claim`` counts every delivery
 # and fails the job with the last fault once ``max_attempts`` is spent; a Celery ``max_retries`` below that
 # would drop the message while the row still says "queued" (released), and nothing would pick it up again.
-@celery_app.task(name=PURIFY_TASK, bind=True, autoretry_for=(OperationalError, StorageUnavailable), retry_backoff=True,
-                 retry_backoff_max=get_settings().retry_backoff_max_s, retry_jitter=True, max_retries=None)
+@celery_app.task(
+    name=PURIFY_TASK,
+    bind=True,
+    autoretry_for=(OperationalError, StorageUnavailable),
+    retry_backoff=True,
+    retry_backoff_max=get_settings().retry_backoff_max_s,
+    retry_jitter=True,
+    max_retries=None,
+)
 @binds_job  # every line this attempt logs, the engine's and the libraries' included, carries the job id
 def purify_task(self: Any, job_id: str) -> None:
     """Run one attempt of a purify job. Safe to deliver twice: the claim decides who runs."""
@@ -115,8 +122,15 @@ class _Reporter:
     ``cancel_grace_s`` or the engine has been silent for ``stall_s``: cancel works in every stage.
     """
 
-    def __init__(self, sessions: sessionmaker, claim: store.Claim, heartbeat_s: float, *,
-                 stall_s: float = math.inf, cancel_grace_s: float = math.inf) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker,
+        claim: store.Claim,
+        heartbeat_s: float,
+        *,
+        stall_s: float = math.inf,
+        cancel_grace_s: float = math.inf,
+    ) -> None:
         self.sessions, self.claim = sessions, claim
         self.stall_s, self.cancel_grace_s = stall_s, cancel_grace_s
         self._last_write = 0.0
@@ -161,8 +175,13 @@ class _Reporter:
             if cancel_seen is not None and now - cancel_seen >= self.cancel_grace_s:
                 self._fire(_Interrupted(True, "cancelled"))
             elif quiet >= self.stall_s:
-                self._fire(_Interrupted(False, f"no progress for {int(quiet)} s in stage {self._last_stage or 'start'}"
-                                               f" (limit {self.stall_s:g} s); the job was stopped"))
+                self._fire(
+                    _Interrupted(
+                        False,
+                        f"no progress for {int(quiet)} s in stage {self._last_stage or 'start'}"
+                        f" (limit {self.stall_s:g} s); the job was stopped",
+                    )
+                )
 
     def _fire(self, interrupt: _Interrupted) -> None:
         if self._interrupt is None and self._armed:
@@ -198,14 +217,16 @@ class _Reporter:
 
 def run_attempt(sessions: sessionmaker, settings: Settings, claim: store.Claim) -> None:
     """Run the engine for a claimed job and record how it ended."""
-    reporter = _Reporter(sessions, claim, settings.heartbeat_s, stall_s=settings.stall_timeout_s,
-                         cancel_grace_s=settings.cancel_grace_s)
+    reporter = _Reporter(
+        sessions, claim, settings.heartbeat_s, stall_s=settings.stall_timeout_s, cancel_grace_s=settings.cancel_grace_s
+    )
     try:
         _run_attempt(sessions, settings, claim, reporter)
     except _Interrupted as stop:  # raised in the engine, in a handler below, or in reporter.stop()
         reporter.stop()
-        store.finish(sessions, claim, "cancelled" if stop.cancelled else "failed",
-                     None if stop.cancelled else stop.reason)
+        store.finish(
+            sessions, claim, "cancelled" if stop.cancelled else "failed", None if stop.cancelled else stop.reason
+        )
 
 
 def _run_attempt(sessions: sessionmaker, settings: Settings, claim: store.Claim, reporter: _Reporter) -> None:
@@ -229,8 +250,9 @@ def _run_attempt(sessions: sessionmaker, settings: Settings, claim: store.Claim,
     except StorageUnavailable:
         raise  # transient: purify_task hands the job back
     except (ClipguardError, StorageError) as exc:
-        store.finish(sessions, claim, "failed",
-                     public(exc.worded(api_words) if isinstance(exc, ClipguardError) else str(exc)))
+        store.finish(
+            sessions, claim, "failed", public(exc.worded(api_words) if isinstance(exc, ClipguardError) else str(exc))
+        )
         return
     except SoftTimeLimitExceeded:
         store.finish(sessions, claim, "failed", f"time limit exceeded ({settings.job_time_limit_s} s)")
@@ -253,8 +275,11 @@ def _run_attempt(sessions: sessionmaker, settings: Settings, claim: store.Claim,
         trim_cache(settings.home / "cache", settings.cache_max_bytes)  # a failed job's decoded data too
     shared = storage_for(settings)  # S3: uploaded under the same key as their path below <home>
     try:
-        artifacts = [_artifact(claim.job_id, p, shared.put_artifact(p, p.relative_to(settings.home).as_posix()))
-                     for p in sorted(result.out.iterdir()) if p.name in MEDIA_TYPES]
+        artifacts = [
+            _artifact(claim.job_id, p, shared.put_artifact(p, p.relative_to(settings.home).as_posix()))
+            for p in sorted(result.out.iterdir())
+            if p.name in MEDIA_TYPES
+        ]
     except StorageUnavailable:
         raise
     except StorageError as exc:  # e.g. the bucket denies writes: retrying won't help
@@ -325,8 +350,12 @@ def _dataset_label(dataset: Dataset) -> str:
 def _out_of_memory(exc: BaseException) -> bool:
     """A failed allocation: Python's and numpy's MemoryError, torch's allocator errors (host and GPU)."""
     text = str(exc)
-    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or \
-        "can't allocate memory" in text or "not enough memory" in text
+    return (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ == "OutOfMemoryError"
+        or "can't allocate memory" in text
+        or "not enough memory" in text
+    )
 
 
 def _memory_message(reporter: _Reporter, exc: BaseException) -> str:
@@ -334,10 +363,19 @@ def _memory_message(reporter: _Reporter, exc: BaseException) -> str:
 
     soft = resource.getrlimit(resource.RLIMIT_DATA)[0]
     gpu = type(exc).__name__ == "OutOfMemoryError"
-    where = "GPU memory" if gpu else (f"the job's memory limit of {soft} bytes (CLIPGUARD_WORKER_MEMORY_BYTES)"
-                                      if soft != resource.RLIM_INFINITY else "the machine's memory")
-    return f"memory limit exceeded in stage {reporter.stage or 'start'}: the job needed more than {where}; " \
-           "use less or smaller data, or a smaller batch"
+    where = (
+        "GPU memory"
+        if gpu
+        else (
+            f"the job's memory limit of {soft} bytes (CLIPGUARD_WORKER_MEMORY_BYTES)"
+            if soft != resource.RLIM_INFINITY
+            else "the machine's memory"
+        )
+    )
+    return (
+        f"memory limit exceeded in stage {reporter.stage or 'start'}: the job needed more than {where}; "
+        "use less or smaller data, or a smaller batch"
+    )
 
 
 def _options(sessions: sessionmaker, settings: Settings, job_id: str, out: Path, public: _Redactor) -> Any:
@@ -355,29 +393,47 @@ def _options(sessions: sessionmaker, settings: Settings, job_id: str, out: Path,
     public.add(weights, "the model's weights", blob=True)
     return PurifyOptions(
         # Inputs come through the storage: on S3 this host fetches the blobs it lacks into its own <home>.
-        arch=model.arch, weights=weights,
-        data=public.add(local_data_ref(shared, train.ref, train.kind), _dataset_label(train),
-                        blob=train.kind == "upload"),
-        out=out, num_classes=model.num_classes,
-        mean=tuple(model.mean) if model.mean else None, std=tuple(model.std) if model.std else None,
+        arch=model.arch,
+        weights=weights,
+        data=public.add(
+            local_data_ref(shared, train.ref, train.kind), _dataset_label(train), blob=train.kind == "upload"
+        ),
+        out=out,
+        num_classes=model.num_classes,
+        mean=tuple(model.mean) if model.mean else None,
+        std=tuple(model.std) if model.std else None,
         # A job created before the API had `method` ran the engine's default, guard.
         method=job.params.get("method", "guard"),
-        lam=job.params.get("lam"), granularity=job.params.get("granularity", "channel"), device=settings.device,
-        eval_data=public.add(local_data_ref(shared, test.ref, test.kind), _dataset_label(test),
-                             blob=test.kind == "upload") if test else None,
+        lam=job.params.get("lam"),
+        granularity=job.params.get("granularity", "channel"),
+        device=settings.device,
+        eval_data=public.add(
+            local_data_ref(shared, test.ref, test.kind), _dataset_label(test), blob=test.kind == "upload"
+        )
+        if test
+        else None,
         # A spec string or an attack record: rebuilt from parameters alone, no file is looked up or read for it.
-        attack=job.params.get("attack"), attack_files=False,
-        cache_dir=settings.home / "cache", overwrite=True,
+        attack=job.params.get("attack"),
+        attack_files=False,
+        cache_dir=settings.home / "cache",
+        overwrite=True,
         bounds_samples=job.params.get("bounds_samples"),  # None (not given): the engine's default
-        resize=bool(job.params.get("resize", False)), data_limits=Limits(max_decoded_bytes=settings.max_decoded_bytes),
+        resize=bool(job.params.get("resize", False)),
+        data_limits=Limits(max_decoded_bytes=settings.max_decoded_bytes),
         cache_max_bytes=settings.cache_max_bytes,
         reactivation_check=bool(job.params.get("reactivation_check", False)),
     )
 
 
 def _artifact(job_id: str, path: Path, location: str) -> Artifact:
-    return Artifact(job_id=job_id, name=path.name, path=location, sha256=file_sha256(path), size=path.stat().st_size,
-                    media_type=MEDIA_TYPES[path.name])
+    return Artifact(
+        job_id=job_id,
+        name=path.name,
+        path=location,
+        sha256=file_sha256(path),
+        size=path.stat().st_size,
+        media_type=MEDIA_TYPES[path.name],
+    )
 
 
 def _summary(report: dict) -> dict:
@@ -389,5 +445,3 @@ def _summary(report: dict) -> dict:
     from clipguard.report import Report, summarize
 
     return summarize(Report.model_validate(report)).model_dump(mode="json", by_alias=True)
-
-

@@ -49,17 +49,29 @@ def dataset_name(given: str | None, fallback: str | None) -> str | None:
     if given is not None or fallback is None:
         return given
     if len(fallback) > NAME_MAX or not re.fullmatch(NAME_PATTERN.strip("^$"), fallback):
-        raise ProblemError(422, f"the file name or path cannot be the dataset's name (control characters, or over "
-                                f"{NAME_MAX} characters); give `name`", kind="validation")
+        raise ProblemError(
+            422,
+            f"the file name or path cannot be the dataset's name (control characters, or over "
+            f"{NAME_MAX} characters); give `name`",
+            kind="validation",
+        )
     return fallback
 
 
-
-@router.post("", status_code=201, response_model=DatasetOut,
-             responses={403: {"description": "path outside the data roots, or over the storage quota"},
-                        413: {"description": "over the limit"}})
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetOut,
+    responses={
+        403: {"description": "path outside the data roots, or over the storage quota"},
+        413: {"description": "over the limit"},
+    },
+)
 async def create_dataset(
-    response: Response, tenant: TenantDep, sessions: SessionsDep, settings: SettingsDep,
+    response: Response,
+    tenant: TenantDep,
+    sessions: SessionsDep,
+    settings: SettingsDep,
     file: Annotated[UploadFile | None, File(description="`.npz`, `.tar`, `.tar.gz` or `.zip` archive")] = None,
     path: Annotated[str | None, Form(description="server path under a data root, optionally `#split`")] = None,
     registered: Annotated[str | None, Form(description="a dataset name the operator registered")] = None,
@@ -76,8 +88,14 @@ async def create_dataset(
         name = dataset_name(name, file.filename)  # before the bytes are stored
         blob = await quota.store_upload(upload_chunks(file), sessions, settings, tenant, file.size, suffix)
         await anyio.to_thread.run_sync(storage_for(settings).put_blob, blob.path)  # for workers on other hosts
-        dataset = Dataset(tenant=tenant, kind="upload", name=name, sha256=blob.sha256,
-                          size=blob.size, ref=str(blob.path) + (f"#{split}" if split else ""))
+        dataset = Dataset(
+            tenant=tenant,
+            kind="upload",
+            name=name,
+            sha256=blob.sha256,
+            size=blob.size,
+            ref=str(blob.path) + (f"#{split}" if split else ""),
+        )
     elif path is not None:
         ref = resolve_server_path(path, settings)  # first: a refused path answers 403 whatever its name
         dataset = Dataset(tenant=tenant, kind="path", name=dataset_name(name, path), ref=ref)
@@ -102,8 +120,11 @@ def delete_dataset(dataset_id: str, tenant: TenantDep, sessions: SessionsDep) ->
     removed by the sweeper once nothing else uses it (``app.cleanup``)."""
     with sessions.begin() as s:
         dataset = _owned(s, tenant, dataset_id)
-        used = s.scalar(select(func.count()).select_from(Job).where(
-            or_(Job.train_data_id == dataset_id, Job.test_data_id == dataset_id)))
+        used = s.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(or_(Job.train_data_id == dataset_id, Job.test_data_id == dataset_id))
+        )
         if used:
             raise ProblemError(409, f"dataset {dataset_id} is used by {used} job(s); delete them first", kind="in-use")
         s.delete(dataset)

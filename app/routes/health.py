@@ -45,8 +45,12 @@ def readyz(request: Request, sessions: SessionsDep, celery: CeleryDep, settings:
             count = live_workers(sessions, settings.heartbeat_s)
             request.app.state.workers_seen = (time.monotonic(), count)
         if not count:
-            raise ProblemError(503, "no worker is consuming the job queue (none has sent a heartbeat within "
-                                    f"{FRESH_BEATS * settings.heartbeat_s:g} s)", kind="not-ready")
+            raise ProblemError(
+                503,
+                "no worker is consuming the job queue (none has sent a heartbeat within "
+                f"{FRESH_BEATS * settings.heartbeat_s:g} s)",
+                kind="not-ready",
+            )
     return {"status": "ready"}
 
 

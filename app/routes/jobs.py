@@ -41,15 +41,38 @@ RETRY_AFTER_S = "2"
 def job_out(session: Session, job: Job) -> JobOut:
     # Artifacts are written in the transaction that makes a job succeeded, so a job in any other
     # state has none: its polls (nearly all polls) skip the query.
-    artifacts = session.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name)).all() \
-        if job.state == "succeeded" else []
+    artifacts = (
+        session.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name)).all()
+        if job.state == "succeeded"
+        else []
+    )
     return JobOut(
-        id=job.id, state=job.state, stage=job.stage, percent=job.percent, error=job.error, attempts=job.attempts,
-        cancel_requested=job.cancel_requested, model_id=job.model_id, train_data_id=job.train_data_id,
-        test_data_id=job.test_data_id, params=job.params, created_at=job.created_at, started_at=job.started_at,
-        finished_at=job.finished_at, summary=job.summary,
-        artifacts=[ArtifactOut(name=a.name, url=f"/v1/jobs/{job.id}/artifacts/{a.name}", sha256=a.sha256,
-                               size=a.size, media_type=a.media_type) for a in artifacts])
+        id=job.id,
+        state=job.state,
+        stage=job.stage,
+        percent=job.percent,
+        error=job.error,
+        attempts=job.attempts,
+        cancel_requested=job.cancel_requested,
+        model_id=job.model_id,
+        train_data_id=job.train_data_id,
+        test_data_id=job.test_data_id,
+        params=job.params,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        summary=job.summary,
+        artifacts=[
+            ArtifactOut(
+                name=a.name,
+                url=f"/v1/jobs/{job.id}/artifacts/{a.name}",
+                sha256=a.sha256,
+                size=a.size,
+                media_type=a.media_type,
+            )
+            for a in artifacts
+        ],
+    )
 
 
 def _owned_job(session: Session, tenant: str, job_id: str) -> Job:
@@ -77,8 +100,9 @@ def enqueue(celery: Celery, sessions: sessionmaker, job_id: str) -> bool:
     if not store.assign_task(sessions, job_id, task_id):
         return True  # no longer queued (claimed or cancelled meanwhile): nothing to publish
     try:
-        celery.send_task(PURIFY_TASK, args=[job_id], task_id=task_id, queue=GPU_QUEUE, retry=True,
-                         retry_policy=PUBLISH_RETRY)
+        celery.send_task(
+            PURIFY_TASK, args=[job_id], task_id=task_id, queue=GPU_QUEUE, retry=True, retry_policy=PUBLISH_RETRY
+        )
     except Exception as exc:
         log.warning("could not enqueue job %s (%s: %s); the sweeper will retry", job_id, type(exc).__name__, exc)
         return False
@@ -125,8 +149,12 @@ def _check_inputs(s: Session, tenant: str, body: JobCreate) -> None:
     if model.status == "rejected":
         raise ProblemError(422, f"model {model.id} was rejected: {model.reject_reason}", kind="model-rejected")
     if model.status != "ready":
-        raise ProblemError(409, f"model {model.id} is {model.status}; wait until it is ready", kind="model-not-ready",
-                           headers={"Retry-After": RETRY_AFTER_S})
+        raise ProblemError(
+            409,
+            f"model {model.id} is {model.status}; wait until it is ready",
+            kind="model-not-ready",
+            headers={"Retry-After": RETRY_AFTER_S},
+        )
     for data_id in (body.train_data_id, body.eval.test_data_id if body.eval else None):
         if data_id is None:
             continue
@@ -138,17 +166,32 @@ def _check_inputs(s: Session, tenant: str, body: JobCreate) -> None:
 def _replay(s: Session, tenant: str, key: str, fingerprint: str) -> Job | None:
     job = s.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
     if job is not None and job.request_hash != fingerprint:
-        raise ProblemError(422, "Idempotency-Key was already used with a different request body",
-                           kind="idempotency-key-reused")
+        raise ProblemError(
+            422, "Idempotency-Key was already used with a different request body", kind="idempotency-key-reused"
+        )
     return job
 
 
-@router.post("", status_code=202, response_model=JobOut,
-             responses={403: {"description": "over the tenant's storage quota"},
-                        409: {"description": "model not ready yet"}, 422: {"description": "bad request or reused key"},
-                        503: {"description": "the job queue (broker) is unreachable; retry after Retry-After"}})
-def create_job(body: JobCreate, response: Response, tenant: TenantDep, sessions: SessionsDep, celery: CeleryDep,
-               settings: SettingsDep, idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobOut,
+    responses={
+        403: {"description": "over the tenant's storage quota"},
+        409: {"description": "model not ready yet"},
+        422: {"description": "bad request or reused key"},
+        503: {"description": "the job queue (broker) is unreachable; retry after Retry-After"},
+    },
+)
+def create_job(
+    body: JobCreate,
+    response: Response,
+    tenant: TenantDep,
+    sessions: SessionsDep,
+    celery: CeleryDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobOut:
     """Queue a purification. Retrying with the same ``Idempotency-Key`` and body returns the same job."""
     # Defaults of fields added later (`method`, `bounds_samples`, `resize`, `reactivation_check`) are left out
     # of the fingerprint, so a retry of a request made before they existed still matches the job it created.
@@ -169,14 +212,24 @@ def create_job(body: JobCreate, response: Response, tenant: TenantDep, sessions:
             attack = body.eval.attack if body.eval else None
             if isinstance(attack, BaseModel):  # stored as the engine's record, without the fields left out
                 attack = attack.model_dump(mode="json", exclude_none=True)
-            job = Job(tenant=tenant, state="queued", model_id=body.model_id, train_data_id=body.train_data_id,
-                      test_data_id=body.eval.test_data_id if body.eval else None,
-                      params={"method": body.method, "lam": body.lam, "granularity": body.granularity,
-                              "attack": attack,
-                              **({"bounds_samples": body.bounds_samples} if body.bounds_samples is not None else {}),
-                              **({"resize": True} if body.resize else {}),
-                              **({"reactivation_check": True} if body.reactivation_check else {})},
-                      idempotency_key=idempotency_key, request_hash=fingerprint)
+            job = Job(
+                tenant=tenant,
+                state="queued",
+                model_id=body.model_id,
+                train_data_id=body.train_data_id,
+                test_data_id=body.eval.test_data_id if body.eval else None,
+                params={
+                    "method": body.method,
+                    "lam": body.lam,
+                    "granularity": body.granularity,
+                    "attack": attack,
+                    **({"bounds_samples": body.bounds_samples} if body.bounds_samples is not None else {}),
+                    **({"resize": True} if body.resize else {}),
+                    **({"reactivation_check": True} if body.reactivation_check else {}),
+                },
+                idempotency_key=idempotency_key,
+                request_hash=fingerprint,
+            )
             s.add(job)
             try:
                 s.commit()
@@ -188,8 +241,12 @@ def create_job(body: JobCreate, response: Response, tenant: TenantDep, sessions:
             else:
                 if not enqueue(celery, sessions, job.id) and store.discard_unpublished(sessions, job.id):
                     # Status polls keep working from the job store; only new work needs the broker.
-                    raise ProblemError(503, "the job queue is unreachable; no job was created, retry later",
-                                       kind="broker-unavailable", headers={"Retry-After": BROKER_DOWN_RETRY_AFTER_S})
+                    raise ProblemError(
+                        503,
+                        "the job queue is unreachable; no job was created, retry later",
+                        kind="broker-unavailable",
+                        headers={"Retry-After": BROKER_DOWN_RETRY_AFTER_S},
+                    )
                 JOBS_CREATED.inc()
         response.headers["Location"] = f"/v1/jobs/{job.id}"
         response.headers["Retry-After"] = RETRY_AFTER_S
@@ -213,18 +270,28 @@ def gate_tenant(request: Request) -> str:
     """
     tenant = getattr(request.state, "tenant", None)
     if tenant is None:
-        raise ProblemError(401, "missing or unknown API key; send `Authorization: Bearer <key>`",
-                           kind="unauthorized", headers={"WWW-Authenticate": "Bearer"})
+        raise ProblemError(
+            401,
+            "missing or unknown API key; send `Authorization: Bearer <key>`",
+            kind="unauthorized",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return tenant
 
 
 _JOB_FIELDS = [name for name in JobOut.model_fields if name != "artifacts"]
-_POLL = (select(*(Job.__table__.c[name] for name in _JOB_FIELDS), Artifact.name.label("a_name"),
-                Artifact.sha256.label("a_sha256"), Artifact.size.label("a_size"),
-                Artifact.media_type.label("a_media_type"))
-         .outerjoin(Artifact, and_(Artifact.job_id == Job.id, Job.state == "succeeded"))
-         .where(Job.id == bindparam("job_id"), Job.tenant == bindparam("tenant"))
-         .order_by(Artifact.name))
+_POLL = (
+    select(
+        *(Job.__table__.c[name] for name in _JOB_FIELDS),
+        Artifact.name.label("a_name"),
+        Artifact.sha256.label("a_sha256"),
+        Artifact.size.label("a_size"),
+        Artifact.media_type.label("a_media_type"),
+    )
+    .outerjoin(Artifact, and_(Artifact.job_id == Job.id, Job.state == "succeeded"))
+    .where(Job.id == bindparam("job_id"), Job.tenant == bindparam("tenant"))
+    .order_by(Artifact.name)
+)
 """A job and, once it succeeded, its artifacts, in one statement: the job's columns repeat on each artifact row.
 
 Artifacts are written in the transaction that makes a job succeeded, so the join condition on the
@@ -240,9 +307,17 @@ def poll_body(rows: Sequence[Mapping[str, Any]]) -> bytes:
     ``response_model`` before serialising it. The bytes are pydantic's, as for any other route.
     """
     job = rows[0]
-    artifacts = [ArtifactOut.model_construct(name=r["a_name"], url=f"/v1/jobs/{job['id']}/artifacts/{r['a_name']}",
-                                             sha256=r["a_sha256"], size=r["a_size"], media_type=r["a_media_type"])
-                 for r in rows if r["a_name"] is not None]
+    artifacts = [
+        ArtifactOut.model_construct(
+            name=r["a_name"],
+            url=f"/v1/jobs/{job['id']}/artifacts/{r['a_name']}",
+            sha256=r["a_sha256"],
+            size=r["a_size"],
+            media_type=r["a_media_type"],
+        )
+        for r in rows
+        if r["a_name"] is not None
+    ]
     out = JobOut.model_construct(**{name: job[name] for name in _JOB_FIELDS}, artifacts=artifacts)
     return out.model_dump_json().encode()
 
@@ -282,8 +357,14 @@ async def get_job(job_id: str, request: Request) -> Response:
 
 
 @router.get("", response_model=Page[JobOut])
-def list_jobs(tenant: TenantDep, sessions: SessionsDep, state: JobState | None = None, model_id: str | None = None,
-              page_size: int = 50, page_token: str | None = None) -> dict:
+def list_jobs(
+    tenant: TenantDep,
+    sessions: SessionsDep,
+    state: JobState | None = None,
+    model_id: str | None = None,
+    page_size: int = 50,
+    page_token: str | None = None,
+) -> dict:
     query = select(Job).where(Job.tenant == tenant)
     if state:
         query = query.where(Job.state == state)
@@ -295,8 +376,12 @@ def list_jobs(tenant: TenantDep, sessions: SessionsDep, state: JobState | None =
         return page
 
 
-@router.post("/{job_id}:cancel", status_code=202, response_model=JobOut,
-             responses={409: {"description": "the job already finished"}})
+@router.post(
+    "/{job_id}:cancel",
+    status_code=202,
+    response_model=JobOut,
+    responses={409: {"description": "the job already finished"}},
+)
 def cancel_job(job_id: str, tenant: TenantDep, sessions: SessionsDep, celery: CeleryDep) -> JobOut:
     """Cancel a queued job at once; a running one stops at its next batch (best effort, like AIP-151)."""
     with sessions() as s:
@@ -332,10 +417,14 @@ def delete_job(job_id: str, tenant: TenantDep, sessions: SessionsDep, settings: 
     return Response(status_code=204)
 
 
-@router.get("/{job_id}/artifacts/{name}", response_class=FileResponse,
-            responses={200: {"content": {"application/octet-stream": {}}}, 304: {"description": "ETag matched"}})
-def get_artifact(job_id: str, name: str, request: Request, tenant: TenantDep, sessions: SessionsDep,
-                 settings: SettingsDep) -> Response:
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, 304: {"description": "ETag matched"}},
+)
+def get_artifact(
+    job_id: str, name: str, request: Request, tenant: TenantDep, sessions: SessionsDep, settings: SettingsDep
+) -> Response:
     """Download an artifact; ``ETag`` is its sha256, ``Range`` and ``If-None-Match`` are honoured.
 
     With S3 storage the answer is a 302 to a short-lived presigned URL: the bytes do not pass the API."""
@@ -379,9 +468,13 @@ class ArtifactFile(FileResponse):
             except MalformedRangeHeader:
                 scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"range"]}
             except RangeNotSatisfiable:
-                response = problem_response(Request(scope), 416, f"the range {wanted[:100]!r} starts past the "
-                                            f"end of the {size}-byte file", kind="range-not-satisfiable",
-                                            headers={"Content-Range": f"bytes */{size}"})
+                response = problem_response(
+                    Request(scope),
+                    416,
+                    f"the range {wanted[:100]!r} starts past the end of the {size}-byte file",
+                    kind="range-not-satisfiable",
+                    headers={"Content-Range": f"bytes */{size}"},
+                )
                 await response(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)

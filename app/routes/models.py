@@ -42,8 +42,9 @@ def parse_triplet(name: str, text: str | None, *, positive: bool = False) -> lis
         values = []
     if len(values) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in values):
         what = "positive" if positive else "finite"
-        raise ProblemError(422, f"{name} must be three comma-separated {what} numbers, got {text!r}"[:300],
-                           kind="validation")
+        raise ProblemError(
+            422, f"{name} must be three comma-separated {what} numbers, got {text!r}"[:300], kind="validation"
+        )
     return values
 
 
@@ -51,9 +52,17 @@ def run_quarantine(sessions: sessionmaker, settings: Settings, model_id: str, up
     """Background step after an upload: decide ``ready`` or ``rejected`` (runs in a worker thread)."""
     with sessions() as s:
         model = s.get_one(Model, model_id)
-    verdict = quarantine(upload, arch=model.arch, num_classes=model.num_classes, mean=model.mean, std=model.std,
-                         blobs=settings.blobs_dir, tmp=settings.tmp_dir, timeout_s=settings.quarantine_timeout_s,
-                         memory_bytes=settings.quarantine_memory_bytes)
+    verdict = quarantine(
+        upload,
+        arch=model.arch,
+        num_classes=model.num_classes,
+        mean=model.mean,
+        std=model.std,
+        blobs=settings.blobs_dir,
+        tmp=settings.tmp_dir,
+        timeout_s=settings.quarantine_timeout_s,
+        memory_bytes=settings.quarantine_memory_bytes,
+    )
     # A reason may quote the upload: no NUL (PostgreSQL cannot store one) nor other control characters.
     ok, reason = verdict.ok, verdict.reason and "".join(c if c.isprintable() else "?" for c in verdict.reason)
     if ok:  # shared before the model is ready: a worker on another host fetches it from there
@@ -62,8 +71,11 @@ def run_quarantine(sessions: sessionmaker, settings: Settings, model_id: str, up
         except StorageError as exc:  # never leave the model "validating": say why, the user uploads again
             ok, reason = False, f"the checkpoint passed its checks but could not be shared with the workers: {exc}"
     with sessions.begin() as s:
-        s.execute(update(Model).where(Model.id == model_id, Model.status == "validating").values(
-            status="ready" if ok else "rejected", canonical_sha256=verdict.sha256, reject_reason=reason))
+        s.execute(
+            update(Model)
+            .where(Model.id == model_id, Model.status == "validating")
+            .values(status="ready" if ok else "rejected", canonical_sha256=verdict.sha256, reject_reason=reason)
+        )
 
 
 QUARANTINE_RETRY_AFTER_S = "10"
@@ -77,9 +89,13 @@ async def _quarantine_place(request: Request, tenant: str) -> AsyncIterator[Quar
     try:
         queue.reserve(tenant)
     except QueueFull:
-        raise ProblemError(429, f"{queue.per_tenant} checkpoints of yours are already waiting for or in quarantine; "
-                                "retry once one is decided", kind="quarantine-busy",
-                           headers={"Retry-After": QUARANTINE_RETRY_AFTER_S}) from None
+        raise ProblemError(
+            429,
+            f"{queue.per_tenant} checkpoints of yours are already waiting for or in quarantine; "
+            "retry once one is decided",
+            kind="quarantine-busy",
+            headers={"Retry-After": QUARANTINE_RETRY_AFTER_S},
+        ) from None
     try:
         yield queue
     except BaseException:
@@ -87,11 +103,15 @@ async def _quarantine_place(request: Request, tenant: str) -> AsyncIterator[Quar
         raise
 
 
-async def _accept_upload(sessions: sessionmaker, settings: Settings, model: Model, blob: Blob,
-                         queue: QuarantineQueue) -> Model:
+async def _accept_upload(
+    sessions: sessionmaker, settings: Settings, model: Model, blob: Blob, queue: QuarantineQueue
+) -> Model:
     with sessions.begin() as s:
-        claimed = s.execute(update(Model).where(Model.id == model.id, Model.status == "awaiting_upload").values(
-            status="validating", upload_sha256=blob.sha256, upload_size=blob.size)).rowcount
+        claimed = s.execute(
+            update(Model)
+            .where(Model.id == model.id, Model.status == "awaiting_upload")
+            .values(status="validating", upload_sha256=blob.sha256, upload_size=blob.size)
+        ).rowcount
     if not claimed:
         raise ProblemError(409, "this model's content was already uploaded", kind="conflict")
     queue.submit(model.tenant, functools.partial(run_quarantine, sessions, settings, model.id, blob.path))
@@ -99,25 +119,52 @@ async def _accept_upload(sessions: sessionmaker, settings: Settings, model: Mode
         return s.get_one(Model, model.id)
 
 
-
-@router.post("", status_code=201, response_model=ModelOut,
-             responses={403: {"description": "over the tenant's storage quota"},
-                        413: {"description": "upload over the size limit"}, 422: {"description": "bad fields"},
-                        429: {"description": "too many of the tenant's checkpoints in quarantine"}})
+@router.post(
+    "",
+    status_code=201,
+    response_model=ModelOut,
+    responses={
+        403: {"description": "over the tenant's storage quota"},
+        413: {"description": "upload over the size limit"},
+        422: {"description": "bad fields"},
+        429: {"description": "too many of the tenant's checkpoints in quarantine"},
+    },
+)
 async def create_model(
-    request: Request, response: Response, tenant: TenantDep, sessions: SessionsDep, settings: SettingsDep,
-    arch: Annotated[str, Form(pattern=ARCH_PATTERN, description="architecture from the registry, e.g. `small_cnn`, "
-                                                               "`resnet18`, `torchvision:<name>`")],
+    request: Request,
+    response: Response,
+    tenant: TenantDep,
+    sessions: SessionsDep,
+    settings: SettingsDep,
+    arch: Annotated[
+        str,
+        Form(
+            pattern=ARCH_PATTERN,
+            description="architecture from the registry, e.g. `small_cnn`, `resnet18`, `torchvision:<name>`",
+        ),
+    ],
     num_classes: Annotated[int, Form(ge=2, le=100_000)] = 10,
     mean: Annotated[str | None, Form(description="input normalisation mean, `r,g,b`")] = None,
     std: Annotated[str | None, Form(description="input normalisation std, `r,g,b`")] = None,
     name: Annotated[str | None, Form(max_length=NAME_MAX, pattern=NAME_PATTERN)] = None,
-    file: Annotated[UploadFile | None, File(description="`.safetensors` or zip-format torch.save(state_dict); "
-                                                    "omit it to upload later with PUT …/content")] = None,
+    file: Annotated[
+        UploadFile | None,
+        File(
+            description="`.safetensors` or zip-format torch.save(state_dict); "
+            "omit it to upload later with PUT …/content"
+        ),
+    ] = None,
 ) -> Model:
     """Register a model; with ``file`` the upload is checked in quarantine right away."""
-    model = Model(tenant=tenant, arch=arch, num_classes=num_classes, mean=parse_triplet("mean", mean),
-                  std=parse_triplet("std", std, positive=True), name=name, status="awaiting_upload")
+    model = Model(
+        tenant=tenant,
+        arch=arch,
+        num_classes=num_classes,
+        mean=parse_triplet("mean", mean),
+        std=parse_triplet("std", std, positive=True),
+        name=name,
+        status="awaiting_upload",
+    )
     if file is None:
         with sessions.begin() as s:
             s.add(model)
@@ -131,12 +178,21 @@ async def create_model(
         return await _accept_upload(sessions, settings, model, blob, queue)
 
 
-@router.put("/{model_id}/content", status_code=202, response_model=ModelOut,
-            openapi_extra={"requestBody": {"required": True, "content": {
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
-            responses={409: {"description": "content already uploaded"}, 413: {"description": "over the limit"}})
-async def put_content(model_id: str, request: Request, tenant: TenantDep, sessions: SessionsDep,
-                      settings: SettingsDep) -> Model:
+@router.put(
+    "/{model_id}/content",
+    status_code=202,
+    response_model=ModelOut,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+    responses={409: {"description": "content already uploaded"}, 413: {"description": "over the limit"}},
+)
+async def put_content(
+    model_id: str, request: Request, tenant: TenantDep, sessions: SessionsDep, settings: SettingsDep
+) -> Model:
     """Stream the checkpoint bytes (any size up to the limit, memory stays flat), then quarantine them."""
     with sessions() as s:
         model = _owned(s, tenant, model_id)
@@ -144,8 +200,9 @@ async def put_content(model_id: str, request: Request, tenant: TenantDep, sessio
         raise ProblemError(409, "this model's content was already uploaded", kind="conflict")
     declared = request.headers.get("content-length", "")
     async with _quarantine_place(request, tenant) as queue:
-        blob = await quota.store_upload(request.stream(), sessions, settings, tenant,
-                                        int(declared) if declared.isdigit() else None, ".upload")
+        blob = await quota.store_upload(
+            request.stream(), sessions, settings, tenant, int(declared) if declared.isdigit() else None, ".upload"
+        )
         return await _accept_upload(sessions, settings, model, blob, queue)
 
 
@@ -169,8 +226,13 @@ def get_model(model_id: str, tenant: TenantDep, session: SessionDep) -> Model:
 
 
 @router.get("", response_model=Page[ModelOut])
-def list_models(tenant: TenantDep, session: SessionDep, status: ModelStatus | None = None,
-                page_size: int = 50, page_token: str | None = None) -> dict:
+def list_models(
+    tenant: TenantDep,
+    session: SessionDep,
+    status: ModelStatus | None = None,
+    page_size: int = 50,
+    page_token: str | None = None,
+) -> dict:
     query = select(Model).where(Model.tenant == tenant)
     if status:
         query = query.where(Model.status == status)

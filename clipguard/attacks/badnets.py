@@ -116,8 +116,12 @@ class BadNets(Attack):
     @classmethod
     def from_state(cls, params: dict, tensors: dict[str, torch.Tensor]) -> BadNets:
         return cls(
-            size=int(params["size"]), pattern=str(params["pattern"]), position=str(params["position"]),
-            value=int(params["value"]), target=int(params["target"]), mode=str(params["mode"]),
+            size=int(params["size"]),
+            pattern=str(params["pattern"]),
+            position=str(params["position"]),
+            value=int(params["value"]),
+            target=int(params["target"]),
+            mode=str(params["mode"]),
             image_size=tuple(params["image_size"]),
         )
 

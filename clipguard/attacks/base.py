@@ -37,7 +37,10 @@ Mode = Literal["all_to_one", "all_to_all"]
 Poisoning = Literal["static", "per_batch"]
 MODES: tuple[str, ...] = ("all_to_one", "all_to_all")
 MODE_ALIASES: dict[str, Mode] = {
-    "all_to_one": "all_to_one", "all2one": "all_to_one", "all_to_all": "all_to_all", "all2all": "all_to_all",
+    "all_to_one": "all_to_one",
+    "all2one": "all_to_one",
+    "all_to_all": "all_to_all",
+    "all2all": "all_to_all",
 }
 
 
@@ -313,16 +316,19 @@ def sample_count(rate: float, n: int, what: str) -> int:
     """``round(rate * n)``; a positive rate that rounds to zero samples is refused with the smallest working rate."""
     count = round(rate * n)
     if rate > 0 and count == 0:
-        raise ClipguardError(f"a {what} rate of {rate:g} of {n} samples rounds to no sample; "
-                             f"use a rate of at least {1 / n:.2g} or more data")
+        raise ClipguardError(
+            f"a {what} rate of {rate:g} of {n} samples rounds to no sample; "
+            f"use a rate of at least {1 / n:.2g} or more data"
+        )
     return count
 
 
 def draw(pool: torch.Tensor, count: int, generator: torch.Generator, what: str, attack: str) -> torch.Tensor:
     """``count`` distinct indices drawn uniformly from ``pool``, or a clear error if the pool is too small."""
     if count > len(pool):
-        raise ClipguardError(f"{attack} needs {count} {what} samples but only {len(pool)} are eligible; "
-                             "lower the rate or use more data")
+        raise ClipguardError(
+            f"{attack} needs {count} {what} samples but only {len(pool)} are eligible; lower the rate or use more data"
+        )
     return pool[torch.randperm(len(pool), generator=generator)[:count]]
 
 

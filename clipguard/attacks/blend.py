@@ -48,8 +48,11 @@ class Blend(Attack):
         self.seed = int(seed)
         self.image = os.fspath(image) if image is not None else None
         if pattern is None:
-            pattern = load_trigger_image(self.image, self.image_size) if self.image else noise_pattern(
-                self.seed, self.image_size)
+            pattern = (
+                load_trigger_image(self.image, self.image_size)
+                if self.image
+                else noise_pattern(self.seed, self.image_size)
+            )
         h, w = self.image_size
         if not isinstance(pattern, torch.Tensor) or pattern.dtype != torch.uint8 or tuple(pattern.shape) != (3, h, w):
             got = f"{pattern.dtype} {tuple(pattern.shape)}" if isinstance(pattern, torch.Tensor) else type(pattern)
@@ -66,8 +69,12 @@ class Blend(Attack):
 
     def to_dict(self) -> dict:
         digest = hashlib.sha256(self.pattern.numpy().tobytes()).hexdigest()
-        return super().to_dict() | {"alpha": self.alpha, "image": self.image, "seed": self.seed,
-                                    "pattern_sha256": digest}
+        return super().to_dict() | {
+            "alpha": self.alpha,
+            "image": self.image,
+            "seed": self.seed,
+            "pattern_sha256": digest,
+        }
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"pattern": self.pattern}
@@ -89,8 +96,12 @@ class Blend(Attack):
         if "pattern" not in tensors and not expected:
             raise DataError("saved blend attack has neither its 'pattern' tensor nor a pattern_sha256")
         attack = cls(
-            alpha=float(params["alpha"]), image=params.get("image"), seed=int(params.get("seed", 0)),
-            pattern=tensors.get("pattern"), target=int(params["target"]), mode=str(params["mode"]),
+            alpha=float(params["alpha"]),
+            image=params.get("image"),
+            seed=int(params.get("seed", 0)),
+            pattern=tensors.get("pattern"),
+            target=int(params["target"]),
+            mode=str(params["mode"]),
             image_size=tuple(params["image_size"]),
         )
         if expected and attack.to_dict()["pattern_sha256"] != expected:

@@ -115,8 +115,10 @@ def parse_options(text: str, name: str) -> dict[str, str]:
 
 def _valid_names(problem: str) -> str:
     names = ", ".join(available_attacks())
-    return f"{problem}; valid attacks: {names} (append -all2all for all-to-all), options as name:key=value,..., " \
-           "or a saved .attack.json"
+    return (
+        f"{problem}; valid attacks: {names} (append -all2all for all-to-all), options as name:key=value,..., "
+        "or a saved .attack.json"
+    )
 
 
 # ---------------------------------------------------------------------------- files
@@ -194,5 +196,3 @@ def _load_tensors(path: Path, meta: object) -> dict[str, torch.Tensor]:
         return load_file(str(tpath))
     except (SafetensorError, OSError) as exc:
         raise DataError(f"{tpath.name}: unreadable safetensors ({exc})") from exc
-
-

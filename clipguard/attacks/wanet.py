@@ -109,7 +109,7 @@ class WaNet(Attack):
         return warp(images, self.grid.to(images.device))
 
     def cross(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """"Noise mode" images: each warped by the attack grid plus its own fresh U(-1,1)/size jitter.
+        """ "Noise mode" images: each warped by the attack grid plus its own fresh U(-1,1)/size jitter.
 
         Labels stay unchanged. Random draws come from ``generator`` (on its own device) so
         runs are reproducible; the result is on the images' device.
@@ -172,8 +172,12 @@ class WaNet(Attack):
     def to_dict(self) -> dict:
         digest = hashlib.sha256(self.grid.numpy().tobytes()).hexdigest()
         return super().to_dict() | {
-            "k": self.k, "s": self.s, "grid_rescale": self.grid_rescale, "cross_ratio": self.cross_ratio,
-            "seed": self.seed, "grid_sha256": digest,
+            "k": self.k,
+            "s": self.s,
+            "grid_rescale": self.grid_rescale,
+            "cross_ratio": self.cross_ratio,
+            "seed": self.seed,
+            "grid_sha256": digest,
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -204,10 +208,16 @@ class WaNet(Attack):
         if "grid" not in tensors and not expected:
             raise DataError("saved wanet attack has neither its 'grid' tensor nor a grid_sha256")
         attack = cls(
-            k=int(params["k"]), s=float(params["s"]), grid_rescale=float(params["grid_rescale"]),
-            cross_ratio=float(params["cross_ratio"]), poisoning=str(params["poisoning"]),
-            seed=int(params.get("seed", 0)), grid=tensors.get("grid"), target=int(params["target"]),
-            mode=str(params["mode"]), image_size=tuple(params["image_size"]),
+            k=int(params["k"]),
+            s=float(params["s"]),
+            grid_rescale=float(params["grid_rescale"]),
+            cross_ratio=float(params["cross_ratio"]),
+            poisoning=str(params["poisoning"]),
+            seed=int(params.get("seed", 0)),
+            grid=tensors.get("grid"),
+            target=int(params["target"]),
+            mode=str(params["mode"]),
+            image_size=tuple(params["image_size"]),
         )
         if expected and attack.to_dict()["grid_sha256"] != expected:
             raise DataError("wanet grid does not match the grid_sha256 recorded with the attack")
@@ -242,4 +252,3 @@ def warp(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         g = g.expand(images.shape[0], -1, -1, -1)
     out = F.grid_sample(x, g, mode="bilinear", padding_mode="zeros", align_corners=True)
     return (out * 255.0).round_().clamp_(0, 255).to(torch.uint8)
-

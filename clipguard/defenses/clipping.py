@@ -30,13 +30,36 @@ from clipguard.errors import Cancelled, ClipguardError
 from clipguard.inference import fast_copy, pieces
 
 ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
     nn.Softplus,
 )
-ACTIVATION_FUNCTIONS: frozenset = frozenset({
-    F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.celu, F.selu, F.gelu, F.silu, F.mish, F.hardswish,
-    F.softplus, torch.nn.functional.relu_, torch.relu_,
-})
+ACTIVATION_FUNCTIONS: frozenset = frozenset(
+    {
+        F.relu,
+        torch.relu,
+        F.relu6,
+        F.leaky_relu,
+        F.elu,
+        F.celu,
+        F.selu,
+        F.gelu,
+        F.silu,
+        F.mish,
+        F.hardswish,
+        F.softplus,
+        torch.nn.functional.relu_,
+        torch.relu_,
+    }
+)
 GRANULARITIES = ("channel", "element")
 SITES_CONTAINER = "clipguard_sites"
 
@@ -217,8 +240,12 @@ from the per-block overhead)."""
 
 def _is_nhwc(x: torch.Tensor, dims: tuple[int, ...]) -> bool:
     """A per-channel reduction over a channels_last batch (what ``clipguard.inference`` runs on a CPU)."""
-    return (x.dim() == 4 and dims == (0, 2, 3) and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last))
+    return (
+        x.dim() == 4
+        and dims == (0, 2, 3)
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
 
 
 def _nhwc_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,8 +427,15 @@ def clipped_model(model: nn.Module, bounds: dict[str, torch.Tensor]) -> fx.Graph
 
 
 FRESH_PRODUCERS: tuple[type[nn.Module], ...] = (
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-    nn.GroupNorm, nn.LayerNorm,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Linear,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.GroupNorm,
+    nn.LayerNorm,
 )
 
 

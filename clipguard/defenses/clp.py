@@ -53,6 +53,6 @@ def clp(model: nn.Module, spec: ModelSpec, *, u: float = DEFAULT_U) -> DefenseRe
             total += len(idx)
         pruned.eval()
         seconds = timer.elapsed()
-    return DefenseResult(pruned, seconds, {"defense": "clp", "u": u, "pairs": len(pairs), "pruned_channels": total,
-                                           "layers": layers})
-
+    return DefenseResult(
+        pruned, seconds, {"defense": "clp", "u": u, "pairs": len(pairs), "pruned_channels": total, "layers": layers}
+    )

@@ -75,8 +75,9 @@ def shuffled_batches(
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: ImageData, spec: ModelSpec, device: torch.device | str,
-             batch_size: int = 512) -> float:
+def accuracy(
+    model: nn.Module, data: ImageData, spec: ModelSpec, device: torch.device | str, batch_size: int = 512
+) -> float:
     """Clean accuracy of ``model`` on ``data`` (eval mode is restored by the caller if needed)."""
     was_training = model.training
     model.eval()
@@ -134,8 +135,12 @@ def _pairs_by_order(model: nn.Module) -> list[tuple[str, nn.Conv2d, str, nn.Batc
     pairs = []
     prev: tuple[str, nn.Module] | None = None
     for name, m in model.named_modules():
-        if isinstance(m, nn.BatchNorm2d) and prev is not None and isinstance(prev[1], nn.Conv2d) \
-                and prev[1].out_channels == m.num_features:
+        if (
+            isinstance(m, nn.BatchNorm2d)
+            and prev is not None
+            and isinstance(prev[1], nn.Conv2d)
+            and prev[1].out_channels == m.num_features
+        ):
             pairs.append((prev[0], prev[1], name, m))
         if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
             prev = (name, m)
@@ -191,8 +196,10 @@ def site_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int,
     gm, names = instrument(model, lambda _n, _i: Tap())
     shapes: dict[str, tuple[int, ...]] = {}
     for name, tap in zip(names, site_modules(gm), strict=True):
+
         def hook(_m: nn.Module, _i: tuple, out: torch.Tensor, name: str = name) -> None:
             shapes.setdefault(name, tuple(int(s) for s in out.shape[1:]))
+
         tap.register_forward_hook(hook)
     gm.eval()
     with torch.no_grad():

@@ -45,7 +45,10 @@ def histogram_entropy(values: torch.Tensor, bin_width: float = DEFAULT_BIN) -> t
 
 
 def channel_entropies(
-    model: nn.Module, spec: ModelSpec, images: torch.Tensor, device: torch.device | str,
+    model: nn.Module,
+    spec: ModelSpec,
+    images: torch.Tensor,
+    device: torch.device | str,
     bin_width: float = DEFAULT_BIN,
 ) -> dict[str, torch.Tensor]:
     """Per BatchNorm2d (by name): the entropy of every channel's per-sample spatial-max input."""
@@ -53,9 +56,11 @@ def channel_entropies(
     hooks = []
     for name, m in model.named_modules():
         if isinstance(m, nn.BatchNorm2d):
+
             def hook(_m: nn.Module, inp: tuple, _out: torch.Tensor, name: str = name) -> None:
                 x = inp[0].detach()
                 feats[name] = x.reshape(x.shape[0], x.shape[1], -1).amax(-1).T.cpu()  # (C, N)
+
             hooks.append(m.register_forward_hook(hook))
     model.eval()
     try:
@@ -95,10 +100,23 @@ def ep(
             if len(low):
                 prune_bn_channels(modules[name], low)
             total += len(low)
-            layers[name] = {"pruned": low.tolist(), "channels": int(ent.numel()),
-                            "entropy_mean": float(ent.mean()),
-                            "entropy_std": float(ent.std()) if ent.numel() > 1 else math.nan}
+            layers[name] = {
+                "pruned": low.tolist(),
+                "channels": int(ent.numel()),
+                "entropy_mean": float(ent.mean()),
+                "entropy_std": float(ent.std()) if ent.numel() > 1 else math.nan,
+            }
         pruned = pruned.cpu().eval()
         seconds = timer.elapsed()
-    return DefenseResult(pruned, seconds, {"defense": "ep", "u": u, "batch": len(idx), "bin_width": bin_width,
-                                           "pruned_channels": total, "layers": layers})
+    return DefenseResult(
+        pruned,
+        seconds,
+        {
+            "defense": "ep",
+            "u": u,
+            "batch": len(idx),
+            "bin_width": bin_width,
+            "pruned_channels": total,
+            "layers": layers,
+        },
+    )

@@ -88,8 +88,15 @@ class _Candidate:
     """Not confirmed, yet not dismissed: its split stands out, or its suspects moved decisions more than the control."""
 
     def to_dict(self) -> dict:
-        out = {"class": self.cls, "why_tested": self.reason, "screen_score": self.screen_score, "z": self.z,
-               "whole_class_score": self.whole_score, "side": self.side, "unresolved": self.unresolved}
+        out = {
+            "class": self.cls,
+            "why_tested": self.reason,
+            "screen_score": self.screen_score,
+            "z": self.z,
+            "whole_class_score": self.whole_score,
+            "side": self.side,
+            "unresolved": self.unresolved,
+        }
         if self.evidence is not None:
             out.update(self.evidence.to_dict())
             out["class"] = self.cls
@@ -123,24 +130,44 @@ def guard_pass(
         cache_bytes = config.max_cache_mb * 2**20
         screen = screen_indices(data.labels, spec.num_classes, screen_per_class)
         partial = len(screen) < len(data)
-        seen = feature_pass(model, data.subset(screen) if partial else data, spec, split=split,
-                            max_cache_bytes=cache_bytes, device=device, batch_size=batch_size,
-                            progress=lambda f: say(Stage.DETECT_POISON, 0.8 * f * len(screen) / len(data)),
-                            should_cancel=should_cancel)
+        seen = feature_pass(
+            model,
+            data.subset(screen) if partial else data,
+            spec,
+            split=split,
+            max_cache_bytes=cache_bytes,
+            device=device,
+            batch_size=batch_size,
+            progress=lambda f: say(Stage.DETECT_POISON, 0.8 * f * len(screen) / len(data)),
+            should_cancel=should_cancel,
+        )
         labels = data.labels[screen]
-        found = detect_poison(seen.for_detection(), labels, spec.num_classes, min_separation=MIN_SEPARATION,
-                              min_z=MIN_Z)
+        found = detect_poison(
+            seen.for_detection(), labels, spec.num_classes, min_separation=MIN_SEPARATION, min_z=MIN_Z
+        )
         record = {**found.to_dict(), "peaks": seen.peaks is not None, "screened": len(screen), "of": len(data)}
 
     with timed(Stage.CONFIRM, timings, say):
-        test = GraftTest(model, data.images[screen], labels, spec, device=device, batch_size=batch_size,
-                         should_cancel=should_cancel)
+        test = GraftTest(
+            model, data.images[screen], labels, spec, device=device, batch_size=batch_size, should_cancel=should_cancel
+        )
         candidates = _candidates(found.scores, found.groups, screen, data, test)
         work, seen = screen, seen
         if partial and candidates:
-            work, seen = _read_whole_classes(model, data, spec, seen, screen, [c.cls for c in candidates], split,
-                                             cache_bytes, device=device, batch_size=batch_size,
-                                             should_cancel=should_cancel, say=say)
+            work, seen = _read_whole_classes(
+                model,
+                data,
+                spec,
+                seen,
+                screen,
+                [c.cls for c in candidates],
+                split,
+                cache_bytes,
+                device=device,
+                batch_size=batch_size,
+                should_cancel=should_cancel,
+                say=say,
+            )
         counts = torch.bincount(data.labels, minlength=spec.num_classes)
         features = seen.for_detection()
         warps: WarpTest | None = None
@@ -157,10 +184,12 @@ def guard_pass(
             cand.unresolved = test.unresolved(cand.evidence)
             stands_out = score >= MIN_SEPARATION and cand.z >= MIN_Z
             if not cand.evidence.confirmed and (cand.unresolved or stands_out):  # no per-pixel pattern: a warp?
-                warps = warps or WarpTest(model, data.images[screen], labels, spec, device=device,
-                                          should_cancel=should_cancel)
-                ok, half, numbers, why = warps.confirm(data, cand.suspects, genuine, cand.cls,
-                                                       _ordinary(found.scores, [c.cls for c in candidates]))
+                warps = warps or WarpTest(
+                    model, data.images[screen], labels, spec, device=device, should_cancel=should_cancel
+                )
+                ok, half, numbers, why = warps.confirm(
+                    data, cand.suspects, genuine, cand.cls, _ordinary(found.scores, [c.cls for c in candidates])
+                )
                 cand.evidence.warp = numbers
                 if ok:
                     cand.evidence.confirmed, cand.evidence.kind, cand.evidence.reason = True, "warp", why
@@ -169,8 +198,12 @@ def guard_pass(
                 cand.unresolved = not ok and (cand.unresolved or half)
             say(Stage.CONFIRM, 0.5 + 0.5 * (i + 1) / len(candidates))
         verdict = _verdict(candidates, found.top, found.z)
-        record.update(candidates=[c.to_dict() for c in candidates], flagged=bool(verdict.classes),
-                      target=verdict.classes[0] if len(verdict.classes) == 1 else None, targets=verdict.classes)
+        record.update(
+            candidates=[c.to_dict() for c in candidates],
+            flagged=bool(verdict.classes),
+            target=verdict.classes[0] if len(verdict.classes) == 1 else None,
+            targets=verdict.classes,
+        )
         confirmed = [c for c in candidates if c.evidence is not None and c.evidence.confirmed]
     if not confirmed:
         return GuardResult(model, data, record, verdict, None)
@@ -181,16 +214,30 @@ def guard_pass(
         in_work[work] = torch.arange(len(work))
         suspects = in_work[positions]
         record["suspects"] = len(suspects)
-        tail = (TailInputs(split.cut, seen.tail_inputs) if split is not None and seen.tail_inputs is not None
-                else None)
+        tail = TailInputs(split.cut, seen.tail_inputs) if split is not None and seen.tail_inputs is not None else None
         subset = data.subset(work) if partial else data
         pool = torch.arange(len(screen)) if partial else None
-        fixed, final, info = unlearn(model, subset, seen.logits, suspects, verdict.classes, spec, config, pool=pool,
-                                     tail=tail, device=device, batch_size=batch_size,
-                                     progress=lambda f: say(Stage.UNLEARN, f), should_cancel=should_cancel)
+        fixed, final, info = unlearn(
+            model,
+            subset,
+            seen.logits,
+            suspects,
+            verdict.classes,
+            spec,
+            config,
+            pool=pool,
+            tail=tail,
+            device=device,
+            batch_size=batch_size,
+            progress=lambda f: say(Stage.UNLEARN, f),
+            should_cancel=should_cancel,
+        )
         if config.scope == "tail" and tail is None:
-            info["scope_note"] = ("no cut point leaves the tail enough of the network" if split is None else
-                                  f"the tail's inputs would exceed max_cache_mb={config.max_cache_mb}")
+            info["scope_note"] = (
+                "no cut point leaves the tail enough of the network"
+                if split is None
+                else f"the tail's inputs would exceed max_cache_mb={config.max_cache_mb}"
+            )
         final = work[final].sort().values  # positions in the training data as given
         info["suspect_indices"] = final.tolist()
     keep = torch.ones(len(data), dtype=torch.bool)
@@ -198,8 +245,9 @@ def guard_pass(
     return GuardResult(fixed.eval(), data.subset(keep.nonzero().flatten()), record, verdict, info)
 
 
-def _candidates(scores: list[float | None], groups: list[torch.Tensor], screen: torch.Tensor, data: ImageData,
-                test: GraftTest) -> list[_Candidate]:
+def _candidates(
+    scores: list[float | None], groups: list[torch.Tensor], screen: torch.Tensor, data: ImageData, test: GraftTest
+) -> list[_Candidate]:
     """The classes worth confirming on their whole class, strongest first (at most ``MAX_CANDIDATES``).
 
     Either signal makes a candidate: a split that stands out from the other classes', or a small
@@ -214,13 +262,15 @@ def _candidates(scores: list[float | None], groups: list[torch.Tensor], screen: 
         why = []
         if score >= MIN_SEPARATION and z >= ESCALATE_Z:
             why.append("its split stands out")
-        if transfer is not None and (max(transfer.broad, transfer.redirect) >= NOTABLE_FLIP
-                                     or transfer.strongest >= NOTABLE_SOURCE):
+        if transfer is not None and (
+            max(transfer.broad, transfer.redirect) >= NOTABLE_FLIP or transfer.strongest >= NOTABLE_SOURCE
+        ):
             why.append("its small group's pattern moves decisions")
         if why:
             found.append(_Candidate(c, score, z, " and ".join(why), screen_evidence=transfer))
-    strength = {id(c): max(c.screen_evidence.broad, c.screen_evidence.redirect) if c.screen_evidence else 0.0
-                for c in found}
+    strength = {
+        id(c): max(c.screen_evidence.broad, c.screen_evidence.redirect) if c.screen_evidence else 0.0 for c in found
+    }
     found.sort(key=lambda c: (strength[id(c)], c.screen_score), reverse=True)
     return found[:MAX_CANDIDATES]
 
@@ -241,29 +291,58 @@ def _verdict(candidates: list[_Candidate], top: int | None, z: float) -> Verdict
     confirmed = [c for c in candidates if c.evidence is not None and c.evidence.confirmed]
     open_ = [c for c in candidates if c.unresolved]
     table = [c.to_dict() for c in candidates]
-    unsure = "; ".join(f"class {c.cls} stood out but was not confirmed ({c.evidence.reason if c.evidence else ''})"
-                       for c in open_)
+    unsure = "; ".join(
+        f"class {c.cls} stood out but was not confirmed ({c.evidence.reason if c.evidence else ''})" for c in open_
+    )
     if confirmed:
         classes = sorted(c.cls for c in confirmed)
-        parts = [f"class {c.cls} ({len(c.suspects) if c.suspects is not None else 0} suspects; "
-                 f"{c.evidence.reason if c.evidence else ''})" for c in confirmed]
-        return Verdict("backdoor_found", classes, "; ".join([*parts, *([unsure] if unsure else [])]),
-                       f"unlearned the suspects of class(es) {', '.join(map(str, classes))}, then clipped", table)
+        parts = [
+            f"class {c.cls} ({len(c.suspects) if c.suspects is not None else 0} suspects; "
+            f"{c.evidence.reason if c.evidence else ''})"
+            for c in confirmed
+        ]
+        return Verdict(
+            "backdoor_found",
+            classes,
+            "; ".join([*parts, *([unsure] if unsure else [])]),
+            f"unlearned the suspects of class(es) {', '.join(map(str, classes))}, then clipped",
+            table,
+        )
     if open_:
         return Verdict("inconclusive", [], f"no trigger was confirmed; {unsure}", "nothing unlearned; clipped", table)
     if candidates:
         dismissed = "; ".join(f"class {c.cls} ({c.evidence.reason if c.evidence else c.reason})" for c in candidates)
-        return Verdict("no_evidence", [], "no group of the training data carries a trigger; tested and dismissed: "
-                       + dismissed, "nothing unlearned; clipped", table)
+        return Verdict(
+            "no_evidence",
+            [],
+            "no group of the training data carries a trigger; tested and dismissed: " + dismissed,
+            "nothing unlearned; clipped",
+            table,
+        )
     near = "" if top is None else f"; the highest-scoring class, {top}, stands {z:.1f} robust deviations above the rest"
-    return Verdict("no_evidence", [], f"no class's training data holds a group that stands out or carries a "
-                   f"pattern{near}", "nothing unlearned; clipped", table)
+    return Verdict(
+        "no_evidence",
+        [],
+        f"no class's training data holds a group that stands out or carries a pattern{near}",
+        "nothing unlearned; clipped",
+        table,
+    )
 
 
 def _read_whole_classes(
-    model: nn.Module, data: ImageData, spec: ModelSpec, seen: FeaturePass, screen: torch.Tensor, classes: list[int],
-    split: Split | None, cache_bytes: int, *, device: torch.device | str, batch_size: int,
-    should_cancel: Callable[[], bool] | None, say: Progress,
+    model: nn.Module,
+    data: ImageData,
+    spec: ModelSpec,
+    seen: FeaturePass,
+    screen: torch.Tensor,
+    classes: list[int],
+    split: Split | None,
+    cache_bytes: int,
+    *,
+    device: torch.device | str,
+    batch_size: int,
+    should_cancel: Callable[[], bool] | None,
+    say: Progress,
 ) -> tuple[torch.Tensor, FeaturePass]:
     """The screen plus the candidate classes' unread samples (positions in ``data``), and the pass over both.
 
@@ -276,12 +355,23 @@ def _read_whole_classes(
         return screen, seen
     # The cache limit is per pass: what the screen kept plus what the rest adds must fit.
     kept_bytes = 0 if seen.tail_inputs is None else seen.tail_inputs.numel() * seen.tail_inputs.element_size()
-    more = feature_pass(model, data.subset(rest), spec, split=split if seen.tail_inputs is not None else None,
-                        max_cache_bytes=max(0, cache_bytes - kept_bytes), device=device,
-                        batch_size=batch_size, should_cancel=should_cancel,
-                        progress=lambda f: say(Stage.CONFIRM, 0.5 * f))
-    tails = (torch.cat([seen.tail_inputs, more.tail_inputs])
-             if seen.tail_inputs is not None and more.tail_inputs is not None else None)
+    more = feature_pass(
+        model,
+        data.subset(rest),
+        spec,
+        split=split if seen.tail_inputs is not None else None,
+        max_cache_bytes=max(0, cache_bytes - kept_bytes),
+        device=device,
+        batch_size=batch_size,
+        should_cancel=should_cancel,
+        progress=lambda f: say(Stage.CONFIRM, 0.5 * f),
+    )
+    tails = (
+        torch.cat([seen.tail_inputs, more.tail_inputs])
+        if seen.tail_inputs is not None and more.tail_inputs is not None
+        else None
+    )
     peaks = torch.cat([seen.peaks, more.peaks]) if seen.peaks is not None and more.peaks is not None else None
-    return torch.cat([screen, rest]), FeaturePass(torch.cat([seen.features, more.features]),
-                                                  torch.cat([seen.logits, more.logits]), tails, peaks)
+    return torch.cat([screen, rest]), FeaturePass(
+        torch.cat([seen.features, more.features]), torch.cat([seen.logits, more.logits]), tails, peaks
+    )

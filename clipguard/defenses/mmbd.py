@@ -158,8 +158,9 @@ def gamma_cdf(x: float, shape: float, scale: float) -> float:
     """Regularised lower incomplete gamma ``P(k, x/θ)``."""
     if x <= 0:
         return 0.0
-    return float(torch.special.gammainc(torch.tensor(shape, dtype=torch.float64),
-                                        torch.tensor(x / scale, dtype=torch.float64)))
+    return float(
+        torch.special.gammainc(torch.tensor(shape, dtype=torch.float64), torch.tensor(x / scale, dtype=torch.float64))
+    )
 
 
 def detection_statistics(stats: Sequence[float], alpha: float = DEFAULT_ALPHA) -> dict:
@@ -176,8 +177,14 @@ def detection_statistics(stats: Sequence[float], alpha: float = DEFAULT_ALPHA) -
     shape, scale = gamma_fit(null + shift)
     k = r.numel()
     pv = 1.0 - gamma_cdf(float(r[target]) + shift, shape, scale) ** k
-    return {"statistics": r.tolist(), "target": target, "null": {"shape": shape, "scale": scale, "shift": shift},
-            "p_value": pv, "alpha": alpha, "flagged": bool(pv <= alpha)}
+    return {
+        "statistics": r.tolist(),
+        "target": target,
+        "null": {"shape": shape, "scale": scale, "shift": shift},
+        "p_value": pv,
+        "alpha": alpha,
+        "flagged": bool(pv <= alpha),
+    }
 
 
 def mmbd_detect(
@@ -204,14 +211,21 @@ def mmbd_detect(
         gen = torch.Generator().manual_seed(seed)
         stats, steps_taken = [], []
         for t in range(num_classes):
-            final, history = max_margin(net, spec, t, images=images_per_class, steps=steps, lr=lr, device=device,
-                                        generator=gen)
+            final, history = max_margin(
+                net, spec, t, images=images_per_class, steps=steps, lr=lr, device=device, generator=gen
+            )
             stats.append(float(final.max()))
             steps_taken.append(len(history) - 1)
         result = detection_statistics(stats, alpha)
         seconds = timer.elapsed()
-    return {"defense": "mmbd_detect", **result, "images_per_class": images_per_class, "max_steps": steps,
-            "steps_taken": steps_taken, "seconds": seconds}
+    return {
+        "defense": "mmbd_detect",
+        **result,
+        "images_per_class": images_per_class,
+        "max_steps": steps,
+        "steps_taken": steps_taken,
+        "seconds": seconds,
+    }
 
 
 # --------------------------------------------------------------------------- mitigation
@@ -298,8 +312,18 @@ def mmbd_mitigate(
         bounds = frozen_bounds(clips)
         purified = clipped_model(net.cpu(), bounds)
         seconds = timer.elapsed()
-    info = {"defense": "mmbd_mitigate", "sites": chosen, "clean_samples": int(keep.sum()),
-            "clean_given": len(clean), "epochs": epochs, "lr": lr, "batch_size": batch_size, "init": init, "c0": c0,
-            "final_c": c, "history": history,
-            "bound_mean": {s: float(b.mean()) for s, b in bounds.items()}}
+    info = {
+        "defense": "mmbd_mitigate",
+        "sites": chosen,
+        "clean_samples": int(keep.sum()),
+        "clean_given": len(clean),
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "init": init,
+        "c0": c0,
+        "final_c": c,
+        "history": history,
+        "bound_mean": {s: float(b.mean()) for s, b in bounds.items()},
+    }
     return DefenseResult(purified, seconds, info)

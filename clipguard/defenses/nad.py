@@ -61,8 +61,12 @@ def attention_loss(student: torch.Tensor, teacher: torch.Tensor, p: float = 2.0)
 
 
 def nad_loss(
-    logits: torch.Tensor, labels: torch.Tensor, student_feats: Sequence[torch.Tensor],
-    teacher_feats: Sequence[torch.Tensor], betas: Sequence[float], p: float = 2.0,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    student_feats: Sequence[torch.Tensor],
+    teacher_feats: Sequence[torch.Tensor],
+    betas: Sequence[float],
+    p: float = 2.0,
 ) -> torch.Tensor:
     """``CE + Σ_i β_i · AT(student_i, teacher_i)``."""
     if not len(student_feats) == len(teacher_feats) == len(betas):
@@ -84,9 +88,11 @@ def attention_layers(model: nn.Module, spec: ModelSpec, count: int = 3) -> list[
     hooks = []
     for name, m in model.named_modules():
         if len(list(m.children())) == 0:
+
             def hook(_m: nn.Module, _i: tuple, out: object, name: str = name) -> None:
                 if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[2] * out.shape[3] > 1:
                     sizes.append((name, (int(out.shape[2]), int(out.shape[3]))))
+
             hooks.append(m.register_forward_hook(hook))
     was_training = model.training
     model.eval()
@@ -123,6 +129,7 @@ class _Features:
     def _hook(self, name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
         def hook(_m: nn.Module, _i: tuple, out: torch.Tensor) -> None:
             self.out[name] = out
+
         return hook
 
     def list(self) -> list[torch.Tensor]:
@@ -158,9 +165,19 @@ def nad_lr(epoch: int, lr: float) -> float:
 
 
 def _fit(
-    student: nn.Module, spec: ModelSpec, clean: ImageData, *, epochs: int, lr: float, batch_size: int,
-    device: torch.device | str, generator: torch.Generator, teacher: nn.Module | None = None,
-    layers: Sequence[str] = (), betas: Sequence[float] = (), p: float = 2.0,
+    student: nn.Module,
+    spec: ModelSpec,
+    clean: ImageData,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    device: torch.device | str,
+    generator: torch.Generator,
+    teacher: nn.Module | None = None,
+    layers: Sequence[str] = (),
+    betas: Sequence[float] = (),
+    p: float = 2.0,
 ) -> list[float]:
     """SGD epochs with NAD's schedule; attention distillation when a teacher is given."""
     opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4, nesterov=True)
@@ -223,17 +240,40 @@ def nad(
         if len(names) != len(betas):
             raise ClipguardError(f"NAD got {len(names)} attention layers but {len(betas)} β weights")
         teacher = fast_layout(copy.deepcopy(model).to(device), device)
-        teacher_losses = _fit(teacher, spec, clean, epochs=teacher_epochs, lr=lr, batch_size=batch_size,
-                              device=device, generator=gen)
+        teacher_losses = _fit(
+            teacher, spec, clean, epochs=teacher_epochs, lr=lr, batch_size=batch_size, device=device, generator=gen
+        )
         teacher.eval()
         for param in teacher.parameters():
             param.requires_grad_(False)
-        student_losses = _fit(student, spec, clean, epochs=epochs, lr=lr, batch_size=batch_size, device=device,
-                              generator=gen, teacher=teacher, layers=names, betas=betas, p=p)
+        student_losses = _fit(
+            student,
+            spec,
+            clean,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            device=device,
+            generator=gen,
+            teacher=teacher,
+            layers=names,
+            betas=betas,
+            p=p,
+        )
         student = usual_layout(student.cpu().eval())
         seconds = timer.elapsed()
-    info = {"defense": "nad", "clean_samples": len(clean), "teacher_epochs": teacher_epochs, "epochs": epochs,
-            "betas": list(betas), "p": p, "lr": lr, "batch_size": batch_size, "layers": names,
-            "teacher_losses": teacher_losses, "student_losses": student_losses,
-            "teacher_clean_acc": accuracy(teacher, clean, spec, device)}
+    info = {
+        "defense": "nad",
+        "clean_samples": len(clean),
+        "teacher_epochs": teacher_epochs,
+        "epochs": epochs,
+        "betas": list(betas),
+        "p": p,
+        "lr": lr,
+        "batch_size": batch_size,
+        "layers": names,
+        "teacher_losses": teacher_losses,
+        "student_losses": student_losses,
+        "teacher_clean_acc": accuracy(teacher, clean, spec, device),
+    }
     return DefenseResult(student, seconds, info)

@@ -74,8 +74,9 @@ def unit(
         order = torch.randperm(len(clean), generator=gen)
         n_val = max(1, round(val_fraction * len(clean)))
         train, val = clean.subset(order[n_val:]), clean.subset(order[:n_val])
-        stats = compute_statistics(net, lambda: iter_batches(train, 512, spec.mean, spec.std, device),
-                                   granularity="element")
+        stats = compute_statistics(
+            net, lambda: iter_batches(train, 512, spec.mean, spec.std, device), granularity="element"
+        )
         init = {name: b.to(device) for name, b in stats.bounds(init_lambda).items()}
         x_tr, y_tr = inputs(train.images, spec, device), train.labels.to(device)
         x_val, y_val = inputs(val.images, spec, device), val.labels.to(device)
@@ -126,12 +127,26 @@ def unit(
         purified = clipped_model(net.cpu(), best)
         seconds = timer.elapsed()
     init_total = float(sum(b.mean() for b in init.values()))
-    info = {"defense": "unit", "clean_samples": len(clean), "train_samples": len(train), "val_samples": len(val),
-            "steps": steps, "lr": lr, "init_lambda": init_lambda, "acc_degrade": acc_degrade,
-            "base_val_acc": base_val, "init_val_acc": start_val, "best_val_acc": best_val, "best_step": best_step,
-            "init_total_bound": init_total, "best_total_bound": best_total, "final_cost": cost,
-            "history": history[:: max(1, len(history) // 50)],
-            "sites": list(init), "train_indices": order[n_val:].tolist(),
-            # tensors, for tests and reports; JSON writers drop them
-            "init_bounds": {n: b.cpu() for n, b in init.items()}}
+    info = {
+        "defense": "unit",
+        "clean_samples": len(clean),
+        "train_samples": len(train),
+        "val_samples": len(val),
+        "steps": steps,
+        "lr": lr,
+        "init_lambda": init_lambda,
+        "acc_degrade": acc_degrade,
+        "base_val_acc": base_val,
+        "init_val_acc": start_val,
+        "best_val_acc": best_val,
+        "best_step": best_step,
+        "init_total_bound": init_total,
+        "best_total_bound": best_total,
+        "final_cost": cost,
+        "history": history[:: max(1, len(history) // 50)],
+        "sites": list(init),
+        "train_indices": order[n_val:].tolist(),
+        # tensors, for tests and reports; JSON writers drop them
+        "init_bounds": {n: b.cpu() for n, b in init.items()},
+    }
     return DefenseResult(purified, seconds, info)

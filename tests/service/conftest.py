@@ -38,8 +38,11 @@ def redis_db_url(db: int) -> str:
 
 REDIS_URL = redis_db_url(REDIS_DB)
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-CIFAR10 = Path(os.environ.get("CLIPGUARD_CIFAR10",
-                              Path(__file__).resolve().parents[3] / "shared" / "datasets" / "cifar10-jpg.tar.gz"))
+CIFAR10 = Path(
+    os.environ.get(
+        "CLIPGUARD_CIFAR10", Path(__file__).resolve().parents[3] / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+    )
+)
 
 
 @pytest.fixture(scope="session")
@@ -48,8 +51,22 @@ def redis_url() -> Iterator[str]:
     try:
         client.ping()
     except redis.ConnectionError:
-        subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(REDIS_PORT),
-                        "--save", "", "--appendonly", "no"], check=True)
+        subprocess.run(
+            [
+                "redis-server",
+                "--daemonize",
+                "yes",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(REDIS_PORT),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            check=True,
+        )
         for _ in range(50):
             try:
                 client.ping()
@@ -92,8 +109,13 @@ def small_npz(tmp_path_factory, cifar10, data_cache) -> Path:
 def settings(tmp_path, redis_url) -> Settings:
     root = tmp_path / "data-root"
     root.mkdir()
-    return Settings(home=tmp_path / "home", broker_url=redis_url, max_upload_bytes=4 * 1024 * 1024,
-                    data_roots=[root], datasets={"tiny": str(root / "tiny.npz")})
+    return Settings(
+        home=tmp_path / "home",
+        broker_url=redis_url,
+        max_upload_bytes=4 * 1024 * 1024,
+        data_roots=[root],
+        datasets={"tiny": str(root / "tiny.npz")},
+    )
 
 
 @pytest.fixture
@@ -140,9 +162,15 @@ class LiveService:
     MAX_UPLOAD = 64 * 1024 * 1024
 
     def __init__(self, home: Path, database_url: str, broker_url: str) -> None:
-        self.env = {**os.environ, "CLIPGUARD_HOME": str(home), "CLIPGUARD_DATABASE_URL": database_url,
-                    "CLIPGUARD_BROKER_URL": broker_url, "CLIPGUARD_DEVICE": "cpu", "OMP_NUM_THREADS": "2",
-                    "CLIPGUARD_MAX_UPLOAD_BYTES": str(self.MAX_UPLOAD)}
+        self.env = {
+            **os.environ,
+            "CLIPGUARD_HOME": str(home),
+            "CLIPGUARD_DATABASE_URL": database_url,
+            "CLIPGUARD_BROKER_URL": broker_url,
+            "CLIPGUARD_DEVICE": "cpu",
+            "OMP_NUM_THREADS": "2",
+            "CLIPGUARD_MAX_UPLOAD_BYTES": str(self.MAX_UPLOAD),
+        }
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.logs = home / "logs"
@@ -154,10 +182,41 @@ class LiveService:
         self.procs.append(subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT))
 
     def start(self) -> None:
-        self._spawn("api", [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app",
-                            "--host", "127.0.0.1", "--port", str(self.port)])
-        self._spawn("worker", [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
-                               "-Q", "gpu", "-c", "1", "-P", "prefork", "--loglevel", "INFO", "-n", "test@%h"])
+        self._spawn(
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "app.main:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+        )
+        self._spawn(
+            "worker",
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.celery_app:celery_app",
+                "worker",
+                "-Q",
+                "gpu",
+                "-c",
+                "1",
+                "-P",
+                "prefork",
+                "--loglevel",
+                "INFO",
+                "-n",
+                "test@%h",
+            ],
+        )
 
         def ready() -> bool:
             try:
@@ -168,8 +227,13 @@ class LiveService:
         wait_until(ready, 60, "the API to be ready")
 
     def key(self, tenant: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "clipguard.cli", "keys", "create", "--tenant", tenant],
-                             env=self.env, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "clipguard.cli", "keys", "create", "--tenant", tenant],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return out.stdout.strip()
 
     def stop(self) -> None:

@@ -33,8 +33,9 @@ def assert_problem(response, status: int) -> dict:
 
 def upload(client, auth, path: Path, **fields) -> dict:
     with path.open("rb") as f:
-        r = client.post("/v1/models", headers=auth, data={"arch": "small_cnn", **fields},
-                        files={"file": (path.name, f)})
+        r = client.post(
+            "/v1/models", headers=auth, data={"arch": "small_cnn", **fields}, files={"file": (path.name, f)}
+        )
     assert r.status_code == 201, r.text
     assert r.headers["location"] == f"/v1/models/{r.json()['id']}"
     return r.json()
@@ -138,8 +139,11 @@ def test_streamed_upload_is_hashed_and_quarantined(client, auth, model_file):
     model = client.post("/v1/models", headers=auth, data={"arch": "small_cnn"}).json()
     assert model["status"] == "awaiting_upload"
     data = model_file.read_bytes()
-    r = client.put(f"/v1/models/{model['id']}/content", headers=auth,
-                   content=(data[i:i + 50_000] for i in range(0, len(data), 50_000)))
+    r = client.put(
+        f"/v1/models/{model['id']}/content",
+        headers=auth,
+        content=(data[i : i + 50_000] for i in range(0, len(data), 50_000)),
+    )
     assert r.status_code == 202 and r.json()["upload_sha256"] == hashlib.sha256(data).hexdigest()
     assert settled(client, auth, model["id"])["status"] == "ready"
     assert_problem(client.put(f"/v1/models/{model['id']}/content", headers=auth, content=data), 409)
@@ -218,8 +222,9 @@ def test_a_paper_job_records_its_method_and_runs_it(client, settings, auth, read
     assert job["params"]["method"] == "paper" and job["params"]["bounds_samples"] == 100
     queued = client.get(f"/v1/jobs/{job['id']}", headers=auth)
     assert queued.json()["params"]["method"] == "paper" and queued.headers["retry-after"] == "2"
-    assert client.post("/v1/jobs", headers=auth, json=job_body(ready_model, dataset)).json()["params"]["method"] \
-        == "guard"
+    assert (
+        client.post("/v1/jobs", headers=auth, json=job_body(ready_model, dataset)).json()["params"]["method"] == "guard"
+    )
     # The attempt a worker would run, here in process (the message stays in Redis unconsumed).
     sessions = make_sessionmaker(settings.database_url, migrate=False)
     run_attempt(sessions, settings, store.claim(sessions, job["id"], max_attempts=3))
@@ -233,11 +238,13 @@ def test_a_paper_job_records_its_method_and_runs_it(client, settings, auth, read
     report = client.get(f"/v1/jobs/{job['id']}/artifacts/report.json", headers=auth).json()
     assert report["method"] == "paper" and report["lam"] == 3.0
     assert report["statistics"]["samples"] == 100 and report["statistics"]["of"] == 256  # the cap reached the engine
-    bad = assert_problem(client.post("/v1/jobs", headers=auth, json=job_body(ready_model, dataset, bounds_samples=-1)),
-                         422)
+    bad = assert_problem(
+        client.post("/v1/jobs", headers=auth, json=job_body(ready_model, dataset, bounds_samples=-1)), 422
+    )
     assert bad["errors"][0]["loc"] == ["body", "bounds_samples"]
-    bad = assert_problem(client.post("/v1/jobs", headers=auth, json=job_body(ready_model, dataset, method="magic")),
-                         422)
+    bad = assert_problem(
+        client.post("/v1/jobs", headers=auth, json=job_body(ready_model, dataset, method="magic")), 422
+    )
     assert bad["type"] == "/problems/validation" and bad["errors"][0]["loc"] == ["body", "method"]
 
 
@@ -281,8 +288,7 @@ def test_cancel_a_queued_job(client, auth, ready_model, dataset):
 
 
 def test_jobs_are_listed_newest_first_in_pages_and_filtered(client, auth, ready_model, dataset):
-    ids = [client.post("/v1/jobs", headers=auth, json=job_body(ready_model, dataset)).json()["id"]
-           for _ in range(3)]
+    ids = [client.post("/v1/jobs", headers=auth, json=job_body(ready_model, dataset)).json()["id"] for _ in range(3)]
     client.post(f"/v1/jobs/{ids[0]}:cancel", headers=auth)
     page = client.get("/v1/jobs?page_size=2", headers=auth).json()
     rest = client.get(f"/v1/jobs?page_size=2&page_token={page['next_page_token']}", headers=auth).json()

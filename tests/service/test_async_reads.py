@@ -51,7 +51,8 @@ def both_paths(client: TestClient, path: str, auth: dict) -> tuple:
 
 
 def test_polls_on_the_event_loop_answer_like_the_thread_path_and_outlive_a_database_outage(
-        settings, own_db, model_file, small_npz):
+    settings, own_db, model_file, small_npz
+):
     url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{own_db}"
     config = settings.model_copy(update={"database_url": url, "key_cache_ttl_s": 600.0})
     with TestClient(create_app(config)) as client:
@@ -90,6 +91,9 @@ def test_polls_on_the_event_loop_answer_like_the_thread_path_and_outlive_a_datab
                 assert assert_problem(gated, 503)["type"] == "/problems/store-unavailable"
             finally:
                 admin.execute(f'ALTER DATABASE "{own_db}" ALLOW_CONNECTIONS true')
-        wait_until(lambda: client.get(f"/v1/jobs/{done['id']}", headers=auth).status_code == 200, 30,
-                   "polls to recover without a restart")
+        wait_until(
+            lambda: client.get(f"/v1/jobs/{done['id']}", headers=auth).status_code == 200,
+            30,
+            "polls to recover without a restart",
+        )
         assert client.get(f"/v1/jobs/{done['id']}", headers=auth).json() == body

@@ -126,8 +126,11 @@ class Busy(httpx.HTTPTransport):
         if request.method == "GET" and request.url.path.startswith("/v1/jobs/"):
             self.polls += 1
             if self.polls == 1:
-                return httpx.Response(503, headers={"Retry-After": "0"},
-                                      json={"title": "Service Unavailable", "status": 503, "detail": "store down"})
+                return httpx.Response(
+                    503,
+                    headers={"Retry-After": "0"},
+                    json={"title": "Service Unavailable", "status": 503, "detail": "store down"},
+                )
             if self.polls == 2:
                 raise httpx.ConnectError("connection refused")
         return super().handle_request(request)
@@ -167,9 +170,28 @@ def run_cli(live, key: str, *args: str) -> subprocess.CompletedProcess:
 def test_remote_commands_purify_a_folder_then_list_show_download_and_cancel(live, model_file, image_folder, tmp_path):
     key = live.key("cli")
     out = tmp_path / "out"
-    run = run_cli(live, key, "purify", "--arch", "small_cnn", "--weights", str(model_file), "--data",
-                  f"{image_folder}#train", "--eval-data", f"{image_folder}#test", "--attack", "badnets", "--lam", "3",
-                  "--out", str(out), "--poll", "0.5", "--quiet")
+    run = run_cli(
+        live,
+        key,
+        "purify",
+        "--arch",
+        "small_cnn",
+        "--weights",
+        str(model_file),
+        "--data",
+        f"{image_folder}#train",
+        "--eval-data",
+        f"{image_folder}#test",
+        "--attack",
+        "badnets",
+        "--lam",
+        "3",
+        "--out",
+        str(out),
+        "--poll",
+        "0.5",
+        "--quiet",
+    )
     assert run.returncode == 0, run.stderr[-2000:] + live.log("worker")[-2000:]
     assert {Path(line).name for line in run.stdout.split()} >= {"purified.pt", "report.json", "report.html"}
     job_id = re.search(r"clipguard: job (\w+)", run.stderr).group(1)
@@ -189,8 +211,11 @@ def test_remote_commands_purify_a_folder_then_list_show_download_and_cancel(live
     assert (again / "purified.pt").read_bytes() == (out / "purified.pt").read_bytes()
     assert torch.jit.load(str(again / "purified.pt"))(torch.rand(1, 3, 32, 32)).shape == (1, 10)
 
-    for args, says in ((("cancel", job_id), "409"), (("status", "0123456789abcdef"), "404 no job"),
-                       (("download", job_id, "--out", str(tmp_path / "x"), "--artifact", "nope.bin"), "no artifact")):
+    for args, says in (
+        (("cancel", job_id), "409"),
+        (("status", "0123456789abcdef"), "404 no job"),
+        (("download", job_id, "--out", str(tmp_path / "x"), "--artifact", "nope.bin"), "no artifact"),
+    ):
         refused = run_cli(live, key, *args)
         assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and says in refused.stderr, refused.stderr
         assert refused.stderr.startswith("clipguard: error: ")

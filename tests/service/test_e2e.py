@@ -27,8 +27,7 @@ def test_purify_over_http_with_a_real_worker(live, model_file, small_npz, tmp_pa
     with Client(live.url, key) as client:
         model = client.wait_model(client.upload_model(model_file, arch="small_cnn", num_classes=10).id)
         data = client.add_dataset(str(small_npz))
-        job = client.submit(model.id, data.id, lam=3.0, test_data_id=data.id, attack="badnets",
-                            idempotency_key="e2e-1")
+        job = client.submit(model.id, data.id, lam=3.0, test_data_id=data.id, attack="badnets", idempotency_key="e2e-1")
         job = client.wait(job.id, poll_s=0.5, timeout_s=240, on_update=lambda j: seen.append((j.state, j.stage)))
         assert job.state == "succeeded", (job, live.log("worker")[-3000:])
         assert job.attempts == 1 and job.percent == 100.0 and job.finished_at
@@ -81,9 +80,21 @@ def test_a_guard_jobs_percent_only_rises_to_100_over_http(live, model_file, smal
 def victim(tmp_path_factory, cifar10, data_cache) -> Path:
     """A small CNN with a real BadNets backdoor: 2,000 CIFAR-10 training images, 10% poisoned."""
     root = tmp_path_factory.mktemp("victim")
-    train_victim(arch="small_cnn", data=f"{cifar10}#train", out=root / "victim.safetensors", limit=2000, epochs=5,
-                 augment=False, lr=0.05, batch_size=128, attack="badnets:pattern=checkerboard", poison_rate=0.1,
-                 device="cpu", cache_dir=data_cache, save_data=root / "poisoned.npz")
+    train_victim(
+        arch="small_cnn",
+        data=f"{cifar10}#train",
+        out=root / "victim.safetensors",
+        limit=2000,
+        epochs=5,
+        augment=False,
+        lr=0.05,
+        batch_size=128,
+        attack="badnets:pattern=checkerboard",
+        poison_rate=0.1,
+        device="cpu",
+        cache_dir=data_cache,
+        save_data=root / "poisoned.npz",
+    )
     return root
 
 
@@ -108,11 +119,19 @@ def test_oversized_streamed_upload_gets_413_with_flat_memory(live):
     model = httpx.post(f"{live.url}/v1/models", headers=auth, data={"arch": "small_cnn"}).json()
     chunk = b"\0" * (1024 * 1024)
     before = live.peak_rss_kib()
-    r = httpx.put(f"{live.url}/v1/models/{model['id']}/content", headers=auth,  # chunked: no Content-Length
-                  content=(chunk for _ in range(2 * live.MAX_UPLOAD // len(chunk))), timeout=60)
+    r = httpx.put(
+        f"{live.url}/v1/models/{model['id']}/content",
+        headers=auth,  # chunked: no Content-Length
+        content=(chunk for _ in range(2 * live.MAX_UPLOAD // len(chunk))),
+        timeout=60,
+    )
     assert r.status_code == 413 and r.headers["content-type"] == "application/problem+json"
-    r = httpx.put(f"{live.url}/v1/models/{model['id']}/content", headers=auth,  # just under the cap: stored
-                  content=(chunk for _ in range(live.MAX_UPLOAD // len(chunk) - 1)), timeout=60)
+    r = httpx.put(
+        f"{live.url}/v1/models/{model['id']}/content",
+        headers=auth,  # just under the cap: stored
+        content=(chunk for _ in range(live.MAX_UPLOAD // len(chunk) - 1)),
+        timeout=60,
+    )
     assert r.status_code == 202 and r.json()["size"] == live.MAX_UPLOAD - len(chunk)
     grown_mib = (live.peak_rss_kib() - before) / 1024
     assert grown_mib < 16, f"API resident memory grew by {grown_mib:.0f} MiB for a 64 MiB upload"

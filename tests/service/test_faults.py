@@ -29,9 +29,13 @@ from .conftest import PG_ADMIN, LiveService, free_port, wait_until
 
 SLOW_IMAGES = 4096
 """Random 32x32 images: a bounds pass of seconds on two cores, long enough to SIGKILL it mid-way."""
-FAST = {"CLIPGUARD_HEARTBEAT_S": "1", "CLIPGUARD_STALE_AFTER_S": "6", "CLIPGUARD_SWEEP_EVERY_S": "1",
-        "CLIPGUARD_RATE_LIMIT_PER_MINUTE": "0",  # these tests poll hard; the limiter has its own tests
-        "CLIPGUARD_MAX_ATTEMPTS": "2"}
+FAST = {
+    "CLIPGUARD_HEARTBEAT_S": "1",
+    "CLIPGUARD_STALE_AFTER_S": "6",
+    "CLIPGUARD_SWEEP_EVERY_S": "1",
+    "CLIPGUARD_RATE_LIMIT_PER_MINUTE": "0",  # these tests poll hard; the limiter has its own tests
+    "CLIPGUARD_MAX_ATTEMPTS": "2",
+}
 JOBS_TMPFS = "32m"
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -46,9 +50,23 @@ class RedisServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--daemonize", "no"],
-                                     stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+            ],
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
         client = redis.Redis.from_url(self.url)
 
         def up() -> bool:
@@ -80,8 +98,20 @@ class FaultyService(LiveService):
         self._n += 1
         saved, self.env = self.env, {**self.env, **env}
         try:
-            self._spawn(f"api-{self._n}", [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app",
-                                           "--host", "127.0.0.1", "--port", str(self.port)])
+            self._spawn(
+                f"api-{self._n}",
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "--factory",
+                    "app.main:create_app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
+            )
         finally:
             self.env = saved
         self.api = self.procs[-1]
@@ -96,9 +126,28 @@ class FaultyService(LiveService):
 
     def start_worker(self, *prefix: str) -> None:
         self._n += 1
-        self._spawn(f"worker-{self._n}", [*prefix, sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app",
-                                          "worker", "-Q", "gpu", "-c", "1", "-P", "prefork", "--loglevel", "INFO",
-                                          "-n", f"faults{self._n}@%h"])
+        self._spawn(
+            f"worker-{self._n}",
+            [
+                *prefix,
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.celery_app:celery_app",
+                "worker",
+                "-Q",
+                "gpu",
+                "-c",
+                "1",
+                "-P",
+                "prefork",
+                "--loglevel",
+                "INFO",
+                "-n",
+                f"faults{self._n}@%h",
+            ],
+        )
         self.worker = self.procs[-1]
 
     def worker_child(self) -> int:
@@ -130,8 +179,12 @@ def children(pid: int) -> list[int]:
 
 def mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +194,11 @@ def svc(tmp_path_factory, model_file, small_npz) -> Iterator[tuple[FaultyService
     data_root = root / "data"
     data_root.mkdir()
     rng = np.random.default_rng(0)
-    np.savez(data_root / "slow.npz", x=rng.integers(0, 256, (SLOW_IMAGES, 32, 32, 3), dtype=np.uint8),
-             y=np.arange(SLOW_IMAGES) % 10)
+    np.savez(
+        data_root / "slow.npz",
+        x=rng.integers(0, 256, (SLOW_IMAGES, 32, 32, 3), dtype=np.uint8),
+        y=np.arange(SLOW_IMAGES) % 10,
+    )
     shutil.copy(small_npz, data_root / "small.npz")
     db = f"clipguard_faults_{os.getpid()}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
@@ -156,8 +212,9 @@ def svc(tmp_path_factory, model_file, small_npz) -> Iterator[tuple[FaultyService
     try:
         service.start_api()
         service.start_worker()
-        http = httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {service.key('acme')}"},
-                            timeout=30)
+        http = httpx.Client(
+            base_url=service.url, headers={"Authorization": f"Bearer {service.key('acme')}"}, timeout=30
+        )
         model = http.post("/v1/models", data={"arch": "small_cnn"}).json()
         assert http.put(f"/v1/models/{model['id']}/content", content=model_file.read_bytes()).status_code == 202
         wait_until(lambda: http.get(f"/v1/models/{model['id']}").json()["status"] == "ready", 120, "quarantine")
@@ -202,8 +259,14 @@ def finished(service: FaultyService, http: httpx.Client, job_id: str, timeout: f
 
 
 def in_bounds(http: httpx.Client, job_id: str, attempt: int) -> None:
-    wait_job(http, job_id, lambda j: j["stage"] == "bounds" and j["attempts"] == attempt, 120,
-             f"attempt {attempt} of job {job_id} to reach the bounds pass", every=0.05)
+    wait_job(
+        http,
+        job_id,
+        lambda j: j["stage"] == "bounds" and j["attempts"] == attempt,
+        120,
+        f"attempt {attempt} of job {job_id} to reach the bounds pass",
+        every=0.05,
+    )
 
 
 def assert_published_only(service: FaultyService, job: dict, attempt: str | None) -> None:
@@ -340,8 +403,9 @@ def test_an_api_killed_mid_upload_registers_nothing_corrupt_and_its_part_file_is
 
     def upload() -> None:
         try:
-            httpx.put(f"{service.url}/v1/models/{model['id']}/content", content=slow_body(),
-                      headers=http.headers, timeout=60)
+            httpx.put(
+                f"{service.url}/v1/models/{model['id']}/content", content=slow_body(), headers=http.headers, timeout=60
+            )
         except httpx.HTTPError:
             pass  # the server died under us: expected
 
@@ -362,8 +426,11 @@ def test_an_api_killed_mid_upload_registers_nothing_corrupt_and_its_part_file_is
     for t in threads:
         t.start()
     try:
-        wait_until(lambda: any(p.stat().st_size > 4 * 1024 * 1024 for p in staging.glob("*.part")), 60,
-                   "the upload to be half-way")
+        wait_until(
+            lambda: any(p.stat().st_size > 4 * 1024 * 1024 for p in staging.glob("*.part")),
+            60,
+            "the upload to be half-way",
+        )
         service.api.kill()
         service.api.wait()
         parts = list(staging.glob("*.part"))

@@ -46,17 +46,38 @@ def fuzz_server(tmp_path_factory, pg_url, redis_url) -> Iterator[FuzzServer]:
     home = tmp_path_factory.mktemp("fuzz-home")
     root = home / "data-root"
     root.mkdir()
-    env = {**os.environ, "CLIPGUARD_HOME": str(home), "CLIPGUARD_DATABASE_URL": pg_url,
-           "CLIPGUARD_BROKER_URL": redis_url, "CLIPGUARD_MAX_UPLOAD_BYTES": str(1 << 20),
-           "CLIPGUARD_DATA_ROOTS": f'["{root}"]', "CLIPGUARD_DATASETS": f'{{"tiny": "{root}/tiny.npz"}}',
-           "CLIPGUARD_RATE_LIMIT_PER_MINUTE": "0", "CLIPGUARD_QUARANTINE_MEMORY_BYTES": str(256 << 20),
-           # No worker runs here, so /readyz would rightly answer 503 (test_supervision.py tests that).
-           "CLIPGUARD_READY_REQUIRES_WORKER": "false"}
+    env = {
+        **os.environ,
+        "CLIPGUARD_HOME": str(home),
+        "CLIPGUARD_DATABASE_URL": pg_url,
+        "CLIPGUARD_BROKER_URL": redis_url,
+        "CLIPGUARD_MAX_UPLOAD_BYTES": str(1 << 20),
+        "CLIPGUARD_DATA_ROOTS": f'["{root}"]',
+        "CLIPGUARD_DATASETS": f'{{"tiny": "{root}/tiny.npz"}}',
+        "CLIPGUARD_RATE_LIMIT_PER_MINUTE": "0",
+        "CLIPGUARD_QUARANTINE_MEMORY_BYTES": str(256 << 20),
+        # No worker runs here, so /readyz would rightly answer 503 (test_supervision.py tests that).
+        "CLIPGUARD_READY_REQUIRES_WORKER": "false",
+    }
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (home / "api.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--host",
-                             "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "app.main:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
     def ready() -> bool:
         try:
@@ -66,8 +87,13 @@ def fuzz_server(tmp_path_factory, pg_url, redis_url) -> Iterator[FuzzServer]:
 
     try:
         wait_until(ready, 60, "the fuzzed API to start")
-        key = subprocess.run([sys.executable, "-m", "clipguard.cli", "keys", "create", "--tenant", "fuzz"], env=env,
-                             capture_output=True, text=True, check=True).stdout.strip()
+        key = subprocess.run(
+            [sys.executable, "-m", "clipguard.cli", "keys", "create", "--tenant", "fuzz"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         yield FuzzServer(url, key)
     finally:
         proc.terminate()
@@ -99,8 +125,14 @@ def test_no_server_errors_and_every_error_is_problem_json(fuzz_server):
 
 def _fuzz(operation, mode: GenerationMode, server: FuzzServer, failures: list[str]) -> None:
     @given(case=operation.as_strategy(generation_mode=mode))
-    @hypothesis_settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
-                         phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @hypothesis_settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     def exercise(case) -> None:
         response = case.call(base_url=server.url, headers=server.auth, timeout=30)
         problem = _contract_break(response)

@@ -60,8 +60,10 @@ def test_malformed_multipart_bodies_are_4xx_problem_json_and_store_nothing(clien
         "truncated in the file": (MULTIPART, part("arch", b"small_cnn") + file_part[:-100]),
         "no closing boundary": (MULTIPART, part("arch", b"small_cnn") + file_part),
         "garbage": (MULTIPART, b"\xff\xfe not multipart at all"),
-        "part without a name": (MULTIPART, b"--" + BOUNDARY.encode() + b"\r\nContent-Disposition: form-data\r\n\r\n"
-                                b"x\r\n" + END),
+        "part without a name": (
+            MULTIPART,
+            b"--" + BOUNDARY.encode() + b"\r\nContent-Disposition: form-data\r\n\r\nx\r\n" + END,
+        ),
         "header line without a colon": (MULTIPART, b"--" + BOUNDARY.encode() + b"\r\nnonsense\r\n\r\nx\r\n" + END),
         "wrong content type": ({"content-type": "application/json"}, b'{"arch": "small_cnn"}'),
         "text/plain": ({"content-type": "text/plain"}, b"arch=small_cnn"),
@@ -80,8 +82,11 @@ def test_malformed_multipart_bodies_are_4xx_problem_json_and_store_nothing(clien
 
 def test_a_truncated_upload_is_refused_not_registered_without_its_file(client, auth):
     """Regression: python-multipart dropped the cut-off part, so this answered 201 with no file."""
-    r = client.post("/v1/models", headers={**auth, **MULTIPART},
-                    content=part("arch", b"small_cnn") + part("file", b"\x01" * 3000, "w.pt")[:-50])
+    r = client.post(
+        "/v1/models",
+        headers={**auth, **MULTIPART},
+        content=part("arch", b"small_cnn") + part("file", b"\x01" * 3000, "w.pt")[:-50],
+    )
     body = assert_problem(r, 400)
     assert body["type"] == "/problems/malformed-multipart" and "truncated" in body["detail"]
     good = client.post("/v1/models", headers={**auth, **MULTIPART}, content=part("arch", b"small_cnn") + END + b"ep")
@@ -90,20 +95,24 @@ def test_a_truncated_upload_is_refused_not_registered_without_its_file(client, a
 
 def test_multipart_uploads_over_the_cap_get_413_and_leave_nothing(client, settings, auth):
     too_big = b"\0" * (settings.max_upload_bytes + 1)
-    assert_problem(client.post("/v1/models", headers=auth, data={"arch": "small_cnn"},
-                               files={"file": ("w.safetensors", too_big)}), 413)
+    assert_problem(
+        client.post("/v1/models", headers=auth, data={"arch": "small_cnn"}, files={"file": ("w.safetensors", too_big)}),
+        413,
+    )
     assert_problem(client.post("/v1/datasets", headers=auth, files={"file": ("d.npz", too_big)}), 413)
     assert list(settings.tmp_dir.iterdir()) == [] and list(settings.blobs_dir.iterdir()) == []
 
 
 def test_bodies_read_into_memory_are_capped_far_below_the_upload_cap(client, auth):
     """Regression: a JSON body could be as large as the 2 GB upload cap, all of it held in memory."""
-    big = json.dumps({"model_id": "m", "train_data_id": "d", "eval": {"test_data_id": "t",
-                                                                     "attack": {"x": "y" * (2 << 20)}}})
-    body = assert_problem(client.post("/v1/jobs", headers={**auth, "content-type": "application/json"},
-                                      content=big.encode()), 413)
+    big = json.dumps(
+        {"model_id": "m", "train_data_id": "d", "eval": {"test_data_id": "t", "attack": {"x": "y" * (2 << 20)}}}
+    )
+    body = assert_problem(
+        client.post("/v1/jobs", headers={**auth, "content-type": "application/json"}, content=big.encode()), 413
+    )
     assert "1048576" in body["detail"]
-    chunks = (big[i:i + 65536].encode() for i in range(0, len(big), 65536))  # chunked, no Content-Length
+    chunks = (big[i : i + 65536].encode() for i in range(0, len(big), 65536))  # chunked, no Content-Length
     assert_problem(client.post("/v1/jobs", headers={**auth, "content-type": "application/json"}, content=chunks), 413)
 
 
@@ -126,11 +135,19 @@ def test_nul_bytes_and_out_of_range_cursors_are_4xx_not_500(pg_client):
     def token(created: str, row_id: str) -> str:
         return base64.urlsafe_b64encode(json.dumps([created, row_id]).encode()).decode()
 
-    for url in ("/v1/datasets/a%00b", "/v1/jobs/a%00b", "/v1/models/%00", "/v1/jobs?model_id=a%00b",
-                "/v1/jobs/a/artifacts/x%00"):
+    for url in (
+        "/v1/datasets/a%00b",
+        "/v1/jobs/a%00b",
+        "/v1/models/%00",
+        "/v1/jobs?model_id=a%00b",
+        "/v1/jobs/a/artifacts/x%00",
+    ):
         assert assert_problem(client.get(url, headers=auth), 400)["type"] == "/problems/malformed-url"
-    for created, row_id in (("2026-01-01T00:00:00+00:00", "a\x00"), ("0001-01-01T00:00:00+14:00", "a"),
-                            ("9999-12-31T23:59:59-14:00", "a")):
+    for created, row_id in (
+        ("2026-01-01T00:00:00+00:00", "a\x00"),
+        ("0001-01-01T00:00:00+14:00", "a"),
+        ("9999-12-31T23:59:59-14:00", "a"),
+    ):
         assert_problem(client.get(f"/v1/jobs?page_token={token(created, row_id)}", headers=auth), 400)
     assert_problem(client.post("/v1/models", headers=auth, data={"arch": "small_cnn", "name": "a\x00b"}), 422)
     assert_problem(client.post("/v1/models", headers=auth, data={"arch": "small\x00cnn"}), 422)
@@ -154,9 +171,18 @@ def test_no_wrong_malformed_or_revoked_key_all_get_the_same_401(client, settings
     assert revoke_key(sessions, revoked["Authorization"].removeprefix("Bearer "))
     tenant_key = key_for("initech")
     assert revoke_tenant(sessions, "initech") == 1
-    answers = [client.get("/v1/jobs", headers=h) for h in (
-        {}, {"Authorization": "Bearer cg_wrong"}, {"Authorization": "Basic YWRtaW46YWRtaW4="},
-        {"Authorization": "Bearer "}, {"Authorization": auth["Authorization"].lower()}, revoked, tenant_key)]
+    answers = [
+        client.get("/v1/jobs", headers=h)
+        for h in (
+            {},
+            {"Authorization": "Bearer cg_wrong"},
+            {"Authorization": "Basic YWRtaW46YWRtaW4="},
+            {"Authorization": "Bearer "},
+            {"Authorization": auth["Authorization"].lower()},
+            revoked,
+            tenant_key,
+        )
+    ]
     for r in answers:
         assert_problem(r, 401)
         assert r.headers["www-authenticate"] == "Bearer"
@@ -169,8 +195,9 @@ def test_no_wrong_malformed_or_revoked_key_all_get_the_same_401(client, settings
     assert not revoke_key(sessions, "cg_never-issued")
 
 
-def test_another_tenants_ids_look_exactly_like_ids_that_do_not_exist(client, key_for, auth, settings, ready_model,
-                                                                     dataset):
+def test_another_tenants_ids_look_exactly_like_ids_that_do_not_exist(
+    client, key_for, auth, settings, ready_model, dataset
+):
     job = client.post("/v1/jobs", headers=auth, json=job_body(ready_model, dataset)).json()
     other = key_for("globex")
     pairs = {
@@ -210,8 +237,10 @@ class SocketPayload:
         self.port, self.marker = port, marker
 
     def __reduce__(self):
-        code = (f"import socket; socket.create_connection(('127.0.0.1', {self.port}), 2).close(); "
-                f"open({str(self.marker)!r}, 'w').write('pwned')")
+        code = (
+            f"import socket; socket.create_connection(('127.0.0.1', {self.port}), 2).close(); "
+            f"open({str(self.marker)!r}, 'w').write('pwned')"
+        )
         return (exec, (code,))
 
 
@@ -242,9 +271,28 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_the_cli(tmp_path, small_
     marker = tmp_path / "pwned"
     weights = evil_checkpoint(tmp_path / "evil.pt", listener.getsockname()[1], marker)
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "clipguard.cli", "purify", "--arch", "small_cnn", "--weights",
-                           str(weights), "--data", str(small_npz), "--out", str(out), "--quiet", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clipguard.cli",
+            "purify",
+            "--arch",
+            "small_cnn",
+            "--weights",
+            str(weights),
+            "--data",
+            str(small_npz),
+            "--out",
+            str(out),
+            "--quiet",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     err = proc.stderr.strip()
     assert proc.returncode == 1 and err.startswith("clipguard: error:") and "\n" not in err, err
     assert "builtins.exec" in err
@@ -287,15 +335,23 @@ def hostile_archives(root: Path, outside: Path) -> dict[str, tuple[Path, str]]:
     return {
         "dot-dot path": (_tar(root / "dotdot.tar", [*good, (_member("../../escape.png"), _png())]), "unsafe path"),
         "absolute path": (_tar(root / "abs.tar", [*good, (_member(f"{outside}/abs.png"), _png())]), "unsafe path"),
-        "symlink out": (_tar(root / "sym.tar", [*good, (_member("cat/s.png", tarfile.SYMTYPE, "/etc/passwd"), b"")]),
-                        "link member"),
-        "hard link out": (_tar(root / "hard.tar", [*good, (_member("cat/h.png", tarfile.LNKTYPE, "../../etc/passwd"),
-                                                           b"")]), "link member"),
+        "symlink out": (
+            _tar(root / "sym.tar", [*good, (_member("cat/s.png", tarfile.SYMTYPE, "/etc/passwd"), b"")]),
+            "link member",
+        ),
+        "hard link out": (
+            _tar(root / "hard.tar", [*good, (_member("cat/h.png", tarfile.LNKTYPE, "../../etc/passwd"), b"")]),
+            "link member",
+        ),
         "zip bomb": (zip_bomb, "larger than"),
-        "decompression bomb": (_tar(root / "huge.tar.gz", [*good, (_member("cat/huge.png"), _png((5000, 5000), "L"))],
-                                    "w:gz"), "cap"),
-        "truncated JPEG": (_tar(root / "trunc.tar.gz", [*good, (_member("dog/broken.jpg"), jpeg.getvalue()[:200])],
-                                "w:gz"), "broken.jpg"),
+        "decompression bomb": (
+            _tar(root / "huge.tar.gz", [*good, (_member("cat/huge.png"), _png((5000, 5000), "L"))], "w:gz"),
+            "cap",
+        ),
+        "truncated JPEG": (
+            _tar(root / "trunc.tar.gz", [*good, (_member("dog/broken.jpg"), jpeg.getvalue()[:200])], "w:gz"),
+            "broken.jpg",
+        ),
     }
 
 
@@ -338,8 +394,9 @@ def hostile_live(tmp_path_factory, redis_url) -> Iterator[LiveService]:
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     redis.Redis.from_url(redis_url).flushdb()
-    service = LiveService(tmp_path_factory.mktemp("hostile-home"),
-                          f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", redis_url)
+    service = LiveService(
+        tmp_path_factory.mktemp("hostile-home"), f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", redis_url
+    )
     try:
         service.start()
         yield service
@@ -349,8 +406,9 @@ def hostile_live(tmp_path_factory, redis_url) -> Iterator[LiveService]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def test_hostile_uploads_fail_their_jobs_on_the_real_worker_and_it_lives_on(hostile_live, model_file, tmp_path,
-                                                                             listener):
+def test_hostile_uploads_fail_their_jobs_on_the_real_worker_and_it_lives_on(
+    hostile_live, model_file, tmp_path, listener
+):
     """Through uvicorn, Celery, PostgreSQL and Redis: a checkpoint that would phone home is rejected, two
     hostile archives fail their jobs on the same worker process one after the other, and nothing is
     written outside the job folders."""
@@ -359,13 +417,15 @@ def test_hostile_uploads_fail_their_jobs_on_the_real_worker_and_it_lives_on(host
     archives = hostile_archives(tmp_path, tmp_path / "outside")
     with Client(hostile_live.url, key) as client:
         marker = tmp_path / "pwned"
-        evil = client.upload_model(evil_checkpoint(tmp_path / "evil.pt", listener.getsockname()[1], marker),
-                                   arch="small_cnn")
+        evil = client.upload_model(
+            evil_checkpoint(tmp_path / "evil.pt", listener.getsockname()[1], marker), arch="small_cnn"
+        )
         model = client.wait_model(client.upload_model(model_file, arch="small_cnn").id)
 
         def decided() -> dict:  # the two quarantines run side by side: either may finish first
-            return httpx.get(f"{hostile_live.url}/v1/models/{evil.id}",
-                             headers={"Authorization": f"Bearer {key}"}).json()
+            return httpx.get(
+                f"{hostile_live.url}/v1/models/{evil.id}", headers={"Authorization": f"Bearer {key}"}
+            ).json()
 
         wait_until(lambda: decided()["status"] != "validating", 60, "the hostile checkpoint's verdict")
         evil = decided()

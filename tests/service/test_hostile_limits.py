@@ -118,8 +118,9 @@ def test_every_attack_the_engine_knows_is_described_at_the_edge():
     for name, cls in ATTACKS.items():
         assert SPEC_OPTIONS[name] == set(cls.OPTIONS) - {"image"}, name  # every option but a file's name
         record = build_attack(name).to_dict()  # the object `clipguard train` saves, as a job body carries it
-        body = JobCreate.model_validate({"model_id": "m", "train_data_id": "d", "eval": {"test_data_id": "t",
-                                                                                       "attack": record}})
+        body = JobCreate.model_validate(
+            {"model_id": "m", "train_data_id": "d", "eval": {"test_data_id": "t", "attack": record}}
+        )
         assert body.eval.attack.model_dump(mode="json", exclude_none=True).items() <= record.items(), name
 
 

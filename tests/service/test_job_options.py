@@ -29,8 +29,9 @@ def test_the_reactivation_check_is_a_job_option_and_its_result_is_in_the_summary
     plain = client.post("/v1/jobs", headers=auth, json=job_body(ready_model, dataset)).json()
     assert "reactivation_check" not in plain["params"]  # the default is left out, as for `resize`
 
-    body = job_body(ready_model, dataset, reactivation_check=True, eval={"test_data_id": dataset["id"],
-                                                                          "attack": "badnets"})
+    body = job_body(
+        ready_model, dataset, reactivation_check=True, eval={"test_data_id": dataset["id"], "attack": "badnets"}
+    )
     job = client.post("/v1/jobs", headers=auth, json=body).json()
     assert job["params"]["reactivation_check"] is True
     run(settings, job["id"])

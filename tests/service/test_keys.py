@@ -24,8 +24,14 @@ from .test_api import assert_problem
 
 def cli(settings: Settings, *argv: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "CLIPGUARD_HOME": str(settings.home), "CLIPGUARD_DATABASE_URL": settings.database_url}
-    return subprocess.run([sys.executable, "-m", "clipguard.cli", "keys", *argv], env=env, input=stdin,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "clipguard.cli", "keys", *argv],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -65,18 +65,21 @@ def obs_live(tmp_path_factory, obs_pg, obs_redis) -> Iterator[LiveService]:
 
 def metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """``{(sample name, sorted labels): value}`` from Prometheus text."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 # --- logs ---------------------------------------------------------------------------------------
+
 
 def test_a_real_job_logs_json_lines_with_its_id_and_shows_up_in_metrics(obs_live, model_file, small_npz):
     with Client(obs_live.url, obs_live.key("acme")) as client:
         model = client.wait_model(client.upload_model(model_file, arch="small_cnn", num_classes=10).id)
         data = client.add_dataset(str(small_npz))
-        job = client.submit(model.id, data.id, lam=3.0, test_data_id=data.id, attack="badnets",
-                            idempotency_key="obs-1")
+        job = client.submit(model.id, data.id, lam=3.0, test_data_id=data.id, attack="badnets", idempotency_key="obs-1")
         job = client.wait(job.id, poll_s=0.5, timeout_s=240)
     assert job.state == "succeeded", (job, obs_live.log("worker")[-3000:])
     job_id = job.id
@@ -96,8 +99,9 @@ def test_a_real_job_logs_json_lines_with_its_id_and_shows_up_in_metrics(obs_live
         lines[name] = parsed
         assert parsed, f"no JSON lines in the {name} log"
 
-    about_job = [line for name in lines for line in lines[name]
-                 if job_id in line["message"] or task_id in line["message"]]
+    about_job = [
+        line for name in lines for line in lines[name] if job_id in line["message"] or task_id in line["message"]
+    ]
     assert about_job
     for line in about_job:
         assert line["job_id"] == job_id, line
@@ -106,14 +110,15 @@ def test_a_real_job_logs_json_lines_with_its_id_and_shows_up_in_metrics(obs_live
     # The worker: everything from "received" to "succeeded" (engine stages, warnings, Celery's own
     # trace lines, in the main process and the child) carries the job id.
     worker = lines["worker"]
-    start = next(i for i, line in enumerate(worker) if line["message"].endswith("received") and task_id in
-                 line["message"])
-    end = next(i for i, line in enumerate(worker) if " succeeded in " in line["message"] and task_id in
-               line["message"])
-    span = worker[start:end + 1]
+    start = next(
+        i for i, line in enumerate(worker) if line["message"].endswith("received") and task_id in line["message"]
+    )
+    end = next(i for i, line in enumerate(worker) if " succeeded in " in line["message"] and task_id in line["message"])
+    span = worker[start : end + 1]
     assert [line for line in span if line["job_id"] != job_id] == []
     assert {f"job {job_id}: stage {stage}" for stage in ("load", "bounds", "export", "evaluate")} <= {
-        line["message"] for line in span}
+        line["message"] for line in span
+    }
 
     # The API: the publish, the creating POST (bound from its Location) and every poll of the job.
     api = [line for line in lines["api"] if line["job_id"] == job_id]
@@ -137,6 +142,7 @@ def test_a_real_job_logs_json_lines_with_its_id_and_shows_up_in_metrics(obs_live
 
 
 # --- Celery events (what Flower reads) --------------------------------------------------------------
+
 
 def test_a_real_worker_emits_task_events(obs_live):
     celery = make_celery(Settings(home=obs_live.logs.parent, broker_url=obs_live.env["CLIPGUARD_BROKER_URL"]))
@@ -196,9 +202,17 @@ def test_metrics_read_the_store_and_the_broker_at_scrape_time(obs_settings):
         s.flush()
         new = {"tenant": "t", "model_id": model.id, "train_data_id": data.id, "params": {}}
         for seconds in (0.5, 3.0, 40.0):
-            s.add(Job(**new, state="succeeded", finished_at=utcnow(), summary={
-                "timings": {"load": seconds, "bounds": seconds * 2, "export": 1.0, "total": 99.0},
-                "bounds_images_per_s": 1000 / seconds}))
+            s.add(
+                Job(
+                    **new,
+                    state="succeeded",
+                    finished_at=utcnow(),
+                    summary={
+                        "timings": {"load": seconds, "bounds": seconds * 2, "export": 1.0, "total": 99.0},
+                        "bounds_images_per_s": 1000 / seconds,
+                    },
+                )
+            )
         s.add(Job(**new, state="succeeded", summary=None))  # a job from before timings were recorded
         s.add_all(Job(**new, state="failed", error=e, finished_at=utcnow() - timedelta(minutes=1)) for e in errors)
     redis.Redis.from_url(obs_redis).delete(GPU_QUEUE)
@@ -218,7 +232,8 @@ def test_metrics_read_the_store_and_the_broker_at_scrape_time(obs_settings):
     assert seen[("clipguard_job_stage_duration_seconds_sum", (("stage", "bounds"),))] == pytest.approx(87.0)
     assert seen[("clipguard_job_stage_duration_seconds_count", (("stage", "select_lambda"),))] == 0
     assert {labels[0][1] for name, labels in seen if name == "clipguard_job_stage_duration_seconds_count"} == set(
-        STAGES)
+        STAGES
+    )
     assert seen[("clipguard_bounds_throughput_images_per_second_count", ())] == 3
     assert seen[("clipguard_bounds_throughput_images_per_second_bucket", (("le", "300.0"),))] == 1  # 1000/40
     failures = {labels[0][1]: v for (name, labels), v in seen.items() if name == "clipguard_job_failures_total"}

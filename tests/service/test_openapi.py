@@ -51,8 +51,9 @@ def test_every_error_answer_is_typed_as_problem_json(document):
             expected.add("413")
         assert expected <= set(errors), f"{where} does not declare {sorted(expected - set(errors))}"
         for code, response in errors.items():
-            assert response["content"] == {"application/problem+json": {"schema": {"$ref": PROBLEM_REF}}}, \
+            assert response["content"] == {"application/problem+json": {"schema": {"$ref": PROBLEM_REF}}}, (
                 f"{where} {code}: {response.get('content')}"
+            )
             assert response["description"] and response["description"] != "Validation Error", f"{where} {code}"
         seen += 1
     assert seen >= 14  # every route, not an empty walk

@@ -54,8 +54,9 @@ CREDENTIALS = {"CLIPGUARD_S3_ACCESS_KEY_ID": "test-key", "CLIPGUARD_S3_SECRET_AC
 def s3_endpoint(tmp_path_factory) -> Iterator[str]:
     port = free_port()
     log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -73,8 +74,13 @@ def s3_endpoint(tmp_path_factory) -> Iterator[str]:
 
 
 def s3_settings(home: Path, endpoint: str, bucket: str) -> Settings:
-    settings = Settings(home=home, storage_url=f"s3://{bucket}/clipguard", s3_endpoint_url=endpoint,
-                        s3_access_key_id="test-key", s3_secret_access_key="test-secret")
+    settings = Settings(
+        home=home,
+        storage_url=f"s3://{bucket}/clipguard",
+        s3_endpoint_url=endpoint,
+        s3_access_key_id="test-key",
+        s3_secret_access_key="test-secret",
+    )
     settings.ensure_dirs()
     return settings
 
@@ -190,10 +196,14 @@ def test_object_storage_faults_are_told_apart(tmp_path, s3_endpoint, monkeypatch
 def queue_job(client: TestClient, auth: dict, model_file: Path, small_npz: Path) -> dict:
     """Upload a model and a dataset through the bucket and create a job on them."""
     with model_file.open("rb") as f:
-        model = client.post("/v1/models", headers=auth, data={"arch": "small_cnn"},
-                            files={"file": (model_file.name, f)}).json()
-    wait_until(lambda: client.get(f"/v1/models/{model['id']}", headers=auth).json()["status"] == "ready", 60,
-               "the model to pass quarantine")
+        model = client.post(
+            "/v1/models", headers=auth, data={"arch": "small_cnn"}, files={"file": (model_file.name, f)}
+        ).json()
+    wait_until(
+        lambda: client.get(f"/v1/models/{model['id']}", headers=auth).json()["status"] == "ready",
+        60,
+        "the model to pass quarantine",
+    )
     data = client.post("/v1/datasets", headers=auth, files={"file": ("d.npz", small_npz.read_bytes())}).json()
     r = client.post("/v1/jobs", headers=auth, json={"model_id": model["id"], "train_data_id": data["id"]})
     assert r.status_code == 202, r.text
@@ -201,7 +211,8 @@ def queue_job(client: TestClient, auth: dict, model_file: Path, small_npz: Path)
 
 
 def test_a_job_whose_object_storage_is_down_waits_and_then_fails_with_the_reason(
-        tmp_path, s3_endpoint, redis_url, model_file, small_npz, monkeypatch):
+    tmp_path, s3_endpoint, redis_url, model_file, small_npz, monkeypatch
+):
     """The worker cannot fetch the job's blobs: the job goes back to the queue, never stuck "running",
     and once the attempts run out it fails saying the storage was the reason, not a lost worker."""
     api = s3_settings(tmp_path / "api", s3_endpoint, "faults").model_copy(update={"broker_url": redis_url})
@@ -210,9 +221,14 @@ def test_a_job_whose_object_storage_is_down_waits_and_then_fails_with_the_reason
         job = queue_job(client, auth, model_file, small_npz)
 
         # A worker on another host whose object store is unreachable.
-        for name, value in {"HOME": str(tmp_path / "worker"), "DATABASE_URL": api.database_url, "MAX_ATTEMPTS": "2",
-                            "STORAGE_URL": "s3://faults/clipguard", "BROKER_URL": redis_url,
-                            "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}.items():
+        for name, value in {
+            "HOME": str(tmp_path / "worker"),
+            "DATABASE_URL": api.database_url,
+            "MAX_ATTEMPTS": "2",
+            "STORAGE_URL": "s3://faults/clipguard",
+            "BROKER_URL": redis_url,
+            "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+        }.items():
             monkeypatch.setenv(f"CLIPGUARD_{name}", value)
         for name, value in CREDENTIALS.items():
             monkeypatch.setenv(name, value)
@@ -233,7 +249,8 @@ def test_a_job_whose_object_storage_is_down_waits_and_then_fails_with_the_reason
 
 
 def test_a_real_worker_retries_a_storage_outage_until_the_job_store_says_stop(
-        tmp_path, s3_endpoint, redis_url, model_file, small_npz):
+    tmp_path, s3_endpoint, redis_url, model_file, small_npz
+):
     """More transient faults than Celery's retry limit used to allow (5): a real worker keeps handing the job
     back until the job store's ``MAX_ATTEMPTS`` (8) is spent, and the job ends failed with the reason instead
     of sitting "queued" with no message left to run it."""
@@ -242,16 +259,44 @@ def test_a_real_worker_retries_a_storage_outage_until_the_job_store_says_stop(
     with TestClient(create_app(api)) as client:
         auth = {"Authorization": f"Bearer {create_key(make_sessionmaker(api.database_url), 'acme')}"}
         job = queue_job(client, auth, model_file, small_npz)
-        env = {**os.environ, **CREDENTIALS, "CLIPGUARD_HOME": str(tmp_path / "worker"),
-               "CLIPGUARD_DATABASE_URL": api.database_url, "CLIPGUARD_BROKER_URL": redis_url,
-               "CLIPGUARD_STORAGE_URL": "s3://retries/clipguard", "CLIPGUARD_MAX_ATTEMPTS": "8",
-               "CLIPGUARD_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens there
-               "CLIPGUARD_RETRY_BACKOFF_MAX_S": "1", "CLIPGUARD_DEVICE": "cpu"}
+        env = {
+            **os.environ,
+            **CREDENTIALS,
+            "CLIPGUARD_HOME": str(tmp_path / "worker"),
+            "CLIPGUARD_DATABASE_URL": api.database_url,
+            "CLIPGUARD_BROKER_URL": redis_url,
+            "CLIPGUARD_STORAGE_URL": "s3://retries/clipguard",
+            "CLIPGUARD_MAX_ATTEMPTS": "8",
+            "CLIPGUARD_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens there
+            "CLIPGUARD_RETRY_BACKOFF_MAX_S": "1",
+            "CLIPGUARD_DEVICE": "cpu",
+        }
         log = tmp_path / "worker.log"
-        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
-                                   "-Q", "gpu", "-c", "1", "-P", "solo", "--loglevel", "INFO", "-n", "retries@%h"],
-                                  env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.celery_app:celery_app",
+                "worker",
+                "-Q",
+                "gpu",
+                "-c",
+                "1",
+                "-P",
+                "solo",
+                "--loglevel",
+                "INFO",
+                "-n",
+                "retries@%h",
+            ],
+            env=env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
         try:
+
             def done() -> bool:
                 assert worker.poll() is None, log.read_text(errors="replace")[-3000:]
                 return client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["state"] == "failed"
@@ -268,15 +313,20 @@ def test_a_real_worker_retries_a_storage_outage_until_the_job_store_says_stop(
 
 def test_uploads_while_object_storage_is_down_are_refused_not_stuck(tmp_path, redis_url, small_npz, model_file):
     dead = s3_settings(tmp_path / "api", f"http://127.0.0.1:{free_port()}", "down").model_copy(
-        update={"broker_url": redis_url})
+        update={"broker_url": redis_url}
+    )
     with TestClient(create_app(dead)) as client:
         auth = {"Authorization": f"Bearer {create_key(make_sessionmaker(dead.database_url), 'acme')}"}
         r = client.post("/v1/datasets", headers=auth, files={"file": ("d.npz", small_npz.read_bytes())})
         with model_file.open("rb") as f:  # a checkpoint is checked first, then shared: it must not stay "validating"
-            model = client.post("/v1/models", headers=auth, data={"arch": "small_cnn"},
-                                files={"file": (model_file.name, f)}).json()
-        wait_until(lambda: client.get(f"/v1/models/{model['id']}", headers=auth).json()["status"] != "validating",
-                   60, "quarantine to decide")
+            model = client.post(
+                "/v1/models", headers=auth, data={"arch": "small_cnn"}, files={"file": (model_file.name, f)}
+            ).json()
+        wait_until(
+            lambda: client.get(f"/v1/models/{model['id']}", headers=auth).json()["status"] != "validating",
+            60,
+            "quarantine to decide",
+        )
         model = client.get(f"/v1/models/{model['id']}", headers=auth).json()
     assert model["status"] == "rejected" and "could not be shared with the workers" in model["reject_reason"], model
     assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json", r.text

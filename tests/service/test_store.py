@@ -58,8 +58,16 @@ def test_a_redelivered_job_takes_over_and_the_old_attempt_is_ignored(sessions):
     assert not store.report_progress(sessions, old, "bounds", 10.0)
     assert store.cancel_requested(sessions, old)  # the old attempt is told to stop
     assert not store.succeed(sessions, old, [], {})
-    assert store.succeed(sessions, new, [Artifact(job_id=job_id, name="report.json", path="/x", sha256="0" * 64,
-                                                  size=1, media_type="application/json")], {"lam": 3.0})
+    assert store.succeed(
+        sessions,
+        new,
+        [
+            Artifact(
+                job_id=job_id, name="report.json", path="/x", sha256="0" * 64, size=1, media_type="application/json"
+            )
+        ],
+        {"lam": 3.0},
+    )
     job = get(sessions, job_id)
     assert (job.state, job.attempts, job.summary) == ("succeeded", 2, {"lam": 3.0})
     assert store.claim(sessions, job_id, max_attempts=3) is None  # finished jobs are never rerun

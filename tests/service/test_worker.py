@@ -21,8 +21,17 @@ from worker.tasks import run_attempt
 def job(settings, model_file, small_npz):
     settings.ensure_dirs()
     sessions = make_sessionmaker(settings.database_url)
-    verdict = quarantine(model_file, arch="small_cnn", num_classes=10, mean=None, std=None, blobs=settings.blobs_dir,
-                         tmp=settings.tmp_dir, timeout_s=120, memory_bytes=8 * 1024**3)
+    verdict = quarantine(
+        model_file,
+        arch="small_cnn",
+        num_classes=10,
+        mean=None,
+        std=None,
+        blobs=settings.blobs_dir,
+        tmp=settings.tmp_dir,
+        timeout_s=120,
+        memory_bytes=8 * 1024**3,
+    )
     assert verdict.ok, verdict.reason
     with sessions.begin() as s:
         model = Model(tenant="t", arch="small_cnn", num_classes=10, status="ready", canonical_sha256=verdict.sha256)

@@ -20,8 +20,15 @@ from ..service.conftest import LiveService, cifar10, client, redis_url, settings
 from ..service.isolated import isolated_live
 
 CHROMIUM = os.environ.get("CLIPGUARD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SCREENSHOTS = os.environ.get("CLIPGUARD_UI_SCREENSHOTS")
 """A folder to save the main pages' screenshots into (docs/img for docs/console.md); unset: none are taken."""
 

@@ -60,9 +60,21 @@ def inputs(tmp_path_factory, model_file, small_npz, cifar10, data_cache) -> tupl
     from clipguard.train import train_victim
 
     root = tmp_path_factory.mktemp("victim")
-    train_victim(arch="small_cnn", data=f"{cifar10}#train", out=root / "victim.safetensors", limit=2000, epochs=5,
-                 augment=False, lr=0.05, batch_size=128, attack="badnets:pattern=checkerboard", poison_rate=0.1,
-                 device="cpu", cache_dir=data_cache, save_data=root / "poisoned.npz")
+    train_victim(
+        arch="small_cnn",
+        data=f"{cifar10}#train",
+        out=root / "victim.safetensors",
+        limit=2000,
+        epochs=5,
+        augment=False,
+        lr=0.05,
+        batch_size=128,
+        attack="badnets:pattern=checkerboard",
+        poison_rate=0.1,
+        device="cpu",
+        cache_dir=data_cache,
+        save_data=root / "poisoned.npz",
+    )
     return root / "victim.safetensors", root / "poisoned.npz", small_npz, root / "victim.safetensors.attack.json"
 
 

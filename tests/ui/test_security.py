@@ -91,8 +91,12 @@ def test_the_bridge_needs_a_session_and_a_csrf_token_bound_to_it(client, new_key
     assert client.get("/ui/api/v1/jobs").status_code == 200  # reads need no token
 
     body = {"registered": "tiny"}  # an operator-registered dataset: a POST that creates something
-    for headers in ({}, {"X-CSRF-Token": "forged.0000"}, {"X-CSRF-Token": other_token},
-                    {"X-CSRF-Token": token, **EVIL}):
+    for headers in (
+        {},
+        {"X-CSRF-Token": "forged.0000"},
+        {"X-CSRF-Token": other_token},
+        {"X-CSRF-Token": token, **EVIL},
+    ):
         r = client.post("/ui/api/v1/datasets", data=body, headers=headers)
         assert r.status_code == 403 and r.json()["type"] == "/problems/csrf", (headers, r.text)
     assert client.get("/ui/api/v1/datasets").json()["items"] == []  # nothing was created
@@ -105,8 +109,12 @@ def test_the_bridge_needs_a_session_and_a_csrf_token_bound_to_it(client, new_key
 def test_the_bridge_acts_as_the_sessions_tenant_only(client, new_key, model_file):
     acme, globex = new_key("acme"), new_key("globex")
     with model_file.open("rb") as f:
-        model = client.post("/v1/models", headers={"Authorization": f"Bearer {acme}"}, data={"arch": "small_cnn"},
-                            files={"file": (model_file.name, f)}).json()
+        model = client.post(
+            "/v1/models",
+            headers={"Authorization": f"Bearer {acme}"},
+            data={"arch": "small_cnn"},
+            files={"file": (model_file.name, f)},
+        ).json()
     sign_in(client, globex)
     # Another tenant's id answers as one that does not exist, even with acme's key sent beside the cookie.
     for headers in ({}, {"Authorization": f"Bearer {acme}"}):

@@ -315,7 +315,8 @@ def _verdict(candidates: list[_Candidate], top: int | None, z: float) -> Verdict
         return Verdict(
             "no_evidence",
             [],
-            "no group of the training data carries a trigger; tested and dismissed: " + dismissed,
+            "no group of the training data was shown to carry a trigger (a trigger built to hide from these "
+            "tests can still be there; the clip is the only defense applied); tested and dismissed: " + dismissed,
             "nothing unlearned; clipped",
             table,
         )
@@ -323,7 +324,8 @@ def _verdict(candidates: list[_Candidate], top: int | None, z: float) -> Verdict
     return Verdict(
         "no_evidence",
         [],
-        f"no class's training data holds a group that stands out or carries a pattern{near}",
+        f"no class's training data holds a group that stands out or carries a pattern{near} (a trigger built to "
+        "hide from these tests can still be there; the clip is the only defense applied)",
         "nothing unlearned; clipped",
         table,
     )

@@ -53,6 +53,12 @@ SPECIFIC_MARGIN = 0.6
 """How far that share must exceed what the genuine group's graft sends of the same source."""
 MIN_MARGIN = 0.3
 """How far the suspects' graft must move decisions beyond the genuine group's."""
+MAX_UNIFORM = 0.1
+"""Largest share of the image over which a group's images may all look alike (per-pixel spread under half
+the other classes') for its graft to count as a trigger. A trigger leaves most of the image as varied as
+any class's (a patch covers a corner, a blend or an additive signal keeps most of the spread); a natural
+mode such as a run of near-identical backgrounds does not, and its graft then pastes the class's look
+itself, which moves decisions for the wrong reason (docs/method.md)."""
 WARP_PIXELS = 1.0
 """Largest displacement, in pixels, of the smooth warp :class:`WarpTest` may find (WaNet's triggers move pixels
 by about half a pixel; natural images do not change class under a one-pixel smooth warp)."""
@@ -193,6 +199,13 @@ def reference_indices(
     return out
 
 
+def _uniform_reason(share: float) -> str:
+    return (
+        f"the suspects look alike over {100 * share:.0f}% of the image (a natural mode, not a trigger): their "
+        "graft pastes the class's look"
+    )
+
+
 class GraftTest:
     """Runs grafts for any candidate against one fixed set of reference images.
 
@@ -270,8 +283,12 @@ class GraftTest:
         s = self.transfer(data.images[suspects], candidate)
         g = self.transfer(data.images[genuine], candidate)
         kind, reason = judge(s, g)
+        if kind is not None and (share := self.uniform_share(data.images[suspects], candidate)) > MAX_UNIFORM:
+            kind, reason = None, _uniform_reason(share)
         if kind is None:
             other, other_reason = judge(g, s)
+            if other is not None and (share := self.uniform_share(data.images[genuine], candidate)) > MAX_UNIFORM:
+                other = None
             if other is not None:
                 return Evidence(
                     candidate,
@@ -285,6 +302,13 @@ class GraftTest:
                     swapped=True,
                 )
         return Evidence(candidate, len(suspects), len(genuine), s, g, kind is not None, kind, reason)
+
+    def uniform_share(self, group: torch.Tensor, candidate: int) -> float:
+        """Share of the pixels where ``group``'s spread is under half that of the reference images (see
+        :data:`MAX_UNIFORM`)."""
+        reference = self.images[self.sources != candidate].float()
+        ratio = group.float().std(0) / reference.std(0).clamp_min(1.0)
+        return float((ratio < 0.5).float().mean())
 
     def unresolved(self, evidence: Evidence) -> bool:
         """An unconfirmed candidate whose suspects still moved decisions clearly more than the control: half

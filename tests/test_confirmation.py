@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from clipguard.confirmation import GraftTest, Transfer, graft, judge, reference_indices
+from clipguard.data import ImageData
 
 from .toys import SPEC, stamp, task
 
@@ -141,3 +142,25 @@ def test_reactivation_settings_out_of_range_are_refused():
 
     with pytest.raises(ClipguardError, match="out of range"):
         ReactivationConfig(lr=0)
+
+
+def test_a_group_of_look_alikes_is_not_a_trigger_though_its_graft_moves_decisions(backdoored):
+    # A clean ResNet-18 had a 19-image group of near-identical class images: grafting their near-constant
+    # pixels pasted the class's look onto other images and sent half of them to the class.
+    model, data, poisoned = backdoored
+    members = ((data.labels == 5) & ~torch.isin(torch.arange(len(data)), poisoned[3])).nonzero().flatten()
+    g = torch.Generator().manual_seed(0)
+    one = data.images[members[:1]]
+    copies = one.repeat(20, 1, 1, 1).short() + torch.randint(-2, 3, (20, *one.shape[1:]), generator=g)
+    look_alikes = ImageData(
+        torch.cat([data.images, copies.clamp(0, 255).to(torch.uint8)]),
+        torch.cat([data.labels, torch.full((20,), 5)]),
+        data.classes,
+        "look-alikes",
+    )
+    group = torch.arange(len(data), len(look_alikes))
+    test = GraftTest(model, data.images, data.labels, SPEC)
+    evidence = test.confirm(look_alikes, group, members, 5)
+    assert judge(evidence.suspect_transfer, evidence.genuine_transfer)[0] is not None  # the graft did move them
+    assert not evidence.confirmed and "look alike" in evidence.reason, evidence.reason
+    assert test.uniform_share(data.images[poisoned[3]], 3) < 0.1  # a patch trigger's group stays varied

@@ -81,6 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.main import create_app
+    from app.queues import worker_args
     from app.server import BoundedHttpToolsProtocol
     from app.settings import get_settings
     from app.supervise import EmbeddedWorker
@@ -92,21 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.no_worker:
         worker = EmbeddedWorker(
             settings.home,
-            [
-                "-A",
-                "worker.celery_app:celery_app",
-                "worker",
-                "-Q",
-                "gpu",
-                "-c",
-                "1",
-                "-P",
-                "prefork",
-                "--loglevel",
-                "INFO",
-                "-n",
-                f"embedded-{os.getpid()}@%h",
-            ],
+            worker_args(f"embedded-{os.getpid()}@%h"),
         ).start()
     print(f"clipguard: serving on http://{args.host}:{args.port} (home {settings.home})", file=sys.stderr)
     bounded = {"http": BoundedHttpToolsProtocol, "h11_max_incomplete_event_size": settings.max_header_bytes}

@@ -16,6 +16,27 @@ if TYPE_CHECKING:
 
 PURIFY_TASK = "worker.tasks.purify"
 GPU_QUEUE = "gpu"
+
+
+def worker_args(name: str) -> list[str]:
+    """``celery`` arguments for one worker consuming the job queue, one job at a time; ``name`` is its node name."""
+    return [
+        "-A",
+        "worker.celery_app:celery_app",
+        "worker",
+        "-Q",
+        GPU_QUEUE,
+        "-c",
+        "1",
+        "-P",
+        "prefork",
+        "--loglevel",
+        "INFO",
+        "-n",
+        name,
+    ]
+
+
 TASK_MODULES = ["worker.tasks"]
 """Imported by the worker process when it starts (by name: the API never imports them)."""
 

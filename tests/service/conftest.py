@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 from app.auth import create_key
 from app.db import make_sessionmaker
 from app.main import create_app
+from app.queues import worker_args
 from app.settings import Settings
 from clipguard.data import load_data, save_npz
 
@@ -198,24 +199,7 @@ class LiveService:
         )
         self._spawn(
             "worker",
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.celery_app:celery_app",
-                "worker",
-                "-Q",
-                "gpu",
-                "-c",
-                "1",
-                "-P",
-                "prefork",
-                "--loglevel",
-                "INFO",
-                "-n",
-                "test@%h",
-            ],
+            [sys.executable, "-m", "celery", *worker_args("test@%h")],
         )
 
         def ready() -> bool:

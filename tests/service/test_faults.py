@@ -25,6 +25,8 @@ import psycopg
 import pytest
 import redis
 
+from app.queues import worker_args
+
 from .conftest import PG_ADMIN, LiveService, free_port, wait_until
 
 SLOW_IMAGES = 4096
@@ -128,25 +130,7 @@ class FaultyService(LiveService):
         self._n += 1
         self._spawn(
             f"worker-{self._n}",
-            [
-                *prefix,
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.celery_app:celery_app",
-                "worker",
-                "-Q",
-                "gpu",
-                "-c",
-                "1",
-                "-P",
-                "prefork",
-                "--loglevel",
-                "INFO",
-                "-n",
-                f"faults{self._n}@%h",
-            ],
+            [*prefix, sys.executable, "-m", "celery", *worker_args(f"faults{self._n}@%h")],
         )
         self.worker = self.procs[-1]
 

@@ -23,6 +23,7 @@ import httpx
 import numpy as np
 import pytest
 
+from app.queues import worker_args
 from clipguard.remote import Client
 
 from .conftest import free_port, wait_until
@@ -189,22 +190,7 @@ def test_readiness_needs_a_worker_consuming_the_queue(tmp_path, serve):
     r = httpx.get(s.url + "/readyz")
     assert r.status_code == 503 and "no worker is consuming the job queue" in r.json()["detail"]
     worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.celery_app:celery_app",
-            "worker",
-            "-Q",
-            "gpu",
-            "-c",
-            "1",
-            "-P",
-            "prefork",
-            "-n",
-            "apart@%h",
-        ],
+        [sys.executable, "-m", "celery", *worker_args("apart@%h")],
         env=s.env,
         stdout=(tmp_path / "worker.log").open("wb"),
         stderr=subprocess.STDOUT,

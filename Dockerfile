@@ -9,8 +9,8 @@
 # runtime, so the base image stays python:slim and the host only needs the NVIDIA driver.
 #
 #   API:    clipguard serve --no-worker --host 0.0.0.0 --port 8000 --workers 2   (the default CMD)
-#   worker: celery -A worker.celery_app:celery_app worker -Q gpu -c 1 -P prefork -n gpu0@%h
-#   flower: celery -A worker.celery_app:celery_app flower --port=5555
+#   worker: celery -A clipguard.worker.celery_app:celery_app worker -Q gpu -c 1 -P prefork -n gpu0@%h
+#   flower: celery -A clipguard.worker.celery_app:celery_app flower --port=5555
 # Logs are JSON lines (CLIPGUARD_LOG_FORMAT=json); set it to text for a terminal.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -35,7 +35,7 @@ COPY worker ./worker
 # and the status poll's async reads; the s3 extra (boto3) serves CLIPGUARD_STORAGE_URL=s3://...;
 # flower is the optional dashboard (compose profile "ops").
 RUN pip install ".[service,s3,postgres]" "flower>=2.0" \
- && python -c "import clipguard.cli, app.main, worker.celery_app, psycopg, psycopg_pool, boto3, flower"
+ && python -c "import clipguard.cli, clipguard.app.main, clipguard.worker.celery_app, psycopg, psycopg_pool, boto3, flower"
 
 # ---- runtime: the venv only, no compiler, no source tree, non-root ----
 FROM ${PYTHON_IMAGE} AS runtime

@@ -19,9 +19,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from clipguard.app.problems import store_unavailable
 from sqlalchemy import Engine, Select
-
-from app.problems import store_unavailable
 
 log = logging.getLogger(__name__)
 

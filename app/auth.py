@@ -25,6 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio.to_thread
+from clipguard.app.db import ApiKey, reader
+from clipguard.app.problems import error_response, problem_response, store_unavailable
 from sqlalchemy import delete, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -32,9 +34,6 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
-
-from app.db import ApiKey, reader
-from app.problems import error_response, problem_response, store_unavailable
 
 KEY_PREFIX = "cg_"
 PROTECTED_PREFIX = "/v1"
@@ -173,7 +172,7 @@ class Gate:
     the dependencies that check the key, so without this gate anyone could make the server
     store up to the upload cap per request with no key at all, and a throttled client could
     keep uploading. The tenant found here is left in ``request.state.tenant`` for
-    ``app.deps.get_tenant``, so the key is looked up once per request.
+    ``clipguard.app.deps.get_tenant``, so the key is looked up once per request.
     """
 
     def __init__(self, app: ASGIApp) -> None:

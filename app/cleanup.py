@@ -18,12 +18,11 @@ import shutil
 import time
 from pathlib import Path
 
+from clipguard.app.db import Dataset, Model
+from clipguard.app.settings import Settings
+from clipguard.app.storage import StorageError, storage_for
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
-
-from app.db import Dataset, Model
-from app.settings import Settings
-from app.storage import StorageError, storage_for
 
 log = logging.getLogger("clipguard.api")
 

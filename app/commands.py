@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-worker",
         action="store_true",
-        help="API only (production: run `celery -A worker.celery_app:celery_app worker -Q gpu` apart)",
+        help="API only (production: run `celery -A clipguard.worker.celery_app:celery_app worker -Q gpu` apart)",
     )
     p.add_argument(
         "--workers",
@@ -64,7 +64,7 @@ def _service(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse
         try:
             return command(args)
         except ModuleNotFoundError as exc:
-            if exc.name is None or exc.name.split(".")[0] in {"app", "worker"}:
+            if exc.name is None or exc.name.startswith("clipguard"):
                 raise
             return _fail(f"{exc.name} is not installed: the service needs pip install 'clipguard[service]'")
 
@@ -75,16 +75,15 @@ def _service(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse
 def cmd_serve(args: argparse.Namespace) -> int:
     """API in this process, plus (by default) one supervised Celery worker process consuming the ``gpu`` queue.
 
-    The worker is restarted when it dies and dies with this process (``app.supervise``); the HTTP
-    protocol refuses a request head over ``max_header_bytes`` with 431 (``app.server``).
+    The worker is restarted when it dies and dies with this process (``clipguard.app.supervise``); the HTTP
+    protocol refuses a request head over ``max_header_bytes`` with 431 (``clipguard.app.server``).
     """
     import uvicorn
-
-    from app.main import create_app
-    from app.queues import worker_args
-    from app.server import BoundedHttpToolsProtocol
-    from app.settings import get_settings
-    from app.supervise import EmbeddedWorker
+    from clipguard.app.main import create_app
+    from clipguard.app.queues import worker_args
+    from clipguard.app.server import BoundedHttpToolsProtocol
+    from clipguard.app.settings import get_settings
+    from clipguard.app.supervise import EmbeddedWorker
 
     if args.workers < 1:
         return _fail("--workers must be at least 1")
@@ -102,11 +101,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         if args.workers > 1:  # uvicorn's worker processes each import the app by name and build their own
-            from app.migrate import upgrade
+            from clipguard.app.migrate import upgrade
 
             upgrade(settings.database_url)  # once, here: workers starting together would race through it
             uvicorn.run(
-                "app.main:create_app",
+                "clipguard.app.main:create_app",
                 factory=True,
                 workers=args.workers,
                 host=args.host,
@@ -124,9 +123,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 @_service
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    from app.auth import create_key
-    from app.db import make_sessionmaker
-    from app.settings import get_settings
+    from clipguard.app.auth import create_key
+    from clipguard.app.db import make_sessionmaker
+    from clipguard.app.settings import get_settings
 
     if not args.tenant.strip():
         return _fail("--tenant must not be empty")
@@ -136,10 +135,10 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 @_service
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    """Revoke through ``app.auth``; exit 1 when nothing matched, so a script notices a mistyped key or tenant."""
-    from app.auth import revoke_key, revoke_tenant
-    from app.db import make_sessionmaker
-    from app.settings import get_settings
+    """Revoke through ``clipguard.app.auth``; exit 1 when nothing matched (a mistyped key or tenant)."""
+    from clipguard.app.auth import revoke_key, revoke_tenant
+    from clipguard.app.db import make_sessionmaker
+    from clipguard.app.settings import get_settings
 
     sessions = make_sessionmaker(get_settings().database_url)
     if args.tenant is not None:

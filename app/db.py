@@ -3,7 +3,7 @@
 SQLite (WAL, busy timeout) is the embedded default; any SQLAlchemy URL, PostgreSQL via
 ``postgresql+psycopg://`` in production, works unchanged. The schema is brought to the latest
 Alembic revision (``app/migrations/versions``) by the API and the admin commands at start-up
-(:func:`make_sessionmaker`, ``app.migrate``).
+(:func:`make_sessionmaker`, ``clipguard.app.migrate``).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ class Job(Base):
 
 
 class Worker(Base):
-    """A Celery worker consuming the job queue, as it last reported itself (``worker.presence``).
+    """A Celery worker consuming the job queue, as it last reported itself (``clipguard.worker.presence``).
 
     ``/readyz`` reads it: the broker accepting connections says nothing about whether anyone
     takes jobs from it. A worker that stops (killed, its host lost) stops beating, and its row
@@ -197,7 +197,7 @@ POOL_SIZE, POOL_OVERFLOW = 10, 10
 SQLAlchemy's default (5 + 10) made a status-poll burst open and close a PostgreSQL connection
 for most requests: every overflow connection is closed on return, and a connect costs the API
 more CPU than the query it serves (bench/load.py, docs/lab/benchmarks.md). The hot read path is
-capped at ``Settings.poll_threads`` (at most ``POOL_SIZE``) concurrent queries (``app.routes.jobs``),
+capped at ``Settings.poll_threads`` (at most ``POOL_SIZE``) concurrent queries (``clipguard.app.routes.jobs``),
 so it never overflows."""
 PING_IDLE_AFTER_S = 1.0
 """A pooled connection unused this long is pinged before it is handed out (see ``_ping_when_idle``)."""
@@ -234,7 +234,7 @@ def make_sessionmaker(url: str, *, migrate: bool = True) -> sessionmaker:
     processes starting together never race each other through a migration.
     """
     if migrate:
-        from app.migrate import upgrade
+        from clipguard.app.migrate import upgrade
 
         upgrade(url)
     return sessionmaker(make_engine(url), expire_on_commit=False)

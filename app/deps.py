@@ -6,13 +6,12 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from celery import Celery
+from clipguard.app.auth import tenant_for
+from clipguard.app.problems import ProblemError
+from clipguard.app.settings import Settings
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
-
-from app.auth import tenant_for
-from app.problems import ProblemError
-from app.settings import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="an API key from `clipguard keys create`")
 
@@ -39,7 +38,7 @@ def get_tenant(
     session: Annotated[Session, Depends(get_session)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
-    """The caller's tenant: already found by ``app.auth.Gate`` (before the body was read), else looked up here.
+    """The caller's tenant: found by ``clipguard.app.auth.Gate`` (before the body was read), else looked up here.
 
     The fallback keeps a route safe even if it is mounted where the gate does not run.
     """

@@ -29,10 +29,9 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Literal, ParamSpec, TypeVar
 
+from clipguard.app.queues import PURIFY_TASK
 from pythonjsonlogger.json import JsonFormatter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from app.queues import PURIFY_TASK
 
 LogFormat = Literal["json", "text"]
 

@@ -13,16 +13,15 @@ from pathlib import Path
 
 import anyio
 import anyio.to_thread
+from clipguard.app import auth, cleanup, logs, metrics, openapi, presence, problems, ratelimit, storage, store, ui
+from clipguard.app.async_reads import AsyncReader
+from clipguard.app.db import Model, make_sessionmaker
+from clipguard.app.quarantine import QuarantineQueue
+from clipguard.app.queues import make_celery
+from clipguard.app.routes import datasets, health, jobs, models
+from clipguard.app.settings import Settings, get_settings
 from fastapi import FastAPI
 from sqlalchemy import select
-
-from app import auth, cleanup, logs, metrics, openapi, presence, problems, ratelimit, storage, store, ui
-from app.async_reads import AsyncReader
-from app.db import Model, make_sessionmaker
-from app.quarantine import QuarantineQueue
-from app.queues import make_celery
-from app.routes import datasets, health, jobs, models
-from app.settings import Settings, get_settings
 
 log = logging.getLogger("clipguard.api")
 MULTIPART_OVERHEAD = 1024 * 1024
@@ -45,7 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.sessions = make_sessionmaker(settings.database_url)
         app.state.key_cache = auth.KeyCache(settings.key_cache_ttl_s)
-        app.state.poll_limiter = anyio.CapacityLimiter(settings.poll_threads)  # see app.routes.jobs.get_job
+        app.state.poll_limiter = anyio.CapacityLimiter(settings.poll_threads)  # see clipguard.app.routes.jobs.get_job
         app.state.async_reader = (
             AsyncReader.for_engine(app.state.sessions.kw["bind"], settings.poll_threads)
             if settings.poll_reader == "async"

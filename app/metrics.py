@@ -29,6 +29,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from celery import Celery
+from clipguard.app.db import Job
+from clipguard.app.queues import GPU_QUEUE
 from fastapi import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -37,8 +39,6 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.db import Job
-from app.queues import GPU_QUEUE
 from clipguard.stages import TIMED
 
 log = logging.getLogger("clipguard.api")

@@ -1,14 +1,14 @@
 """The published OpenAPI document, with every error answer typed as ``application/problem+json``.
 
 FastAPI documents a route's ``responses={409: ...}`` without a body, and adds to every route with
-parameters a 422 whose schema (``HTTPValidationError``) this API never sends: ``app.problems``
+parameters a 422 whose schema (``HTTPValidationError``) this API never sends: ``clipguard.app.problems``
 answers every error, routing and validation ones included, as RFC 9457 problem details. The
 errors every route can meet (a malformed URL, a missing key, the rate limit, the job store down,
 an internal error) are not declared per route at all. :func:`problem_typed` fixes the generated
 document in one place, so a route added later is covered without remembering to declare them;
 ``tests/service/test_openapi.py`` walks the result and fails on any error answer left untyped.
 
-``python -m app.openapi`` prints the document; ``docs/openapi.json`` is that output, kept current
+``python -m clipguard.app.openapi`` prints the document; ``docs/openapi.json`` is that output, kept current
 by the same test.
 """
 
@@ -17,12 +17,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from clipguard.app.auth import PROTECTED_PREFIX
+from clipguard.app.problems import MEDIA_TYPE
+from clipguard.app.schemas import Problem
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-
-from app.auth import PROTECTED_PREFIX
-from app.problems import MEDIA_TYPE
-from app.schemas import Problem
 
 PROBLEM_REF = "#/components/schemas/Problem"
 EVERY_ROUTE = {
@@ -91,8 +90,8 @@ def render(app: FastAPI) -> str:
 if __name__ == "__main__":
     import tempfile
 
-    from app.main import create_app
-    from app.settings import Settings
+    from clipguard.app.main import create_app
+    from clipguard.app.settings import Settings
 
     with tempfile.TemporaryDirectory() as home:
         print(render(create_app(Settings(home=home))), end="")

@@ -11,10 +11,9 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+from clipguard.app.problems import ProblemError
 from sqlalchemy import Select, and_, or_
 from sqlalchemy.orm import Session
-
-from app.problems import ProblemError
 
 MAX_PAGE_SIZE = 200
 

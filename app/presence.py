@@ -14,10 +14,9 @@ import os
 import threading
 from datetime import timedelta
 
+from clipguard.app.db import Worker, utcnow
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import sessionmaker
-
-from app.db import Worker, utcnow
 
 log = logging.getLogger("clipguard.worker")
 FRESH_BEATS = 3

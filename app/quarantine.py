@@ -1,6 +1,6 @@
 """Quarantine: turn an untrusted upload into canonical safetensors in a short-lived subprocess.
 
-The parent (the API) never parses the upload. It starts ``python -m app.quarantine`` with a
+The parent (the API) never parses the upload. It starts ``python -m clipguard.app.quarantine`` with a
 scrubbed environment (no credentials, no GPU, ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1``); the
 child lowers its own resource limits (address space, CPU time, file size, open files, no
 core dumps) *before* importing torch or opening the upload, then calls the engine's
@@ -65,7 +65,7 @@ def quarantine(
     env.update(CUDA_VISIBLE_DEVICES="", TORCH_FORCE_WEIGHTS_ONLY_LOAD="1", OMP_NUM_THREADS="1", HOME=str(tmp))
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "app.quarantine", json.dumps(request)],
+            [sys.executable, "-m", "clipguard.app.quarantine", json.dumps(request)],
             env=env,
             cwd=tmp,
             capture_output=True,
@@ -105,7 +105,8 @@ def _limit_self(cpu_s: int, memory_bytes: int, file_bytes: int) -> None:
 
 def _child(request: dict) -> dict:
     _limit_self(request["cpu_s"], request["memory_bytes"], request["file_bytes"])
-    from app.words import api_words
+    from clipguard.app.words import api_words
+
     from clipguard.checkpoint import canonicalize
     from clipguard.errors import ClipguardError
     from clipguard.models import resolve_spec

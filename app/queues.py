@@ -2,7 +2,7 @@
 
 The API sends tasks and the worker consumes them; both import this module, so neither imports the
 other (``worker`` may import ``app``; ``app`` never imports ``worker``). Importing it does not
-import Celery: the log filter in ``app.logs`` only needs the task's name.
+import Celery: the log filter in ``clipguard.app.logs`` only needs the task's name.
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from celery import Celery
+    from clipguard.app.settings import Settings
 
-    from app.settings import Settings
-
-PURIFY_TASK = "worker.tasks.purify"
+PURIFY_TASK = "clipguard.worker.tasks.purify"
 GPU_QUEUE = "gpu"
 
 
@@ -22,7 +21,7 @@ def worker_args(name: str) -> list[str]:
     """``celery`` arguments for one worker consuming the job queue, one job at a time; ``name`` is its node name."""
     return [
         "-A",
-        "worker.celery_app:celery_app",
+        "clipguard.worker.celery_app:celery_app",
         "worker",
         "-Q",
         GPU_QUEUE,
@@ -37,7 +36,7 @@ def worker_args(name: str) -> list[str]:
     ]
 
 
-TASK_MODULES = ["worker.tasks"]
+TASK_MODULES = ["clipguard.worker.tasks"]
 """Imported by the worker process when it starts (by name: the API never imports them)."""
 
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import anyio.to_thread
+from clipguard.app.db import Artifact, Dataset, Job, Model
+from clipguard.app.problems import ProblemError
+from clipguard.app.settings import Settings
+from clipguard.app.storage import Blob, store_stream
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
-
-from app.db import Artifact, Dataset, Job, Model
-from app.problems import ProblemError
-from app.settings import Settings
-from app.storage import Blob, store_stream
 
 
 def usage(sessions: sessionmaker, tenant: str) -> int:

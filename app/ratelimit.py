@@ -13,7 +13,7 @@ Where the counters live:
 - in process (``memory://``, the default without Redis): right for the embedded
   single-process server.
 
-Only authenticated keys are counted (the gate in ``app.auth`` checks the key first), so a
+Only authenticated keys are counted (the gate in ``clipguard.app.auth`` checks the key first), so a
 flood of made-up keys creates no counters. When the counter store fails, requests are let
 through and a warning is logged: a Redis restart must not take the read API down with it.
 """

@@ -20,12 +20,11 @@ from pydantic import (
 )
 
 from clipguard.lam import LAM_MAX, LAM_MIN
+from clipguard.methods import DEFAULTS, METHOD_HELP, Granularity, Method
 from clipguard.report import Summary
 
 ModelStatus = Literal["awaiting_upload", "validating", "ready", "rejected"]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-PurifyMethod = Literal["guard", "paper"]
-"""The engine's methods (``clipguard.purify.METHODS``), spelled out so the OpenAPI document lists them."""
 
 # An attack given by name and options (``badnets:pattern=checkerboard``), never a file path:
 # the engine would read a path on the server.
@@ -326,27 +325,23 @@ class JobCreate(BaseModel):
 
     model_id: ResourceId
     train_data_id: ResourceId
-    method: PurifyMethod = Field(
-        "guard",
-        description=(
-            "`guard` (default): find the poisoned share of the training data from the model's own features, "
-            "unlearn it in a short fine-tune, then clip at μ+λσ with bounds from the rest of the data; the "
-            "purified weights differ from the upload. `paper`: the paper's recipe, the μ+λσ clip alone, with "
-            "the uploaded weights unchanged"
-        ),
+    method: Method = Field(
+        DEFAULTS.method,
+        description="; ".join(f"`{m}`{' (default)' if m == DEFAULTS.method else ''}: {METHOD_HELP[m]}" for m in Method),
     )
     lam: Lam | Literal["auto"] | None = Field(
         None,
-        description=f"λ in μ+λσ, {LAM_MIN:g} < λ <= {LAM_MAX:g}, `auto`, or null for the method's default "
-        "(6 for `guard`, 4 for `paper`)",
+        description=f"λ in μ+λσ, {LAM_MIN:g} < λ <= {LAM_MAX:g}, `auto`, or null for the method's default ("
+        + ", ".join(f"{DEFAULTS.lam_for(m):g} for `{m}`" for m in Method)
+        + ")",
     )
-    granularity: Literal["channel", "element"] = "channel"
+    granularity: Granularity = DEFAULTS.granularity
     bounds_samples: int | None = Field(
         None,
         ge=0,
         le=10_000_000,
         description="measure μ and σ on at most this many training images, a fixed random subset; 0 = all, "
-        "null = the engine's default (5000 with channel granularity, all with element)",
+        f"null = the engine's default ({DEFAULTS.bounds_samples} with channel granularity, all with element)",
     )
     resize: bool = Field(
         False,

@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     job_time_limit_s: int = 4 * 3600
     max_attempts: int = Field(3, ge=1)
     """Deliveries a job gets (worker lost, job store or object storage down) before it fails with the reason.
-    The job store counts them (``app.store.claim``), not Celery: a job is never left queued by a retry limit."""
+    The job store counts them (``clipguard.app.store.claim``), not Celery: no job is left queued by a retry limit."""
     retry_backoff_max_s: int = Field(600, ge=1)
     """Longest wait before a job handed back after a transient fault is tried again (the wait doubles from
     1 s, with jitter). Read by the worker at start."""
@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     """Checkpoints one tenant may have waiting or being checked in an API process; beyond it an upload gets
     429. The queue serves tenants in turn, so one tenant's burst does not hold back the others'."""
     max_header_bytes: int = Field(64 * 1024, ge=4096)
-    """Request line and headers together; more gets 431 before it is buffered (``app.server``)."""
+    """Request line and headers together; more gets 431 before it is buffered (``clipguard.app.server``)."""
     max_decoded_bytes: int = Field(4 * 1024**3, ge=1)
     """What a dataset may decode to (images, labels, names), checked from declared sizes before allocating."""
     worker_memory_bytes: int | None = Field(None, ge=0)
@@ -78,15 +78,15 @@ class Settings(BaseSettings):
     """Requests per API key and minute (429 beyond); 0 turns the limit off. 600 leaves a client polling
     every second ten times the room it needs."""
     key_cache_ttl_s: float = Field(5.0, ge=0)
-    """How long an API process trusts a key it has looked up (``app.auth.KeyCache``); 0 looks up every request.
+    """How long an API process trusts a key it looked up (``clipguard.app.auth.KeyCache``); 0 looks up every request.
     A key revoked by another process (``clipguard keys revoke``, another replica) is refused within this."""
-    poll_threads: int = Field(2, ge=1, le=10)  # at most app.db.POOL_SIZE: a thread needs a connection
-    """Status polls each API process runs at once in its thread pool (``app.routes.jobs.get_job``). Few is
+    poll_threads: int = Field(2, ge=1, le=10)  # at most clipguard.app.db.POOL_SIZE: a thread needs a connection
+    """Status polls each API process runs at once in its thread pool (``clipguard.app.routes.jobs.get_job``). Few is
     fast: the poll's query is sub-millisecond, and more threads only fight the event loop for the GIL
     (docs/lab/benchmarks.md, "Service load"). Raise it where the database is far away."""
     poll_reader: Literal["async", "thread"] = "async"
     """``async``: status polls read on the event loop through psycopg's async pool when the job store is
-    ``postgresql+psycopg`` and ``psycopg-pool`` is installed (``app.async_reads``; the read costs a quarter
+    ``postgresql+psycopg`` and ``psycopg-pool`` is installed (``clipguard.app.async_reads``; the read costs a quarter
     of the thread path's CPU, a whole poll 0.5 ms instead of 0.8), with ``poll_threads`` connections per
     process; anything else falls back to ``thread``: SQLAlchemy in a thread. Choose ``thread`` behind a
     connection pooler that cannot hold prepared statements (psycopg prepares a statement after its fifth

@@ -25,11 +25,10 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 import anyio.to_thread
+from clipguard.app.problems import ProblemError, problem_response
+from clipguard.app.settings import Settings
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-
-from app.problems import ProblemError, problem_response
-from app.settings import Settings
 
 DATASET_SUFFIXES = (".npz", ".tar.gz", ".tgz", ".tar", ".zip")
 

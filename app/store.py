@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from clipguard.app.db import Artifact, Job, new_id, utcnow
 from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
-
-from app.db import Artifact, Job, new_id, utcnow
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 

@@ -4,7 +4,7 @@ Three failures this guards against, each seen with a bare ``subprocess.Popen``:
 
 * the worker is killed (OOM killer, ``kill -9``): jobs were accepted and sat ``queued`` for ever.
   A supervisor thread restarts it, after a pause that doubles up to ``MAX_BACKOFF_S`` while it keeps
-  dying young; ``/readyz`` says 503 meanwhile (``app.presence``).
+  dying young; ``/readyz`` says 503 meanwhile (``clipguard.app.presence``).
 * ``serve`` is killed: the worker lived on as an orphan, still running jobs. The child asks the
   kernel for ``SIGKILL`` when its parent thread ends (``PR_SET_PDEATHSIG``) before it becomes the
   Celery worker, and Celery's pool processes ask the same of it. A job cut off this way is
@@ -55,7 +55,7 @@ class EmbeddedWorker:
         return self
 
     def _spawn(self) -> None:
-        argv = [sys.executable, "-m", "app.supervise", str(os.getpid()), str(self.lock), *self.celery_args]
+        argv = [sys.executable, "-m", "clipguard.app.supervise", str(os.getpid()), str(self.lock), *self.celery_args]
         self.proc = subprocess.Popen(argv)
         self.starts += 1
 

@@ -2,7 +2,7 @@
 
 Starts everything it measures and throws it away afterwards: a redis-server of its own (free port, nothing
 on disk), a throw-away PostgreSQL database on 127.0.0.1:5432, a temporary ``CLIPGUARD_HOME`` and a real
-uvicorn serving ``app.main:create_app``. No Celery worker: created jobs stay queued, which is what a
+uvicorn serving ``clipguard.app.main:create_app``. No Celery worker: created jobs stay queued, which is what a
 status poll of a busy service sees. Bounded in time and count; nothing leaves the machine.
 
     python bench/load.py                                  # 1, 8, 32, 64 clients, 8 s each, 500 MB upload
@@ -44,7 +44,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.db import Dataset, Model, make_sessionmaker  # noqa: E402
+from clipguard.app.db import Dataset, Model, make_sessionmaker  # noqa: E402
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -100,7 +100,7 @@ def service(args: argparse.Namespace) -> Iterator[dict]:
                     "-m",
                     "uvicorn",
                     "--factory",
-                    "app.main:create_app",
+                    "clipguard.app.main:create_app",
                     "--host",
                     "127.0.0.1",
                     "--port",

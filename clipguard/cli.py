@@ -16,6 +16,7 @@ from pathlib import Path
 
 from clipguard import __version__
 from clipguard.errors import ClipguardError
+from clipguard.methods import DEFAULTS, METHOD_HELP, Granularity, Method
 
 
 def lam_argument(text: str) -> float | str:
@@ -242,21 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="training data: folder, .npz, .tar(.gz) or .zip (PATH#split)")
     p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
     p.add_argument("--lam", type=lam_argument, default=None, help="λ in μ+λσ, or 'auto' to choose it from the data")
-    p.add_argument("--granularity", choices=("channel", "element"), default="channel")
+    p.add_argument("--granularity", choices=list(Granularity), default=DEFAULTS.granularity)
     p.add_argument(
         "--bounds-samples",
         type=_count,
         default=None,
         metavar="N",
-        help="measure μ and σ on at most N training images, a fixed random subset (default 5000 "
+        help=f"measure μ and σ on at most N training images, a fixed random subset (default {DEFAULTS.bounds_samples} "
         "with channel granularity, all with element; 0 = all)",
     )
     p.add_argument(
         "--method",
-        choices=("guard", "paper"),
-        default="guard",
-        help="guard (default): find the poisoned training samples, unlearn them, then clip; "
-        "paper: the paper's μ+λσ clipping of the model as given",
+        choices=list(Method),
+        default=DEFAULTS.method,
+        help="; ".join(f"{m}{' (default)' if m == DEFAULTS.method else ''}: {METHOD_HELP[m]}" for m in Method),
     )
     p.add_argument(
         "--resize",

@@ -45,7 +45,6 @@ from clipguard.data import (
     normalize,
 )
 from clipguard.defenses.clipping import (
-    GRANULARITIES,
     SiteStats,
     clipped_model,
     clipped_site_names,
@@ -58,6 +57,7 @@ from clipguard.errors import Cancelled, ClipguardError, DataError, literal
 from clipguard.export import export_program, export_torchscript
 from clipguard.lam import lam_problem
 from clipguard.lambda_selection import DEFAULT_GRID, DEFAULT_SAMPLES, select_lambda
+from clipguard.methods import DEFAULTS, Granularity, Method
 from clipguard.metrics import der, evaluate
 from clipguard.models import ModelSpec, resolve_spec
 from clipguard.report import SCHEMA, publishable, to_json
@@ -68,30 +68,16 @@ from clipguard.verdict import Verdict
 ShouldCancel = Callable[[], bool]
 
 
-DEFAULT_BOUNDS_SAMPLES = 5000
-"""Training images μ and σ are measured on, at most (a seeded random subset of larger sets; 0 = all).
-
-The statistics pass is the recipe's whole cost and grows with the data, while the estimates do
-not need it: on the BadNets, Blend and WaNet victims of bench/bounds_samples.py (docs/lab/benchmarks.md)
-bounds from 2,000 random images moved no bound by more than 5.3% and left ACC and ASR within 0.2
-points of the full pass, for the recipe and for guard. Smaller samples are not safe in general: on
-Table 1's BadNets victim 1,000 images let the recipe's ASR rise from 9.4 to 16.4 (docs/lab/results.md).
-5,000 keeps a margin (within 3.3% and 0.1 points there, 10.2 on that victim; the size of
-``select_lambda``'s sample too) and makes the pass 10x cheaper on a 50,000-image set.
-
-Channel granularity only: an element's μ and σ rest on one value per image, not one per image and
-position, and with element bounds a 5,000 sample moved the recipe's BadNets ASR by up to 3 points
-between draws (docs/lab/benchmarks.md), so element granularity measures on every image unless told."""
+DEFAULT_BOUNDS_SAMPLES = DEFAULTS.bounds_samples
+"""Kept for callers that import it here (``clipguard.methods.Defaults.bounds_samples`` says why)."""
 
 
-def default_bounds_samples(granularity: str) -> int:
-    """The cap used when none is given: ``DEFAULT_BOUNDS_SAMPLES`` per channel, none (0) per element."""
-    return DEFAULT_BOUNDS_SAMPLES if granularity == "channel" else 0
+def default_bounds_samples(granularity: Granularity | str) -> int:
+    """The cap used when none is given: ``DEFAULTS.bounds_samples`` per channel, none (0) per element.
 
-
-DEFAULT_BATCH_SIZE = 256
-"""Images per forward in every pass (``--batch-size``). On a 2-core CPU the statistics pass over
-SmallCNN ran 13% faster at 256 than at 512 (cache-sized activations; medians of 6 rounds)."""
+    An element's μ and σ rest on one value per image, not one per image and position, so a sample moves
+    element bounds more than channel bounds (docs/lab/benchmarks.md)."""
+    return DEFAULTS.bounds_samples if granularity == Granularity.CHANNEL else 0
 
 
 @dataclass
@@ -106,10 +92,10 @@ class PurifyOptions:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     lam: float | Literal["auto"] | None = None
-    granularity: Literal["channel", "element"] = "channel"
-    method: str = "guard"
+    granularity: Granularity = DEFAULTS.granularity
+    method: Method = DEFAULTS.method
     device: str = "auto"
-    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_size: int = DEFAULTS.batch_size
     eval_data: str | None = None
     attack: str | Mapping[str, object] | None = None
     """A spec string or saved-attack path (``build_attack``), or an attack record (``Attack.to_dict()``)."""
@@ -149,12 +135,6 @@ class PurifyResult:
     report: dict
 
 
-DEFAULT_LAM = {"paper": 4.0, "guard": 6.0}
-"""λ when none is given. ``paper``: the recipe's λ (docs/lab/benchmarks.md, λ sweep). ``guard``: the
-clip follows unlearning and only has to catch what is left far out of range; a looser λ keeps
-clean accuracy (docs/method.md, issue-8 measurements). A guard run that flags nothing is the
-paper's recipe and takes the paper's λ."""
-
 CLIP_FRACTION_SAMPLES = 2048
 EXPORT_CHECK_BATCH = 16
 
@@ -185,10 +165,10 @@ class Recipe:
     :func:`run_pipeline` takes it, so a benchmark holding a model and data in memory runs the
     same steps a ``purify`` call does (:meth:`PurifyOptions.recipe`)."""
 
-    method: str = "guard"
+    method: Method = DEFAULTS.method
     lam: float | Literal["auto"] | None = None
-    granularity: Literal["channel", "element"] = "channel"
-    batch_size: int = DEFAULT_BATCH_SIZE
+    granularity: Granularity = DEFAULTS.granularity
+    batch_size: int = DEFAULTS.batch_size
     bounds_samples: int | None = None
     detect: bool = False
     unlearn_options: dict | None = None
@@ -198,11 +178,11 @@ class Recipe:
 
     def check(self) -> float | Literal["auto"]:
         """Refuse settings no run could use; the λ to start from (guard may fall back to the paper's)."""
-        if self.method not in METHODS:
-            raise ClipguardError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.granularity not in GRANULARITIES:
-            raise ClipguardError(f"granularity must be one of {', '.join(GRANULARITIES)}")
-        lam = DEFAULT_LAM.get(self.method, 4.0) if self.lam is None else self.lam
+        if self.method not in Method.__members__.values():
+            raise ClipguardError(f"unknown method {self.method!r}; choose one of {', '.join(Method)}")
+        if self.granularity not in Granularity.__members__.values():
+            raise ClipguardError(f"granularity must be one of {', '.join(Granularity)}")
+        lam = DEFAULTS.lam_for(self.method) if self.lam is None else self.lam
         if problem := lam_problem(lam):
             raise ClipguardError(problem)
         return lam
@@ -356,8 +336,8 @@ def run_pipeline(
     timings = {} if timings is None else timings
     lam = recipe.check()
     cleaned = clean(inputs, recipe, say, should_cancel, timings)
-    if recipe.method == "guard" and recipe.lam is None and cleaned.unlearning is None:
-        lam = DEFAULT_LAM["paper"]  # nothing unlearned: the paper's recipe, at its λ
+    if recipe.method == Method.GUARD and recipe.lam is None and cleaned.unlearning is None:
+        lam = DEFAULTS.lam_for(Method.PAPER)  # nothing unlearned: the paper's recipe, at its λ
     stats, statistics = measure_statistics(inputs, cleaned, recipe, say, should_cancel, timings)
     detection = detect_backdoor(inputs, timings, say) if recipe.detect else None
     selection = None
@@ -377,7 +357,7 @@ def clean(
     timings: dict[str, float] | None = None,
 ) -> Cleaned:
     """Guard's stages (find candidates, confirm, unlearn the confirmed; docs/method.md); ``paper`` keeps the suspect."""
-    if recipe.method != "guard":
+    if recipe.method != Method.GUARD:
         return Cleaned(inputs.model, inputs.data)
     from clipguard.defenses.guard import guard_pass
 
@@ -667,10 +647,6 @@ def publish(
     say(Stage.PUBLISH, 1.0)
     return report
 
-
-METHODS = ("guard", "paper")
-"""``guard`` (default): detect the poisoned share of the training data, unlearn it, then clip.
-``paper``: the faithful recipe, μ+λσ clipping of the model as given."""
 
 HISTOGRAM_SITES = 4
 SWEEP_SAMPLES = 2000

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from clipguard.errors import ClipguardError
 from clipguard.files import atomic_path
+from clipguard.methods import DEFAULTS, Granularity, Method
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ModelStatus = Literal["awaiting_upload", "validating", "ready", "rejected"]
@@ -465,9 +466,9 @@ class Client:
         model_id: str,
         train_data_id: str,
         *,
-        method: str = "guard",
+        method: Method | str = DEFAULTS.method,
         lam: float | str | None = None,
-        granularity: str = "channel",
+        granularity: Granularity | str = DEFAULTS.granularity,
         bounds_samples: int | None = None,
         resize: bool = False,
         reactivation_check: bool = False,

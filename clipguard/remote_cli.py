@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from clipguard.lam import parse_lam
+from clipguard.methods import DEFAULTS, METHOD_HELP, Granularity, Method
 from clipguard.remote import Client, Job, RemoteError
 
 ENV_SERVER = "CLIPGUARD_SERVER"
@@ -42,12 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--attack", default=None, help="attack spec, or a local .attack.json from `clipguard train`")
     r.add_argument(
         "--method",
-        choices=("guard", "paper"),
-        default="guard",
-        help="guard: detect and unlearn the poisoned samples, then clip; paper: the μ+λσ clip alone",
+        choices=list(Method),
+        default=DEFAULTS.method,
+        help="; ".join(f"{m}{' (default)' if m == DEFAULTS.method else ''}: {METHOD_HELP[m]}" for m in Method),
     )
     r.add_argument("--lam", default=None, help="λ in μ+λσ (0 < λ <= 100), or 'auto'")
-    r.add_argument("--granularity", choices=("channel", "element"), default="channel")
+    r.add_argument("--granularity", choices=list(Granularity), default=DEFAULTS.granularity)
     r.add_argument(
         "--bounds-samples",
         type=int,

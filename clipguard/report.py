@@ -22,6 +22,7 @@ Validation is strict (no string-to-number or bool-to-int coercion), so a wrong t
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import sys
@@ -30,6 +31,8 @@ import typing
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from clipguard.methods import DEFAULTS, Granularity, Method
 
 SCHEMA = "clipguard.report/1"
 """The version this code writes and reads (``Report.schema_``); see the versioning rules in :data:`VERSIONING`."""
@@ -483,20 +486,21 @@ class Report(Section):
     clipguard_version: str = Field(description="Version of clipguard that wrote the report.")
     created: str = Field(description="When the report was written: ISO 8601, UTC, seconds.")
     inputs: Inputs = Field(description="What was purified: the model and the training data.")
-    method: Literal["guard", "paper"] = Field(
+    method: Method = Field(
+        strict=False,  # the value, "guard" or "paper", as report.json holds it
         description="`guard` (detect, confirm and unlearn the poisoned samples, then clip) or `paper` (clip the "
-        "model as given). See [method.md](method.md)."
+        "model as given). See [method.md](method.md).",
     )
     verdict: Verdict | None = Field(description="guard only (`null` for paper).")
     lam: float = Field(
-        description="The λ used, given or chosen by `--lam auto`. Default 6.0 for guard when it "
-        "unlearned, else 4.0 (the paper's)."
+        description=f"The λ used, given or chosen by `--lam auto`. Default {DEFAULTS.lam_for(Method.GUARD):.1f} for "
+        f"guard when it unlearned, else {DEFAULTS.lam_for(Method.PAPER):.1f} (the paper's)."
     )
     lam_selection: LamSelection | None = Field(description="`--lam auto` only.")
     poison_detection: PoisonDetection | None = Field(description="guard only.")
     unlearning: Unlearning | None = Field(description="guard, when a backdoor was confirmed.")
-    granularity: Literal["channel", "element"] = Field(
-        description="One bound per channel (pooled over space) or one per activation."
+    granularity: Granularity = Field(
+        strict=False, description="One bound per channel (pooled over space) or one per activation."
     )
     statistics: Statistics = Field(description="The images μ and σ were measured on.")
     sites: list[Site] = Field(description="One per clip site, in execution order.")
@@ -650,6 +654,8 @@ def _type_words(annotation: Any, anchors: dict[type, str], *, top: bool = True) 
         return " or ".join(words + ([] if top or type(None) not in args else ["null"]))
     if origin is Literal:
         return " or ".join(f"`{json.dumps(a)}`" for a in args)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return " or ".join(f"`{json.dumps(m.value)}`" for m in annotation)
     if origin is list:
         return f"array of {_type_words(args[0], anchors, top=False)}"
     if origin is dict:

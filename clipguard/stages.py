@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextlib import contextmanager
 from enum import StrEnum
 
+from clipguard.methods import DEFAULTS, Method
+
 Progress = Callable[["Stage", float], None]
 """``progress(stage, fraction)`` with fraction in [0, 1] for the current stage."""
 
@@ -85,7 +87,7 @@ _INFO: dict[Stage, tuple[str, int, str]] = {
 
 def plan(
     *,
-    method: str = "guard",
+    method: Method | str = DEFAULTS.method,
     detect: bool = False,
     select_lambda: bool = False,
     evaluate: bool = False,
@@ -96,7 +98,7 @@ def plan(
     Guard's unlearning is listed although it runs only when a trigger is confirmed: skipping it
     makes the percent jump forward, never back."""
     skip = set()
-    if method != "guard":
+    if method != Method.GUARD:
         skip |= {Stage.DETECT_POISON, Stage.CONFIRM, Stage.UNLEARN}
     if not detect:
         skip.add(Stage.DETECT)

@@ -1,7 +1,7 @@
 """Static checks of the deployment files (no Docker engine runs here): Dockerfile, docker-compose.yml.
 
 The compose file must parse, every service command must name a real entry point of this project,
-every ``CLIPGUARD_*`` variable it sets must be a field ``app.settings.Settings`` reads (and the
+every ``CLIPGUARD_*`` variable it sets must be a field ``clipguard.app.settings.Settings`` reads (and the
 defaults it gives must build valid settings), and the Dockerfile must run as non-root with a health
 check on the port the API listens on.
 """
@@ -30,7 +30,7 @@ OURS = ("api", "worker", "flower")
 """Services running the clipguard image: every variable they set is read by the project."""
 NOT_SETTINGS = {"CUDA_VISIBLE_DEVICES"}
 """Variables of our services read by something other than Settings (CUDA picks the GPU)."""
-CELERY_APP = "worker.celery_app:celery_app"
+CELERY_APP = "clipguard.worker.celery_app:celery_app"
 
 
 # --- a YAML reader for the block subset the compose file is written in -------------------------
@@ -196,20 +196,20 @@ def test_worker_command_is_the_real_celery_app(compose, monkeypatch, tmp_path):
     assert {a for a in argv[4:] if a.startswith("-")} <= options
     assert _option(argv, "-c") == "1", "one job at a time per GPU"
 
-    import app.settings
-    import worker.celery_app
+    import clipguard.app.settings
+    import clipguard.worker.celery_app
 
     monkeypatch.setenv("CLIPGUARD_HOME", str(tmp_path))
-    app.settings.get_settings.cache_clear()
-    worker.celery_app._default_app.cache_clear()
+    clipguard.app.settings.get_settings.cache_clear()
+    clipguard.worker.celery_app._default_app.cache_clear()
     try:
         module_name, attr = CELERY_APP.split(":")
         celery_app = getattr(importlib.import_module(module_name), attr)
         assert isinstance(celery_app, Celery)
         assert _option(argv, "-Q") in {q.name for q in celery_app.conf.task_queues}
     finally:
-        app.settings.get_settings.cache_clear()
-        worker.celery_app._default_app.cache_clear()
+        clipguard.app.settings.get_settings.cache_clear()
+        clipguard.worker.celery_app._default_app.cache_clear()
 
     check = shlex.split(compose["services"]["worker"]["healthcheck"]["test"][1])
     assert check[:5] == ["celery", "-A", CELERY_APP, "inspect", "ping"]
@@ -220,16 +220,16 @@ def test_worker_command_is_the_real_celery_app(compose, monkeypatch, tmp_path):
 
 
 def test_uvicorn_factory_is_importable():
-    """``uvicorn app.main:create_app --factory`` (docs/deploy.md) calls it with no argument."""
+    """``uvicorn clipguard.app.main:create_app --factory`` (docs/deploy.md) calls it with no argument."""
     import inspect
 
-    from app.main import create_app
+    from clipguard.app.main import create_app
 
     assert all(p.default is not p.empty for p in inspect.signature(create_app).parameters.values())
 
 
 def test_clipguard_variables_are_settings_fields_and_defaults_are_valid(compose, monkeypatch, tmp_path):
-    from app.settings import Settings
+    from clipguard.app.settings import Settings
 
     fields = {f"CLIPGUARD_{name.upper()}" for name in Settings.model_fields}
     for name in OURS:
@@ -254,8 +254,8 @@ def test_clipguard_variables_are_settings_fields_and_defaults_are_valid(compose,
 
 def test_the_s3_profile_is_wired_to_the_api_and_workers(compose, monkeypatch, tmp_path):
     """With CLIPGUARD_STORAGE_URL set, api and worker build an S3 storage aimed at the s3 service with its keys."""
-    from app.settings import Settings
-    from app.storage import S3Storage, storage_for
+    from clipguard.app.settings import Settings
+    from clipguard.app.storage import S3Storage, storage_for
 
     pytest.importorskip("boto3")
     services = compose["services"]

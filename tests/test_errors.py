@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from app.words import api_words
+from clipguard.app.words import api_words
+
 from clipguard.cli import main
 from clipguard.errors import ClipguardError, DataError, literal
 

@@ -245,7 +245,7 @@ def test_checking_a_tiny_upload_against_a_huge_architecture_builds_nothing(tmp_p
     save_file({"w": torch.zeros(1)}, str(tiny))
     assert tiny.stat().st_size < 100
     script = (
-        "import resource, sys; from app.quarantine import _child\n"
+        "import resource, sys; from clipguard.app.quarantine import _child\n"
         "out = _child({'upload': sys.argv[1], 'arch': sys.argv[2], 'num_classes': 10, 'mean': None, 'std': None,"
         " 'out': sys.argv[3], 'cpu_s': 300, 'memory_bytes': 16 * 1024**3, 'file_bytes': 2**20})\n"
         "print(out['reason'][:60], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"

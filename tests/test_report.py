@@ -81,7 +81,7 @@ def test_a_real_report_validates_and_the_model_describes_every_field(tiny, metho
     if method == "guard":
         assert report.verdict is not None and report.poison_detection is not None and report.reactivation is not None
         assert report.verdict.status in ("backdoor_found", "no_evidence", "inconclusive")
-        from worker.tasks import _summary
+        from clipguard.worker.tasks import _summary
 
         summary = _summary(written)  # what the job's row keeps: the report's own numbers
         assert summary["reactivation"]["after"] == written["reactivation"]["after"]
@@ -229,7 +229,7 @@ def test_the_schema_doc_is_generated_from_the_model():
 
 
 def test_the_workers_summary_reads_the_typed_report():
-    from worker.tasks import _summary
+    from clipguard.worker.tasks import _summary
 
     report = publishable(minimal())
     summary = _summary(report)

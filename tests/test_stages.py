@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from clipguard.purify import METHODS, PurifyOptions, stages_of
+from clipguard.methods import Method
+from clipguard.purify import PurifyOptions, stages_of
 from clipguard.stages import GENERATED_DOCS, TIMED, Stage, Tracker, percent, timed, with_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 FRACTIONS = (0.0, 0.25, 0.5, 1.0)
-SETTINGS = list(itertools.product(METHODS, (False, True), (3.0, "auto"), (None, "test.npz"), (False, True)))
+SETTINGS = list(itertools.product(list(Method), (False, True), (3.0, "auto"), (None, "test.npz"), (False, True)))
 
 
 def _options(method: str, detect: bool, lam: float | str, eval_data: str | None, reactivation: bool) -> PurifyOptions:

@@ -98,9 +98,8 @@ def test_fast_statistics_on_one_thread_give_the_bounds_of_the_exact_pass(restore
 
 
 def test_the_worker_setting_takes_what_the_cli_takes(monkeypatch, tmp_path):
+    from clipguard.app.settings import Settings
     from pydantic import ValidationError
-
-    from app.settings import Settings
 
     monkeypatch.setenv("CLIPGUARD_HOME", str(tmp_path))
     for good in ("auto", "all", "1", "16"):

@@ -2,11 +2,11 @@
 
 Start a GPU worker with::
 
-    CUDA_VISIBLE_DEVICES=0 celery -A worker.celery_app:celery_app worker -Q gpu -c 1 -P prefork -n gpu0@%h
+    CUDA_VISIBLE_DEVICES=0 celery -A clipguard.worker.celery_app:celery_app worker -Q gpu -c 1 -P prefork -n gpu0@%h
 
 (one worker per GPU; ``max_tasks_per_child=1`` recycles the child after each job so the CUDA
 context and allocator cache go with it). The application
-itself is built by ``app.queues.make_celery``, which the API shares; this module adds the worker
+itself is built by ``clipguard.app.queues.make_celery``, which the API shares; this module adds the worker
 process's signal handlers.
 """
 
@@ -20,15 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery, signals
-
-from app.queues import make_celery
-from app.settings import Settings, get_settings
+from clipguard.app.queues import make_celery
+from clipguard.app.settings import Settings, get_settings
 
 
 @signals.setup_logging.connect
 def _setup_logging(loglevel: int | None = None, **_: Any) -> None:
     """The worker logs like the API (``CLIPGUARD_LOG_FORMAT``); connecting here replaces Celery's own setup."""
-    from app.logs import configure
+    from clipguard.app.logs import configure
 
     configure(get_settings().log_format, loglevel or "INFO")
 
@@ -78,11 +77,10 @@ _presence: list = []
 
 @signals.worker_ready.connect
 def _announce(sender: Any = None, **_: Any) -> None:
-    """Beat this worker's row in the job store (``app.presence``) from its main process, for ``/readyz``."""
+    """Beat this worker's row in the job store (``clipguard.app.presence``) from its main process, for ``/readyz``."""
+    from clipguard.app.db import make_engine
+    from clipguard.app.presence import Presence
     from sqlalchemy.orm import sessionmaker
-
-    from app.db import make_engine
-    from app.presence import Presence
 
     settings = get_settings()
     sessions = sessionmaker(make_engine(settings.database_url, pooled=False))  # nothing open when the pool forks

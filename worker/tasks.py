@@ -21,19 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
+from clipguard.app import store
+from clipguard.app.db import Artifact, Dataset, Job, Model, make_sessionmaker
+from clipguard.app.logs import binds_job
+from clipguard.app.queues import PURIFY_TASK
+from clipguard.app.settings import Settings, get_settings
+from clipguard.app.storage import StorageError, StorageUnavailable, local_data_ref, storage_for
+from clipguard.app.words import api_words
+from clipguard.worker.celery_app import celery_app
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
-from app import store
-from app.db import Artifact, Dataset, Job, Model, make_sessionmaker
-from app.logs import binds_job
-from app.queues import PURIFY_TASK
-from app.settings import Settings, get_settings
-from app.storage import StorageError, StorageUnavailable, local_data_ref, storage_for
-from app.words import api_words
 from clipguard.files import file_sha256
+from clipguard.methods import DEFAULTS
 from clipguard.stages import Tracker
-from worker.celery_app import celery_app
 
 log = logging.getLogger("clipguard.worker")
 
@@ -403,9 +404,9 @@ def _options(sessions: sessionmaker, settings: Settings, job_id: str, out: Path,
         mean=tuple(model.mean) if model.mean else None,
         std=tuple(model.std) if model.std else None,
         # A job created before the API had `method` ran the engine's default, guard.
-        method=job.params.get("method", "guard"),
+        method=job.params.get("method", DEFAULTS.method),
         lam=job.params.get("lam"),
-        granularity=job.params.get("granularity", "channel"),
+        granularity=job.params.get("granularity", DEFAULTS.granularity),
         device=settings.device,
         eval_data=public.add(
             local_data_ref(shared, test.ref, test.kind), _dataset_label(test), blob=test.kind == "upload"

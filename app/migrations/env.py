@@ -12,10 +12,9 @@ import fcntl
 from collections.abc import Iterator
 
 from alembic import context
+from clipguard.app.db import Base, make_engine
+from clipguard.app.settings import get_settings
 from sqlalchemy import Connection, text
-
-from app.db import Base, make_engine
-from app.settings import get_settings
 
 config = context.config
 LOCK_ID = 0x636C6970  # "clip"
@@ -40,7 +39,7 @@ def _exclusive(connection: Connection) -> Iterator[None]:
 
 
 def run_migrations_online() -> None:
-    # Set by app.migrate; from the `alembic` command line, CLIPGUARD_DATABASE_URL decides.
+    # Set by clipguard.app.migrate; from the `alembic` command line, CLIPGUARD_DATABASE_URL decides.
     url = config.get_main_option("sqlalchemy.url") or get_settings().database_url
     engine = make_engine(url)
     with engine.connect() as connection, _exclusive(connection):

@@ -7,19 +7,18 @@ from pathlib import Path
 from typing import Annotated
 
 import anyio.to_thread
+from clipguard.app import quota
+from clipguard.app.db import Dataset, Job
+from clipguard.app.deps import SessionDep, SessionsDep, SettingsDep, TenantDep
+from clipguard.app.pagination import paginate
+from clipguard.app.problems import ProblemError
+from clipguard.app.routes.models import NAME_MAX, NAME_PATTERN
+from clipguard.app.schemas import DatasetOut, Page
+from clipguard.app.settings import Settings
+from clipguard.app.storage import dataset_suffix, storage_for, upload_chunks
 from fastapi import APIRouter, File, Form, Response, UploadFile
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
-
-from app import quota
-from app.db import Dataset, Job
-from app.deps import SessionDep, SessionsDep, SettingsDep, TenantDep
-from app.pagination import paginate
-from app.problems import ProblemError
-from app.routes.models import NAME_MAX, NAME_PATTERN
-from app.schemas import DatasetOut, Page
-from app.settings import Settings
-from app.storage import dataset_suffix, storage_for, upload_chunks
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -117,7 +116,7 @@ def get_dataset(dataset_id: str, tenant: TenantDep, session: SessionDep) -> Data
 @router.delete("/{dataset_id}", status_code=204, responses={409: {"description": "used by a job"}})
 def delete_dataset(dataset_id: str, tenant: TenantDep, sessions: SessionsDep) -> Response:
     """Delete a dataset. Refused (409) while any job names it: delete those jobs first. An uploaded file is
-    removed by the sweeper once nothing else uses it (``app.cleanup``)."""
+    removed by the sweeper once nothing else uses it (``clipguard.app.cleanup``)."""
     with sessions.begin() as s:
         dataset = _owned(s, tenant, dataset_id)
         used = s.scalar(
@@ -141,5 +140,5 @@ def _owned(session: Session, tenant: str, dataset_id: str) -> Dataset:
 @router.get("", response_model=Page[DatasetOut])
 def list_datasets(tenant: TenantDep, sessions: SessionsDep, page_size: int = 50, page_token: str | None = None) -> dict:
     """The tenant's datasets, newest first (the console lists them beside the models)."""
-    with sessions() as session:  # opened here, not by SessionDep: see the note above app.routes.jobs.get_job
+    with sessions() as session:  # opened here, not by SessionDep: see the note above clipguard.app.routes.jobs.get_job
         return paginate(session, select(Dataset).where(Dataset.tenant == tenant), Dataset, page_size, page_token)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 import time
 
+from clipguard.app import metrics
+from clipguard.app.deps import CeleryDep, SessionsDep, SettingsDep
+from clipguard.app.presence import FRESH_BEATS, live_workers
+from clipguard.app.problems import ProblemError
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import text
-
-from app import metrics
-from app.deps import CeleryDep, SessionsDep, SettingsDep
-from app.presence import FRESH_BEATS, live_workers
-from app.problems import ProblemError
 
 router = APIRouter(tags=["ops"])
 WORKERS_CACHE_S = 2.0
@@ -27,7 +26,7 @@ def healthz() -> dict:
 @router.get("/readyz", responses={503: {"description": "database or broker unreachable, or no worker"}})
 def readyz(request: Request, sessions: SessionsDep, celery: CeleryDep, settings: SettingsDep) -> dict:
     """Ready to take jobs: the job store answers a query, the broker accepts a connection, and a worker
-    consumes the queue (a fresh heartbeat in the job store, ``app.presence``; unless
+    consumes the queue (a fresh heartbeat in the job store, ``clipguard.app.presence``; unless
     ``ready_requires_worker`` is off). The worker count is remembered for ``WORKERS_CACHE_S``."""
     try:
         with sessions() as s:

@@ -11,6 +11,17 @@ from typing import Annotated, Any
 
 import anyio.to_thread
 from celery import Celery
+from clipguard.app import quota, store
+from clipguard.app.cleanup import remove_job_files
+from clipguard.app.db import Artifact, Dataset, Job, Model, new_id, reader, utcnow
+from clipguard.app.deps import CeleryDep, SessionsDep, SettingsDep, TenantDep
+from clipguard.app.logs import binds_job
+from clipguard.app.metrics import JOBS_CREATED
+from clipguard.app.pagination import paginate
+from clipguard.app.problems import ProblemError, problem_response
+from clipguard.app.queues import GPU_QUEUE, PURIFY_TASK
+from clipguard.app.schemas import ArtifactOut, JobCreate, JobOut, JobState, Page
+from clipguard.app.storage import storage_for
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
 from pydantic import BaseModel
@@ -21,17 +32,7 @@ from starlette.datastructures import Headers
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 from starlette.types import Receive, Scope, Send
 
-from app import quota, store
-from app.cleanup import remove_job_files
-from app.db import Artifact, Dataset, Job, Model, new_id, reader, utcnow
-from app.deps import CeleryDep, SessionsDep, SettingsDep, TenantDep
-from app.logs import binds_job
-from app.metrics import JOBS_CREATED
-from app.pagination import paginate
-from app.problems import ProblemError, problem_response
-from app.queues import GPU_QUEUE, PURIFY_TASK
-from app.schemas import ArtifactOut, JobCreate, JobOut, JobState, Page
-from app.storage import storage_for
+from clipguard.methods import Method
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("clipguard.api")
@@ -195,7 +196,7 @@ def create_job(
     """Queue a purification. Retrying with the same ``Idempotency-Key`` and body returns the same job."""
     # Defaults of fields added later (`method`, `bounds_samples`, `resize`, `reactivation_check`) are left out
     # of the fingerprint, so a retry of a request made before they existed still matches the job it created.
-    later = {"method"} if body.method == "guard" else set()
+    later = {"method"} if body.method == Method.GUARD else set()
     if body.bounds_samples is None:
         later.add("bounds_samples")
     if not body.resize:
@@ -261,7 +262,7 @@ def create_job(
 
 
 def gate_tenant(request: Request) -> str:
-    """The tenant ``app.auth.Gate`` found for this request's key; 401 if the gate did not run.
+    """The tenant ``clipguard.app.auth.Gate`` found for this request's key; 401 if the gate did not run.
 
     For the status poll, the hottest route: the sync dependency chain behind ``TenantDep``
     costs four threadpool round trips per request, each a scheduler wait on a busy machine,
@@ -325,7 +326,7 @@ def poll_body(rows: Sequence[Mapping[str, Any]]) -> bytes:
 async def poll_rows(request: Request, job_id: str, tenant: str) -> Sequence[Mapping[str, Any]]:
     """:data:`_POLL`'s rows: on the event loop through psycopg's async pool (PostgreSQL), else one thread hop.
 
-    The async read (``app.async_reads``) costs about a quarter of the CPU of SQLAlchemy behind a
+    The async read (``clipguard.app.async_reads``) costs about a quarter of the CPU of SQLAlchemy behind a
     thread. The thread hop, where it remains (SQLite, other drivers), is capped at
     ``Settings.poll_threads`` (``app.state.poll_limiter``, 2 by default): the query is
     sub-millisecond, so a few threads keep up, while more fight the event loop for the GIL and

@@ -9,19 +9,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated
 
+from clipguard.app import quota
+from clipguard.app.db import Job, Model
+from clipguard.app.deps import SessionDep, SessionsDep, SettingsDep, TenantDep
+from clipguard.app.pagination import paginate
+from clipguard.app.problems import ProblemError
+from clipguard.app.quarantine import QuarantineQueue, QueueFull, quarantine
+from clipguard.app.schemas import ModelOut, ModelStatus, Page
+from clipguard.app.settings import Settings
+from clipguard.app.storage import Blob, StorageError, storage_for, upload_chunks
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
-
-from app import quota
-from app.db import Job, Model
-from app.deps import SessionDep, SessionsDep, SettingsDep, TenantDep
-from app.pagination import paginate
-from app.problems import ProblemError
-from app.quarantine import QuarantineQueue, QueueFull, quarantine
-from app.schemas import ModelOut, ModelStatus, Page
-from app.settings import Settings
-from app.storage import Blob, StorageError, storage_for, upload_chunks
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 ARCH_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
@@ -209,7 +208,7 @@ async def put_content(
 @router.delete("/{model_id}", status_code=204, responses={409: {"description": "in use by a job, or in quarantine"}})
 def delete_model(model_id: str, tenant: TenantDep, sessions: SessionsDep) -> Response:
     """Delete a model. Refused (409) while it is in quarantine or any job names it: delete those jobs first.
-    Its files are removed by the sweeper once nothing else uses them (``app.cleanup``)."""
+    Its files are removed by the sweeper once nothing else uses them (``clipguard.app.cleanup``)."""
     with sessions.begin() as s:
         model = _owned(s, tenant, model_id)
         if model.status == "validating":

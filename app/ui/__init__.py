@@ -6,11 +6,10 @@ the ``/v1`` API reached through a same-origin bridge. ``docs/console.md`` shows 
 
 from __future__ import annotations
 
+from clipguard.app.ui.pages import STATIC, router
+from clipguard.app.ui.security import PREFIX, Console
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
-
-from app.ui.pages import STATIC, router
-from app.ui.security import PREFIX, Console
 
 
 def install(app: FastAPI) -> None:

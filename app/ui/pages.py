@@ -1,7 +1,7 @@
 """The console's pages: sign-in, jobs (with the tenant's models and datasets), a new job, one job.
 
 Pages are Jinja2 templates (autoescaped) rendered on the server; their data comes from the
-``/v1`` API through the bridge (``app.ui.security``), read and written by ``static/console.js``.
+``/v1`` API through the bridge (``clipguard.app.ui.security``), read and written by ``static/console.js``.
 A page needs a signed-in session; without one it redirects to the sign-in page.
 """
 
@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any
 
+from clipguard.app.auth import digest, tenant_of
+from clipguard.app.ui.security import PREFIX, cookie_header, csrf_ok, csrf_token, same_origin, session_key
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from app.auth import digest, tenant_of
-from app.schemas import JobCreate, PurifyMethod
-from app.ui.security import PREFIX, cookie_header, csrf_ok, csrf_token, same_origin, session_key
+from clipguard.methods import METHOD_HELP, Granularity, Method
 
 HERE = Path(__file__).parent
 STATIC = HERE / "static"
@@ -138,15 +138,15 @@ async def new_job_page(request: Request) -> Response:
     session = await _session(request)
     if not session:
         return _to_login()
-    granularities = get_args(JobCreate.model_fields["granularity"].annotation)
     return _render(
         request,
         "new.html",
         "new",
         session,
         architectures=ARCHITECTURES,
-        methods=get_args(PurifyMethod),
-        granularities=granularities,
+        methods=[m.value for m in Method],
+        method_help={m.value: text for m, text in METHOD_HELP.items()},
+        granularities=[g.value for g in Granularity],
     )
 
 

@@ -28,12 +28,11 @@ import re
 import secrets
 from urllib.parse import parse_qs, urlsplit
 
+from clipguard.app.auth import PROTECTED_PREFIX
+from clipguard.app.problems import problem_response
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from app.auth import PROTECTED_PREFIX
-from app.problems import problem_response
 
 PREFIX = "/ui"
 BRIDGE = PREFIX + "/api"
@@ -41,7 +40,7 @@ COOKIE = "clipguard_console"
 CSRF_HEADER = "x-csrf-token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 KEY_SHAPE = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
-"""What a key issued by ``app.auth.create_key`` looks like; anything else in the cookie is ignored."""
+"""What a key issued by ``clipguard.app.auth.create_key`` looks like; anything else in the cookie is ignored."""
 
 PAGE_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "

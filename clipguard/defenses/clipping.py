@@ -28,6 +28,7 @@ from torch import fx, nn
 
 from clipguard.errors import Cancelled, ClipguardError
 from clipguard.inference import fast_copy, pieces
+from clipguard.methods import DEFAULTS, Granularity
 
 ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU,
@@ -60,7 +61,7 @@ ACTIVATION_FUNCTIONS: frozenset = frozenset(
         torch.relu_,
     }
 )
-GRANULARITIES = ("channel", "element")
+GRANULARITIES = tuple(Granularity)
 SITES_CONTAINER = "clipguard_sites"
 
 
@@ -309,7 +310,7 @@ class RunningMoments:
     naive sum-of-squares in float32 loses most of its digits.
     """
 
-    def __init__(self, granularity: str = "channel") -> None:
+    def __init__(self, granularity: Granularity | str = DEFAULTS.granularity) -> None:
         if granularity not in GRANULARITIES:
             raise ClipguardError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
         self.granularity = granularity
@@ -372,7 +373,7 @@ def compute_statistics(
     model: nn.Module,
     batches: Callable[[], Iterable[Any]],
     *,
-    granularity: str = "channel",
+    granularity: Granularity | str = DEFAULTS.granularity,
     total: int | None = None,
     progress: Callable[[float], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,

@@ -18,13 +18,13 @@ import psycopg
 import pytest
 import redis
 import torch
+from clipguard.app.auth import create_key
+from clipguard.app.db import make_sessionmaker
+from clipguard.app.main import create_app
+from clipguard.app.queues import worker_args
+from clipguard.app.settings import Settings
 from fastapi.testclient import TestClient
 
-from app.auth import create_key
-from app.db import make_sessionmaker
-from app.main import create_app
-from app.queues import worker_args
-from app.settings import Settings
 from clipguard.data import load_data, save_npz
 
 REDIS_PORT = int(os.environ.get("CLIPGUARD_TEST_REDIS_PORT", "6379"))
@@ -190,7 +190,7 @@ class LiveService:
                 "-m",
                 "uvicorn",
                 "--factory",
-                "app.main:create_app",
+                "clipguard.app.main:create_app",
                 "--host",
                 "127.0.0.1",
                 "--port",

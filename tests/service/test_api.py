@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from clipguard.app import store
+from clipguard.app.auth import create_key
+from clipguard.app.db import make_sessionmaker
+from clipguard.app.main import create_app
+from clipguard.app.settings import Settings
+from clipguard.worker.tasks import run_attempt
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
-
-from app import store
-from app.auth import create_key
-from app.db import make_sessionmaker
-from app.main import create_app
-from app.settings import Settings
-from worker.tasks import run_attempt
 
 PROBLEM = "application/problem+json"
 
@@ -101,9 +100,9 @@ def test_another_tenants_resources_answer_404(client, key_for, auth, ready_model
 
 
 def test_ops_endpoints(client, settings, monkeypatch):
-    from app.presence import beat
+    from clipguard.app.presence import beat
 
-    monkeypatch.setattr("app.routes.health.WORKERS_CACHE_S", 0.0)  # count workers on every probe
+    monkeypatch.setattr("clipguard.app.routes.health.WORKERS_CACHE_S", 0.0)  # count workers on every probe
     assert client.get("/healthz").json() == {"status": "ok"}
     # Database and broker answer, but no worker consumes the queue: jobs would sit queued, so not ready.
     assert "no worker" in assert_problem(client.get("/readyz"), 503)["detail"]

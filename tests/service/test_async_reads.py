@@ -12,14 +12,13 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from clipguard.app import store
+from clipguard.app.async_reads import AsyncReader
+from clipguard.app.auth import create_key
+from clipguard.app.db import make_sessionmaker
+from clipguard.app.main import create_app
+from clipguard.worker.tasks import run_attempt
 from fastapi.testclient import TestClient
-
-from app import store
-from app.async_reads import AsyncReader
-from app.auth import create_key
-from app.db import make_sessionmaker
-from app.main import create_app
-from worker.tasks import run_attempt
 
 from .conftest import PG_ADMIN, wait_until
 from .test_api import assert_problem, job_body, settled, upload

@@ -24,8 +24,7 @@ import numpy as np
 import psycopg
 import pytest
 import redis
-
-from app.queues import worker_args
+from clipguard.app.queues import worker_args
 
 from .conftest import PG_ADMIN, LiveService, free_port, wait_until
 
@@ -107,7 +106,7 @@ class FaultyService(LiveService):
                     "-m",
                     "uvicorn",
                     "--factory",
-                    "app.main:create_app",
+                    "clipguard.app.main:create_app",
                     "--host",
                     "127.0.0.1",
                     "--port",
@@ -443,8 +442,8 @@ def test_an_api_killed_mid_upload_registers_nothing_corrupt_and_its_part_file_is
 
 
 def test_a_message_presumed_lost_that_turns_up_later_cannot_take_the_job_over(tmp_path):
-    from app import store
-    from app.db import make_sessionmaker
+    from clipguard.app import store
+    from clipguard.app.db import make_sessionmaker
 
     from .test_store import get, new_job
 
@@ -466,8 +465,8 @@ def test_a_message_presumed_lost_that_turns_up_later_cannot_take_the_job_over(tm
 
 
 def test_a_job_the_broker_refused_is_deleted_unless_a_worker_has_it(tmp_path):
-    from app import store
-    from app.db import make_sessionmaker
+    from clipguard.app import store
+    from clipguard.app.db import make_sessionmaker
 
     from .test_store import new_job
 
@@ -479,7 +478,7 @@ def test_a_job_the_broker_refused_is_deleted_unless_a_worker_has_it(tmp_path):
 
 
 def test_staging_files_are_removed_only_once_abandoned(tmp_path):
-    from app.main import clean_staging
+    from clipguard.app.main import clean_staging
 
     old, live = tmp_path / "old.part", tmp_path / "live.part"
     old.write_bytes(b"x")

@@ -68,7 +68,7 @@ def fuzz_server(tmp_path_factory, pg_url, redis_url) -> Iterator[FuzzServer]:
             "-m",
             "uvicorn",
             "--factory",
-            "app.main:create_app",
+            "clipguard.app.main:create_app",
             "--host",
             "127.0.0.1",
             "--port",

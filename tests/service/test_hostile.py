@@ -24,12 +24,12 @@ import psycopg
 import pytest
 import redis
 import torch
+from clipguard.app.auth import revoke_key, revoke_tenant
+from clipguard.app.db import make_sessionmaker
+from clipguard.app.main import create_app
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.auth import revoke_key, revoke_tenant
-from app.db import make_sessionmaker
-from app.main import create_app
 from clipguard.remote import Client
 
 from . import test_api
@@ -121,7 +121,7 @@ def test_bodies_read_into_memory_are_capped_far_below_the_upload_cap(client, aut
 
 @pytest.fixture
 def pg_client(settings, pg_url) -> Iterator[tuple[TestClient, dict[str, str]]]:
-    from app.auth import create_key
+    from clipguard.app.auth import create_key
 
     config = settings.model_copy(update={"database_url": pg_url})
     with TestClient(create_app(config)) as client:
@@ -367,8 +367,8 @@ def outside_job_folders(home: Path, before: set[Path], job_ids: list[str]) -> li
 
 def test_hostile_archives_fail_their_jobs_with_the_reason(client, settings, auth, ready_model, tmp_path):
     """Upload -> job -> the engine run by the worker's own task body, in process: every kind is refused."""
-    from app import store
-    from worker.tasks import run_attempt
+    from clipguard.app import store
+    from clipguard.worker.tasks import run_attempt
 
     sessions = make_sessionmaker(settings.database_url, migrate=False)
     outside = tmp_path / "outside"

@@ -17,16 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clipguard.app import store
+from clipguard.app.auth import create_key
+from clipguard.app.cleanup import collect_blobs
+from clipguard.app.db import Artifact, Job, make_sessionmaker
+from clipguard.app.main import create_app
+from clipguard.worker.tasks import run_attempt
 from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import update
-
-from app import store
-from app.auth import create_key
-from app.cleanup import collect_blobs
-from app.db import Artifact, Job, make_sessionmaker
-from app.main import create_app
-from worker.tasks import run_attempt
 
 from . import test_api
 from .test_api import assert_problem, job_body, settled, upload
@@ -111,7 +110,8 @@ def test_attacks_in_a_job_body_are_checked_at_the_edge_and_never_name_a_file(cli
 
 def test_every_attack_the_engine_knows_is_described_at_the_edge():
     """An attack family added to the engine but not to app/schemas.py would be refused by the API: caught here."""
-    from app.schemas import SPEC_OPTIONS, JobCreate
+    from clipguard.app.schemas import SPEC_OPTIONS, JobCreate
+
     from clipguard.attacks.registry import ATTACKS, build_attack
 
     assert set(SPEC_OPTIONS) == set(ATTACKS)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from app import store
-from app.db import make_sessionmaker
-from worker.tasks import run_attempt
+from clipguard.app import store
+from clipguard.app.db import make_sessionmaker
+from clipguard.worker.tasks import run_attempt
 
 from . import test_api
 from .test_api import assert_problem, job_body

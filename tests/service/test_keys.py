@@ -12,12 +12,11 @@ import subprocess
 import sys
 import time
 
+from clipguard.app.auth import KeyCache, revoke_key, revoke_tenant
+from clipguard.app.db import make_sessionmaker
+from clipguard.app.main import create_app
+from clipguard.app.settings import Settings
 from fastapi.testclient import TestClient
-
-from app.auth import KeyCache, revoke_key, revoke_tenant
-from app.db import make_sessionmaker
-from app.main import create_app
-from app.settings import Settings
 
 from .test_api import assert_problem
 

@@ -18,14 +18,14 @@ import httpx
 import psycopg
 import pytest
 import redis
+from clipguard.app.db import Dataset, Job, Model, make_sessionmaker, utcnow
+from clipguard.app.main import create_app
+from clipguard.app.metrics import FAILURE_REASONS, OTHER_FAILURE, STAGES, failure_reason
+from clipguard.app.queues import GPU_QUEUE, PURIFY_TASK, make_celery
+from clipguard.app.settings import Settings
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.db import Dataset, Job, Model, make_sessionmaker, utcnow
-from app.main import create_app
-from app.metrics import FAILURE_REASONS, OTHER_FAILURE, STAGES, failure_reason
-from app.queues import GPU_QUEUE, PURIFY_TASK, make_celery
-from app.settings import Settings
 from clipguard.remote import Client
 
 from .conftest import PG_ADMIN, LiveService, redis_db_url, wait_until

@@ -2,7 +2,7 @@
 
 Walks the document the API serves, so a route added without its errors, or a closed set of values
 left as a plain string, fails here. docs/openapi.json (linked from docs/api.md) must be the same
-document: regenerate it with ``python -m app.openapi > docs/openapi.json``.
+document: regenerate it with ``python -m clipguard.app.openapi > docs/openapi.json``.
 """
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
-
-from app.main import create_app
-from app.openapi import PROBLEM_REF, render
+from clipguard.app.main import create_app
+from clipguard.app.openapi import PROBLEM_REF, render
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
 METHODS = ("get", "put", "post", "delete", "patch")
@@ -80,6 +79,6 @@ def test_closed_sets_of_values_are_enums(document):
 
 
 def test_docs_carry_the_served_document(settings, document):
-    assert DOCS.is_file(), "docs/openapi.json is missing: python -m app.openapi > docs/openapi.json"
-    assert json.loads(DOCS.read_text()) == document, "stale: python -m app.openapi > docs/openapi.json"
+    assert DOCS.is_file(), "docs/openapi.json is missing: python -m clipguard.app.openapi > docs/openapi.json"
+    assert json.loads(DOCS.read_text()) == document, "stale: python -m clipguard.app.openapi > docs/openapi.json"
     assert render(create_app(settings)) == DOCS.read_text()  # byte for byte, as the command writes it

@@ -6,10 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from clipguard.app.main import create_app
+from clipguard.app.ratelimit import KEY_PREFIX, storage_url
 from fastapi.testclient import TestClient
-
-from app.main import create_app
-from app.ratelimit import KEY_PREFIX, storage_url
 
 from .conftest import redis_db_url
 from .test_api import assert_problem

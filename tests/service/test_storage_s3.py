@@ -23,13 +23,11 @@ import httpx
 import pytest
 import redis
 import torch
-from fastapi.testclient import TestClient
-
-from app.auth import create_key
-from app.db import make_sessionmaker
-from app.main import create_app
-from app.settings import Settings, get_settings
-from app.storage import (
+from clipguard.app.auth import create_key
+from clipguard.app.db import make_sessionmaker
+from clipguard.app.main import create_app
+from clipguard.app.settings import Settings, get_settings
+from clipguard.app.storage import (
     LocalStorage,
     S3Storage,
     StorageError,
@@ -37,8 +35,10 @@ from app.storage import (
     local_data_ref,
     storage_for,
 )
+from clipguard.worker.tasks import purify_task
+from fastapi.testclient import TestClient
+
 from clipguard.remote import Client
-from worker.tasks import purify_task
 
 from .conftest import LiveService, free_port, wait_until
 from .isolated import isolated_live
@@ -278,7 +278,7 @@ def test_a_real_worker_retries_a_storage_outage_until_the_job_store_says_stop(
                 "-m",
                 "celery",
                 "-A",
-                "worker.celery_app:celery_app",
+                "clipguard.worker.celery_app:celery_app",
                 "worker",
                 "-Q",
                 "gpu",

@@ -6,10 +6,9 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
+from clipguard.app import store
+from clipguard.app.db import Artifact, Dataset, Job, Model, make_sessionmaker, utcnow
 from sqlalchemy.orm import sessionmaker
-
-from app import store
-from app.db import Artifact, Dataset, Job, Model, make_sessionmaker, utcnow
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -124,8 +123,7 @@ def test_cancel_stops_a_queued_job_at_once_and_a_running_one_at_its_next_check(s
 
 def test_the_migrations_build_exactly_the_models_schema(sessions):
     from alembic import command
-
-    from app.migrate import alembic_config
+    from clipguard.app.migrate import alembic_config
 
     url = sessions.kw["bind"].url.render_as_string(hide_password=False)
     command.check(alembic_config(url))  # raises when autogenerate would find a difference

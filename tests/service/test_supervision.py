@@ -22,8 +22,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from clipguard.app.queues import worker_args
 
-from app.queues import worker_args
 from clipguard.remote import Client
 
 from .conftest import free_port, wait_until

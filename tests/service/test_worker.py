@@ -9,12 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from clipguard.app import store
+from clipguard.app.db import Dataset, Job, Model, make_sessionmaker
+from clipguard.app.quarantine import quarantine
+from clipguard.worker.tasks import run_attempt
 from sqlalchemy import update
-
-from app import store
-from app.db import Dataset, Job, Model, make_sessionmaker
-from app.quarantine import quarantine
-from worker.tasks import run_attempt
 
 
 @pytest.fixture

@@ -10,10 +10,9 @@ import re
 from http.cookies import SimpleCookie
 
 import pytest
-
-from app.auth import create_key, revoke_key
-from app.db import make_sessionmaker
-from app.ui.security import COOKIE
+from clipguard.app.auth import create_key, revoke_key
+from clipguard.app.db import make_sessionmaker
+from clipguard.app.ui.security import COOKIE
 
 PAGES = ("/ui/jobs", "/ui/new", "/ui/jobs/0123456789abcdef")
 EVIL = {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}
@@ -66,9 +65,8 @@ def test_signing_in_keeps_the_key_in_an_httponly_strict_cookie_only(client, new_
 
 
 def test_over_https_the_session_cookie_is_secure(settings, new_key):
+    from clipguard.app.main import create_app
     from fastapi.testclient import TestClient
-
-    from app.main import create_app
 
     with TestClient(create_app(settings), base_url="https://console.example") as client:
         r = client.post("/ui/login", data={"key": new_key("acme")}, follow_redirects=False)

@@ -7,10 +7,9 @@ Create Date: 2026-11-24
 
 from __future__ import annotations
 
+import clipguard.app.db
 import sqlalchemy as sa
 from alembic import op
-
-import app.db
 
 revision = "0001"
 down_revision = None
@@ -24,7 +23,7 @@ def upgrade() -> None:
         sa.Column("id", sa.String(length=32), nullable=False),
         sa.Column("tenant", sa.String(length=200), nullable=False),
         sa.Column("key_hash", sa.String(length=64), nullable=False),
-        sa.Column("created_at", app.db.UTCDateTime(), nullable=False),
+        sa.Column("created_at", clipguard.app.db.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("key_hash"),
     )
@@ -40,7 +39,7 @@ def upgrade() -> None:
         sa.Column("ref", sa.Text(), nullable=False),
         sa.Column("sha256", sa.String(length=64), nullable=True),
         sa.Column("size", sa.BigInteger(), nullable=True),
-        sa.Column("created_at", app.db.UTCDateTime(), nullable=False),
+        sa.Column("created_at", clipguard.app.db.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("datasets", schema=None) as batch_op:
@@ -60,8 +59,8 @@ def upgrade() -> None:
         sa.Column("upload_sha256", sa.String(length=64), nullable=True),
         sa.Column("upload_size", sa.BigInteger(), nullable=True),
         sa.Column("canonical_sha256", sa.String(length=64), nullable=True),
-        sa.Column("created_at", app.db.UTCDateTime(), nullable=False),
-        sa.Column("updated_at", app.db.UTCDateTime(), nullable=False),
+        sa.Column("created_at", clipguard.app.db.UTCDateTime(), nullable=False),
+        sa.Column("updated_at", clipguard.app.db.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("models", schema=None) as batch_op:
@@ -86,11 +85,11 @@ def upgrade() -> None:
         sa.Column("idempotency_key", sa.String(length=200), nullable=True),
         sa.Column("request_hash", sa.String(length=64), nullable=True),
         sa.Column("summary", sa.JSON(), nullable=True),
-        sa.Column("created_at", app.db.UTCDateTime(), nullable=False),
-        sa.Column("enqueued_at", app.db.UTCDateTime(), nullable=True),
-        sa.Column("started_at", app.db.UTCDateTime(), nullable=True),
-        sa.Column("heartbeat_at", app.db.UTCDateTime(), nullable=True),
-        sa.Column("finished_at", app.db.UTCDateTime(), nullable=True),
+        sa.Column("created_at", clipguard.app.db.UTCDateTime(), nullable=False),
+        sa.Column("enqueued_at", clipguard.app.db.UTCDateTime(), nullable=True),
+        sa.Column("started_at", clipguard.app.db.UTCDateTime(), nullable=True),
+        sa.Column("heartbeat_at", clipguard.app.db.UTCDateTime(), nullable=True),
+        sa.Column("finished_at", clipguard.app.db.UTCDateTime(), nullable=True),
         sa.ForeignKeyConstraint(
             ["model_id"],
             ["models.id"],

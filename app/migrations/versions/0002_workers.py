@@ -7,10 +7,9 @@ Create Date: 2026-11-27
 
 from __future__ import annotations
 
+import clipguard.app.db
 import sqlalchemy as sa
 from alembic import op
-
-import app.db
 
 revision = "0002"
 down_revision = "0001"
@@ -23,8 +22,8 @@ def upgrade() -> None:
         "workers",
         sa.Column("name", sa.String(length=200), nullable=False),
         sa.Column("pid", sa.Integer(), nullable=False),
-        sa.Column("started_at", app.db.UTCDateTime(), nullable=False),
-        sa.Column("heartbeat_at", app.db.UTCDateTime(), nullable=False),
+        sa.Column("started_at", clipguard.app.db.UTCDateTime(), nullable=False),
+        sa.Column("heartbeat_at", clipguard.app.db.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("name"),
     )
     with op.batch_alter_table("workers", schema=None) as batch_op:

@@ -128,6 +128,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
                 bounds_samples=args.bounds_samples,
                 resize=args.resize,
                 reactivation_check=args.reactivation_check,
+                stream=args.stream,
             ),
             progress=bars,
         )
@@ -286,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fine-tune a copy of the purified model briefly on training data without the suspects and "
         "report ASR (with --attack) and how far its decisions moved (docs/method.md)",
+    )
+    p.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read a folder's images a batch at a time as they are used, never whole (default: when they would "
+        "decode to more than 1024 MiB, clipguard.data.Limits.max_resident_bytes; --no-stream: never)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_purify)

@@ -30,7 +30,7 @@ import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ import torch
 from clipguard.errors import DataError, literal
 from clipguard.files import atomic_path
 from clipguard.files import file_sha256 as file_sha256  # where callers have always found it
+
+if TYPE_CHECKING:
+    from clipguard.streaming import StreamedImages
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
@@ -76,13 +79,19 @@ class Limits:
     max_decoded_bytes: int = 4 << 30
     """The decoded arrays together (images ``N x H x W x 3``, labels, class names), checked from the
     declared sizes (image headers, ``.npy`` headers) before anything of that size is allocated."""
+    max_resident_bytes: int = 1 << 30
+    """A folder reference whose images would decode to more than this is streamed (``clipguard.streaming``):
+    read a batch at a time when a stage needs it, so memory is bounded by the batch, not by the data."""
+    max_batch_bytes: int = 1 << 30
+    """The most one read of streamed images may decode at once."""
 
 
 @dataclass(frozen=True)
 class ImageData:
-    """Decoded images and labels; ``images`` is uint8 ``(N, 3, H, W)`` on the CPU."""
+    """Images and labels; ``images`` is uint8 ``(N, 3, H, W)`` on the CPU: a tensor, or for a large folder
+    :class:`clipguard.streaming.StreamedImages`, which decodes what is indexed (``images[idx]``)."""
 
-    images: torch.Tensor
+    images: torch.Tensor | StreamedImages
     labels: torch.Tensor
     classes: tuple[str, ...]
     source: str = ""
@@ -102,11 +111,25 @@ class ImageData:
     def image_size(self) -> tuple[int, int]:
         return int(self.images.shape[2]), int(self.images.shape[3])
 
+    @property
+    def streamed(self) -> bool:
+        return not isinstance(self.images, torch.Tensor)
+
+    def whole(self, what: str) -> torch.Tensor:
+        """All images as one tensor, for ``what`` (a step that needs them at once); streamed data refuses."""
+        if isinstance(self.images, torch.Tensor):
+            return self.images
+        raise DataError(
+            f"{self.source}: {what} needs all {len(self)} images in memory, and this reference is streamed "
+            "(it decodes to more than the resident cap); use a smaller set"
+        )
+
     def subset(self, indices: torch.Tensor | Sequence[int]) -> ImageData:
         """A view on some samples; the hash records which ones so reports stay traceable."""
         idx = torch.as_tensor(indices, dtype=torch.int64)
         digest = hashlib.sha256(self.sha256.encode() + idx.numpy().tobytes()).hexdigest()
-        return ImageData(self.images[idx], self.labels[idx], self.classes, f"{self.source}[subset {len(idx)}]", digest)
+        images = self.images[idx] if isinstance(self.images, torch.Tensor) else self.images.take(idx)
+        return ImageData(images, self.labels[idx], self.classes, f"{self.source}[subset {len(idx)}]", digest)
 
     def replace(self, images: torch.Tensor, labels: torch.Tensor, source: str) -> ImageData:
         """New data with the same class names (e.g. after poisoning)."""
@@ -147,7 +170,12 @@ def save_npz(data: ImageData, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: np.savez adds no ".npz" to it
-        np.savez(fh, x=data.images.permute(0, 2, 3, 1).numpy(), y=data.labels.numpy(), classes=np.array(data.classes))
+        np.savez(
+            fh,
+            x=data.whole("saving as .npz").permute(0, 2, 3, 1).numpy(),
+            y=data.labels.numpy(),
+            classes=np.array(data.classes),
+        )
     return path
 
 
@@ -176,6 +204,7 @@ def load_data(
     cache_max_bytes: int | None = None,
     limits: Limits = Limits(),
     progress: Callable[[float], None] | None = None,
+    stream: bool | None = None,
 ) -> ImageData:
     """Decode a data reference into :class:`ImageData`, using a tensor cache when given one.
 
@@ -191,6 +220,10 @@ def load_data(
     are decoded. Only regular files and folders are read: a FIFO or a device would block the
     reader or never end. ``cache_max_bytes`` bounds the cache folder (least recently used entries
     go first, see :func:`trim_cache`). ``progress(fraction)`` is called as files are read and decoded.
+
+    ``stream``: True reads a folder's images when they are used (:mod:`clipguard.streaming`), never whole;
+    None does so when they would decode to more than ``limits.max_resident_bytes``; False never. Streamed
+    data is not cached.
     """
     path, ref_split = split_reference(ref)
     split = split or ref_split
@@ -199,6 +232,10 @@ def load_data(
     if not (path.is_dir() or path.is_file()):
         raise DataError(f"data reference {path} is not a regular file or a folder")
     digest = _reference_digest(path, split or default_split, image_size)
+    if stream is not False and (
+        streamed := _streamed(path, split, default_split, image_size, max_image_size, limits, digest, stream)
+    ):
+        return streamed
     cache_file = Path(cache_dir) / f"{digest}.pt" if cache_dir is not None else None
     if cache_file is not None and cache_file.exists():
         try:
@@ -221,6 +258,44 @@ def load_data(
         if cache_max_bytes is not None:
             trim_cache(cache_file.parent, cache_max_bytes)
     return data
+
+
+def _streamed(
+    path: Path,
+    split: str | None,
+    default_split: str | None,
+    image_size: tuple[int, int] | None,
+    max_image_size: tuple[int, int] | None,
+    limits: Limits,
+    digest: str,
+    stream: bool | None,
+) -> ImageData | None:
+    """The folder at ``path`` as streamed data, or None where it is to be decoded whole (``stream`` None
+    and it fits ``limits.max_resident_bytes``). Only a folder of class folders streams."""
+    from clipguard.streaming import StreamedImages
+
+    if not path.is_dir():
+        if stream:
+            raise DataError(f"{path.name}: only a folder of images can be streamed, not an archive or .npz")
+        return None
+    tree = _open_tree(path, limits, whole=False)
+    if split is None and default_split is not None and _holds_split(tree, default_split):
+        split = default_split
+    label = str(path) + (f"#{split}" if split else "")
+    tree, names = _locate(tree, split, label)
+    if any("/" not in n and (n.endswith(".npz") or n in (CIFAR_TEST_BATCH, *CIFAR_TRAIN_BATCHES)) for n in names):
+        if stream:
+            raise DataError(f"{label}: only a folder of class folders of images can be streamed")
+        return None
+    files, labels, classes = image_folder_files(names, label)
+    sizes = _Sizes(image_size, max_image_size, limits, lambda _f: None)
+    first = decode_image(tree.read(files[0]), files[0], sizes, image_size, label)
+    size = (int(first.shape[0]), int(first.shape[1]))
+    if stream is None and len(files) * 3 * size[0] * size[1] <= limits.max_resident_bytes:
+        return None
+    paths = [Path(tree.files[n]) for n in files]  # type: ignore[arg-type]  # a folder's tree maps names to paths
+    images = StreamedImages(paths, size, sizes=sizes, label=label)
+    return ImageData(images, torch.from_numpy(labels), tuple(classes), label, digest)
 
 
 def trim_cache(cache_dir: str | os.PathLike, max_bytes: int) -> int:
@@ -346,7 +421,9 @@ def _safe_member_name(name: str, archive: Path) -> str:
     return str(pure).lstrip("./") if str(pure) != "." else ""
 
 
-def _open_tree(path: Path, limits: Limits) -> _Tree:
+def _open_tree(path: Path, limits: Limits, *, whole: bool = True) -> _Tree:
+    """``whole``: the tree will be read whole, so its bytes together are capped; a streamed folder is read
+    a batch at a time and only its file count and each file's size are."""
     name = path.name.lower()
     if path.is_dir():
         root = path.resolve()
@@ -361,7 +438,7 @@ def _open_tree(path: Path, limits: Limits) -> _Tree:
                 if len(files) > limits.max_files:
                     raise DataError(f"{path}: more than {limits.max_files} files")
                 total += p.stat().st_size
-                if total > limits.max_total_bytes:
+                if whole and total > limits.max_total_bytes:
                     raise DataError(f"{path}: holds more than {limits.max_total_bytes} bytes")
         return _Tree(files, lambda p: _read_regular(Path(p), limits.max_member_bytes, str(path)))
     if name.endswith((".tar", ".tar.gz", ".tgz")):
@@ -442,9 +519,8 @@ def _holds_split(tree: _Tree, split: str) -> bool:
     return any(n.startswith(prefix) for n in names) and all(n.count("/") >= 2 for n in names if "/" in n)
 
 
-def _decode_tree(
-    tree: _Tree, split: str | None, sizes: _Sizes, label: str
-) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _locate(tree: _Tree, split: str | None, label: str) -> tuple[_Tree, list[str]]:
+    """The part of ``tree`` that holds the data: the split's folder, without a folder that only wraps it."""
     names = tree.names()
     top_files = {n for n in names if "/" not in n}
     is_cifar = CIFAR_TEST_BATCH in top_files or any(b in top_files for b in CIFAR_TRAIN_BATCHES)
@@ -469,7 +545,13 @@ def _decode_tree(
         names = tree.names()
     if not names:
         raise DataError(f"{label}: no files found")
+    return tree, names
 
+
+def _decode_tree(
+    tree: _Tree, split: str | None, sizes: _Sizes, label: str
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    tree, names = _locate(tree, split, label)
     npz = [n for n in names if n.endswith(".npz") and "/" not in n]
     if len(names) == 1 and npz:
         return _decode_npz(tree.read(npz[0]), f"{label}:{npz[0]}" if npz[0] not in label else label, sizes)
@@ -602,11 +684,33 @@ def _decode_cifar_batches(
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), classes
 
 
-def _decode_image_folder(
-    tree: _Tree, names: list[str], sizes: _Sizes, label: str
-) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def decode_image(blob: bytes, name: str, sizes: _Sizes, size: tuple[int, int] | None, label: str) -> np.ndarray:
+    """One image file to uint8 ``(H, W, 3)``: checked by its declared size before it is decoded, scaled to
+    ``sizes.resize`` when asked, and refused when it differs from ``size`` (the first image's) otherwise."""
     from PIL import Image
 
+    try:
+        with Image.open(io.BytesIO(blob)) as source:
+            w, h = source.size
+            sizes.check_image(h, w, label, name)
+            im = source.convert("RGB")
+            size = sizes.resize or size or (h, w)
+            if (h, w) != size:
+                if sizes.resize is None:
+                    raise DataError(
+                        f"{label}: {name} is {h}x{w} but earlier images are {size[0]}x{size[1]}; "
+                        "pass an image size to resize"
+                    )
+                im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{label}: cannot decode image {name} ({exc})") from exc
+
+
+def image_folder_files(names: list[str], label: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """The images of an ImageFolder layout (``<class>/<image>``) in order, their labels and the class names."""
     files = [n for n in names if n.lower().endswith(IMAGE_SUFFIXES) and n.count("/") == 1]
     if not files:
         tops = sorted({n.split("/", 1)[0] for n in names if "/" in n})
@@ -615,37 +719,26 @@ def _decode_image_folder(
         raise DataError(f"{label}: no images found in class folders (expected <class>/<image>.jpg)")
     classes = sorted({n.split("/", 1)[0] for n in files})
     index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index[n.split("/", 1)[0]] for n in files], dtype=np.int64)
+    return files, labels, classes
+
+
+def _decode_image_folder(
+    tree: _Tree, names: list[str], sizes: _Sizes, label: str
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    files, labels, classes = image_folder_files(names, label)
     out: np.ndarray | None = None
-    labels = np.empty(len(files), dtype=np.int64)
     size: tuple[int, int] | None = sizes.resize
     for i, name in enumerate(files):
         if i % 256 == 0:
             sizes.progress(i / len(files))
-        try:
-            with Image.open(io.BytesIO(tree.read(name))) as source:
-                w, h = source.size
-                sizes.check_image(h, w, label, name)
-                im = source.convert("RGB")
-                if size is None:
-                    size = (h, w)
-                if (h, w) != size:
-                    if sizes.resize is None:
-                        raise DataError(
-                            f"{label}: {name} is {h}x{w} but earlier images are {size[0]}x{size[1]}; "
-                            "pass an image size to resize"
-                        )
-                    im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-                arr = np.asarray(im, dtype=np.uint8)
-        except DataError:
-            raise
-        except Exception as exc:
-            raise DataError(f"{label}: cannot decode image {name} ({exc})") from exc
+        arr = decode_image(tree.read(name), name, sizes, size, label)
+        size = (arr.shape[0], arr.shape[1])
         if out is None:
             what = f"{len(files)} images of {size[0]}x{size[1]}"
             sizes.check_decoded(len(files) * size[0] * size[1] * 3, label, what)
             out = np.empty((len(files), size[0], size[1], 3), dtype=np.uint8)
         out[i] = arr
-        labels[i] = index[name.split("/", 1)[0]]
     assert out is not None
     images = torch.from_numpy(np.ascontiguousarray(out.transpose(0, 3, 1, 2)))
     return images, torch.from_numpy(labels), classes

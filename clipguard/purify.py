@@ -113,6 +113,9 @@ class PurifyOptions:
     """Caps on what a data reference may decode to (``clipguard.data.Limits``); None: the defaults."""
     cache_max_bytes: int | None = None
     """Bound on the decoded-data cache folder (least recently used entries go first); None: unbounded."""
+    stream: bool | None = None
+    """Read a folder's images a batch at a time when used: True always, None when they would decode to more
+    than the resident cap (``clipguard.data.Limits.max_resident_bytes``), False never (``clipguard.streaming``)."""
     reactivation_check: bool = False
     """Fine-tune a copy of the purified model briefly and report what it does to ASR (clipguard.reactivation)."""
     extra: dict = field(default_factory=dict)
@@ -309,6 +312,7 @@ def load_inputs(
                 cache_dir=options.cache_dir or default_cache_dir(),
                 cache_max_bytes=options.cache_max_bytes,
                 limits=options.data_limits or Limits(),
+                stream=options.stream,
             )
 
         data = load(options.data, "train", loading(0.0, 0.5))
@@ -548,6 +552,7 @@ def build_report(
                 "samples": len(data),
                 "classes": list(data.classes),
                 "image_size": list(data.image_size),
+                **({"streamed": True} if data.streamed else {}),
             },
         },
         "method": options.method,

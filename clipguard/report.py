@@ -89,6 +89,11 @@ class DataInput(Section):
     samples: int = Field(description="Number of training images loaded.")
     classes: list[str] = Field(description="Class names, index = label.")
     image_size: list[int] = Field(description="Height and width of the images.")
+    streamed: bool | None = Field(
+        None,
+        description="Present (`true`) when the images were read a batch at a time as stages needed them rather "
+        "than decoded whole (a folder larger than the resident cap, or `--stream`).",
+    )
 
 
 class Inputs(Section):

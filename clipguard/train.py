@@ -120,7 +120,7 @@ def train(
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     else:
         raise ClipguardError(f"unknown schedule {config.schedule!r}; use onecycle or cosine")
-    images = data.images.to(device)
+    images = data.whole("training").to(device)
     labels = data.labels.to(device)
     step = 0
     for epoch in range(config.epochs):

@@ -188,7 +188,7 @@ class Attack(ABC):
     def _poison_into(
         self, data: ImageData, idx: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        images = data.images.clone()
+        images = data.whole("poisoning").clone()
         labels = data.labels.clone()
         if len(idx):
             gen = generator if generator is not None else torch.Generator().manual_seed(0)

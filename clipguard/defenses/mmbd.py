@@ -275,7 +275,7 @@ def mmbd_mitigate(
         # clipguard's passes do: the same loss and gradient to float rounding.
         piece = min(512, piece_size(device))
         with torch.no_grad():
-            x_all = fast_input(inputs(clean.images, spec, device), device)
+            x_all = fast_input(inputs(clean.whole("MM-BD"), spec, device), device)
             ref = torch.cat([run(x) for x in x_all.split(piece)])
         y_all = clean.labels.to(device)
         keep = ref.argmax(1) == y_all

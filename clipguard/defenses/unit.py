@@ -78,8 +78,8 @@ def unit(
             net, lambda: iter_batches(train, 512, spec.mean, spec.std, device), granularity="element"
         )
         init = {name: b.to(device) for name, b in stats.bounds(init_lambda).items()}
-        x_tr, y_tr = inputs(train.images, spec, device), train.labels.to(device)
-        x_val, y_val = inputs(val.images, spec, device), val.labels.to(device)
+        x_tr, y_tr = inputs(train.whole("UNIT"), spec, device), train.labels.to(device)
+        x_val, y_val = inputs(val.whole("UNIT"), spec, device), val.labels.to(device)
         base_val = _accuracy(net, x_val, y_val)
         threshold = base_val - acc_degrade
         gm, clips = learnable_clipped(net, init)

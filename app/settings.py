@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     """Request line and headers together; more gets 431 before it is buffered (``clipguard.app.server``)."""
     max_decoded_bytes: int = Field(4 * 1024**3, ge=1)
     """What a dataset may decode to (images, labels, names), checked from declared sizes before allocating."""
+    max_resident_bytes: int = Field(1024**3, ge=0)
+    """A dataset folder under ``DATA_ROOTS`` whose images would decode to more than this is streamed: read a
+    batch at a time as the job's stages use it (``clipguard.streaming``), so a job's memory does not grow with
+    it. Uploaded archives always decode whole (under ``max_decoded_bytes``)."""
     worker_memory_bytes: int | None = Field(None, ge=0)
     """Memory (RLIMIT_DATA) of each job's process: past it the job fails with "memory limit exceeded" and the
     worker lives on. None: three quarters of the machine's memory; 0: no limit."""

@@ -420,7 +420,9 @@ def _options(sessions: sessionmaker, settings: Settings, job_id: str, out: Path,
         overwrite=True,
         bounds_samples=job.params.get("bounds_samples"),  # None (not given): the engine's default
         resize=bool(job.params.get("resize", False)),
-        data_limits=Limits(max_decoded_bytes=settings.max_decoded_bytes),
+        data_limits=Limits(
+            max_decoded_bytes=settings.max_decoded_bytes, max_resident_bytes=settings.max_resident_bytes
+        ),
         cache_max_bytes=settings.cache_max_bytes,
         reactivation_check=bool(job.params.get("reactivation_check", False)),
     )

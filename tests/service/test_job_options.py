@@ -43,3 +43,30 @@ def test_the_reactivation_check_is_a_job_option_and_its_result_is_in_the_summary
     report = next(a for a in done["artifacts"] if a["name"] == "report.json")
     body = client.get(report["url"], headers=auth)
     assert json.loads(body.content)["reactivation"]["after"] == again["after"]
+
+
+def test_a_folder_over_the_resident_cap_is_streamed_by_the_worker(client, auth, settings, ready_model, small_npz):
+    """A dataset folder under the data roots that would decode to more than ``MAX_RESIDENT_BYTES`` is read a
+    batch at a time: the job succeeds with the same bounds as in memory and its report says it streamed."""
+    import numpy as np
+    from PIL import Image
+
+    from clipguard.data import CIFAR10_CLASSES
+
+    folder = settings.data_roots[0] / "folder"
+    with np.load(small_npz) as npz:
+        for i, (image, label) in enumerate(zip(npz["x"], npz["y"], strict=True)):
+            (folder / CIFAR10_CLASSES[label]).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / CIFAR10_CLASSES[label] / f"{i:04d}.png")
+    data = client.post("/v1/datasets", headers=auth, data={"path": str(folder)}).json()
+    reports = {}
+    for cap in (0, settings.max_resident_bytes):
+        job = client.post("/v1/jobs", headers=auth, json=job_body(ready_model, data, method="paper")).json()
+        run(settings.model_copy(update={"max_resident_bytes": cap}), job["id"])
+        done = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()
+        assert done["state"] == "succeeded", done["error"]
+        url = next(a["url"] for a in done["artifacts"] if a["name"] == "report.json")
+        reports[cap] = json.loads(client.get(url, headers=auth).content)
+    streamed, whole = reports[0], reports[settings.max_resident_bytes]
+    assert streamed["inputs"]["data"].pop("streamed") is True and "streamed" not in whole["inputs"]["data"]
+    assert streamed["inputs"]["data"] == whole["inputs"]["data"] and streamed["sites"] == whole["sites"]

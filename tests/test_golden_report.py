@@ -7,7 +7,7 @@ here is a change of behaviour, not of layout. Timings, dates, versions and file 
 float summation order but not a changed result.
 
 Refresh deliberately, after a change meant to alter the report: ``CLIPGUARD_WRITE_GOLDEN=1 pytest
-tests/test_golden_report.py``, and say why in the commit.
+tests/test_golden_report.py``, and say why in the commit. The victim is not retrained by that (see ``VICTIM``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,10 @@ from clipguard.stages import TIMED, percent
 from clipguard.train import TrainConfig, train
 
 GOLDEN = Path(__file__).parent / "golden"
+VICTIM = GOLDEN / "victim.safetensors"
+"""The victim's weights, committed: six epochs of SGD on another CPU model (AVX-512 against AVX2 kernels) gave
+a visibly different victim, and every report figure with it, where purifying the same weights agrees to the
+last digits the comparison keeps. Delete it with the goldens to train and write all three again."""
 SIZE, CLASSES, PER_CLASS, TARGET, POISONED = 32, 10, 40, 0, 24
 ATTACK = "badnets:pattern=checkerboard,size=4"
 VOLATILE = {"created", "clipguard_version", "torch_version", "timings", "device", "ref"}
@@ -64,9 +69,11 @@ def victim(tmp_path_factory) -> Path:
     )
     data.images[pick] = build_attack(ATTACK).apply(data.images[pick])
     data.labels[pick] = TARGET
-    spec = resolve_spec("small_cnn")
-    model = train(spec, data, TrainConfig(epochs=6, lr=0.05, batch_size=32, augment=False, device="cpu", seed=0))
-    save_weights(model, root / "victim.safetensors")
+    if not VICTIM.exists():  # trained once and kept: training is where CPUs' float rounding drifts most
+        spec = resolve_spec("small_cnn")
+        model = train(spec, data, TrainConfig(epochs=6, lr=0.05, batch_size=32, augment=False, device="cpu", seed=0))
+        save_weights(model, VICTIM)
+    shutil.copy(VICTIM, root / "victim.safetensors")
     save_npz(data, root / "train.npz")
     save_npz(_images(1, 10), root / "test.npz")
     return root

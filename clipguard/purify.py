@@ -340,8 +340,8 @@ def run_pipeline(
     timings = {} if timings is None else timings
     lam = recipe.check()
     cleaned = clean(inputs, recipe, say, should_cancel, timings)
-    if recipe.method == Method.GUARD and recipe.lam is None and cleaned.unlearning is None:
-        lam = DEFAULTS.lam_for(Method.PAPER)  # nothing unlearned: the paper's recipe, at its λ
+    if recipe.method == Method.GUARD and recipe.lam is None and not unlearned_it_all(cleaned):
+        lam = DEFAULTS.lam_for(Method.PAPER)  # the clip carries the defense: the paper's recipe, at its λ
     stats, statistics = measure_statistics(inputs, cleaned, recipe, say, should_cancel, timings)
     detection = detect_backdoor(inputs, timings, say) if recipe.detect else None
     selection = None
@@ -351,6 +351,17 @@ def run_pipeline(
     bounds = stats.bounds(lam)
     clipped = clipped_model(cleaned.model, bounds).to(inputs.device)
     return Purified(cleaned, stats, statistics, lam, selection, bounds, clipped, detection)
+
+
+def unlearned_it_all(cleaned: Cleaned) -> bool:
+    """Whether unlearning removed what was confirmed, so guard's looser λ may follow it.
+
+    Not when nothing was unlearned, and not after an all-to-all confirmation: every class of an all-to-all
+    backdoor carries a share of its poison, and only the classes whose share was confirmed were unlearned,
+    so the clip still has the rest to catch."""
+    if cleaned.unlearning is None:
+        return False
+    return cleaned.verdict is None or "all_to_all" not in cleaned.verdict.confirmed_kinds
 
 
 def clean(

@@ -499,7 +499,8 @@ class Report(Section):
     verdict: Verdict | None = Field(description="guard only (`null` for paper).")
     lam: float = Field(
         description=f"The λ used, given or chosen by `--lam auto`. Default {DEFAULTS.lam_for(Method.GUARD):.1f} for "
-        f"guard when it unlearned, else {DEFAULTS.lam_for(Method.PAPER):.1f} (the paper's)."
+        f"guard when it unlearned what it confirmed, else {DEFAULTS.lam_for(Method.PAPER):.1f} (the paper's; also "
+        "after an all-to-all confirmation)."
     )
     lam_selection: LamSelection | None = Field(description="`--lam auto` only.")
     poison_detection: PoisonDetection | None = Field(description="guard only.")

@@ -39,6 +39,11 @@ class Verdict:
         }
 
     @property
+    def confirmed_kinds(self) -> set[str]:
+        """The kinds of backdoor confirmed (``all_to_one``, ``source_specific``, ``all_to_all``, ``warp``)."""
+        return {str(c["kind"]) for c in self.candidates if c.get("confirmed") and c.get("kind")}
+
+    @property
     def line(self) -> str:
         """The status in words and the summary, as the CLI prints it."""
         return f"{WORDS[self.status]}: {self.summary}"

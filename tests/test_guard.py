@@ -116,3 +116,24 @@ def test_the_report_record_lists_every_candidate_with_its_evidence(backdoored):
     for group in ("suspects_graft", "genuine_graft"):
         assert set(entry[group]) >= {"broad", "strongest", "redirect", "to_candidate"}
         assert entry[group]["to_candidate"][3] is None and len(entry[group]["to_candidate"]) == 10
+
+
+def test_guard_keeps_the_papers_lambda_unless_unlearning_removed_what_was_confirmed():
+    """λ = 6 follows unlearning only when what was confirmed was unlearned whole: after an all-to-all
+    confirmation the classes not confirmed still carry their share of the poison, so the clip keeps λ = 4."""
+    from torch import nn
+
+    from clipguard.purify import Cleaned, unlearned_it_all
+    from clipguard.verdict import Verdict
+
+    def cleaned(unlearning: dict | None, *kinds: str) -> Cleaned:
+        candidates = [{"class": i, "confirmed": True, "kind": k} for i, k in enumerate(kinds)]
+        candidates.append({"class": 9, "confirmed": False, "kind": None})
+        verdict = Verdict("backdoor_found" if kinds else "no_evidence", [], "", "", candidates)
+        return Cleaned(nn.Identity(), None, unlearning=unlearning, verdict=verdict)  # type: ignore[arg-type]
+
+    assert not unlearned_it_all(cleaned(None))
+    assert unlearned_it_all(cleaned({"suspects": 10}, "all_to_one"))
+    assert unlearned_it_all(cleaned({"suspects": 10}, "warp", "source_specific"))
+    assert not unlearned_it_all(cleaned({"suspects": 10}, "all_to_all", "all_to_all"))
+    assert not unlearned_it_all(cleaned({"suspects": 10}, "all_to_one", "all_to_all"))

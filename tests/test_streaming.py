@@ -134,3 +134,12 @@ def test_purify_streams_to_the_same_bounds_and_model(tmp_path, model_file):
     bounds = [load_file(tmp_path / f"out-{s}" / "bounds.safetensors") for s in (False, True)]
     assert bounds[0].keys() == bounds[1].keys()
     assert all(torch.equal(bounds[0][k], bounds[1][k]) for k in bounds[0])
+
+
+def test_the_command_line_states_the_resident_cap_it_applies():
+    from clipguard.cli import build_parser
+
+    purify = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction").choices["purify"]
+    stream = next(a for a in purify._actions if a.dest == "stream")
+    assert stream.default is None
+    assert f"{Limits().max_resident_bytes >> 20} MiB" in (stream.help or "")

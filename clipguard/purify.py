@@ -139,6 +139,22 @@ class PurifyResult:
 
 
 CLIP_FRACTION_SAMPLES = 2048
+"""Training images the clip fractions are measured on, at 32x32; larger images take fewer
+(:func:`clip_fraction_samples`)."""
+MIN_CLIP_FRACTION_SAMPLES = 256
+
+
+def clip_fraction_samples(image_size: tuple[int, int]) -> int:
+    """How many training images measure the clip fractions: as many activation values per site as
+    ``CLIP_FRACTION_SAMPLES`` CIFAR-sized images hold, and at least ``MIN_CLIP_FRACTION_SAMPLES`` images.
+
+    Why: the fraction is a diagnostic for the report, and a share estimated over hundreds of millions of
+    values does not need more; at 224x224 the fixed count made it the slowest stage of a run, slower than the
+    statistics pass it describes (docs/results.md)."""
+    h, w = image_size
+    return max(MIN_CLIP_FRACTION_SAMPLES, min(CLIP_FRACTION_SAMPLES, CLIP_FRACTION_SAMPLES * 32 * 32 // (h * w)))
+
+
 EXPORT_CHECK_BATCH = 16
 
 
@@ -472,7 +488,7 @@ def assess(
             inputs.data,
             inputs.spec,
             device=inputs.device,
-            max_samples=CLIP_FRACTION_SAMPLES,
+            max_samples=clip_fraction_samples(inputs.data.image_size),
             batch_size=options.batch_size,
         )
     if should_cancel is not None and should_cancel():

@@ -328,7 +328,8 @@ class Site(Section):
         "element, `[F]` for a 2-D activation."
     )
     clip_fraction: Share = Field(
-        description="Share of the site's activations above their bound on up to 2048 training images."
+        description="Share of the site's activations above their bound on up to 2048 training images (fewer "
+        "for images larger than 32x32, at least 256: `clipguard.purify.clip_fraction_samples`)."
     )
 
 

@@ -378,3 +378,12 @@ def test_guard_removes_a_blend_backdoor_that_the_paper_recipe_keeps(blend_victim
     assert auto["evaluation"]["after"]["asr"] < 0.10
     assert after["acc"] - auto["evaluation"]["after"]["acc"] <= 0.01, (after["acc"], auto["evaluation"]["after"])
     assert "Poisoned training data" in (tmp_path / "guard" / "report.html").read_text()
+
+
+def test_clip_fractions_read_as_many_values_whatever_the_image_size():
+    from clipguard.purify import CLIP_FRACTION_SAMPLES, MIN_CLIP_FRACTION_SAMPLES, clip_fraction_samples
+
+    assert clip_fraction_samples((32, 32)) == CLIP_FRACTION_SAMPLES  # CIFAR runs measure as before
+    assert clip_fraction_samples((16, 16)) == CLIP_FRACTION_SAMPLES
+    assert clip_fraction_samples((64, 64)) == CLIP_FRACTION_SAMPLES // 4
+    assert clip_fraction_samples((224, 224)) == MIN_CLIP_FRACTION_SAMPLES

@@ -152,14 +152,32 @@ def iter_batches(
     device: torch.device | str = "cpu",
     indices: torch.Tensor | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Normalised ``(inputs, labels)`` batches in order; normalisation happens on ``device``."""
+    """Normalised ``(inputs, labels)`` batches in order; normalisation happens on ``device``.
+
+    Streamed images are decoded one batch ahead, in the background, while the caller computes on the
+    current one: decoding then overlaps the model instead of adding to it."""
     order = torch.arange(len(data)) if indices is None else indices
     non_blocking = torch.device(device).type == "cuda"
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        x = data.images[idx].to(device, non_blocking=non_blocking)
-        y = data.labels[idx].to(device, non_blocking=non_blocking)
-        yield normalize(x, mean, std), y
+    starts = range(0, len(order), batch_size)
+    if isinstance(data.images, torch.Tensor):
+        for start in starts:
+            idx = order[start : start + batch_size]
+            x = data.images[idx].to(device, non_blocking=non_blocking)
+            y = data.labels[idx].to(device, non_blocking=non_blocking)
+            yield normalize(x, mean, std), y
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = data.images
+    with ThreadPoolExecutor(1) as ahead:
+        pending = ahead.submit(images.__getitem__, order[0:batch_size]) if len(order) else None
+        for start in starts:
+            assert pending is not None
+            x = pending.result()
+            following = order[start + batch_size : start + 2 * batch_size]
+            pending = ahead.submit(images.__getitem__, following) if len(following) else None
+            y = data.labels[order[start : start + batch_size]]
+            yield normalize(x.to(device, non_blocking=non_blocking), mean, std), y.to(device, non_blocking=non_blocking)
 
 
 # --------------------------------------------------------------------------- references

@@ -3,7 +3,6 @@ the same purification, and fails with a clear error where a step needs every ima
 
 from __future__ import annotations
 
-import json
 import tarfile
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from clipguard.data import Limits, load_data, save_npz
 from clipguard.errors import DataError
@@ -107,33 +105,23 @@ def test_steps_that_need_every_image_at_once_say_so(folder, tmp_path):
         build_attack("badnets", image_size=(8, 8)).poison(data, rate=0.1, seed=0)
 
 
-def test_purify_streams_to_the_same_bounds_and_model(tmp_path, model_file):
-    """The engine's stages read streamed data through indexing only: same report, same clipped model."""
-    from clipguard.purify import PurifyOptions, purify
+def test_the_pipeline_streams_to_the_same_bounds(tmp_path, model_file):
+    """The engine's stages read streamed data through indexing only: the same statistics and bounds.
+    (The whole job, publishing included, streamed by a worker: tests/service/test_job_options.py.)"""
+    from clipguard.purify import PurifyOptions, Recipe, load_inputs, run_pipeline
 
     write_folder(tmp_path / "data", n=120, size=32, classes=tuple(f"c{k}" for k in range(10)))
-    reports = {}
+    runs = {}
     for stream in (False, True):
-        out = tmp_path / f"out-{stream}"
-        purify(
-            PurifyOptions(
-                arch="small_cnn",
-                weights=model_file,
-                data=str(tmp_path / "data"),
-                out=out,
-                method="paper",
-                stream=stream,
-                device="cpu",
-            )
+        options = PurifyOptions(
+            arch="small_cnn", weights=model_file, data=str(tmp_path / "data"), out=tmp_path, stream=stream, device="cpu"
         )
-        reports[stream] = json.loads((out / "report.json").read_text())
-    assert reports[True]["inputs"]["data"].pop("streamed") is True
-    assert "streamed" not in reports[False]["inputs"]["data"]
-    assert reports[True]["inputs"] == reports[False]["inputs"]
-    assert reports[True]["sites"] == reports[False]["sites"]
-    bounds = [load_file(tmp_path / f"out-{s}" / "bounds.safetensors") for s in (False, True)]
-    assert bounds[0].keys() == bounds[1].keys()
-    assert all(torch.equal(bounds[0][k], bounds[1][k]) for k in bounds[0])
+        inputs = load_inputs(options)
+        assert inputs.data.streamed is stream
+        runs[stream] = run_pipeline(inputs, Recipe(method="paper"))  # type: ignore[arg-type]
+    assert runs[True].statistics == runs[False].statistics
+    assert runs[True].bounds.keys() == runs[False].bounds.keys()
+    assert all(torch.equal(runs[True].bounds[k], runs[False].bounds[k]) for k in runs[False].bounds)
 
 
 def test_the_command_line_states_the_resident_cap_it_applies():

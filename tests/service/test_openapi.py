@@ -64,6 +64,8 @@ def test_closed_sets_of_values_are_enums(document):
     schemas = document["components"]["schemas"]
 
     def enum(schema: dict) -> set:
+        if "$ref" in schema:  # an enum of its own, as Method and Granularity are
+            return enum(schemas[schema["$ref"].rsplit("/", 1)[-1]])
         options = schema.get("anyOf", [schema])
         return {v for o in options for v in o.get("enum", [o["const"]] if "const" in o else [])}
 

@@ -250,12 +250,17 @@ def load_data(
     if not (path.is_dir() or path.is_file()):
         raise DataError(f"data reference {path} is not a regular file or a folder")
     digest = _reference_digest(path, split or default_split, image_size)
-    if stream is not False and (
-        streamed := _streamed(path, split, default_split, image_size, max_image_size, limits, digest, stream)
-    ):
-        return streamed
     cache_file = Path(cache_dir) / f"{digest}.pt" if cache_dir is not None else None
-    if cache_file is not None and cache_file.exists():
+    # A cached decode is served before the folder is listed again to decide on streaming, unless it is larger
+    # than the resident cap allows now (the file's size stands for the decoded size it holds).
+    cached = cache_file is not None and cache_file.exists() and stream is not True
+    if cached and stream is None and cache_file.stat().st_size > limits.max_resident_bytes:  # type: ignore[union-attr]
+        cached = False
+    if not cached and stream is not False:
+        streamed = _streamed(path, split, default_split, image_size, max_image_size, limits, digest, stream)
+        if streamed is not None:
+            return streamed
+    if cached and cache_file is not None:
         try:
             blob = torch.load(cache_file, weights_only=True)
             data = ImageData(blob["images"], blob["labels"], tuple(json.loads(blob["classes"])), str(path), digest)
